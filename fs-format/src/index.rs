@@ -1,0 +1,101 @@
+//! Values stored in the redb index (`index.redb`). See FORMAT.md, "Index".
+
+use crate::tree::{get_opt_id, put_opt_id, Timestamp};
+use crate::wire::{Reader, Writer};
+use crate::{BlockId, FormatError};
+
+pub const INDEX_VERSION: u32 = 1;
+pub const DATASET_RECORD_VERSION: u8 = 1;
+
+/// Where a block's record lives: pack number, byte offset of the record, record length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockLoc {
+    pub pack: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl BlockLoc {
+    pub fn encode(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..4].copy_from_slice(&self.pack.to_le_bytes());
+        out[4..12].copy_from_slice(&self.offset.to_le_bytes());
+        out[12..].copy_from_slice(&self.len.to_le_bytes());
+        out
+    }
+    pub fn decode(buf: &[u8]) -> Result<BlockLoc, FormatError> {
+        let mut r = Reader::new(buf, "block location");
+        let loc = BlockLoc {
+            pack: r.u32()?,
+            offset: r.u64()?,
+            len: r.u32()?,
+        };
+        r.finish()?;
+        Ok(loc)
+    }
+}
+
+/// A position in the pack log: (pack number, byte offset). Ordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct LogPos {
+    pub pack: u32,
+    pub offset: u64,
+}
+
+/// A dataset as committed at the last checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatasetRecord {
+    pub id: u64,
+    pub name: String,
+    pub created: Timestamp,
+    /// Root of the inode table (None only before the first checkpoint of an empty dataset).
+    pub root: Option<BlockId>,
+    pub next_ino: u64,
+    /// Journal records of this dataset at or after this position are not yet in `root`:
+    /// recovery replays them.
+    pub replay_from: LogPos,
+}
+
+impl DatasetRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u8(DATASET_RECORD_VERSION);
+        w.u64(self.id);
+        w.blob(self.name.as_bytes());
+        w.i64(self.created.secs);
+        w.u32(self.created.nsecs);
+        put_opt_id(&mut w, &self.root);
+        w.u64(self.next_ino);
+        w.u32(self.replay_from.pack);
+        w.u64(self.replay_from.offset);
+        w.buf
+    }
+    pub fn decode(buf: &[u8]) -> Result<DatasetRecord, FormatError> {
+        let mut r = Reader::new(buf, "dataset record");
+        if r.u8()? != DATASET_RECORD_VERSION {
+            return Err(FormatError::Invalid("dataset record version"));
+        }
+        let id = r.u64()?;
+        let name = String::from_utf8(r.blob()?.to_vec())
+            .map_err(|_| FormatError::Invalid("dataset name"))?;
+        let created = Timestamp {
+            secs: r.i64()?,
+            nsecs: r.u32()?,
+        };
+        let root = get_opt_id(&mut r)?;
+        let next_ino = r.u64()?;
+        let replay_from = LogPos {
+            pack: r.u32()?,
+            offset: r.u64()?,
+        };
+        r.finish()?;
+        Ok(DatasetRecord {
+            id,
+            name,
+            created,
+            root,
+            next_ino,
+            replay_from,
+        })
+    }
+}

@@ -1,0 +1,81 @@
+//! The control API between the CLI and the daemon: one JSON request line, one JSON response line
+//! per connection, over the unix socket `STORE/vdbfs.sock` (mode 0600).
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    DatasetCreate {
+        name: String,
+    },
+    DatasetList,
+    DatasetDelete {
+        name: String,
+    },
+    Mount {
+        dataset: String,
+        mountpoint: PathBuf,
+    },
+    Umount {
+        mountpoint: PathBuf,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MountInfo {
+    pub dataset: String,
+    pub mountpoint: PathBuf,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub store: PathBuf,
+    pub mounts: Vec<MountInfo>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DatasetInfo {
+    pub name: String,
+    pub id: u64,
+    pub created: String,
+    pub mountpoint: Option<PathBuf>,
+}
+
+pub fn socket_path(store: &Path) -> PathBuf {
+    store.join("vdbfs.sock")
+}
+
+/// RFC 3339 UTC time from Unix seconds (no time-zone database needed).
+pub fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}

@@ -1,0 +1,373 @@
+//! `vdbfs serve`: the daemon that owns a store. Control path: CLI -> this API -> datasets and
+//! mounts. It serves every FUSE mount of the store, checkpoints in the background, and on
+//! SIGTERM/SIGINT flushes, unmounts and exits.
+//!
+//! Invariants: one daemon per store (redb refuses a second writer); errors become user-facing
+//! messages in exactly one place (`respond`).
+
+pub mod api;
+pub mod mounts;
+
+use crate::store::{Store, MOUNTS};
+use crate::tree::{Datasets, NameError};
+use anyhow::{anyhow, bail, Context};
+use api::{DatasetInfo, MountInfo, Request, Response, Status};
+use mounts::Mounted;
+use parking_lot::Mutex;
+use redb::{ReadableDatabase, ReadableTable};
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+
+/// Checkpoint at least this often while there are changes...
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
+/// ...and sooner when this many blocks wait to be indexed (bounds recovery work and memory).
+const CHECKPOINT_BLOCKS: usize = 65_536;
+
+pub struct Daemon {
+    store_dir: PathBuf,
+    datasets: Datasets,
+    mounts: Mutex<BTreeMap<PathBuf, Mounted>>,
+    stopping: AtomicBool,
+}
+
+fn raise_fd_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain libc calls on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+impl Daemon {
+    fn open(store_dir: &Path) -> anyhow::Result<Daemon> {
+        if !crate::store::index_path(store_dir).exists() {
+            bail!(
+                "{} is not a vdbfs store; create one with 'vdbfs init --store {}'",
+                store_dir.display(),
+                store_dir.display()
+            );
+        }
+        let (store, replay) = match Store::open(store_dir) {
+            Ok(x) => x,
+            Err(crate::store::Error::Index(m)) if m.contains("already open") => bail!(
+                "another vdbfs daemon already serves the store {}",
+                store_dir.display()
+            ),
+            Err(e) => {
+                return Err(
+                    anyhow!(e).context(format!("cannot open the store {}", store_dir.display()))
+                )
+            }
+        };
+        let datasets = Datasets::open(Arc::new(store), replay).context("recovery failed")?;
+        Ok(Daemon {
+            store_dir: store_dir.to_path_buf(),
+            datasets,
+            mounts: Mutex::new(BTreeMap::new()),
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    fn persist_mount(&self, mountpoint: &Path, dataset: Option<&str>) -> anyhow::Result<()> {
+        let db = self.datasets.store().db();
+        let txn = db.begin_write()?;
+        {
+            let mut t = txn.open_table(MOUNTS)?;
+            let key = mountpoint.to_string_lossy();
+            match dataset {
+                Some(d) => {
+                    t.insert(key.as_ref(), d)?;
+                }
+                None => {
+                    t.remove(key.as_ref())?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn recorded_mounts(&self) -> anyhow::Result<Vec<(PathBuf, String)>> {
+        let txn = self.datasets.store().db().begin_read()?;
+        let t = txn.open_table(MOUNTS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((PathBuf::from(k.value()), v.value().to_string()));
+        }
+        Ok(out)
+    }
+
+    fn mount(&self, dataset: &str, mountpoint: &Path) -> anyhow::Result<String> {
+        std::fs::create_dir_all(mountpoint)
+            .with_context(|| format!("cannot create the mount point {}", mountpoint.display()))?;
+        let mp = mountpoint
+            .canonicalize()
+            .with_context(|| format!("cannot resolve the mount point {}", mountpoint.display()))?;
+        let mut mounts = self.mounts.lock();
+        if let Some(m) = mounts.get(&mp) {
+            if m.dataset == dataset {
+                return Ok(format!(
+                    "dataset {dataset} is already mounted at {}",
+                    mp.display()
+                ));
+            }
+            bail!(
+                "{} already has dataset {} mounted; unmount it first ('vdbfs umount {}')",
+                mp.display(),
+                m.dataset,
+                mp.display()
+            );
+        }
+        if let Some(m) = mounts.values().find(|m| m.dataset == dataset) {
+            bail!(
+                "dataset {dataset} is already mounted at {}; a dataset is mounted at one place at a time",
+                m.mountpoint.display()
+            );
+        }
+        let ds = self
+            .datasets
+            .get(dataset)?
+            .ok_or_else(|| NameError::NotFound(dataset.to_string()))?;
+        let m = mounts::mount(ds, &mp, false)?;
+        mounts.insert(mp.clone(), m);
+        self.persist_mount(&mp, Some(dataset))?;
+        Ok(format!("mounted dataset {dataset} at {}", mp.display()))
+    }
+
+    fn umount(&self, mountpoint: &Path) -> anyhow::Result<String> {
+        let mp = mountpoint
+            .canonicalize()
+            .unwrap_or_else(|_| mountpoint.to_path_buf());
+        let mut mounts = self.mounts.lock();
+        let Some(m) = mounts.get_mut(&mp) else {
+            bail!(
+                "nothing is mounted by vdbfs at {}; 'vdbfs status' lists the mounts",
+                mp.display()
+            );
+        };
+        self.datasets
+            .checkpoint()
+            .context("flush before unmount failed")?;
+        m.unmount(false)?;
+        let m = mounts
+            .remove(&mp)
+            .ok_or_else(|| anyhow!("mount vanished"))?;
+        self.persist_mount(&mp, None)?;
+        Ok(format!(
+            "unmounted dataset {} from {}",
+            m.dataset,
+            mp.display()
+        ))
+    }
+
+    fn handle(&self, req: Request) -> anyhow::Result<(String, serde_json::Value)> {
+        match req {
+            Request::Status => {
+                let mounts = self
+                    .mounts
+                    .lock()
+                    .values()
+                    .map(|m| MountInfo {
+                        dataset: m.dataset.clone(),
+                        mountpoint: m.mountpoint.clone(),
+                    })
+                    .collect();
+                let s = Status {
+                    pid: std::process::id(),
+                    store: self.store_dir.clone(),
+                    mounts,
+                };
+                Ok((String::new(), serde_json::to_value(s)?))
+            }
+            Request::DatasetCreate { name } => {
+                self.datasets.create(&name)?;
+                Ok((format!("created dataset {name}"), serde_json::Value::Null))
+            }
+            Request::DatasetList => {
+                let mounts = self.mounts.lock();
+                let list: Vec<DatasetInfo> = self
+                    .datasets
+                    .list()?
+                    .into_iter()
+                    .map(|r| DatasetInfo {
+                        mountpoint: mounts
+                            .values()
+                            .find(|m| m.dataset == r.name)
+                            .map(|m| m.mountpoint.clone()),
+                        created: api::rfc3339(r.created.secs),
+                        name: r.name,
+                        id: r.id,
+                    })
+                    .collect();
+                Ok((String::new(), serde_json::to_value(list)?))
+            }
+            Request::DatasetDelete { name } => {
+                if let Some(m) = self.mounts.lock().values().find(|m| m.dataset == name) {
+                    bail!(
+                        "dataset {name} is mounted at {}; unmount it first ('vdbfs umount {}')",
+                        m.mountpoint.display(),
+                        m.mountpoint.display()
+                    );
+                }
+                self.datasets.delete(&name)?;
+                Ok((format!("deleted dataset {name}"), serde_json::Value::Null))
+            }
+            Request::Mount {
+                dataset,
+                mountpoint,
+            } => Ok((self.mount(&dataset, &mountpoint)?, serde_json::Value::Null)),
+            Request::Umount { mountpoint } => {
+                Ok((self.umount(&mountpoint)?, serde_json::Value::Null))
+            }
+        }
+    }
+
+    fn respond(&self, line: &str) -> Response {
+        let req: Request = match serde_json::from_str(line) {
+            Ok(r) => r,
+            Err(e) => {
+                return Response {
+                    ok: false,
+                    message: format!("malformed request: {e}"),
+                    data: serde_json::Value::Null,
+                }
+            }
+        };
+        match self.handle(req) {
+            Ok((message, data)) => Response {
+                ok: true,
+                message,
+                data,
+            },
+            Err(e) => {
+                tracing::info!("request failed: {e:#}");
+                Response {
+                    ok: false,
+                    message: format!("{e:#}"),
+                    data: serde_json::Value::Null,
+                }
+            }
+        }
+    }
+
+    fn checkpointer(self: Arc<Self>) {
+        let mut last = Instant::now();
+        while !self.stopping.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200));
+            let due = self.datasets.store().recent_blocks() >= CHECKPOINT_BLOCKS
+                || (last.elapsed() >= CHECKPOINT_INTERVAL && self.datasets.checkpoint_due());
+            if due {
+                if let Err(e) = self.datasets.checkpoint() {
+                    tracing::error!(
+                        "checkpoint failed (the journal still holds every fsynced change): {e}"
+                    );
+                }
+                last = Instant::now();
+            }
+        }
+    }
+
+    fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        if let Err(e) = self.datasets.checkpoint() {
+            tracing::error!(
+                "final checkpoint failed (the journal still holds every fsynced change): {e}"
+            );
+        }
+        let mut mounts = self.mounts.lock();
+        for (mp, m) in mounts.iter_mut() {
+            if let Err(e) = m.unmount(true) {
+                tracing::error!(mountpoint = %mp.display(), "unmount at shutdown failed: {e:#}");
+            }
+        }
+        mounts.clear();
+        if let Err(e) = self.datasets.checkpoint() {
+            tracing::error!("checkpoint after unmount failed: {e}");
+        }
+    }
+}
+
+pub fn serve(store_dir: &Path) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let daemon = Arc::new(Daemon::open(store_dir)?);
+    let sock = api::socket_path(store_dir);
+    let _ = std::fs::remove_file(&sock);
+
+    // Re-establish the mounts that were active when the last daemon stopped or died.
+    for (mp, dataset) in daemon.recorded_mounts()? {
+        match daemon.mount(&dataset, &mp) {
+            Ok(msg) => tracing::info!("{msg} (re-established)"),
+            Err(e) => {
+                tracing::error!(mountpoint = %mp.display(), "cannot re-establish the mount of {dataset}: {e:#}")
+            }
+        }
+    }
+    {
+        let d = daemon.clone();
+        std::thread::Builder::new()
+            .name("checkpointer".into())
+            .spawn(move || d.checkpointer())?;
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let d = daemon.clone();
+    rt.block_on(async move {
+        let listener = UnixListener::bind(&sock)
+            .with_context(|| format!("cannot listen on {}", sock.display()))?;
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+        tracing::info!(store = %d.store_dir.display(), pid = std::process::id(), "vdbfs daemon ready");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+                conn = listener.accept() => {
+                    let (stream, _) = match conn {
+                        Ok(c) => c,
+                        Err(e) => { tracing::warn!("accept failed: {e}"); continue; }
+                    };
+                    let d = d.clone();
+                    tokio::spawn(async move {
+                        let (r, mut w) = stream.into_split();
+                        let mut line = String::new();
+                        if BufReader::new(r).read_line(&mut line).await.is_err() {
+                            return;
+                        }
+                        let resp = tokio::task::spawn_blocking(move || d.respond(&line)).await;
+                        let resp = resp.unwrap_or_else(|e| Response { ok: false, message: format!("internal error: {e}"), data: serde_json::Value::Null });
+                        if let Ok(mut s) = serde_json::to_string(&resp) {
+                            s.push('\n');
+                            let _ = w.write_all(s.as_bytes()).await;
+                        }
+                    });
+                }
+            }
+        }
+        tracing::info!("stopping: flushing and unmounting");
+        let _ = std::fs::remove_file(&sock);
+        anyhow::Ok(())
+    })?;
+    let d = daemon.clone();
+    std::thread::spawn(move || d.shutdown())
+        .join()
+        .map_err(|_| anyhow!("shutdown panicked"))?;
+    rt.shutdown_timeout(Duration::from_secs(2));
+    tracing::info!("vdbfs daemon stopped");
+    Ok(())
+}

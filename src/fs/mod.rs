@@ -1,0 +1,576 @@
+//! The FUSE adapter: top of the data path. Handlers stay thin: decode the request, call the
+//! dataset, translate the result (errors through `errno::errno`, in one place), reply.
+//!
+//! Kernel cache policy: every change to a dataset goes through this mount (a dataset is mounted
+//! at most once), so attributes, entries and file pages cached by the kernel can never be stale;
+//! we let the kernel keep them (long TTLs, FOPEN_KEEP_CACHE).
+
+pub mod errno;
+
+use crate::store::{Error, Result};
+use crate::tree::dataset::{Dataset, SetAttr, ROOT_INO};
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
+};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use vdbfs_format::tree::{FileKind, InodeMeta, Timestamp};
+use vdbfs_format::BLOCK_SIZE;
+
+const TTL: Duration = Duration::from_secs(60);
+
+pub struct VdbFs {
+    ds: Arc<Dataset>,
+    read_only: bool,
+    dir_handles: Mutex<HashMap<u64, Vec<(Vec<u8>, u64, FileKind)>>>,
+    next_fh: AtomicU64,
+}
+
+fn to_system(t: Timestamp) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nsecs)
+    } else {
+        UNIX_EPOCH - Duration::new(t.secs.unsigned_abs(), 0) + Duration::new(0, t.nsecs)
+    }
+}
+
+fn from_system(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timestamp {
+            secs: d.as_secs() as i64,
+            nsecs: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let mut secs = -(d.as_secs() as i64);
+            let mut nsecs = d.subsec_nanos();
+            if nsecs > 0 {
+                secs -= 1;
+                nsecs = 1_000_000_000 - nsecs;
+            }
+            Timestamp { secs, nsecs }
+        }
+    }
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::Regular => FileType::RegularFile,
+        FileKind::Directory => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+fn kind_of_mode(mode: u32) -> Option<FileKind> {
+    Some(match mode & libc::S_IFMT {
+        libc::S_IFREG | 0 => FileKind::Regular,
+        libc::S_IFDIR => FileKind::Directory,
+        libc::S_IFLNK => FileKind::Symlink,
+        libc::S_IFIFO => FileKind::Fifo,
+        libc::S_IFSOCK => FileKind::Socket,
+        libc::S_IFCHR => FileKind::CharDevice,
+        libc::S_IFBLK => FileKind::BlockDevice,
+        _ => return None,
+    })
+}
+
+pub fn attr(ino: u64, m: &InodeMeta) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: m.size,
+        blocks: m.size.div_ceil(512),
+        atime: to_system(m.atime),
+        mtime: to_system(m.mtime),
+        ctime: to_system(m.ctime),
+        crtime: to_system(m.ctime),
+        kind: file_type(m.kind),
+        perm: m.perm as u16,
+        nlink: m.nlink,
+        uid: m.uid,
+        gid: m.gid,
+        rdev: m.rdev,
+        blksize: 16 * BLOCK_SIZE as u32,
+        flags: 0,
+    }
+}
+
+fn time_or_now(t: Option<TimeOrNow>) -> Option<Timestamp> {
+    t.map(|t| match t {
+        TimeOrNow::SpecificTime(s) => from_system(s),
+        TimeOrNow::Now => crate::tree::dataset::now(),
+    })
+}
+
+impl VdbFs {
+    pub fn new(ds: Arc<Dataset>, read_only: bool) -> VdbFs {
+        VdbFs {
+            ds,
+            read_only,
+            dir_handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    /// Logs faults (not user errors) where they are handled, then gives the errno.
+    fn fail(&self, op: &str, ino: u64, e: Error) -> Errno {
+        if errno::is_fault(&e) {
+            tracing::error!(dataset = %self.ds.name, ino, "{op} failed: {e}");
+        }
+        errno::errno(&e)
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(Error::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn entry(&self, op: &str, parent: u64, r: Result<(u64, InodeMeta)>, reply: ReplyEntry) {
+        match r {
+            Ok((ino, m)) => reply.entry(&TTL, &attr(ino, &m), Generation(0)),
+            Err(e) => reply.error(self.fail(op, parent, e)),
+        }
+    }
+
+    fn empty(&self, op: &str, ino: u64, r: Result<()>, reply: ReplyEmpty) {
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.fail(op, ino, e)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn make(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        kind: FileKind,
+        perm: u32,
+        rdev: u32,
+        target: Option<&[u8]>,
+    ) -> Result<(u64, InodeMeta)> {
+        self.writable()?;
+        self.ds.create(
+            parent,
+            name.as_bytes(),
+            kind,
+            perm,
+            req.uid(),
+            req.gid(),
+            rdev,
+            target,
+        )
+    }
+}
+
+impl Filesystem for VdbFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.entry(
+            "lookup",
+            parent.0,
+            self.ds.lookup(parent.0, name.as_bytes()),
+            reply,
+        );
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.ds.getattr(ino.0) {
+            Ok(m) => reply.attr(&TTL, &attr(ino.0, &m)),
+            Err(e) => reply.error(self.fail("getattr", ino.0, e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let r = self.writable().and_then(|()| {
+            self.ds.setattr(
+                ino.0,
+                SetAttr {
+                    perm: mode,
+                    uid,
+                    gid,
+                    size,
+                    atime: time_or_now(atime),
+                    mtime: time_or_now(mtime),
+                },
+            )
+        });
+        match r {
+            Ok(m) => reply.attr(&TTL, &attr(ino.0, &m)),
+            Err(e) => reply.error(self.fail("setattr", ino.0, e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.ds.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(self.fail("readlink", ino.0, e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = match kind_of_mode(mode) {
+            Some(FileKind::Directory) | Some(FileKind::Symlink) | None => {
+                Err(Error::Invalid("mknod file type"))
+            }
+            Some(kind) => self.make(req, parent.0, name, kind, mode, rdev, None),
+        };
+        self.entry("mknod", parent.0, r, reply);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.make(req, parent.0, name, FileKind::Directory, mode, 0, None);
+        self.entry("mkdir", parent.0, r, reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self
+            .writable()
+            .and_then(|()| self.ds.unlink(parent.0, name.as_bytes(), false));
+        self.empty("unlink", parent.0, r, reply);
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self
+            .writable()
+            .and_then(|()| self.ds.unlink(parent.0, name.as_bytes(), true));
+        self.empty("rmdir", parent.0, r, reply);
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let t = target.as_os_str().as_bytes();
+        let r = self.make(
+            req,
+            parent.0,
+            link_name,
+            FileKind::Symlink,
+            0o777,
+            0,
+            Some(t),
+        );
+        self.entry("symlink", parent.0, r, reply);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.writable().and_then(|()| {
+            self.ds.rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                flags.bits(),
+            )
+        });
+        self.empty("rename", parent.0, r, reply);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let r = self
+            .writable()
+            .and_then(|()| self.ds.link(ino.0, newparent.0, newname.as_bytes()))
+            .map(|m| (ino.0, m));
+        self.entry("link", ino.0, r, reply);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let wants_write =
+            flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        let r = if wants_write && self.read_only {
+            Err(Error::ReadOnly)
+        } else {
+            self.ds.open(ino.0)
+        };
+        match r {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(self.fail("open", ino.0, e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.ds.read(ino.0, offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(self.fail("read", ino.0, e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self
+            .writable()
+            .and_then(|()| self.ds.write(ino.0, offset, data))
+        {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(self.fail("write", ino.0, e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.ds.release(ino.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.empty("fsync", ino.0, self.ds.fsync(), reply);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.ds.readdir(ino.0) {
+            Ok(entries) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                self.dir_handles.lock().insert(fh, entries);
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(self.fail("opendir", ino.0, e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let handles = self.dir_handles.lock();
+        let Some(entries) = handles.get(&fh.0) else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        let dots = [
+            (b".".as_slice(), ino.0, FileKind::Directory),
+            (b"..".as_slice(), ROOT_INO, FileKind::Directory),
+        ];
+        let all = dots
+            .into_iter()
+            .chain(entries.iter().map(|(n, i, k)| (n.as_slice(), *i, *k)));
+        for (i, (name, child, kind)) in all.enumerate().skip(offset as usize) {
+            if reply.add(
+                INodeNo(child),
+                (i + 1) as u64,
+                file_type(kind),
+                OsStr::from_bytes(name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dir_handles.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.empty("fsyncdir", ino.0, self.ds.fsync(), reply);
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.ds.store().statvfs() {
+            Ok((free, total)) => {
+                let bs = BLOCK_SIZE as u64;
+                reply.statfs(
+                    total / bs,
+                    free / bs,
+                    free / bs,
+                    1 << 32,
+                    1 << 31,
+                    BLOCK_SIZE as u32,
+                    255,
+                    BLOCK_SIZE as u32,
+                )
+            }
+            Err(e) => reply.error(self.fail("statfs", 0, e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permissions are checked by the kernel (default_permissions); existence here.
+        self.empty("access", ino.0, self.ds.getattr(ino.0).map(|_| ()), reply);
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = self
+            .make(req, parent.0, name, FileKind::Regular, mode, 0, None)
+            .and_then(|(ino, _)| Ok((ino, self.ds.open(ino)?)));
+        match r {
+            Ok((ino, m)) => reply.created(
+                &TTL,
+                &attr(ino, &m),
+                Generation(0),
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(self.fail("create", parent.0, e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let r = self
+            .writable()
+            .and_then(|()| self.ds.fallocate(ino.0, offset, length, mode));
+        self.empty("fallocate", ino.0, r, reply);
+    }
+}

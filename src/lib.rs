@@ -1,0 +1,10 @@
+//! vdbfs: virtual PostgreSQL databases on a content-addressed, copy-on-write FUSE filesystem.
+//!
+//! Data path: `fs` (FUSE ops) -> `tree` (inodes, directories, file maps, checkpoints) ->
+//! `store` (blocks, packs, redb index). Control path: `cli` -> `daemon` (API, mounts).
+
+pub mod cli;
+pub mod daemon;
+pub mod fs;
+pub mod store;
+pub mod tree;

@@ -1,0 +1,553 @@
+//! The block store: content-addressed blocks in append-only pack files, located through a redb
+//! index. Bottom of the data path (FUSE op -> tree layer -> block store -> packs and index).
+//!
+//! Invariants (see fs-format/FORMAT.md, "Commit protocol"):
+//! - Pack files are append-only and never rewritten in place; after open, appends always go to a
+//!   new pack, so a torn tail left by a crash is never followed by live records in the same pack.
+//! - A block enters the redb index only in a checkpoint commit, after the pack bytes holding it
+//!   were fdatasynced. Blocks appended since the last checkpoint live in `recent` and are found
+//!   again by the recovery scan.
+//! - A journal record is appended after every block it references, and the fsync that made it
+//!   durable synced the whole log up to its end.
+//! - Every read verifies the record crc and the block's blake3; a mismatch is `Error::Corrupt`,
+//!   never wrong bytes.
+//! - After a failed fdatasync the store is poisoned: every later write or sync fails, so a lost
+//!   write is never reported as durable by a later, successful fsync.
+
+pub mod error;
+pub mod io;
+
+use parking_lot::{Mutex, RwLock};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use vdbfs_format::index::{BlockLoc, DatasetRecord, LogPos, INDEX_VERSION};
+use vdbfs_format::journal::JournalRecord;
+use vdbfs_format::pack::{self, RecordKind, PACK_HEADER_LEN, RECORD_HEADER_LEN};
+use vdbfs_format::{codec, BlockId};
+
+pub use error::{Error, Result};
+use io::{OsIo, PackFile, PackIo};
+
+pub const BLOCKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blocks");
+pub const DATASETS: TableDefinition<u64, &[u8]> = TableDefinition::new("datasets");
+pub const NAMES: TableDefinition<&str, u64> = TableDefinition::new("dataset_names");
+pub const MOUNTS: TableDefinition<&str, &str> = TableDefinition::new("mounts");
+pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// A pack is closed and a new one started once it grows past this size.
+const PACK_TARGET_SIZE: u64 = 256 << 20;
+
+struct ActivePack {
+    no: u32,
+    file: Arc<dyn PackFile>,
+    len: u64,
+}
+
+pub struct Store {
+    dir: PathBuf,
+    io: Arc<dyn PackIo>,
+    db: redb::Database,
+    active: Mutex<ActivePack>,
+    /// Everything before this position is durable. Held while syncing (group commit).
+    synced: Mutex<LogPos>,
+    packs: RwLock<HashMap<u32, Arc<dyn PackFile>>>,
+    recent: RwLock<HashMap<BlockId, BlockLoc>>,
+    poisoned: AtomicBool,
+}
+
+/// What recovery found in the log after the last checkpoint, for the tree layer to replay.
+pub struct Replay {
+    pub journal: Vec<(LogPos, JournalRecord)>,
+}
+
+pub fn index_path(dir: &Path) -> PathBuf {
+    dir.join("index.redb")
+}
+
+fn pack_path(dir: &Path, no: u32) -> PathBuf {
+    dir.join("packs").join(format!("{no:08}.pack"))
+}
+
+impl Store {
+    /// Creates a new, empty store in `dir` (which may exist but must not hold a store).
+    pub fn create(dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir.join("packs"))?;
+        let db = redb::Database::create(index_path(dir))?;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            meta.insert("format_version", INDEX_VERSION.to_le_bytes().as_slice())?;
+            meta.insert("next_dataset_id", 1u64.to_le_bytes().as_slice())?;
+            txn.open_table(BLOCKS)?;
+            txn.open_table(DATASETS)?;
+            txn.open_table(NAMES)?;
+            txn.open_table(MOUNTS)?;
+        }
+        txn.commit()?;
+        OsIo.sync_dir(dir)?;
+        Ok(())
+    }
+
+    pub fn open(dir: &Path) -> Result<(Store, Replay)> {
+        Self::open_with(dir, Arc::new(OsIo))
+    }
+
+    /// Opens the store, scans the log written since the last checkpoint and starts a new pack.
+    pub fn open_with(dir: &Path, io: Arc<dyn PackIo>) -> Result<(Store, Replay)> {
+        let db = redb::Database::open(index_path(dir))?;
+        let (indexed_upto, replay_from) = {
+            let txn = db.begin_read()?;
+            let meta = txn.open_table(META)?;
+            let version = meta
+                .get("format_version")?
+                .map(|v| v.value().to_vec())
+                .ok_or_else(|| Error::CorruptMeta("index has no format_version".into()))?;
+            if version != INDEX_VERSION.to_le_bytes() {
+                return Err(Error::CorruptMeta(format!(
+                    "index format version {version:?} is not supported by this build ({INDEX_VERSION})"
+                )));
+            }
+            let indexed_upto = match meta.get("indexed_upto")? {
+                Some(v) => decode_pos(v.value())?,
+                None => LogPos::default(),
+            };
+            let mut replay_from = indexed_upto;
+            for row in txn.open_table(DATASETS)?.iter()? {
+                let (_, v) = row?;
+                let rec = DatasetRecord::decode(v.value())?;
+                replay_from = replay_from.min(rec.replay_from);
+            }
+            (indexed_upto, replay_from)
+        };
+
+        let mut numbers = Vec::new();
+        for entry in std::fs::read_dir(dir.join("packs"))? {
+            let name = entry?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(no) = name
+                .strip_suffix(".pack")
+                .and_then(|n| n.parse::<u32>().ok())
+            {
+                numbers.push(no);
+            }
+        }
+        numbers.sort_unstable();
+
+        let mut packs = HashMap::new();
+        let mut recent = HashMap::new();
+        let mut journal = Vec::new();
+        for &no in &numbers {
+            let file = io.open(&pack_path(dir, no))?;
+            if no >= replay_from.pack {
+                let start = if no == replay_from.pack {
+                    replay_from.offset.max(PACK_HEADER_LEN as u64)
+                } else {
+                    PACK_HEADER_LEN as u64
+                };
+                scan_pack(&*file, no, start, |pos, hdr, payload| {
+                    match hdr.kind {
+                        RecordKind::Block if pos >= indexed_upto => {
+                            recent.insert(
+                                hdr.id,
+                                BlockLoc {
+                                    pack: no,
+                                    offset: pos.offset,
+                                    len: hdr.record_len() as u32,
+                                },
+                            );
+                        }
+                        RecordKind::Block => {}
+                        RecordKind::Journal => match JournalRecord::decode(payload) {
+                            Ok(rec) => journal.push((pos, rec)),
+                            Err(e) => {
+                                tracing::error!(
+                                    pack = no,
+                                    offset = pos.offset,
+                                    "undecodable journal record with a valid crc: {e}"
+                                );
+                                return Err(Error::CorruptMeta(format!(
+                                    "journal record at pack {no} offset {}: {e}",
+                                    pos.offset
+                                )));
+                            }
+                        },
+                    }
+                    Ok(())
+                })?;
+            }
+            packs.insert(no, file);
+        }
+
+        let next_no = numbers.last().map_or(1, |n| n + 1);
+        let file = new_pack(&*io, dir, next_no)?;
+        packs.insert(next_no, file.clone());
+        let start = LogPos {
+            pack: next_no,
+            offset: PACK_HEADER_LEN as u64,
+        };
+        if !recent.is_empty() || !journal.is_empty() {
+            tracing::info!(
+                blocks = recent.len(),
+                journal_records = journal.len(),
+                "recovery: replaying the log written after the last checkpoint"
+            );
+        }
+        Ok((
+            Store {
+                dir: dir.to_path_buf(),
+                io,
+                db,
+                active: Mutex::new(ActivePack {
+                    no: next_no,
+                    file,
+                    len: PACK_HEADER_LEN as u64,
+                }),
+                synced: Mutex::new(start),
+                packs: RwLock::new(packs),
+                recent: RwLock::new(recent),
+                poisoned: AtomicBool::new(false),
+            },
+            Replay { journal },
+        ))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn db(&self) -> &redb::Database {
+        &self.db
+    }
+
+    fn check_poisoned(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Relaxed) {
+            Err(Error::Poisoned)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The position the next append will take.
+    pub fn end(&self) -> LogPos {
+        let a = self.active.lock();
+        LogPos {
+            pack: a.no,
+            offset: a.len,
+        }
+    }
+
+    /// Appends one encoded record; returns its location. On failure nothing is appended.
+    fn append(&self, rec: &[u8]) -> Result<BlockLoc> {
+        self.check_poisoned()?;
+        let mut a = self.active.lock();
+        if a.len >= PACK_TARGET_SIZE {
+            self.roll(&mut a)?;
+        }
+        let offset = a.len;
+        if let Err(e) = a.file.write_all_at(rec, offset) {
+            // Cut off whatever part of the record reached the file, so the log stays parseable.
+            if let Err(e2) = a.file.set_len(offset) {
+                tracing::error!(
+                    pack = a.no,
+                    "cannot cut a failed append: {e2}; poisoning the store"
+                );
+                self.poisoned.store(true, Ordering::Relaxed);
+            }
+            return Err(e.into());
+        }
+        a.len += rec.len() as u64;
+        Ok(BlockLoc {
+            pack: a.no,
+            offset,
+            len: rec.len() as u32,
+        })
+    }
+
+    /// Closes the active pack (durably) and starts the next one.
+    fn roll(&self, a: &mut ActivePack) -> Result<()> {
+        self.sync_file(&*a.file)?;
+        let no = a.no + 1;
+        let file = new_pack(&*self.io, &self.dir, no)?;
+        self.packs.write().insert(no, file.clone());
+        *a = ActivePack {
+            no,
+            file,
+            len: PACK_HEADER_LEN as u64,
+        };
+        Ok(())
+    }
+
+    fn sync_file(&self, f: &dyn PackFile) -> Result<()> {
+        if let Err(e) = f.sync_data() {
+            tracing::error!(
+                "fdatasync of a pack failed: {e}; the store is read-only until restart"
+            );
+            self.poisoned.store(true, Ordering::Relaxed);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Makes everything appended before `upto` durable (group commit: one fdatasync covers
+    /// every caller that appended before it started).
+    pub fn sync_to(&self, upto: LogPos) -> Result<LogPos> {
+        self.check_poisoned()?;
+        let mut synced = self.synced.lock();
+        if *synced >= upto {
+            return Ok(*synced);
+        }
+        let (file, end) = {
+            let a = self.active.lock();
+            (
+                a.file.clone(),
+                LogPos {
+                    pack: a.no,
+                    offset: a.len,
+                },
+            )
+        };
+        // Packs before the active one were synced when they were closed.
+        self.sync_file(&*file)?;
+        *synced = end;
+        Ok(end)
+    }
+
+    /// Syncs everything appended so far.
+    pub fn sync_all(&self) -> Result<LogPos> {
+        self.sync_to(self.end())
+    }
+
+    fn lookup(&self, id: &BlockId) -> Result<Option<BlockLoc>> {
+        if let Some(loc) = self.recent.read().get(id) {
+            return Ok(Some(*loc));
+        }
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(BLOCKS)?;
+        match table.get(id.0.as_slice())? {
+            Some(v) => Ok(Some(BlockLoc::decode(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn contains(&self, id: &BlockId) -> Result<bool> {
+        Ok(self.lookup(id)?.is_some())
+    }
+
+    /// Stores `content` (deduplicated by its blake3) and returns its id.
+    pub fn put(&self, content: &[u8]) -> Result<BlockId> {
+        let id = BlockId::of(content);
+        if self.lookup(&id)?.is_some() {
+            return Ok(id);
+        }
+        let (codec, payload) = codec::compress(content);
+        let rec = pack::encode_record(
+            RecordKind::Block,
+            codec,
+            content.len() as u32,
+            &id,
+            &payload,
+        );
+        let loc = self.append(&rec)?;
+        self.recent.write().insert(id, loc);
+        Ok(id)
+    }
+
+    /// Reads and verifies a block.
+    pub fn get(&self, id: &BlockId) -> Result<Vec<u8>> {
+        let loc = self.lookup(id)?.ok_or(Error::MissingBlock(*id))?;
+        let file = self
+            .packs
+            .read()
+            .get(&loc.pack)
+            .cloned()
+            .ok_or_else(|| Error::Corrupt {
+                id: *id,
+                pack: loc.pack,
+                offset: loc.offset,
+                why: "pack file is missing".into(),
+            })?;
+        let corrupt = |why: String| Error::Corrupt {
+            id: *id,
+            pack: loc.pack,
+            offset: loc.offset,
+            why,
+        };
+        let mut buf = vec![0u8; loc.len as usize];
+        file.read_exact_at(&mut buf, loc.offset)
+            .map_err(|e| corrupt(format!("read failed: {e}")))?;
+        let (hdr, payload) = pack::decode_record(&buf).map_err(|e| corrupt(e.to_string()))?;
+        if hdr.kind != RecordKind::Block || hdr.id != *id {
+            return Err(corrupt("record holds another block".into()));
+        }
+        pack::open_block(&hdr, payload).map_err(|e| corrupt(e.to_string()))
+    }
+
+    /// Appends a journal record; returns the log position just after it.
+    pub fn append_journal(&self, rec: &JournalRecord) -> Result<LogPos> {
+        let payload = rec.encode();
+        let bytes = pack::encode_record(
+            RecordKind::Journal,
+            vdbfs_format::Codec::Raw,
+            payload.len() as u32,
+            &BlockId([0; 32]),
+            &payload,
+        );
+        let loc = self.append(&bytes)?;
+        Ok(LogPos {
+            pack: loc.pack,
+            offset: loc.offset + loc.len as u64,
+        })
+    }
+
+    /// The second half of a checkpoint: once every tree object is appended, make the log durable
+    /// and commit the new dataset records together with the index entries of every block appended
+    /// before the sync point.
+    pub fn commit_checkpoint(&self, datasets: &[DatasetRecord]) -> Result<()> {
+        let upto = self.sync_all()?;
+        let batch: Vec<(BlockId, BlockLoc)> = self
+            .recent
+            .read()
+            .iter()
+            .filter(|(_, l)| {
+                LogPos {
+                    pack: l.pack,
+                    offset: l.offset,
+                } < upto
+            })
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        let txn = self.db.begin_write()?;
+        {
+            let mut blocks = txn.open_table(BLOCKS)?;
+            for (id, loc) in &batch {
+                blocks.insert(id.0.as_slice(), loc.encode().as_slice())?;
+            }
+            let mut table = txn.open_table(DATASETS)?;
+            for rec in datasets {
+                table.insert(rec.id, rec.encode().as_slice())?;
+            }
+            let mut meta = txn.open_table(META)?;
+            meta.insert("indexed_upto", encode_pos(upto).as_slice())?;
+        }
+        txn.commit()?;
+        let mut recent = self.recent.write();
+        for (id, loc) in batch {
+            if recent.get(&id) == Some(&loc) {
+                recent.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of blocks appended since the last checkpoint (drives checkpoint frequency).
+    pub fn recent_blocks(&self) -> usize {
+        self.recent.read().len()
+    }
+
+    /// Free and total bytes of the filesystem under the store.
+    pub fn statvfs(&self) -> Result<(u64, u64)> {
+        let c = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| Error::Invalid("store path"))?;
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: c is a valid NUL-terminated path and s a valid out pointer.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok((
+            s.f_bavail as u64 * s.f_frsize as u64,
+            s.f_blocks as u64 * s.f_frsize as u64,
+        ))
+    }
+}
+
+fn new_pack(io: &dyn PackIo, dir: &Path, no: u32) -> Result<Arc<dyn PackFile>> {
+    let file = io.create(&pack_path(dir, no))?;
+    file.write_all_at(&pack::encode_pack_header(no), 0)?;
+    file.sync_data()?;
+    io.sync_dir(&dir.join("packs"))?;
+    Ok(file)
+}
+
+fn encode_pos(p: LogPos) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[..4].copy_from_slice(&p.pack.to_le_bytes());
+    b[4..].copy_from_slice(&p.offset.to_le_bytes());
+    b
+}
+
+fn decode_pos(b: &[u8]) -> Result<LogPos> {
+    if b.len() != 12 {
+        return Err(Error::CorruptMeta("log position".into()));
+    }
+    Ok(LogPos {
+        pack: u32::from_le_bytes(b[..4].try_into().unwrap_or_default()),
+        offset: u64::from_le_bytes(b[4..].try_into().unwrap_or_default()),
+    })
+}
+
+/// Reads records of one pack from `start` until its end or the first record that does not verify
+/// (a torn tail from a crash): everything after that point was never acknowledged as durable.
+fn scan_pack(
+    file: &dyn PackFile,
+    no: u32,
+    start: u64,
+    mut f: impl FnMut(LogPos, &pack::RecordHeader, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let len = file.len()?;
+    let mut head = vec![0u8; PACK_HEADER_LEN];
+    if len < PACK_HEADER_LEN as u64 {
+        tracing::warn!(
+            pack = no,
+            "pack shorter than its header (torn creation); ignored"
+        );
+        return Ok(());
+    }
+    file.read_exact_at(&mut head, 0)?;
+    let found = pack::decode_pack_header(&head)?;
+    if found != no {
+        return Err(Error::CorruptMeta(format!(
+            "pack file {no} says it is pack {found}"
+        )));
+    }
+    let mut pos = start;
+    let mut hdr_buf = [0u8; RECORD_HEADER_LEN];
+    while pos + RECORD_HEADER_LEN as u64 <= len {
+        file.read_exact_at(&mut hdr_buf, pos)?;
+        let Ok(hdr) = pack::decode_record_header(&hdr_buf) else {
+            break;
+        };
+        let total = hdr.record_len();
+        if pos + total > len {
+            break;
+        }
+        let mut buf = vec![0u8; total as usize];
+        file.read_exact_at(&mut buf, pos)?;
+        let Ok((hdr, payload)) = pack::decode_record(&buf) else {
+            break;
+        };
+        f(
+            LogPos {
+                pack: no,
+                offset: pos,
+            },
+            &hdr,
+            payload,
+        )?;
+        pos += total;
+    }
+    if pos < len {
+        tracing::warn!(
+            pack = no,
+            offset = pos,
+            bytes = len - pos,
+            "ignoring a torn tail after the last complete record"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
