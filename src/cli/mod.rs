@@ -91,7 +91,7 @@ pub fn call(store: &Path, req: &Request) -> anyhow::Result<Response> {
     BufReader::new(s)
         .read_line(&mut resp)
         .context("the daemon closed the connection without answering")?;
-    Ok(serde_json::from_str(&resp).context("malformed answer from the daemon")?)
+    serde_json::from_str(&resp).context("malformed answer from the daemon")
 }
 
 fn run_req(store: &Path, req: Request) -> anyhow::Result<Response> {

@@ -125,10 +125,12 @@ impl Mounted {
         let flags = if lazy { libc::MNT_DETACH } else { 0 };
         match umount2(&self.mountpoint, flags) {
             Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Err(anyhow!(
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(anyhow!(
                 "{} is busy: files are open there (is postgres still running on it? stop it first)",
                 self.mountpoint.display()
-            )),
+            ))
+            }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // already gone
             Err(e) => {
                 return Err(anyhow!(
@@ -143,13 +145,15 @@ impl Mounted {
             std::thread::spawn(move || {
                 let _ = tx.send(bg.join());
             });
-            match rx.recv_timeout(Duration::from_secs(20)) {
+            // A lazily detached mount still in use keeps its connection until the process ends.
+            let wait = Duration::from_secs(if lazy { 3 } else { 20 });
+            match rx.recv_timeout(wait) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(mountpoint = %self.mountpoint.display(), "FUSE session ended with: {e}")
                 }
                 Err(_) => {
-                    tracing::warn!(mountpoint = %self.mountpoint.display(), "FUSE session threads did not end within 20 s")
+                    tracing::warn!(mountpoint = %self.mountpoint.display(), "FUSE session threads did not end in time; the connection closes when the daemon exits")
                 }
             }
         }

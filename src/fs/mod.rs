@@ -28,10 +28,13 @@ use vdbfs_format::BLOCK_SIZE;
 
 const TTL: Duration = Duration::from_secs(60);
 
+/// One entry of a directory as listed at opendir: name, inode, kind.
+type DirListing = (Vec<u8>, u64, FileKind);
+
 pub struct VdbFs {
     ds: Arc<Dataset>,
     read_only: bool,
-    dir_handles: Mutex<HashMap<u64, Vec<(Vec<u8>, u64, FileKind)>>>,
+    dir_handles: Mutex<HashMap<u64, Vec<DirListing>>>,
     next_fh: AtomicU64,
 }
 
@@ -556,6 +559,40 @@ impl Filesystem for VdbFs {
             ),
             Err(e) => reply.error(self.fail("create", parent.0, e)),
         }
+    }
+
+    // Extended attributes are not supported: ENOSYS makes the kernel remember that and answer
+    // EOPNOTSUPP itself from then on (no round trip per write for security.capability).
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn fallocate(

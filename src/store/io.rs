@@ -8,6 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
+#[allow(clippy::len_without_is_empty)]
 pub trait PackFile: Send + Sync {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
@@ -22,6 +23,8 @@ pub trait PackIo: Send + Sync {
     fn open(&self, path: &Path) -> io::Result<Arc<dyn PackFile>>;
     /// Makes the creation of files in `dir` durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Names of the files in `dir`.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
 }
 
 /// The real thing: std files, pread/pwrite, fdatasync.
@@ -62,5 +65,12 @@ impl PackIo for OsIo {
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir)? {
+            out.push(e?.file_name().to_string_lossy().into_owned());
+        }
+        Ok(out)
     }
 }

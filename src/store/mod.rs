@@ -16,6 +16,8 @@
 
 pub mod error;
 pub mod io;
+#[cfg(test)]
+pub mod sim;
 
 use parking_lot::{Mutex, RwLock};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -39,11 +41,17 @@ pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// A pack is closed and a new one started once it grows past this size.
 const PACK_TARGET_SIZE: u64 = 256 << 20;
+/// The active pack is zero-filled this far ahead of the log end: an fdatasync that only
+/// overwrites allocated blocks needs no filesystem metadata commit (about half the latency of
+/// an appending one on ext4, measured by scripts/bench). Recovery stops at the zeros.
+const PREALLOC_STEP: u64 = 4 << 20;
 
 struct ActivePack {
     no: u32,
     file: Arc<dyn PackFile>,
     len: u64,
+    /// Bytes of the file that exist (zero-filled beyond `len`).
+    allocated: u64,
 }
 
 pub struct Store {
@@ -124,9 +132,7 @@ impl Store {
         };
 
         let mut numbers = Vec::new();
-        for entry in std::fs::read_dir(dir.join("packs"))? {
-            let name = entry?.file_name();
-            let name = name.to_string_lossy();
+        for name in io.list(&dir.join("packs"))? {
             if let Some(no) = name
                 .strip_suffix(".pack")
                 .and_then(|n| n.parse::<u32>().ok())
@@ -204,6 +210,7 @@ impl Store {
                     no: next_no,
                     file,
                     len: PACK_HEADER_LEN as u64,
+                    allocated: PACK_HEADER_LEN as u64,
                 }),
                 synced: Mutex::new(start),
                 packs: RwLock::new(packs),
@@ -247,6 +254,15 @@ impl Store {
             self.roll(&mut a)?;
         }
         let offset = a.len;
+        let need = offset + rec.len() as u64;
+        if need > a.allocated {
+            let upto = need.max(a.allocated + PREALLOC_STEP);
+            let zeros = vec![0u8; (upto - a.allocated) as usize];
+            a.file.write_all_at(&zeros, a.allocated).inspect_err(|_| {
+                let _ = a.file.set_len(a.allocated);
+            })?;
+            a.allocated = upto;
+        }
         if let Err(e) = a.file.write_all_at(rec, offset) {
             // Cut off whatever part of the record reached the file, so the log stays parseable.
             if let Err(e2) = a.file.set_len(offset) {
@@ -268,6 +284,7 @@ impl Store {
 
     /// Closes the active pack (durably) and starts the next one.
     fn roll(&self, a: &mut ActivePack) -> Result<()> {
+        a.file.set_len(a.len)?;
         self.sync_file(&*a.file)?;
         let no = a.no + 1;
         let file = new_pack(&*self.io, &self.dir, no)?;
@@ -276,6 +293,7 @@ impl Store {
             no,
             file,
             len: PACK_HEADER_LEN as u64,
+            allocated: PACK_HEADER_LEN as u64,
         };
         Ok(())
     }
@@ -539,12 +557,16 @@ fn scan_pack(
         pos += total;
     }
     if pos < len {
-        tracing::warn!(
-            pack = no,
-            offset = pos,
-            bytes = len - pos,
-            "ignoring a torn tail after the last complete record"
-        );
+        let mut probe = vec![0u8; (len - pos).min(64 << 10) as usize];
+        file.read_exact_at(&mut probe, pos)?;
+        if probe.iter().any(|&b| b != 0) {
+            tracing::warn!(
+                pack = no,
+                offset = pos,
+                bytes = len - pos,
+                "ignoring a torn tail after the last complete record"
+            );
+        }
     }
     Ok(())
 }

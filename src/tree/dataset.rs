@@ -722,7 +722,7 @@ impl Dataset {
         let (old_size, tail) = {
             let mut st = self.st.lock();
             let old = st.inode(&cx, ino)?.meta.size;
-            let tail = if size < old && size % BS != 0 {
+            let tail = if size < old && !size.is_multiple_of(BS) {
                 st.block_at(&cx, ino, size / BS)?
             } else {
                 None
@@ -848,12 +848,12 @@ impl Dataset {
         // Blocks only partly covered need their old content.
         let (head_old, tail_old) = {
             let mut st = self.st.lock();
-            let head = if offset % BS != 0 || (first == last && end % BS != 0) {
+            let head = if !offset.is_multiple_of(BS) || (first == last && !end.is_multiple_of(BS)) {
                 st.block_at(&cx, ino, first)?
             } else {
                 None
             };
-            let tail = if last != first && end % BS != 0 {
+            let tail = if last != first && !end.is_multiple_of(BS) {
                 st.block_at(&cx, ino, last)?
             } else {
                 None

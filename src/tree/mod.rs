@@ -7,6 +7,8 @@
 
 pub mod dataset;
 pub mod radix;
+#[cfg(test)]
+mod tests;
 
 use crate::store::{Error, Replay, Result, Store, DATASETS, META, NAMES};
 use dataset::Dataset;
