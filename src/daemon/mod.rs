@@ -111,6 +111,12 @@ impl Daemon {
     }
 
     fn mount(&self, dataset: &str, mountpoint: &Path) -> anyhow::Result<String> {
+        // A mount point left by a daemon that died answers ENOTCONN to everything: clear it
+        // first (unless this daemon serves it).
+        let lexical = mounts::resolve(mountpoint);
+        if !self.mounts.lock().contains_key(&lexical) {
+            mounts::clear_stale(&lexical)?;
+        }
         std::fs::create_dir_all(mountpoint)
             .with_context(|| format!("cannot create the mount point {}", mountpoint.display()))?;
         let mp = mountpoint
@@ -148,9 +154,7 @@ impl Daemon {
     }
 
     fn umount(&self, mountpoint: &Path) -> anyhow::Result<String> {
-        let mp = mountpoint
-            .canonicalize()
-            .unwrap_or_else(|_| mountpoint.to_path_buf());
+        let mp = mounts::resolve(mountpoint);
         let mut mounts = self.mounts.lock();
         let Some(m) = mounts.get_mut(&mp) else {
             bail!(

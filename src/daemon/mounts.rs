@@ -49,6 +49,21 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The canonical form of a path whose last component may be a dead mount (canonicalize would
+/// fail on it with ENOTCONN).
+pub fn resolve(path: &Path) -> PathBuf {
+    if let Ok(p) = path.canonicalize() {
+        return p;
+    }
+    match (
+        path.parent().and_then(|p| p.canonicalize().ok()),
+        path.file_name(),
+    ) {
+        (Some(parent), Some(name)) => parent.join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
 pub fn is_mounted(path: &Path) -> bool {
     kernel_mounts().iter().any(|m| m == path)
 }

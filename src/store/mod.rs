@@ -122,12 +122,12 @@ impl Store {
                 Some(v) => decode_pos(v.value())?,
                 None => LogPos::default(),
             };
-            let mut replay_from = indexed_upto;
-            for row in txn.open_table(DATASETS)?.iter()? {
-                let (_, v) = row?;
-                let rec = DatasetRecord::decode(v.value())?;
-                replay_from = replay_from.min(rec.replay_from);
-            }
+            // Only datasets loaded at a checkpoint can have journal records after it, and every
+            // checkpoint records their oldest replay position here.
+            let replay_from = match meta.get("replay_start")? {
+                Some(v) => decode_pos(v.value())?.min(indexed_upto),
+                None => LogPos::default(),
+            };
             (indexed_upto, replay_from)
         };
 
@@ -422,7 +422,8 @@ impl Store {
 
     /// The second half of a checkpoint: once every tree object is appended, make the log durable
     /// and commit the new dataset records together with the index entries of every block appended
-    /// before the sync point.
+    /// before the sync point. `datasets` must hold every dataset loaded in this process: the
+    /// next recovery starts at the oldest of their replay positions.
     pub fn commit_checkpoint(&self, datasets: &[DatasetRecord]) -> Result<()> {
         let upto = self.sync_all()?;
         let batch: Vec<(BlockId, BlockLoc)> = self
@@ -447,8 +448,13 @@ impl Store {
             for rec in datasets {
                 table.insert(rec.id, rec.encode().as_slice())?;
             }
+            let replay_start = datasets
+                .iter()
+                .map(|d| d.replay_from)
+                .fold(upto, LogPos::min);
             let mut meta = txn.open_table(META)?;
             meta.insert("indexed_upto", encode_pos(upto).as_slice())?;
+            meta.insert("replay_start", encode_pos(replay_start).as_slice())?;
         }
         txn.commit()?;
         let mut recent = self.recent.write();
