@@ -99,3 +99,83 @@ impl DatasetRecord {
         })
     }
 }
+
+pub const SNAPSHOT_RECORD_VERSION: u8 = 1;
+
+/// An immutable snapshot of a dataset: the root of its inode table at one instant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    /// Id of the dataset it was taken of.
+    pub dataset: u64,
+    pub name: String,
+    pub created: Timestamp,
+    pub root: Option<BlockId>,
+    pub next_ino: u64,
+}
+
+impl SnapshotRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u8(SNAPSHOT_RECORD_VERSION);
+        w.u64(self.dataset);
+        w.blob(self.name.as_bytes());
+        w.i64(self.created.secs);
+        w.u32(self.created.nsecs);
+        put_opt_id(&mut w, &self.root);
+        w.u64(self.next_ino);
+        w.buf
+    }
+    pub fn decode(buf: &[u8]) -> Result<SnapshotRecord, FormatError> {
+        let mut r = Reader::new(buf, "snapshot record");
+        if r.u8()? != SNAPSHOT_RECORD_VERSION {
+            return Err(FormatError::Invalid("snapshot record version"));
+        }
+        let dataset = r.u64()?;
+        let name = String::from_utf8(r.blob()?.to_vec())
+            .map_err(|_| FormatError::Invalid("snapshot name"))?;
+        let created = Timestamp {
+            secs: r.i64()?,
+            nsecs: r.u32()?,
+        };
+        let root = get_opt_id(&mut r)?;
+        let next_ino = r.u64()?;
+        r.finish()?;
+        Ok(SnapshotRecord {
+            dataset,
+            name,
+            created,
+            root,
+            next_ino,
+        })
+    }
+}
+
+/// Where a clone came from: the dataset id and snapshot name it was cloned from. Kept for
+/// display only; a clone shares blocks, not records, with its origin, so deleting the origin
+/// snapshot never breaks it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloneOrigin {
+    pub dataset: u64,
+    pub snapshot: String,
+}
+
+impl CloneOrigin {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u8(1);
+        w.u64(self.dataset);
+        w.blob(self.snapshot.as_bytes());
+        w.buf
+    }
+    pub fn decode(buf: &[u8]) -> Result<CloneOrigin, FormatError> {
+        let mut r = Reader::new(buf, "clone origin");
+        if r.u8()? != 1 {
+            return Err(FormatError::Invalid("clone origin version"));
+        }
+        let dataset = r.u64()?;
+        let snapshot = String::from_utf8(r.blob()?.to_vec())
+            .map_err(|_| FormatError::Invalid("clone origin snapshot name"))?;
+        r.finish()?;
+        Ok(CloneOrigin { dataset, snapshot })
+    }
+}

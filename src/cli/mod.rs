@@ -43,13 +43,49 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: DatasetCmd,
     },
-    /// Mount a dataset (served by the daemon).
+    /// Manage snapshots (immutable, point-in-time copies of a dataset).
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapshotCmd,
+    },
+    /// Create a writable dataset from a snapshot, sharing all its blocks.
+    Clone {
+        /// DATASET@SNAPSHOT
+        snapshot: String,
+        name: String,
+    },
+    /// Mount a dataset, or a snapshot (DATASET@SNAPSHOT) read-only.
     Mount {
         dataset: String,
         mountpoint: PathBuf,
     },
     /// Flush and unmount.
     Umount { mountpoint: PathBuf },
+    /// Space used by each dataset and snapshot, and by the store.
+    Df {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reclaim the space of blocks nothing references (also runs by itself).
+    Gc,
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCmd {
+    /// Freeze a dataset as it is now.
+    Create {
+        dataset: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List snapshots (of one dataset, or all), oldest first.
+    List {
+        dataset: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete DATASET@SNAPSHOT (clones made from it keep working).
+    Delete { name: String },
 }
 
 #[derive(Subcommand)]
@@ -63,7 +99,25 @@ pub enum DatasetCmd {
     },
     Delete {
         name: String,
+        /// Also delete the dataset's snapshots.
+        #[arg(long)]
+        with_snapshots: bool,
     },
+}
+
+fn human(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
@@ -131,9 +185,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 "{}",
                 run_req(&store, Request::DatasetCreate { name })?.message
             ),
-            DatasetCmd::Delete { name } => println!(
+            DatasetCmd::Delete {
+                name,
+                with_snapshots,
+            } => println!(
                 "{}",
-                run_req(&store, Request::DatasetDelete { name })?.message
+                run_req(
+                    &store,
+                    Request::DatasetDelete {
+                        name,
+                        with_snapshots
+                    }
+                )?
+                .message
             ),
             DatasetCmd::List { json } => {
                 let r = run_req(&store, Request::DatasetList)?;
@@ -167,6 +231,68 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 )?
                 .message
             );
+        }
+        Cmd::Snapshot { cmd } => match cmd {
+            SnapshotCmd::Create { dataset, name } => {
+                println!(
+                    "{}",
+                    run_req(&store, Request::SnapshotCreate { dataset, name })?.message
+                )
+            }
+            SnapshotCmd::Delete { name } => {
+                println!(
+                    "{}",
+                    run_req(&store, Request::SnapshotDelete { name })?.message
+                )
+            }
+            SnapshotCmd::List { dataset, json } => {
+                let r = run_req(&store, Request::SnapshotList { dataset })?;
+                if json {
+                    println!("{}", r.data);
+                } else {
+                    let list: Vec<api::SnapshotInfo> = serde_json::from_value(r.data)?;
+                    println!("{:<48} {:<21}", "NAME", "CREATED");
+                    for s in list {
+                        println!("{:<48} {:<21}", s.name, s.created);
+                    }
+                }
+            }
+        },
+        Cmd::Clone { snapshot, name } => {
+            println!(
+                "{}",
+                run_req(&store, Request::Clone { snapshot, name })?.message
+            )
+        }
+        Cmd::Gc => println!("{}", run_req(&store, Request::Gc)?.message),
+        Cmd::Df { json } => {
+            let r = run_req(&store, Request::Df)?;
+            if json {
+                println!("{}", r.data);
+            } else {
+                let df: api::Df = serde_json::from_value(r.data)?;
+                println!(
+                    "{:<40} {:<8} {:>12} {:>12} {:>12}",
+                    "NAME", "KIND", "LOGICAL", "UNIQUE", "SHARED"
+                );
+                for d in &df.datasets {
+                    println!(
+                        "{:<40} {:<8} {:>12} {:>12} {:>12}",
+                        d.name,
+                        d.kind,
+                        human(d.logical_bytes),
+                        human(d.unique_bytes),
+                        human(d.shared_bytes)
+                    );
+                }
+                println!(
+                    "store: {} in pack files, {} live; compression {:.2}x, dedup {:.2}x",
+                    human(df.physical_bytes),
+                    human(df.live_stored_bytes),
+                    df.compression_ratio,
+                    df.dedup_ratio
+                );
+            }
         }
         Cmd::Umount { mountpoint } => {
             let mountpoint = absolute(&mountpoint)?;

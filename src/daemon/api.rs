@@ -14,7 +14,25 @@ pub enum Request {
     DatasetList,
     DatasetDelete {
         name: String,
+        #[serde(default)]
+        with_snapshots: bool,
     },
+    SnapshotCreate {
+        dataset: String,
+        name: Option<String>,
+    },
+    SnapshotList {
+        dataset: Option<String>,
+    },
+    SnapshotDelete {
+        name: String,
+    },
+    Clone {
+        snapshot: String,
+        name: String,
+    },
+    Df,
+    Gc,
     Mount {
         dataset: String,
         mountpoint: PathBuf,
@@ -52,6 +70,57 @@ pub struct DatasetInfo {
     pub id: u64,
     pub created: String,
     pub mountpoint: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// `dataset@snapshot`, usable as is in every command.
+    pub name: String,
+    pub dataset: String,
+    pub snapshot: String,
+    pub created: String,
+    pub created_unix_ms: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RootUsage {
+    pub name: String,
+    pub kind: String,
+    pub logical_bytes: u64,
+    pub unique_bytes: u64,
+    pub shared_bytes: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Df {
+    pub datasets: Vec<RootUsage>,
+    pub physical_bytes: u64,
+    pub live_stored_bytes: u64,
+    pub compression_ratio: f64,
+    pub dedup_ratio: f64,
+}
+
+impl From<crate::tree::StoreUsage> for Df {
+    fn from(u: crate::tree::StoreUsage) -> Df {
+        let ratio = |a: u64, b: u64| if b == 0 { 1.0 } else { a as f64 / b as f64 };
+        Df {
+            datasets: u
+                .roots
+                .into_iter()
+                .map(|r| RootUsage {
+                    name: r.name,
+                    kind: if r.is_snapshot { "snapshot" } else { "dataset" }.into(),
+                    logical_bytes: r.logical_bytes,
+                    unique_bytes: r.unique_bytes,
+                    shared_bytes: r.shared_bytes,
+                })
+                .collect(),
+            physical_bytes: u.physical_bytes,
+            live_stored_bytes: u.live_stored_bytes,
+            compression_ratio: ratio(u.live_raw_bytes, u.live_stored_bytes),
+            dedup_ratio: ratio(u.referenced_raw_bytes, u.live_raw_bytes),
+        }
+    }
 }
 
 pub fn socket_path(store: &Path) -> PathBuf {

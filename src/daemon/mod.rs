@@ -28,6 +28,18 @@ use tokio::net::UnixListener;
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
 /// ...and sooner when this many blocks wait to be indexed (bounds recovery work and memory).
 const CHECKPOINT_BLOCKS: usize = 65_536;
+/// Garbage collection runs by itself this often.
+const GC_INTERVAL: Duration = Duration::from_secs(600);
+
+fn snapshot_info(s: &crate::tree::SnapshotInfo) -> api::SnapshotInfo {
+    api::SnapshotInfo {
+        name: s.full_name(),
+        dataset: s.dataset.clone(),
+        snapshot: s.rec.name.clone(),
+        created: api::rfc3339(s.rec.created.secs),
+        created_unix_ms: s.rec.created.secs * 1000 + (s.rec.created.nsecs / 1_000_000) as i64,
+    }
+}
 
 pub struct Daemon {
     store_dir: PathBuf,
@@ -110,7 +122,21 @@ impl Daemon {
         Ok(out)
     }
 
-    fn mount(&self, dataset: &str, mountpoint: &Path) -> anyhow::Result<String> {
+    /// A mount removed behind our back (umount(8)): flush and forget it.
+    fn forget_mount(&self, mp: &Path) {
+        let removed = self.mounts.lock().remove(mp);
+        if let Some(m) = removed {
+            tracing::info!(mountpoint = %mp.display(), dataset = %m.dataset, "unmounted outside vdbfs; forgetting the mount");
+            if let Err(e) = self.datasets.checkpoint() {
+                tracing::error!("checkpoint after an external unmount failed: {e}");
+            }
+            if let Err(e) = self.persist_mount(mp, None) {
+                tracing::error!("cannot forget the mount record of {}: {e:#}", mp.display());
+            }
+        }
+    }
+
+    fn mount(self: &Arc<Self>, dataset: &str, mountpoint: &Path) -> anyhow::Result<String> {
         // A mount point left by a daemon that died answers ENOTCONN to everything: clear it
         // first (unless this daemon serves it).
         let lexical = mounts::resolve(mountpoint);
@@ -143,14 +169,33 @@ impl Daemon {
                 m.mountpoint.display()
             );
         }
-        let ds = self
-            .datasets
-            .get(dataset)?
-            .ok_or_else(|| NameError::NotFound(dataset.to_string()))?;
-        let m = mounts::mount(ds, &mp, false)?;
+        let (ds, read_only) = match dataset.split_once('@') {
+            Some((d, s)) => (self.datasets.snapshot_view(d, s)?, true),
+            None => (
+                self.datasets
+                    .get(dataset)?
+                    .ok_or_else(|| NameError::NotFound(dataset.to_string()))?,
+                false,
+            ),
+        };
+        let weak = Arc::downgrade(self);
+        let mp2 = mp.clone();
+        let on_end = Box::new(move || {
+            if let Some(d) = weak.upgrade() {
+                if !d.stopping.load(Ordering::SeqCst) {
+                    d.forget_mount(&mp2);
+                }
+            }
+        });
+        let m = mounts::mount(ds, &mp, read_only, on_end)?;
         mounts.insert(mp.clone(), m);
         self.persist_mount(&mp, Some(dataset))?;
-        Ok(format!("mounted dataset {dataset} at {}", mp.display()))
+        let what = if read_only {
+            "snapshot (read-only)"
+        } else {
+            "dataset"
+        };
+        Ok(format!("mounted {what} {dataset} at {}", mp.display()))
     }
 
     fn umount(&self, mountpoint: &Path) -> anyhow::Result<String> {
@@ -177,7 +222,15 @@ impl Daemon {
         ))
     }
 
-    fn handle(&self, req: Request) -> anyhow::Result<(String, serde_json::Value)> {
+    fn mounted_at(&self, name: &str) -> Option<PathBuf> {
+        self.mounts
+            .lock()
+            .values()
+            .find(|m| m.dataset == name)
+            .map(|m| m.mountpoint.clone())
+    }
+
+    fn handle(self: &Arc<Self>, req: Request) -> anyhow::Result<(String, serde_json::Value)> {
         match req {
             Request::Status => {
                 let mounts = self
@@ -218,16 +271,98 @@ impl Daemon {
                     .collect();
                 Ok((String::new(), serde_json::to_value(list)?))
             }
-            Request::DatasetDelete { name } => {
-                if let Some(m) = self.mounts.lock().values().find(|m| m.dataset == name) {
+            Request::DatasetDelete {
+                name,
+                with_snapshots,
+            } => {
+                if let Some(mp) = self.mounted_at(&name) {
                     bail!(
                         "dataset {name} is mounted at {}; unmount it first ('vdbfs umount {}')",
-                        m.mountpoint.display(),
-                        m.mountpoint.display()
+                        mp.display(),
+                        mp.display()
                     );
+                }
+                let snaps = self.datasets.snapshots(Some(&name))?;
+                if !snaps.is_empty() && !with_snapshots {
+                    return Err(NameError::HasSnapshots(name, snaps.len()).into());
+                }
+                for s in &snaps {
+                    if let Some(mp) = self.mounted_at(&s.full_name()) {
+                        bail!(
+                            "snapshot {} is mounted at {}; unmount it first",
+                            s.full_name(),
+                            mp.display()
+                        );
+                    }
+                }
+                for s in &snaps {
+                    self.datasets.delete_snapshot(&name, &s.rec.name)?;
                 }
                 self.datasets.delete(&name)?;
                 Ok((format!("deleted dataset {name}"), serde_json::Value::Null))
+            }
+            Request::SnapshotCreate { dataset, name } => {
+                let t = std::time::Instant::now();
+                let s = self.datasets.snapshot(&dataset, name.as_deref())?;
+                let info = snapshot_info(&s);
+                Ok((
+                    format!(
+                        "created snapshot {} in {:.1} ms",
+                        s.full_name(),
+                        t.elapsed().as_secs_f64() * 1e3
+                    ),
+                    serde_json::to_value(info)?,
+                ))
+            }
+            Request::SnapshotList { dataset } => {
+                let list: Vec<api::SnapshotInfo> = self
+                    .datasets
+                    .snapshots(dataset.as_deref())?
+                    .iter()
+                    .map(snapshot_info)
+                    .collect();
+                Ok((String::new(), serde_json::to_value(list)?))
+            }
+            Request::SnapshotDelete { name } => {
+                let (d, s) = crate::tree::parse_snapshot_ref(&name)?;
+                if let Some(mp) = self.mounted_at(&name) {
+                    bail!(
+                        "snapshot {name} is mounted at {}; unmount it first ('vdbfs umount {}')",
+                        mp.display(),
+                        mp.display()
+                    );
+                }
+                self.datasets.delete_snapshot(d, s)?;
+                Ok((
+                    format!("deleted snapshot {name}; clones of it keep their data"),
+                    serde_json::Value::Null,
+                ))
+            }
+            Request::Clone { snapshot, name } => {
+                let (d, s) = crate::tree::parse_snapshot_ref(&snapshot)?;
+                let t = std::time::Instant::now();
+                self.datasets.clone_snapshot(d, s, &name)?;
+                Ok((
+                    format!(
+                        "created dataset {name} as a clone of {snapshot} in {:.1} ms",
+                        t.elapsed().as_secs_f64() * 1e3
+                    ),
+                    serde_json::Value::Null,
+                ))
+            }
+            Request::Df => {
+                let u = self.datasets.usage()?;
+                Ok((String::new(), serde_json::to_value(api::Df::from(u))?))
+            }
+            Request::Gc => {
+                let r = self.datasets.gc()?;
+                Ok((
+                    format!(
+                        "freed {} blocks ({} bytes), rewrote {} pack(s), {} bytes returned to the filesystem",
+                        r.blocks_freed, r.bytes_freed, r.packs_rewritten, r.bytes_reclaimed
+                    ),
+                    serde_json::Value::Null,
+                ))
             }
             Request::Mount {
                 dataset,
@@ -239,7 +374,7 @@ impl Daemon {
         }
     }
 
-    fn respond(&self, line: &str) -> Response {
+    fn respond(self: &Arc<Self>, line: &str) -> Response {
         let req: Request = match serde_json::from_str(line) {
             Ok(r) => r,
             Err(e) => {
@@ -269,6 +404,7 @@ impl Daemon {
 
     fn checkpointer(self: Arc<Self>) {
         let mut last = Instant::now();
+        let mut last_gc = Instant::now();
         while !self.stopping.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(200));
             let due = self.datasets.store().recent_blocks() >= CHECKPOINT_BLOCKS
@@ -280,6 +416,19 @@ impl Daemon {
                     );
                 }
                 last = Instant::now();
+            }
+            if last_gc.elapsed() >= GC_INTERVAL {
+                match self.datasets.gc() {
+                    Ok(r) if r.blocks_freed > 0 || r.packs_rewritten > 0 => tracing::info!(
+                        blocks = r.blocks_freed,
+                        packs = r.packs_rewritten,
+                        bytes_returned = r.bytes_reclaimed,
+                        "background gc"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!("background gc failed: {e}"),
+                }
+                last_gc = Instant::now();
             }
         }
     }

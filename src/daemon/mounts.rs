@@ -7,17 +7,19 @@
 use crate::fs::VdbFs;
 use crate::tree::dataset::Dataset;
 use anyhow::{anyhow, bail, Context};
-use fuser::{Config, MountOption, SessionACL};
+use fuser::{Config, SessionACL};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub struct Mounted {
     pub dataset: String,
     pub mountpoint: PathBuf,
-    session: Option<fuser::BackgroundSession>,
+    by_us: Arc<AtomicBool>,
+    ended: crossbeam::channel::Receiver<()>,
 }
 
 /// Mount points currently in the kernel's mount table.
@@ -96,40 +98,98 @@ pub fn clear_stale(path: &Path) -> anyhow::Result<()> {
     }
 }
 
-pub fn mount(ds: Arc<Dataset>, mountpoint: &Path, read_only: bool) -> anyhow::Result<Mounted> {
+/// Mounts `ds` at `mountpoint` with filesystem type `fuse.vdbfs` (so umount(8) and mount(8)
+/// helpers recognise it) and serves it on FUSE worker threads. `on_end` runs when the session
+/// ends without `Mounted::unmount` having been called (someone ran umount(8)).
+pub fn mount(
+    ds: Arc<Dataset>,
+    mountpoint: &Path,
+    read_only: bool,
+    on_end: Box<dyn FnOnce() + Send>,
+) -> anyhow::Result<Mounted> {
     clear_stale(mountpoint)?;
-    let mut cfg = Config::default();
-    cfg.mount_options = vec![
-        MountOption::FSName(format!("vdbfs:{}", ds.name)),
-        MountOption::Subtype("vdbfs".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoDev,
-        MountOption::NoSuid,
-        MountOption::NoAtime,
-        if read_only {
-            MountOption::RO
-        } else {
-            MountOption::RW
-        },
-    ];
-    cfg.acl = SessionACL::All;
-    cfg.n_threads = Some(4);
-    cfg.clone_fd = true;
     let name = ds.name.clone();
-    let session =
-        fuser::Session::new(VdbFs::new(ds, read_only), mountpoint, &cfg).with_context(|| {
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .context("cannot open /dev/fuse (is the fuse module loaded? is this root?)")?;
+    let meta = std::fs::metadata(mountpoint)
+        .with_context(|| format!("cannot stat the mount point {}", mountpoint.display()))?;
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::fs::MetadataExt;
+    let rootmode = meta.mode() & libc::S_IFMT;
+    let data = format!(
+        "fd={},rootmode={rootmode:o},user_id=0,group_id=0,allow_other,default_permissions",
+        dev.as_raw_fd()
+    );
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME;
+    if read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    let source = CString::new(format!("vdbfs:{name}"))?;
+    let target = CString::new(mountpoint.as_os_str().as_bytes())?;
+    let fstype = CString::new("fuse.vdbfs")?;
+    let cdata = CString::new(data)?;
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            cdata.as_ptr() as *const libc::c_void,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| {
             format!(
-                "FUSE mount of dataset {name} at {} failed",
+                "mount(2) of dataset {name} at {} failed",
                 mountpoint.display()
             )
-        })?;
+        });
+    }
+    let mut cfg = Config::default();
+    cfg.n_threads = Some(4);
+    cfg.clone_fd = true;
+    let session = fuser::Session::from_fd(
+        VdbFs::new(ds, read_only),
+        OwnedFd::from(dev),
+        SessionACL::All,
+        cfg,
+    );
+    let session = match session {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = umount2(mountpoint, libc::MNT_DETACH);
+            return Err(anyhow!(e).context("FUSE handshake failed"));
+        }
+    };
     let bg = session
         .spawn()
         .context("cannot start the FUSE session threads")?;
+    let by_us = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = crossbeam::channel::bounded::<()>(1);
+    {
+        let by_us = by_us.clone();
+        let mp = mountpoint.to_path_buf();
+        std::thread::Builder::new()
+            .name("mount-watch".into())
+            .spawn(move || {
+                if let Err(e) = bg.join() {
+                    tracing::warn!(mountpoint = %mp.display(), "FUSE session ended with: {e}");
+                }
+                if !by_us.load(Ordering::SeqCst) {
+                    on_end();
+                }
+                let _ = tx.send(());
+            })?;
+    }
     Ok(Mounted {
         dataset: name,
         mountpoint: mountpoint.to_path_buf(),
-        session: Some(bg),
+        by_us,
+        ended: rx,
     })
 }
 
@@ -138,39 +198,30 @@ impl Mounted {
     /// mount is refused and stays mounted.
     pub fn unmount(&mut self, lazy: bool) -> anyhow::Result<()> {
         let flags = if lazy { libc::MNT_DETACH } else { 0 };
+        self.by_us.store(true, Ordering::SeqCst);
         match umount2(&self.mountpoint, flags) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                self.by_us.store(false, Ordering::SeqCst);
                 return Err(anyhow!(
-                "{} is busy: files are open there (is postgres still running on it? stop it first)",
-                self.mountpoint.display()
-            ))
+                    "{} is busy: files are open there (is postgres still running on it? stop it first)",
+                    self.mountpoint.display()
+                ));
             }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // already gone
             Err(e) => {
+                self.by_us.store(false, Ordering::SeqCst);
                 return Err(anyhow!(
                     "unmount of {} failed: {e}",
                     self.mountpoint.display()
-                ))
+                ));
             }
         }
-        if let Some(bg) = self.session.take() {
-            // The session threads end when the kernel closes the connection; bounded wait.
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let _ = tx.send(bg.join());
-            });
-            // A lazily detached mount still in use keeps its connection until the process ends.
-            let wait = Duration::from_secs(if lazy { 3 } else { 20 });
-            match rx.recv_timeout(wait) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(mountpoint = %self.mountpoint.display(), "FUSE session ended with: {e}")
-                }
-                Err(_) => {
-                    tracing::warn!(mountpoint = %self.mountpoint.display(), "FUSE session threads did not end in time; the connection closes when the daemon exits")
-                }
-            }
+        // The session threads end when the kernel closes the connection; a lazily detached
+        // mount still in use keeps it open until the daemon exits. Bounded wait.
+        let wait = Duration::from_secs(if lazy { 3 } else { 20 });
+        if self.ended.recv_timeout(wait).is_err() {
+            tracing::warn!(mountpoint = %self.mountpoint.display(), "FUSE session threads did not end in time; the connection closes when the daemon exits");
         }
         Ok(())
     }

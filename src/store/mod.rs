@@ -13,6 +13,11 @@
 //!   never wrong bytes.
 //! - After a failed fdatasync the store is poisoned: every later write or sync fails, so a lost
 //!   write is never reported as durable by a later, successful fsync.
+//! - Garbage collection: while `gc_active`, `put` never deduplicates against the index, so no
+//!   new reference to an indexed block appears after the collector's checkpoint; the sweep only
+//!   removes index entries that are neither marked nor in `recent`, under `gc_guard` (readers
+//!   resolve ids under its read side), and a pack file is deleted only after every live record
+//!   in it was copied and the copies committed.
 
 pub mod error;
 pub mod io;
@@ -20,7 +25,7 @@ pub mod io;
 pub mod sim;
 
 use parking_lot::{Mutex, RwLock};
-use redb::{ReadableDatabase, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +43,10 @@ pub const DATASETS: TableDefinition<u64, &[u8]> = TableDefinition::new("datasets
 pub const NAMES: TableDefinition<&str, u64> = TableDefinition::new("dataset_names");
 pub const MOUNTS: TableDefinition<&str, &str> = TableDefinition::new("mounts");
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// (dataset id, snapshot name) -> SnapshotRecord
+pub const SNAPSHOTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("snapshots");
+/// clone dataset id -> CloneOrigin
+pub const ORIGINS: TableDefinition<u64, &[u8]> = TableDefinition::new("origins");
 
 /// A pack is closed and a new one started once it grows past this size.
 const PACK_TARGET_SIZE: u64 = 256 << 20;
@@ -64,6 +73,10 @@ pub struct Store {
     packs: RwLock<HashMap<u32, Arc<dyn PackFile>>>,
     recent: RwLock<HashMap<BlockId, BlockLoc>>,
     poisoned: AtomicBool,
+    gc_active: AtomicBool,
+    /// Held shared by everything that resolves block ids to locations and reads them; held
+    /// exclusively by the GC while it removes index entries or pack files.
+    gc_guard: RwLock<()>,
 }
 
 /// What recovery found in the log after the last checkpoint, for the tree layer to replay.
@@ -93,6 +106,8 @@ impl Store {
             txn.open_table(DATASETS)?;
             txn.open_table(NAMES)?;
             txn.open_table(MOUNTS)?;
+            txn.open_table(SNAPSHOTS)?;
+            txn.open_table(ORIGINS)?;
         }
         txn.commit()?;
         OsIo.sync_dir(dir)?;
@@ -216,6 +231,8 @@ impl Store {
                 packs: RwLock::new(packs),
                 recent: RwLock::new(recent),
                 poisoned: AtomicBool::new(false),
+                gc_active: AtomicBool::new(false),
+                gc_guard: RwLock::new(()),
             },
             Replay { journal },
         ))
@@ -357,7 +374,12 @@ impl Store {
     /// Stores `content` (deduplicated by its blake3) and returns its id.
     pub fn put(&self, content: &[u8]) -> Result<BlockId> {
         let id = BlockId::of(content);
-        if self.lookup(&id)?.is_some() {
+        let exists = if self.gc_active.load(Ordering::SeqCst) {
+            self.recent.read().contains_key(&id)
+        } else {
+            self.lookup(&id)?.is_some()
+        };
+        if exists {
             return Ok(id);
         }
         let (codec, payload) = codec::compress(content);
@@ -403,6 +425,154 @@ impl Store {
         pack::open_block(&hdr, payload).map_err(|e| corrupt(e.to_string()))
     }
 
+    /// Shared guard for readers: block ids resolved under it stay readable until it is dropped.
+    pub fn read_guard(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.gc_guard.read()
+    }
+
+    /// Starts or ends a collection (see the module invariants).
+    pub fn set_gc_active(&self, on: bool) {
+        self.gc_active.store(on, Ordering::SeqCst);
+    }
+
+    /// Every indexed block with its location.
+    pub fn indexed_blocks(&self) -> Result<Vec<(BlockId, BlockLoc)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(BLOCKS)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let arr: [u8; 32] = k
+                .value()
+                .try_into()
+                .map_err(|_| Error::CorruptMeta("index key length".into()))?;
+            out.push((BlockId(arr), BlockLoc::decode(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Removes unreferenced blocks from the index (the collector's sweep). Blocks appended
+    /// since the collection started are kept whatever the list says. Returns (blocks, bytes).
+    pub fn sweep(&self, garbage: &[BlockId]) -> Result<(u64, u64)> {
+        let _g = self.gc_guard.write();
+        let recent = self.recent.read();
+        let txn = self.db.begin_write()?;
+        let (mut n, mut bytes) = (0u64, 0u64);
+        {
+            let mut blocks = txn.open_table(BLOCKS)?;
+            for id in garbage {
+                if recent.contains_key(id) {
+                    continue;
+                }
+                if let Some(v) = blocks.remove(id.0.as_slice())? {
+                    n += 1;
+                    bytes += BlockLoc::decode(v.value())?.len as u64;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok((n, bytes))
+    }
+
+    /// Pack numbers that may be rewritten: closed, and wholly before what recovery replays.
+    pub fn closed_packs(&self) -> Result<Vec<u32>> {
+        let start = {
+            let txn = self.db.begin_read()?;
+            let meta = txn.open_table(META)?;
+            let rs = match meta.get("replay_start")? {
+                Some(v) => decode_pos(v.value())?,
+                None => LogPos::default(),
+            };
+            let iu = match meta.get("indexed_upto")? {
+                Some(v) => decode_pos(v.value())?,
+                None => LogPos::default(),
+            };
+            rs.min(iu)
+        };
+        let active = self.active.lock().no;
+        let mut out: Vec<u32> = self
+            .packs
+            .read()
+            .keys()
+            .copied()
+            .filter(|&p| p < start.pack && p != active)
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    pub fn pack_len(&self, no: u32) -> Result<u64> {
+        match self.packs.read().get(&no) {
+            Some(f) => Ok(f.len()?),
+            None => Ok(0),
+        }
+    }
+
+    /// Copies a live record to the log end (compaction); the copy is indexed at the next
+    /// checkpoint and read from its new place at once.
+    pub fn relocate(&self, id: &BlockId, loc: &BlockLoc) -> Result<()> {
+        if self.recent.read().contains_key(id) {
+            return Ok(());
+        }
+        let file = self
+            .packs
+            .read()
+            .get(&loc.pack)
+            .cloned()
+            .ok_or(Error::MissingBlock(*id))?;
+        let mut buf = vec![0u8; loc.len as usize];
+        file.read_exact_at(&mut buf, loc.offset)?;
+        let (hdr, payload) = pack::decode_record(&buf).map_err(|e| Error::Corrupt {
+            id: *id,
+            pack: loc.pack,
+            offset: loc.offset,
+            why: e.to_string(),
+        })?;
+        pack::open_block(&hdr, payload).map_err(|e| Error::Corrupt {
+            id: *id,
+            pack: loc.pack,
+            offset: loc.offset,
+            why: e.to_string(),
+        })?;
+        let new = self.append(&buf)?;
+        self.recent.write().insert(*id, new);
+        Ok(())
+    }
+
+    /// Deletes pack files whose live records were all relocated and committed elsewhere.
+    pub fn delete_packs(&self, nos: &[u32]) -> Result<()> {
+        let _g = self.gc_guard.write();
+        for no in nos {
+            self.packs.write().remove(no);
+            match std::fs::remove_file(pack_path(&self.dir, *no)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.io.sync_dir(&self.dir.join("packs"))?;
+        Ok(())
+    }
+
+    /// Raw (uncompressed) length of a stored block, from its record header.
+    pub fn raw_len(&self, loc: &BlockLoc) -> Result<u32> {
+        let file = self.packs.read().get(&loc.pack).cloned();
+        let Some(file) = file else { return Ok(0) };
+        let mut h = [0u8; RECORD_HEADER_LEN];
+        file.read_exact_at(&mut h, loc.offset)?;
+        Ok(pack::decode_record_header(&h)?.raw_len)
+    }
+
+    /// Physical bytes of all pack files.
+    pub fn physical_bytes(&self) -> Result<u64> {
+        let files: Vec<Arc<dyn PackFile>> = self.packs.read().values().cloned().collect();
+        let mut total = 0;
+        for f in files {
+            total += f.len()?;
+        }
+        Ok(total)
+    }
+
     /// Appends a journal record; returns the log position just after it.
     pub fn append_journal(&self, rec: &JournalRecord) -> Result<LogPos> {
         let payload = rec.encode();
@@ -425,6 +595,16 @@ impl Store {
     /// before the sync point. `datasets` must hold every dataset loaded in this process: the
     /// next recovery starts at the oldest of their replay positions.
     pub fn commit_checkpoint(&self, datasets: &[DatasetRecord]) -> Result<()> {
+        self.commit_checkpoint_with(datasets, |_| Ok(()))
+    }
+
+    /// `commit_checkpoint`, with more writes (a snapshot record, say) in the same transaction,
+    /// so they are durable together or not at all.
+    pub fn commit_checkpoint_with(
+        &self,
+        datasets: &[DatasetRecord],
+        extra: impl FnOnce(&redb::WriteTransaction) -> Result<()>,
+    ) -> Result<()> {
         let upto = self.sync_all()?;
         let batch: Vec<(BlockId, BlockLoc)> = self
             .recent
@@ -456,6 +636,7 @@ impl Store {
             meta.insert("indexed_upto", encode_pos(upto).as_slice())?;
             meta.insert("replay_start", encode_pos(replay_start).as_slice())?;
         }
+        extra(&txn)?;
         txn.commit()?;
         let mut recent = self.recent.write();
         for (id, loc) in batch {

@@ -774,6 +774,8 @@ impl Dataset {
 
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let cx = self.cx();
+        // Ids resolved below may be overwritten concurrently; the guard keeps them readable.
+        let _gc = self.store.read_guard();
         let ids = {
             let mut st = self.st.lock();
             let i = st.inode(&cx, ino)?;
@@ -1031,5 +1033,12 @@ impl Dataset {
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// The committed-or-live root and next inode number; for a snapshot, call right after
+    /// `flush_trees` under the checkpoint lock.
+    pub fn root(&self) -> (Option<BlockId>, u64) {
+        let st = self.st.lock();
+        (st.root, st.next_ino)
     }
 }

@@ -9,15 +9,18 @@ pub mod dataset;
 pub mod radix;
 #[cfg(test)]
 mod tests;
+pub mod walk;
 
-use crate::store::{Error, Replay, Result, Store, DATASETS, META, NAMES};
+use crate::store::{Error, Replay, Result, Store, DATASETS, META, NAMES, ORIGINS, SNAPSHOTS};
 use dataset::Dataset;
 use parking_lot::Mutex;
 use radix::NodeCache;
 use redb::{ReadableDatabase, ReadableTable};
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
-use vdbfs_format::index::DatasetRecord;
+use vdbfs_format::index::{CloneOrigin, DatasetRecord, SnapshotRecord};
+use vdbfs_format::BlockId;
 
 /// Errors about names and existence that the control API reports to users.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +31,70 @@ pub enum NameError {
     Exists(String),
     #[error("no dataset named {0:?}; 'vdbfs dataset list' shows the datasets")]
     NotFound(String),
+    #[error("snapshot name {0:?} is invalid: use 1-64 characters from A-Z a-z 0-9 . _ - (not starting with . or -)")]
+    InvalidSnapshot(String),
+    #[error("{0:?} is not a snapshot name: write DATASET@SNAPSHOT")]
+    NotSnapshotRef(String),
+    #[error("no snapshot {0}; 'vdbfs snapshot list' shows the snapshots")]
+    SnapshotNotFound(String),
+    #[error("snapshot {0} already exists; pick another name")]
+    SnapshotExists(String),
+    #[error("dataset {0} has {1} snapshot(s); delete them first or pass --with-snapshots")]
+    HasSnapshots(String, usize),
+}
+
+/// Splits `dataset@snapshot`.
+pub fn parse_snapshot_ref(s: &str) -> std::result::Result<(&str, &str), NameError> {
+    match s.split_once('@') {
+        Some((d, n)) if !d.is_empty() && !n.is_empty() => Ok((d, n)),
+        _ => Err(NameError::NotSnapshotRef(s.to_string())),
+    }
+}
+
+pub fn check_snapshot_name(name: &str) -> std::result::Result<(), NameError> {
+    check_dataset_name(name).map_err(|_| NameError::InvalidSnapshot(name.to_string()))
+}
+
+/// A snapshot as listed: its record plus the name of its dataset.
+pub struct SnapshotInfo {
+    pub dataset: String,
+    pub rec: SnapshotRecord,
+}
+
+impl SnapshotInfo {
+    pub fn full_name(&self) -> String {
+        format!("{}@{}", self.dataset, self.rec.name)
+    }
+}
+
+/// Space used by one dataset or snapshot.
+pub struct Usage {
+    pub name: String,
+    pub is_snapshot: bool,
+    pub logical_bytes: u64,
+    /// Stored bytes referenced by this root and no other: what deleting it would free.
+    pub unique_bytes: u64,
+    /// Stored bytes referenced by this root and at least one other.
+    pub shared_bytes: u64,
+}
+
+pub struct StoreUsage {
+    pub roots: Vec<Usage>,
+    /// Bytes of all pack files.
+    pub physical_bytes: u64,
+    /// Stored bytes of live blocks.
+    pub live_stored_bytes: u64,
+    /// Uncompressed bytes of live blocks.
+    pub live_raw_bytes: u64,
+    /// Uncompressed bytes referenced, counting every reference by every root.
+    pub referenced_raw_bytes: u64,
+}
+
+pub struct GcReport {
+    pub blocks_freed: u64,
+    pub bytes_freed: u64,
+    pub packs_rewritten: usize,
+    pub bytes_reclaimed: i64,
 }
 
 pub fn check_dataset_name(name: &str) -> std::result::Result<(), NameError> {
@@ -50,6 +117,19 @@ pub struct Datasets {
     cache: Arc<NodeCache>,
     loaded: Mutex<HashMap<u64, Arc<Dataset>>>,
     checkpoint_lock: Mutex<()>,
+    gc_lock: Mutex<()>,
+}
+
+/// A sortable name for an unnamed snapshot, from its creation time (UTC, milliseconds).
+pub fn snapshot_name_for(t: vdbfs_format::tree::Timestamp) -> String {
+    let s = crate::daemon::api::rfc3339(t.secs); // 2026-11-26T08:52:05Z
+    let compact: String = s.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    // 20261126T085205Z -> 20261126T085205.123Z
+    format!(
+        "{}.{:03}Z",
+        &compact[..compact.len() - 1],
+        t.nsecs / 1_000_000
+    )
 }
 
 impl Datasets {
@@ -60,6 +140,7 @@ impl Datasets {
             cache: Arc::new(NodeCache::new(8192)),
             loaded: Mutex::new(HashMap::new()),
             checkpoint_lock: Mutex::new(()),
+            gc_lock: Mutex::new(()),
         };
         let records: HashMap<u64, DatasetRecord> =
             ds.list()?.into_iter().map(|r| (r.id, r)).collect();
@@ -180,9 +261,17 @@ impl Datasets {
 
     /// Folds every loaded dataset's changes into new trees and commits them with the index.
     pub fn checkpoint(&self) -> Result<()> {
+        self.checkpoint_inner(false)
+    }
+
+    fn force_checkpoint(&self) -> Result<()> {
+        self.checkpoint_inner(true)
+    }
+
+    fn checkpoint_inner(&self, force: bool) -> Result<()> {
         let _g = self.checkpoint_lock.lock();
         let loaded: Vec<Arc<Dataset>> = self.loaded.lock().values().cloned().collect();
-        if !loaded.iter().any(|d| d.is_dirty()) && self.store.recent_blocks() == 0 {
+        if !force && !loaded.iter().any(|d| d.is_dirty()) && self.store.recent_blocks() == 0 {
             return Ok(());
         }
         let mut records = Vec::new();
@@ -191,6 +280,352 @@ impl Datasets {
             records.push(ds.flush_trees()?);
         }
         self.store.commit_checkpoint(&records)
+    }
+
+    fn find_snapshot(&self, dataset: &str, snap: &str) -> anyhow::Result<SnapshotRecord> {
+        let rec = self
+            .record(dataset)?
+            .ok_or_else(|| NameError::NotFound(dataset.to_string()))?;
+        let txn = self.store.db().begin_read().map_err(Error::from)?;
+        let t = txn.open_table(SNAPSHOTS).map_err(Error::from)?;
+        let v = t
+            .get((rec.id, snap))
+            .map_err(Error::from)?
+            .ok_or_else(|| NameError::SnapshotNotFound(format!("{dataset}@{snap}")))?;
+        Ok(SnapshotRecord::decode(v.value())?)
+    }
+
+    /// Snapshots, of one dataset or of all, oldest first.
+    pub fn snapshots(&self, dataset: Option<&str>) -> anyhow::Result<Vec<SnapshotInfo>> {
+        let datasets = self.list()?;
+        let want = match dataset {
+            Some(d) => Some(
+                datasets
+                    .iter()
+                    .find(|r| r.name == d)
+                    .ok_or_else(|| NameError::NotFound(d.to_string()))?
+                    .id,
+            ),
+            None => None,
+        };
+        let names: HashMap<u64, String> = datasets.into_iter().map(|r| (r.id, r.name)).collect();
+        let txn = self.store.db().begin_read().map_err(Error::from)?;
+        let t = txn.open_table(SNAPSHOTS).map_err(Error::from)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(Error::from)? {
+            let (_, v) = row.map_err(Error::from)?;
+            let rec = SnapshotRecord::decode(v.value())?;
+            if want.is_some_and(|w| w != rec.dataset) {
+                continue;
+            }
+            let dataset = names
+                .get(&rec.dataset)
+                .cloned()
+                .unwrap_or_else(|| format!("#{}", rec.dataset));
+            out.push(SnapshotInfo { dataset, rec });
+        }
+        out.sort_by(|a, b| {
+            (a.rec.created, &a.dataset, &a.rec.name).cmp(&(b.rec.created, &b.dataset, &b.rec.name))
+        });
+        Ok(out)
+    }
+
+    /// Freezes a dataset as it is now: one checkpoint, whose commit also records the snapshot.
+    /// Costs what changed since the last checkpoint; writers wait only while its trees are built.
+    pub fn snapshot(&self, dataset: &str, name: Option<&str>) -> anyhow::Result<SnapshotInfo> {
+        let created = dataset::now();
+        let name = match name {
+            Some(n) => n.to_string(),
+            None => snapshot_name_for(created),
+        };
+        check_snapshot_name(&name)?;
+        let rec = self
+            .record(dataset)?
+            .ok_or_else(|| NameError::NotFound(dataset.to_string()))?;
+        let _g = self.checkpoint_lock.lock();
+        {
+            let txn = self.store.db().begin_read().map_err(Error::from)?;
+            if txn
+                .open_table(SNAPSHOTS)
+                .map_err(Error::from)?
+                .get((rec.id, name.as_str()))
+                .map_err(Error::from)?
+                .is_some()
+            {
+                return Err(NameError::SnapshotExists(format!("{dataset}@{name}")).into());
+            }
+        }
+        let loaded: Vec<Arc<Dataset>> = self.loaded.lock().values().cloned().collect();
+        let mut records = Vec::new();
+        for ds in &loaded {
+            records.push(ds.flush_trees()?);
+        }
+        let (root, next_ino) = match records.iter().find(|r| r.id == rec.id) {
+            Some(r) => (r.root, r.next_ino),
+            None => (rec.root, rec.next_ino),
+        };
+        let snap = SnapshotRecord {
+            dataset: rec.id,
+            name: name.clone(),
+            created,
+            root,
+            next_ino,
+        };
+        let bytes = snap.encode();
+        self.store.commit_checkpoint_with(&records, |txn| {
+            txn.open_table(SNAPSHOTS)?
+                .insert((rec.id, name.as_str()), bytes.as_slice())?;
+            Ok(())
+        })?;
+        Ok(SnapshotInfo {
+            dataset: dataset.to_string(),
+            rec: snap,
+        })
+    }
+
+    /// Deletes a snapshot; clones made from it keep every block they use.
+    pub fn delete_snapshot(&self, dataset: &str, snap: &str) -> anyhow::Result<()> {
+        let rec = self.find_snapshot(dataset, snap)?;
+        let _g = self.checkpoint_lock.lock();
+        let txn = self.store.db().begin_write().map_err(Error::from)?;
+        txn.open_table(SNAPSHOTS)
+            .map_err(Error::from)?
+            .remove((rec.dataset, snap))
+            .map_err(Error::from)?;
+        txn.commit().map_err(Error::from)?;
+        Ok(())
+    }
+
+    /// A new writable dataset sharing every block of the snapshot: constant time.
+    pub fn clone_snapshot(
+        &self,
+        dataset: &str,
+        snap: &str,
+        new_name: &str,
+    ) -> anyhow::Result<DatasetRecord> {
+        check_dataset_name(new_name)?;
+        let s = self.find_snapshot(dataset, snap)?;
+        let _g = self.checkpoint_lock.lock();
+        let txn = self.store.db().begin_write().map_err(Error::from)?;
+        let rec = {
+            let mut names = txn.open_table(NAMES).map_err(Error::from)?;
+            if names.get(new_name).map_err(Error::from)?.is_some() {
+                return Err(NameError::Exists(new_name.to_string()).into());
+            }
+            let mut meta = txn.open_table(META).map_err(Error::from)?;
+            let id = meta
+                .get("next_dataset_id")
+                .map_err(Error::from)?
+                .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes))
+                .unwrap_or(1);
+            meta.insert("next_dataset_id", (id + 1).to_le_bytes().as_slice())
+                .map_err(Error::from)?;
+            let rec = DatasetRecord {
+                id,
+                name: new_name.to_string(),
+                created: dataset::now(),
+                root: s.root,
+                next_ino: s.next_ino,
+                replay_from: self.store.end(),
+            };
+            names.insert(new_name, id).map_err(Error::from)?;
+            txn.open_table(DATASETS)
+                .map_err(Error::from)?
+                .insert(id, rec.encode().as_slice())
+                .map_err(Error::from)?;
+            let origin = CloneOrigin {
+                dataset: s.dataset,
+                snapshot: s.name.clone(),
+            };
+            txn.open_table(ORIGINS)
+                .map_err(Error::from)?
+                .insert(id, origin.encode().as_slice())
+                .map_err(Error::from)?;
+            rec
+        };
+        txn.commit().map_err(Error::from)?;
+        Ok(rec)
+    }
+
+    /// The snapshot a clone was made from, as `dataset@snapshot` (dataset by id if deleted).
+    pub fn origin(&self, id: u64) -> Result<Option<String>> {
+        let txn = self.store.db().begin_read()?;
+        let Some(v) = txn
+            .open_table(ORIGINS)?
+            .get(id)?
+            .map(|v| v.value().to_vec())
+        else {
+            return Ok(None);
+        };
+        let o = CloneOrigin::decode(&v)?;
+        let name = match txn.open_table(DATASETS)?.get(o.dataset)? {
+            Some(r) => DatasetRecord::decode(r.value())?.name,
+            None => format!("#{}", o.dataset),
+        };
+        Ok(Some(format!("{name}@{}", o.snapshot)))
+    }
+
+    /// A read-only view of a snapshot, for mounting. Never checkpointed.
+    pub fn snapshot_view(&self, dataset: &str, snap: &str) -> anyhow::Result<Arc<Dataset>> {
+        let s = self.find_snapshot(dataset, snap)?;
+        let rec = DatasetRecord {
+            id: u64::MAX,
+            name: format!("{dataset}@{snap}"),
+            created: s.created,
+            root: s.root,
+            next_ino: s.next_ino,
+            replay_from: Default::default(),
+        };
+        Ok(Arc::new(Dataset::load(
+            self.store.clone(),
+            self.cache.clone(),
+            &rec,
+        )))
+    }
+
+    /// Every root that keeps blocks alive: datasets and snapshots, by display name.
+    fn roots(&self) -> Result<Vec<(String, bool, Option<BlockId>)>> {
+        let mut out = Vec::new();
+        for r in self.list()? {
+            out.push((r.name, false, r.root));
+        }
+        let names: HashMap<u64, String> =
+            self.list()?.into_iter().map(|r| (r.id, r.name)).collect();
+        let txn = self.store.db().begin_read()?;
+        for row in txn.open_table(SNAPSHOTS)?.iter()? {
+            let (_, v) = row?;
+            let s = SnapshotRecord::decode(v.value())?;
+            let ds = names
+                .get(&s.dataset)
+                .cloned()
+                .unwrap_or_else(|| format!("#{}", s.dataset));
+            out.push((format!("{ds}@{}", s.name), true, s.root));
+        }
+        Ok(out)
+    }
+
+    /// Mark and sweep: frees blocks no dataset or snapshot references, then rewrites packs that
+    /// are mostly garbage. Concurrent writes are safe (see the store's invariants).
+    pub fn gc(&self) -> Result<GcReport> {
+        let _gc = self.gc_lock.lock();
+        self.store.set_gc_active(true);
+        let result = self.gc_inner();
+        self.store.set_gc_active(false);
+        result
+    }
+
+    fn gc_inner(&self) -> Result<GcReport> {
+        self.force_checkpoint()?;
+        // Chosen before the index is listed: every block of these packs is in that listing.
+        let closed = self.store.closed_packs()?;
+        let mut marked = walk::Walk::default();
+        for (_, _, root) in self.roots()? {
+            walk::walk_root(&self.store, &self.cache, root, &mut marked)?;
+        }
+        let indexed = self.store.indexed_blocks()?;
+        let garbage: Vec<BlockId> = indexed
+            .iter()
+            .filter(|(id, _)| !marked.blocks.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        let (blocks_freed, bytes_freed) = {
+            let _g = self.checkpoint_lock.lock();
+            self.store.sweep(&garbage)?
+        };
+        self.store.set_gc_active(false);
+        // Compaction: packs where live records fill less than half the file.
+        let before = self.store.physical_bytes()? as i64;
+        let garbage: HashSet<BlockId> = garbage.into_iter().collect();
+        let mut live: HashMap<u32, u64> = HashMap::new();
+        for (id, loc) in &indexed {
+            if !garbage.contains(id) {
+                *live.entry(loc.pack).or_default() += loc.len as u64;
+            }
+        }
+        let mut rewrite = Vec::new();
+        for p in closed {
+            let len = self.store.pack_len(p)?;
+            if (*live.get(&p).unwrap_or(&0) as f64) < 0.5 * len as f64 {
+                rewrite.push(p);
+            }
+        }
+        if !rewrite.is_empty() {
+            let set: HashSet<u32> = rewrite.iter().copied().collect();
+            for (id, loc) in &indexed {
+                if set.contains(&loc.pack) && !garbage.contains(id) {
+                    self.store.relocate(id, loc)?;
+                }
+            }
+            // The copies are indexed by this checkpoint before any old pack goes away.
+            self.force_checkpoint()?;
+            self.store.delete_packs(&rewrite)?;
+        }
+        let after = self.store.physical_bytes()? as i64;
+        Ok(GcReport {
+            blocks_freed,
+            bytes_freed,
+            packs_rewritten: rewrite.len(),
+            bytes_reclaimed: before - after,
+        })
+    }
+
+    /// Space accounting for `vdbfs df`.
+    pub fn usage(&self) -> Result<StoreUsage> {
+        self.checkpoint()?;
+        let roots = self.roots()?;
+        let walks: Vec<walk::Walk> = roots
+            .iter()
+            .map(|(_, _, root)| {
+                let mut w = walk::Walk::default();
+                walk::walk_root(&self.store, &self.cache, *root, &mut w).map(|()| w)
+            })
+            .collect::<Result<_>>()?;
+        let mut refs: HashMap<BlockId, u32> = HashMap::new();
+        for w in &walks {
+            for id in &w.blocks {
+                *refs.entry(*id).or_default() += 1;
+            }
+        }
+        let locs: HashMap<BlockId, vdbfs_format::index::BlockLoc> =
+            self.store.indexed_blocks()?.into_iter().collect();
+        let mut raw: HashMap<BlockId, u32> = HashMap::new();
+        let (mut live_stored, mut live_raw) = (0u64, 0u64);
+        for id in refs.keys() {
+            if let Some(loc) = locs.get(id) {
+                let r = self.store.raw_len(loc)?;
+                raw.insert(*id, r);
+                live_stored += loc.len as u64;
+                live_raw += r as u64;
+            }
+        }
+        let mut out = Vec::new();
+        let mut referenced_raw = 0u64;
+        for ((name, is_snapshot, _), w) in roots.into_iter().zip(&walks) {
+            let (mut unique, mut shared) = (0u64, 0u64);
+            for id in &w.blocks {
+                let stored = locs.get(id).map_or(0, |l| l.len as u64);
+                referenced_raw += *raw.get(id).unwrap_or(&0) as u64;
+                if refs.get(id) == Some(&1) {
+                    unique += stored;
+                } else {
+                    shared += stored;
+                }
+            }
+            out.push(Usage {
+                name,
+                is_snapshot,
+                logical_bytes: w.logical_bytes,
+                unique_bytes: unique,
+                shared_bytes: shared,
+            });
+        }
+        Ok(StoreUsage {
+            roots: out,
+            physical_bytes: self.store.physical_bytes()?,
+            live_stored_bytes: live_stored,
+            live_raw_bytes: live_raw,
+            referenced_raw_bytes: referenced_raw,
+        })
     }
 
     /// Whether enough has changed since the last checkpoint to take one now.
