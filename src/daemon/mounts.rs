@@ -70,6 +70,17 @@ pub fn is_mounted(path: &Path) -> bool {
     kernel_mounts().iter().any(|m| m == path)
 }
 
+fn statfs(path: &Path) -> std::io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid NUL-terminated path and s a valid out pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut s) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn umount2(path: &Path, flags: i32) -> std::io::Result<()> {
     let c = CString::new(path.as_os_str().as_bytes())?;
     // SAFETY: c is a valid NUL-terminated path.
@@ -85,7 +96,8 @@ pub fn clear_stale(path: &Path) -> anyhow::Result<()> {
     if !is_mounted(path) {
         return Ok(());
     }
-    match std::fs::metadata(path) {
+    // statfs always reaches the filesystem; stat may be answered from the kernel's cache.
+    match statfs(path) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) || e.raw_os_error() == Some(libc::ECONNABORTED) => {
             tracing::warn!(mountpoint = %path.display(), "clearing a stale mount left by a daemon that died");
             umount2(path, libc::MNT_DETACH)

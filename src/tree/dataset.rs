@@ -793,28 +793,41 @@ impl Dataset {
             (ids, end)
         };
         let (ids, end) = ids;
+        let stored: Vec<BlockId> = ids.iter().filter_map(|(_, id)| *id).collect();
+        let mut blocks = self
+            .store
+            .get_many(&stored)
+            .inspect_err(|e| {
+                let at = match e {
+                    Error::Corrupt { id, .. } | Error::MissingBlock(id) => ids
+                        .iter()
+                        .find(|(_, b)| b.as_ref() == Some(id))
+                        .map(|(idx, _)| idx * BS),
+                    _ => None,
+                };
+                tracing::error!(
+                    dataset = %self.name,
+                    ino,
+                    file_offset = ?at,
+                    "corrupt block: read failed: {e}"
+                );
+            })?
+            .into_iter();
         let mut out = Vec::with_capacity((end - offset) as usize);
         for (idx, id) in ids {
             let bstart = idx * BS;
-            let from = offset.max(bstart) - bstart;
-            let to = end.min(bstart + BS) - bstart;
+            let from = (offset.max(bstart) - bstart) as usize;
+            let to = (end.min(bstart + BS) - bstart) as usize;
             match id {
-                None => out.resize(out.len() + (to - from) as usize, 0),
-                Some(id) => {
-                    let data = self.store.get(&id).inspect_err(|e| {
-                        tracing::error!(
-                            dataset = %self.name,
-                            ino,
-                            file_offset = bstart,
-                            "corrupt block: read of block {idx} failed: {e}"
-                        );
-                    })?;
-                    let avail = data.len().min(to as usize);
-                    if (from as usize) < avail {
-                        out.extend_from_slice(&data[from as usize..avail]);
+                None => out.resize(out.len() + (to - from), 0),
+                Some(_) => {
+                    let data = blocks.next().unwrap_or_default();
+                    let avail = data.len().min(to);
+                    if from < avail {
+                        out.extend_from_slice(&data[from..avail]);
                     }
-                    // A short block (never written by us) reads as zeros past its end.
-                    out.resize(out.len() + (to as usize - avail.max(from as usize)), 0);
+                    // A short block reads as zeros past its end.
+                    out.resize(out.len() + (to - avail.max(from)), 0);
                 }
             }
         }
@@ -862,21 +875,20 @@ impl Dataset {
             };
             (head, tail)
         };
-        let mut new = Vec::with_capacity((last - first + 1) as usize);
+        let mut new: Vec<(u64, Option<BlockId>)> = Vec::with_capacity((last - first + 1) as usize);
         let zeros = [0u8; BLOCK_SIZE];
+        // Contents of the non-zero blocks, stored together below; zero blocks become holes.
+        let mut contents: Vec<std::borrow::Cow<[u8]>> = Vec::new();
         for idx in first..=last {
             let bstart = idx * BS;
             let from = offset.max(bstart) - bstart;
             let to = end.min(bstart + BS) - bstart;
-            let src = |range: std::ops::Range<u64>| -> &[u8] {
-                match data {
-                    Some(d) => &d[(range.start - offset) as usize..(range.end - offset) as usize],
-                    None => &zeros[..(range.end - range.start) as usize],
-                }
+            let piece: &[u8] = match data {
+                Some(d) => &d[(bstart + from - offset) as usize..(bstart + to - offset) as usize],
+                None => &zeros[..(to - from) as usize],
             };
-            let piece = src(bstart + from..bstart + to);
-            let id = if from == 0 && to == BS {
-                self.put_block(piece)?
+            let content: std::borrow::Cow<[u8]> = if from == 0 && to == BS {
+                piece.into()
             } else {
                 let old = if idx == first { head_old } else { tail_old };
                 let mut block = match old {
@@ -885,9 +897,21 @@ impl Dataset {
                 };
                 block.resize(BLOCK_SIZE, 0);
                 block[from as usize..to as usize].copy_from_slice(piece);
-                self.put_block(&block)?
+                block.into()
             };
-            new.push((idx, id));
+            if content.iter().all(|&b| b == 0) {
+                new.push((idx, None));
+            } else {
+                new.push((idx, Some(BlockId([0; 32]))));
+                contents.push(content);
+            }
+        }
+        let refs: Vec<&[u8]> = contents.iter().map(|c| c.as_ref()).collect();
+        let mut ids = self.store.put_many(&refs)?.into_iter();
+        for (_, id) in new.iter_mut() {
+            if id.is_some() {
+                *id = ids.next();
+            }
         }
         let mut st = self.st.lock();
         let t = now();

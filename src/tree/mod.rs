@@ -8,6 +8,8 @@
 pub mod dataset;
 pub mod radix;
 #[cfg(test)]
+mod snapshot_tests;
+#[cfg(test)]
 mod tests;
 pub mod walk;
 

@@ -1,0 +1,15 @@
+//! The single integration-test binary (`autotests = false`). Each module pins one area of the
+//! product's user-visible contract; helpers live in `util`.
+//!
+//! Most tests need root, /dev/fuse and PostgreSQL 15: they fail loudly when those are missing.
+//! Run them one at a time: `cargo test --release --test tests -- --test-threads=1`.
+
+mod util;
+
+mod cli;
+mod corruption;
+mod crash;
+mod enospc;
+mod model;
+mod mounts;
+mod postgres;
