@@ -28,7 +28,7 @@ use parking_lot::{Mutex, RwLock};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use vdbfs_format::index::{BlockLoc, DatasetRecord, LogPos, INDEX_VERSION};
 use vdbfs_format::journal::JournalRecord;
@@ -47,6 +47,16 @@ pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub const SNAPSHOTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("snapshots");
 /// clone dataset id -> CloneOrigin
 pub const ORIGINS: TableDefinition<u64, &[u8]> = TableDefinition::new("origins");
+
+thread_local! {
+    /// Set while this thread checkpoints: its appends may use the space reserve.
+    static RESERVE_OK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The space reserve: 1/8 of the store's filesystem, at most 256 MiB.
+fn reserve_for(total: u64) -> u64 {
+    (total / 8).min(256 << 20)
+}
 
 /// A pack is closed and a new one started once it grows past this size.
 const PACK_TARGET_SIZE: u64 = 256 << 20;
@@ -75,6 +85,10 @@ pub struct Store {
     packs: RwLock<HashMap<u32, Arc<dyn PackFile>>>,
     recent: RwLock<HashMap<BlockId, BlockLoc>>,
     poisoned: AtomicBool,
+    /// Bytes of the store's filesystem kept free for checkpoints (see `check_space`).
+    reserve: u64,
+    free_estimate: AtomicU64,
+    appended_since_check: AtomicU64,
     gc_active: AtomicBool,
     /// Held shared by everything that resolves block ids to locations and reads them; held
     /// exclusively by the GC while it removes index entries or pack files.
@@ -204,6 +218,7 @@ impl Store {
             packs.insert(no, file);
         }
 
+        let reserve = reserve_for(statvfs_of(dir).map(|(_, total)| total).unwrap_or(0));
         let next_no = numbers.last().map_or(1, |n| n + 1);
         let file = new_pack(&*io, dir, next_no)?;
         packs.insert(next_no, file.clone());
@@ -233,6 +248,9 @@ impl Store {
                 packs: RwLock::new(packs),
                 recent: RwLock::new(recent),
                 poisoned: AtomicBool::new(false),
+                reserve,
+                free_estimate: AtomicU64::new(0),
+                appended_since_check: AtomicU64::new(u64::MAX / 2),
                 gc_active: AtomicBool::new(false),
                 gc_guard: RwLock::new(()),
             },
@@ -246,6 +264,37 @@ impl Store {
 
     pub fn db(&self) -> &redb::Database {
         &self.db
+    }
+
+    /// Refuses ordinary appends that would eat into the space reserved for checkpoints (tree
+    /// objects and the index commit): a full disk must fail the writer, never the index, which
+    /// cannot commit again after a failed write until it is reopened.
+    fn check_space(&self, len: u64) -> Result<()> {
+        if RESERVE_OK.with(|r| r.get()) {
+            return Ok(());
+        }
+        let since = self.appended_since_check.fetch_add(len, Ordering::Relaxed);
+        let free = self.free_estimate.load(Ordering::Relaxed);
+        if since + len < free.saturating_sub(self.reserve) / 2 {
+            return Ok(());
+        }
+        let (free, _) = self.statvfs()?;
+        self.free_estimate.store(free, Ordering::Relaxed);
+        self.appended_since_check.store(0, Ordering::Relaxed);
+        if free < self.reserve + len {
+            return Err(Error::NoSpace);
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with permission to use the space reserve (checkpoints, snapshots, GC copies).
+    pub fn with_reserve<R>(&self, f: impl FnOnce() -> R) -> R {
+        RESERVE_OK.with(|r| {
+            let old = r.replace(true);
+            let out = f();
+            r.set(old);
+            out
+        })
     }
 
     fn check_poisoned(&self) -> Result<()> {
@@ -268,6 +317,7 @@ impl Store {
     /// Appends one encoded record; returns its location. On failure nothing is appended.
     fn append(&self, rec: &[u8]) -> Result<BlockLoc> {
         self.check_poisoned()?;
+        self.check_space(rec.len() as u64)?;
         let mut a = self.active.lock();
         if a.len >= PACK_TARGET_SIZE {
             self.roll(&mut a)?;
@@ -816,18 +866,22 @@ impl Store {
 
     /// Free and total bytes of the filesystem under the store.
     pub fn statvfs(&self) -> Result<(u64, u64)> {
-        let c = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes())
-            .map_err(|_| Error::Invalid("store path"))?;
-        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: c is a valid NUL-terminated path and s a valid out pointer.
-        if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        Ok((
-            s.f_bavail as u64 * s.f_frsize as u64,
-            s.f_blocks as u64 * s.f_frsize as u64,
-        ))
+        statvfs_of(&self.dir)
     }
+}
+
+fn statvfs_of(dir: &Path) -> Result<(u64, u64)> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::Invalid("store path"))?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid NUL-terminated path and s a valid out pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok((
+        s.f_bavail as u64 * s.f_frsize as u64,
+        s.f_blocks as u64 * s.f_frsize as u64,
+    ))
 }
 
 /// Maps `f` over `items`, on two threads when the batch is large enough to pay for them.

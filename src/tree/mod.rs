@@ -271,6 +271,10 @@ impl Datasets {
     }
 
     fn checkpoint_inner(&self, force: bool) -> Result<()> {
+        self.store.with_reserve(|| self.checkpoint_reserved(force))
+    }
+
+    fn checkpoint_reserved(&self, force: bool) -> Result<()> {
         let _g = self.checkpoint_lock.lock();
         let loaded: Vec<Arc<Dataset>> = self.loaded.lock().values().cloned().collect();
         if !force && !loaded.iter().any(|d| d.is_dirty()) && self.store.recent_blocks() == 0 {
@@ -335,6 +339,11 @@ impl Datasets {
     /// Freezes a dataset as it is now: one checkpoint, whose commit also records the snapshot.
     /// Costs what changed since the last checkpoint; writers wait only while its trees are built.
     pub fn snapshot(&self, dataset: &str, name: Option<&str>) -> anyhow::Result<SnapshotInfo> {
+        self.store
+            .with_reserve(|| self.snapshot_reserved(dataset, name))
+    }
+
+    fn snapshot_reserved(&self, dataset: &str, name: Option<&str>) -> anyhow::Result<SnapshotInfo> {
         let created = dataset::now();
         let name = match name {
             Some(n) => n.to_string(),
@@ -511,7 +520,7 @@ impl Datasets {
     pub fn gc(&self) -> Result<GcReport> {
         let _gc = self.gc_lock.lock();
         self.store.set_gc_active(true);
-        let result = self.gc_inner();
+        let result = self.store.with_reserve(|| self.gc_inner());
         self.store.set_gc_active(false);
         result
     }
