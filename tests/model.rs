@@ -7,6 +7,10 @@
 //! The sequences stress what PostgreSQL leans on: writes at random offsets, across 8 KiB block
 //! boundaries and beyond EOF (holes), truncation up and down, unlink and rename over a file that is
 //! still open and then read and written through the open handle, hard links, symlinks, fsync.
+//! Reads sometimes drop the kernel's page cache first, so they reach the daemon. A few steps act
+//! on the store instead of the files: a snapshot (a checkpoint while handles are open), `vdbfs gc`,
+//! a clean daemon restart, and a crash (fsync, kill -9, serve again); after each, the trees must
+//! still be equal.
 //!
 //! On a mismatch the sequence is shrunk (operations removed while it still fails, each attempt on
 //! a fresh dataset and a fresh plain directory) and the test fails with the minimal sequence.
@@ -14,16 +18,19 @@
 //! Knobs (environment):
 //! - `VDBFS_MODEL_SEED` (default fixed): seed of case 0; case `i` uses `seed + i`, so a failing
 //!   case is rerun alone with `VDBFS_MODEL_SEED=<its seed> VDBFS_MODEL_CASES=1`.
-//! - `VDBFS_MODEL_CASES` (default 12): number of sequences.
-//! - `VDBFS_MODEL_STEPS` (default 80): operations per sequence.
+//! - `VDBFS_MODEL_CASES` (default 40): number of sequences.
+//! - `VDBFS_MODEL_STEPS` (default 120): operations per sequence.
 //! - `VDBFS_MODEL_TREE_EVERY` (default 1): compare the whole trees every N steps.
 //! - `VDBFS_MODEL_SHRINK_SECS` (default 240): time budget for shrinking a failure.
-//! - `VDBFS_MODEL_CRASH` (default 1): 0 replaces the kill -9 step by a clean restart.
+//! - `VDBFS_MODEL_SKIP` (default none): comma-separated store/daemon steps not to generate, of
+//!   `snapshot` (a checkpoint with handles open), `gc`, `restart` (SIGTERM + serve), `crash`
+//!   (fsync, kill -9 + serve), e.g. to look for other bugs while one is known.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -67,11 +74,13 @@ enum Op {
         len: usize,
         seed: u8,
     },
-    /// pread until `len` bytes or EOF.
+    /// pread until `len` bytes or EOF; with `uncached`, first drop the file's pages from the
+    /// kernel's page cache (POSIX_FADV_DONTNEED), so the read reaches the daemon.
     Read {
         slot: usize,
         off: u64,
         len: usize,
+        uncached: bool,
     },
     Fsync {
         slot: usize,
@@ -317,15 +326,17 @@ impl View {
     }
 }
 
-fn gen_op(rng: &mut StdRng, v: &View, crash: bool) -> Op {
-    if rng.gen_bool(0.03) {
-        return match rng.gen_range(0..4) {
-            0 => Op::Snapshot,
-            1 => Op::Gc,
-            2 => Op::Restart,
-            _ if crash => Op::Crash,
-            _ => Op::Restart,
-        };
+/// The operations on the store and daemon, by the names `VDBFS_MODEL_SKIP` uses.
+const DAEMON_OPS: &[(&str, Op)] = &[
+    ("snapshot", Op::Snapshot),
+    ("gc", Op::Gc),
+    ("restart", Op::Restart),
+    ("crash", Op::Crash),
+];
+
+fn gen_op(rng: &mut StdRng, v: &View, daemon_ops: &[Op]) -> Op {
+    if !daemon_ops.is_empty() && rng.gen_bool(0.03) {
+        return pick_op(rng, daemon_ops);
     }
     // Few open handles: open one more often.
     let open_bias = if v.open.len() < 2 { 12 } else { 0 };
@@ -350,6 +361,7 @@ fn gen_op(rng: &mut StdRng, v: &View, crash: bool) -> Op {
             slot: v.slot(rng),
             off: gen_offset(rng),
             len: rng.gen_range(1..4 * BS as usize),
+            uncached: rng.gen_bool(0.4),
         },
         45..=47 => Op::Fsync { slot: v.slot(rng) },
         48..=52 => Op::Ftruncate {
@@ -401,6 +413,10 @@ fn gen_op(rng: &mut StdRng, v: &View, crash: bool) -> Op {
             dir: pick(rng, DIRS),
         },
     }
+}
+
+fn pick_op(rng: &mut StdRng, v: &[Op]) -> Op {
+    v[rng.gen_range(0..v.len())].clone()
 }
 
 fn gen_open(rng: &mut StdRng, v: &View) -> Op {
@@ -568,10 +584,21 @@ impl World {
                     result(h.file.write_all_at(&buf, off))
                 }
             }
-            Op::Read { slot, off, len } => {
+            Op::Read {
+                slot,
+                off,
+                len,
+                uncached,
+            } => {
                 let Some(h) = &self.handles[slot] else {
                     return Out::NoHandle;
                 };
+                if uncached {
+                    // SAFETY: a valid open fd; advice only, the result does not matter.
+                    unsafe {
+                        libc::posix_fadvise(h.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+                    }
+                }
                 match read_full(&h.file, off, len) {
                     Ok(b) => Out::Bytes(b),
                     Err(e) => errno(&e),
@@ -787,9 +814,9 @@ fn tally(op: &Op, out: &Out) {
 /// (and recorded), or replayed from a recorded list (shrinking).
 enum Source<'a> {
     Random {
-        rng: StdRng,
+        rng: Box<StdRng>,
         steps: usize,
-        crash: bool,
+        daemon_ops: Vec<Op>,
         recorded: Vec<Op>,
     },
     Replay(&'a [Op]),
@@ -801,13 +828,13 @@ impl Source<'_> {
             Source::Random {
                 rng,
                 steps,
-                crash,
+                daemon_ops,
                 recorded,
             } => {
                 if i >= *steps {
                     return None;
                 }
-                let op = gen_op(rng, &View::of(model), *crash);
+                let op = gen_op(rng, &View::of(model), daemon_ops);
                 recorded.push(op.clone());
                 Some(op)
             }
@@ -864,6 +891,9 @@ fn run_ops(
     let mut i = 0;
     while let Some(op) = source.next(i, &model) {
         let op = &op;
+        if matches!(op, Op::Snapshot | Op::Gc | Op::Restart | Op::Crash) {
+            tally(op, &Out::Done);
+        }
         if matches!(op, Op::Snapshot | Op::Gc) {
             match op {
                 Op::Snapshot => d.ok(&["snapshot", "create", name, "--name", &format!("s{i}")]),
@@ -993,9 +1023,15 @@ fn env_u64(name: &str, default: u64) -> u64 {
 fn random_file_operations_match_a_plain_directory() {
     util::require_root_fuse();
     let seed = env_u64("VDBFS_MODEL_SEED", 0x7664_6266_7301);
-    let cases = env_u64("VDBFS_MODEL_CASES", 12);
-    let steps = env_u64("VDBFS_MODEL_STEPS", 80) as usize;
-    let crash = env_u64("VDBFS_MODEL_CRASH", 1) != 0;
+    let cases = env_u64("VDBFS_MODEL_CASES", 40);
+    let steps = env_u64("VDBFS_MODEL_STEPS", 120) as usize;
+    let skip = std::env::var("VDBFS_MODEL_SKIP").unwrap_or_default();
+    let skip: Vec<&str> = skip.split(',').map(str::trim).collect();
+    let daemon_ops: Vec<Op> = DAEMON_OPS
+        .iter()
+        .filter(|(n, _)| !skip.contains(n))
+        .map(|(_, op)| op.clone())
+        .collect();
     let s = Settings {
         tree_every: env_u64("VDBFS_MODEL_TREE_EVERY", 1) as usize,
     };
@@ -1004,9 +1040,9 @@ fn random_file_operations_match_a_plain_directory() {
         let case_seed = seed.wrapping_add(case);
         eprintln!("model case {case}: VDBFS_MODEL_SEED={case_seed}, {steps} ops");
         let mut source = Source::Random {
-            rng: StdRng::seed_from_u64(case_seed),
+            rng: Box::new(StdRng::seed_from_u64(case_seed)),
             steps,
-            crash,
+            daemon_ops: daemon_ops.clone(),
             recorded: Vec::new(),
         };
         let r = run_sequence(&mut d, &mut source, &s);

@@ -13,3 +13,4 @@ mod enospc;
 mod model;
 mod mounts;
 mod postgres;
+mod snapshots;

@@ -13,11 +13,14 @@
 //!   never wrong bytes.
 //! - After a failed fdatasync the store is poisoned: every later write or sync fails, so a lost
 //!   write is never reported as durable by a later, successful fsync.
-//! - Garbage collection: while `gc_active`, `put` never deduplicates against the index, so no
-//!   new reference to an indexed block appears after the collector's checkpoint; the sweep only
-//!   removes index entries that are neither marked nor in `recent`, under `gc_guard` (readers
-//!   resolve ids under its read side), and a pack file is deleted only after every live record
-//!   in it was copied and the copies committed.
+//! - Garbage collection: a collection starts (under the exclusive `dedup_guard`, which writers
+//!   hold from their dedup decision until the reference is installed) by recording `gc_start`,
+//!   the log end. Until it ends, `put` deduplicates only against blocks appended after
+//!   `gc_start`, so every reference created during the collection points at such a block, and
+//!   the sweep never removes those. Everything referenced before is in the trees the collector
+//!   checkpoints and marks. The sweep runs under `gc_guard` (readers resolve ids under its read
+//!   side), and a pack file is deleted only after every live record in it was copied and the
+//!   copies committed.
 
 pub mod error;
 pub mod io;
@@ -90,6 +93,8 @@ pub struct Store {
     free_estimate: AtomicU64,
     appended_since_check: AtomicU64,
     gc_active: AtomicBool,
+    gc_start: Mutex<LogPos>,
+    dedup_guard: RwLock<()>,
     /// Held shared by everything that resolves block ids to locations and reads them; held
     /// exclusively by the GC while it removes index entries or pack files.
     gc_guard: RwLock<()>,
@@ -252,6 +257,8 @@ impl Store {
                 free_estimate: AtomicU64::new(0),
                 appended_since_check: AtomicU64::new(u64::MAX / 2),
                 gc_active: AtomicBool::new(false),
+                gc_start: Mutex::new(LogPos::default()),
+                dedup_guard: RwLock::new(()),
                 gc_guard: RwLock::new(()),
             },
             Replay { journal },
@@ -458,15 +465,11 @@ impl Store {
     /// order. Hashing and compression of a large batch are spread over two threads.
     pub fn put_many(&self, blocks: &[&[u8]]) -> Result<Vec<BlockId>> {
         let ids: Vec<BlockId> = par_map(blocks, |b| BlockId::of(b));
-        let exists: Vec<bool> = if self.gc_active.load(Ordering::SeqCst) {
-            let recent = self.recent.read();
-            ids.iter().map(|id| recent.contains_key(id)).collect()
-        } else {
-            self.lookup_many(&ids)?
-                .iter()
-                .map(Option::is_some)
-                .collect()
-        };
+        let exists: Vec<bool> = self
+            .lookup_many(&ids)?
+            .into_iter()
+            .map(|l| self.reusable(l))
+            .collect();
         let mut seen = std::collections::HashSet::new();
         let todo: Vec<usize> = (0..ids.len())
             .filter(|&i| !exists[i] && seen.insert(ids[i]))
@@ -579,12 +582,7 @@ impl Store {
     /// Stores `content` (deduplicated by its blake3) and returns its id.
     pub fn put(&self, content: &[u8]) -> Result<BlockId> {
         let id = BlockId::of(content);
-        let exists = if self.gc_active.load(Ordering::SeqCst) {
-            self.recent.read().contains_key(&id)
-        } else {
-            self.lookup(&id)?.is_some()
-        };
-        if exists {
+        if self.reusable(self.lookup(&id)?) {
             return Ok(id);
         }
         let (codec, payload) = codec::compress(content);
@@ -635,9 +633,31 @@ impl Store {
         self.gc_guard.read()
     }
 
+    /// Held by a writer from `put`/`put_many` until the returned ids are installed in its
+    /// file map (see the module invariants).
+    pub fn dedup_guard(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.dedup_guard.read()
+    }
+
     /// Starts or ends a collection (see the module invariants).
     pub fn set_gc_active(&self, on: bool) {
+        let _w = self.dedup_guard.write();
+        *self.gc_start.lock() = self.end();
         self.gc_active.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether `put` may reuse a block: during a collection only blocks appended after it began.
+    fn reusable(&self, loc: Option<BlockLoc>) -> bool {
+        match loc {
+            None => false,
+            Some(l) if self.gc_active.load(Ordering::SeqCst) => {
+                LogPos {
+                    pack: l.pack,
+                    offset: l.offset,
+                } >= *self.gc_start.lock()
+            }
+            Some(_) => true,
+        }
     }
 
     /// Every indexed block with its location.
@@ -660,6 +680,7 @@ impl Store {
     /// since the collection started are kept whatever the list says. Returns (blocks, bytes).
     pub fn sweep(&self, garbage: &[BlockId]) -> Result<(u64, u64)> {
         let (mut n, mut bytes) = (0u64, 0u64);
+        let start = *self.gc_start.lock();
         // Small batches: readers wait for one batch at most, not for the whole sweep.
         for batch in garbage.chunks(1024) {
             let _g = self.gc_guard.write();
@@ -673,10 +694,20 @@ impl Store {
                     if recent.contains_key(id) {
                         continue;
                     }
-                    if let Some(v) = blocks.remove(id.0.as_slice())? {
-                        n += 1;
-                        bytes += BlockLoc::decode(v.value())?.len as u64;
+                    let loc = match blocks.get(id.0.as_slice())? {
+                        Some(v) => BlockLoc::decode(v.value())?,
+                        None => continue,
+                    };
+                    let appended = LogPos {
+                        pack: loc.pack,
+                        offset: loc.offset,
+                    };
+                    if appended >= start {
+                        continue; // a copy made during this collection
                     }
+                    blocks.remove(id.0.as_slice())?;
+                    n += 1;
+                    bytes += loc.len as u64;
                 }
             }
             txn.commit()?;

@@ -730,6 +730,7 @@ impl Dataset {
             (old, tail)
         };
         // The block that now holds EOF keeps its head and loses its tail (outside the lock).
+        let _dedup = self.store.dedup_guard();
         let new_tail = match tail {
             Some(id) => {
                 let mut data = self.store.get(&id)?;
@@ -907,6 +908,7 @@ impl Dataset {
             }
         }
         let refs: Vec<&[u8]> = contents.iter().map(|c| c.as_ref()).collect();
+        let _dedup = self.store.dedup_guard();
         let mut ids = self.store.put_many(&refs)?.into_iter();
         for (_, id) in new.iter_mut() {
             if id.is_some() {
@@ -978,6 +980,25 @@ impl Dataset {
             st.journal_end
         };
         self.store.sync_to(end)?;
+        Ok(())
+    }
+
+    /// Blocks referenced only from memory: files unlinked while still open. The collector
+    /// marks them, since no tree holds them.
+    pub fn orphan_blocks(&self, out: &mut crate::tree::walk::Walk) -> Result<()> {
+        let cx = self.cx();
+        let st = self.st.lock();
+        for ino in &st.removed {
+            let Some(Inode {
+                content: Content::File(fm),
+                ..
+            }) = st.inodes.get(ino)
+            else {
+                continue;
+            };
+            crate::tree::walk::walk_file_map(cx.store, cx.cache, fm.base, out)?;
+            out.blocks.extend(fm.overlay.values().flatten());
+        }
         Ok(())
     }
 

@@ -208,6 +208,18 @@ impl Datasets {
     pub fn create(&self, name: &str) -> anyhow::Result<DatasetRecord> {
         check_dataset_name(name)?;
         let _g = self.checkpoint_lock.lock();
+        self.insert_dataset(name, None, dataset::ROOT_INO + 1, None)
+    }
+
+    /// Adds a dataset record (new id, name entry, optional clone origin) in one transaction.
+    /// The caller holds `checkpoint_lock`.
+    fn insert_dataset(
+        &self,
+        name: &str,
+        root: Option<BlockId>,
+        next_ino: u64,
+        origin: Option<CloneOrigin>,
+    ) -> anyhow::Result<DatasetRecord> {
         let txn = self.store.db().begin_write().map_err(Error::from)?;
         let rec = {
             let mut names = txn.open_table(NAMES).map_err(Error::from)?;
@@ -226,8 +238,8 @@ impl Datasets {
                 id,
                 name: name.to_string(),
                 created: dataset::now(),
-                root: None,
-                next_ino: dataset::ROOT_INO + 1,
+                root,
+                next_ino,
                 replay_from: self.store.end(),
             };
             names.insert(name, id).map_err(Error::from)?;
@@ -235,6 +247,12 @@ impl Datasets {
                 .map_err(Error::from)?
                 .insert(id, rec.encode().as_slice())
                 .map_err(Error::from)?;
+            if let Some(origin) = origin {
+                txn.open_table(ORIGINS)
+                    .map_err(Error::from)?
+                    .insert(id, origin.encode().as_slice())
+                    .map_err(Error::from)?;
+            }
             rec
         };
         txn.commit().map_err(Error::from)?;
@@ -417,45 +435,11 @@ impl Datasets {
         check_dataset_name(new_name)?;
         let s = self.find_snapshot(dataset, snap)?;
         let _g = self.checkpoint_lock.lock();
-        let txn = self.store.db().begin_write().map_err(Error::from)?;
-        let rec = {
-            let mut names = txn.open_table(NAMES).map_err(Error::from)?;
-            if names.get(new_name).map_err(Error::from)?.is_some() {
-                return Err(NameError::Exists(new_name.to_string()).into());
-            }
-            let mut meta = txn.open_table(META).map_err(Error::from)?;
-            let id = meta
-                .get("next_dataset_id")
-                .map_err(Error::from)?
-                .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes))
-                .unwrap_or(1);
-            meta.insert("next_dataset_id", (id + 1).to_le_bytes().as_slice())
-                .map_err(Error::from)?;
-            let rec = DatasetRecord {
-                id,
-                name: new_name.to_string(),
-                created: dataset::now(),
-                root: s.root,
-                next_ino: s.next_ino,
-                replay_from: self.store.end(),
-            };
-            names.insert(new_name, id).map_err(Error::from)?;
-            txn.open_table(DATASETS)
-                .map_err(Error::from)?
-                .insert(id, rec.encode().as_slice())
-                .map_err(Error::from)?;
-            let origin = CloneOrigin {
-                dataset: s.dataset,
-                snapshot: s.name.clone(),
-            };
-            txn.open_table(ORIGINS)
-                .map_err(Error::from)?
-                .insert(id, origin.encode().as_slice())
-                .map_err(Error::from)?;
-            rec
+        let origin = CloneOrigin {
+            dataset: s.dataset,
+            snapshot: s.name.clone(),
         };
-        txn.commit().map_err(Error::from)?;
-        Ok(rec)
+        self.insert_dataset(new_name, s.root, s.next_ino, Some(origin))
     }
 
     /// The snapshot a clone was made from, as `dataset@snapshot` (dataset by id if deleted).
@@ -532,6 +516,10 @@ impl Datasets {
         let mut marked = walk::Walk::default();
         for (_, _, root) in self.roots()? {
             walk::walk_root(&self.store, &self.cache, root, &mut marked)?;
+        }
+        let loaded: Vec<Arc<Dataset>> = self.loaded.lock().values().cloned().collect();
+        for ds in loaded {
+            ds.orphan_blocks(&mut marked)?;
         }
         let indexed = self.store.indexed_blocks()?;
         let garbage: Vec<BlockId> = indexed

@@ -50,6 +50,20 @@ fn radix(
     Ok(())
 }
 
+/// Walks one file's block map, adding its nodes and data blocks to `w`.
+pub fn walk_file_map(
+    store: &Store,
+    cache: &NodeCache,
+    map: Option<BlockId>,
+    w: &mut Walk,
+) -> Result<()> {
+    let Some(map) = map else { return Ok(()) };
+    radix(store, cache, map, w, &mut |b, w| {
+        w.blocks.insert(id32(b)?);
+        Ok(())
+    })
+}
+
 /// Walks one dataset or snapshot root, adding to `w`.
 pub fn walk_root(
     store: &Store,
@@ -64,12 +78,7 @@ pub fn walk_root(
             FileKind::Regular => {
                 w.logical_bytes += rec.meta.size;
                 w.files += 1;
-                if let Some(map) = rec.root {
-                    radix(store, cache, map, w, &mut |b, w| {
-                        w.blocks.insert(id32(b)?);
-                        Ok(())
-                    })?;
-                }
+                walk_file_map(store, cache, rec.root, w)?;
             }
             FileKind::Directory => {
                 if let Some(d) = rec.root {
