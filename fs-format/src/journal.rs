@@ -33,12 +33,69 @@ pub enum JournalOp {
     Remove { ino: u64 },
     /// The next inode number to hand out.
     NextIno { next: u64 },
+    /// Last op of a record whose group continues in the next record of the same dataset: the
+    /// ops of a group are applied all together or, when a later part is missing, not at all.
+    Continued,
 }
+
+/// Journal records are cut so that none exceeds this many encoded bytes (well under the pack's
+/// `MAX_PAYLOAD`).
+pub const JOURNAL_RECORD_TARGET: usize = 4 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JournalRecord {
     pub dataset: u64,
     pub ops: Vec<JournalOp>,
+}
+
+/// Splits one group of ops into records of at most about `JOURNAL_RECORD_TARGET` bytes; every
+/// record but the last ends with `Continued`. Large `FileBlocks` ops are cut too (the
+/// truncation they carry stays with the first part).
+pub fn split_group(dataset: u64, ops: Vec<JournalOp>) -> Vec<JournalRecord> {
+    const ENTRY: usize = 8 + 33;
+    let max_entries = JOURNAL_RECORD_TARGET / 2 / ENTRY;
+    let mut pieces = Vec::with_capacity(ops.len());
+    for op in ops {
+        match op {
+            JournalOp::FileBlocks {
+                ino,
+                base_limit,
+                entries,
+            } if entries.len() > max_entries => {
+                for (i, chunk) in entries.chunks(max_entries).enumerate() {
+                    pieces.push(JournalOp::FileBlocks {
+                        ino,
+                        base_limit: if i == 0 { base_limit } else { u64::MAX },
+                        entries: chunk.to_vec(),
+                    });
+                }
+            }
+            op => pieces.push(op),
+        }
+    }
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut size = 0usize;
+    for op in pieces {
+        let n = match &op {
+            JournalOp::FileBlocks { entries, .. } => 32 + entries.len() * ENTRY,
+            JournalOp::Symlink { target, .. } => 16 + target.len(),
+            JournalOp::DirEntry { name, .. } => 24 + name.len(),
+            _ => 96,
+        };
+        if size + n > JOURNAL_RECORD_TARGET && !cur.is_empty() {
+            cur.push(JournalOp::Continued);
+            out.push(JournalRecord {
+                dataset,
+                ops: std::mem::take(&mut cur),
+            });
+            size = 0;
+        }
+        size += n;
+        cur.push(op);
+    }
+    out.push(JournalRecord { dataset, ops: cur });
+    out
 }
 
 impl JournalRecord {
@@ -93,6 +150,7 @@ impl JournalRecord {
                     w.u8(6);
                     w.u64(*next);
                 }
+                JournalOp::Continued => w.u8(7),
             }
         }
         w.buf
@@ -141,6 +199,7 @@ impl JournalRecord {
                 }
                 5 => JournalOp::Remove { ino: r.u64()? },
                 6 => JournalOp::NextIno { next: r.u64()? },
+                7 => JournalOp::Continued,
                 _ => return Err(FormatError::Invalid("journal op tag")),
             };
             ops.push(op);

@@ -819,7 +819,7 @@ fn journal_rejects_bad_version_op_tags_and_kinds() {
         Err(FormatError::Invalid("journal record version"))
     );
     // first op tag at offset 1 + 8 + 4
-    for tag in [0u8, 7, 0xff] {
+    for tag in [0u8, 8, 0xff] {
         assert_eq!(
             dec(with_byte(&b, 13, tag)),
             Err(FormatError::Invalid("journal op tag")),

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use vdbfs_format::index::{DatasetRecord, LogPos};
-use vdbfs_format::journal::{JournalOp, JournalRecord};
+use vdbfs_format::journal::{split_group, JournalOp};
 use vdbfs_format::tree::{DirEntry, DirObject, FileKind, InodeMeta, InodeRecord, Timestamp};
 use vdbfs_format::{BlockId, BLOCK_SIZE};
 
@@ -287,6 +287,7 @@ impl State {
                 d.changed = true;
                 self.dirty.insert(dir);
             }
+            JournalOp::Continued => {}
             JournalOp::Remove { ino } => {
                 self.inodes.remove(&ino);
                 self.removed.insert(ino);
@@ -971,11 +972,9 @@ impl Dataset {
             let mut st = self.st.lock();
             let ops = st.build_journal(&cx)?;
             if !ops.is_empty() {
-                let rec = JournalRecord {
-                    dataset: self.id,
-                    ops,
-                };
-                st.journal_end = self.store.append_journal(&rec)?;
+                for rec in split_group(self.id, ops) {
+                    st.journal_end = self.store.append_journal(&rec)?;
+                }
             }
             st.journal_end
         };

@@ -147,6 +147,8 @@ impl Datasets {
         let records: HashMap<u64, DatasetRecord> =
             ds.list()?.into_iter().map(|r| (r.id, r)).collect();
         let mut replayed = 0usize;
+        // Ops of a group split over several records wait here until its last record.
+        let mut groups: HashMap<u64, Vec<vdbfs_format::journal::JournalOp>> = HashMap::new();
         for (pos, rec) in replay.journal {
             let Some(r) = records.get(&rec.dataset) else {
                 continue; // a deleted dataset
@@ -154,13 +156,30 @@ impl Datasets {
             if pos < r.replay_from {
                 continue;
             }
-            ds.load(r).replay(rec.ops)?;
-            replayed += 1;
+            let continued = matches!(
+                rec.ops.last(),
+                Some(vdbfs_format::journal::JournalOp::Continued)
+            );
+            let group = groups.entry(rec.dataset).or_default();
+            group.extend(rec.ops);
+            if !continued {
+                ds.load(r).replay(std::mem::take(group))?;
+                replayed += 1;
+            }
+        }
+        let torn = groups.values().filter(|g| !g.is_empty()).count();
+        if torn > 0 {
+            tracing::warn!(
+                groups = torn,
+                "recovery: dropping journal groups whose last record never became durable"
+            );
         }
         if replayed > 0 {
             tracing::info!(records = replayed, "recovery: journal replayed");
         }
-        ds.checkpoint()?;
+        // Always commit, even with nothing replayed: the replay start then moves past the old
+        // log, so a torn group in it can never be joined by records of this run.
+        ds.force_checkpoint()?;
         Ok(ds)
     }
 
