@@ -350,6 +350,16 @@ impl Store {
         })
     }
 
+    /// Closes the active pack if it holds more than `min` bytes, so that a collection can
+    /// rewrite it.
+    pub fn roll_if_larger(&self, min: u64) -> Result<()> {
+        let mut a = self.active.lock();
+        if a.len > min {
+            self.roll(&mut a)?;
+        }
+        Ok(())
+    }
+
     /// Closes the active pack (durably) and starts the next one.
     fn roll(&self, a: &mut ActivePack) -> Result<()> {
         a.file.set_len(a.len)?;
@@ -915,22 +925,19 @@ fn statvfs_of(dir: &Path) -> Result<(u64, u64)> {
     ))
 }
 
-/// Maps `f` over `items`, on two threads when the batch is large enough to pay for them.
-fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+/// Maps `f` over `items`, on rayon's pool when the batch is large enough to pay for it (no
+/// thread is created per request).
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync + Send) -> Vec<R> {
+    use rayon::prelude::*;
     const MIN_PARALLEL: usize = 16;
     if items.len() < MIN_PARALLEL {
         return items.iter().map(&f).collect();
     }
-    let (a, b) = items.split_at(items.len() / 2);
-    std::thread::scope(|s| {
-        let h = s.spawn(|| b.iter().map(&f).collect::<Vec<R>>());
-        let mut out: Vec<R> = a.iter().map(&f).collect();
-        match h.join() {
-            Ok(rest) => out.extend(rest),
-            Err(p) => std::panic::resume_unwind(p),
-        }
-        out
-    })
+    items
+        .par_iter()
+        .with_min_len(MIN_PARALLEL / 2)
+        .map(&f)
+        .collect()
 }
 
 fn new_pack(io: &dyn PackIo, dir: &Path, no: u32) -> Result<Arc<dyn PackFile>> {

@@ -529,6 +529,8 @@ impl Datasets {
     }
 
     fn gc_inner(&self) -> Result<GcReport> {
+        // The active pack can only be rewritten once closed: close it unless it is small.
+        self.store.roll_if_larger(16 << 20)?;
         self.force_checkpoint()?;
         // Chosen before the index is listed: every block of these packs is in that listing.
         let closed = self.store.closed_packs()?;
