@@ -33,13 +33,15 @@ fn kernel_mounts() -> Vec<PathBuf> {
         .collect()
 }
 
-fn unescape_mountinfo(s: &str) -> String {
-    let mut out = Vec::new();
+/// mountinfo escapes space, tab, newline and backslash as `\ooo` (octal).
+pub fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            let oct = std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x");
+            if let Ok(v) = u8::from_str_radix(oct, 8) {
                 out.push(v);
                 i += 4;
                 continue;

@@ -139,7 +139,7 @@ impl Datasets {
     pub fn open(store: Arc<Store>, replay: Replay) -> Result<Datasets> {
         let ds = Datasets {
             store,
-            cache: Arc::new(NodeCache::new(8192)),
+            cache: Arc::new(NodeCache::new(4096)),
             loaded: Mutex::new(HashMap::new()),
             checkpoint_lock: Mutex::new(()),
             gc_lock: Mutex::new(()),

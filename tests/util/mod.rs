@@ -208,25 +208,7 @@ pub struct MountEntry {
     pub source: String,
 }
 
-fn unescape_mountinfo(s: &str) -> String {
-    // mountinfo escapes space, tab, newline and backslash as \ooo.
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            let oct = std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x");
-            if let Ok(v) = u8::from_str_radix(oct, 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+use vdbfs::daemon::mounts::unescape_mountinfo;
 
 pub fn mountinfo() -> Vec<MountEntry> {
     let s = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
