@@ -747,7 +747,8 @@ pub struct Postgres {
     pid: Option<i32>,
 }
 
-fn pg(bin: &str) -> String {
+/// Path of a PostgreSQL 15 program.
+pub fn pg(bin: &str) -> String {
     format!("{PG_BIN}/{bin}")
 }
 
@@ -820,7 +821,8 @@ pub fn free_port() -> u16 {
 }
 
 /// `runuser -u postgres -- PROGRAM ARGS...`, with a clean environment for libpq.
-fn as_postgres(program: &str) -> Command {
+/// A command run as the postgres OS user with a clean PG* environment.
+pub fn as_postgres(program: &str) -> Command {
     let mut c = Command::new("runuser");
     c.args(["-u", "postgres", "--", program])
         .env_remove("PGHOST")
