@@ -434,18 +434,6 @@ impl Store {
         self.sync_to(self.end())
     }
 
-    fn lookup(&self, id: &BlockId) -> Result<Option<BlockLoc>> {
-        if let Some(loc) = self.recent.read().get(id) {
-            return Ok(Some(*loc));
-        }
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(BLOCKS)?;
-        match table.get(id.0.as_slice())? {
-            Some(v) => Ok(Some(BlockLoc::decode(v.value())?)),
-            None => Ok(None),
-        }
-    }
-
     /// Resolves many ids with one index transaction.
     fn lookup_many(&self, ids: &[BlockId]) -> Result<Vec<Option<BlockLoc>>> {
         let mut out = vec![None; ids.len()];
@@ -541,25 +529,10 @@ impl Store {
         for (start, end) in runs {
             let first = locs2[start];
             let len: u64 = locs2[start..end].iter().map(|l| l.len as u64).sum();
-            let file =
-                self.packs
-                    .read()
-                    .get(&first.pack)
-                    .cloned()
-                    .ok_or_else(|| Error::Corrupt {
-                        id: ids[start],
-                        pack: first.pack,
-                        offset: first.offset,
-                        why: "pack file is missing".into(),
-                    })?;
             let mut buf = vec![0u8; len as usize];
-            file.read_exact_at(&mut buf, first.offset)
-                .map_err(|e| Error::Corrupt {
-                    id: ids[start],
-                    pack: first.pack,
-                    offset: first.offset,
-                    why: format!("read failed: {e}"),
-                })?;
+            self.pack_file(&ids[start], &first)?
+                .read_exact_at(&mut buf, first.offset)
+                .map_err(|e| corrupt(&ids[start], &first, format!("read failed: {e}")))?;
             let mut at = 0usize;
             for (i, loc) in locs2.iter().enumerate().take(end).skip(start) {
                 let n = loc.len as usize;
@@ -568,74 +541,30 @@ impl Store {
             }
         }
         par_map(&raw, |(i, buf)| {
-            let loc = locs2[*i];
-            let corrupt = |why: String| Error::Corrupt {
-                id: ids[*i],
-                pack: loc.pack,
-                offset: loc.offset,
-                why,
-            };
-            let (hdr, payload) = pack::decode_record(buf).map_err(|e| corrupt(e.to_string()))?;
-            if hdr.kind != RecordKind::Block || hdr.id != ids[*i] {
-                return Err(corrupt("record holds another block".into()));
-            }
-            pack::open_block(&hdr, payload).map_err(|e| corrupt(e.to_string()))
+            open_block_record(&ids[*i], &locs2[*i], buf)
         })
         .into_iter()
         .collect()
     }
 
-    pub fn contains(&self, id: &BlockId) -> Result<bool> {
-        Ok(self.lookup(id)?.is_some())
+    fn pack_file(&self, id: &BlockId, loc: &BlockLoc) -> Result<Arc<dyn PackFile>> {
+        self.packs
+            .read()
+            .get(&loc.pack)
+            .cloned()
+            .ok_or_else(|| corrupt(id, loc, "pack file is missing".into()))
     }
 
     /// Stores `content` (deduplicated by its blake3) and returns its id.
     pub fn put(&self, content: &[u8]) -> Result<BlockId> {
-        let id = BlockId::of(content);
-        if self.reusable(self.lookup(&id)?) {
-            return Ok(id);
-        }
-        let (codec, payload) = codec::compress(content);
-        let rec = pack::encode_record(
-            RecordKind::Block,
-            codec,
-            content.len() as u32,
-            &id,
-            &payload,
-        );
-        let loc = self.append(&rec)?;
-        self.recent.write().insert(id, loc);
-        Ok(id)
+        Ok(self.put_many(&[content])?[0])
     }
 
     /// Reads and verifies a block.
     pub fn get(&self, id: &BlockId) -> Result<Vec<u8>> {
-        let loc = self.lookup(id)?.ok_or(Error::MissingBlock(*id))?;
-        let file = self
-            .packs
-            .read()
-            .get(&loc.pack)
-            .cloned()
-            .ok_or_else(|| Error::Corrupt {
-                id: *id,
-                pack: loc.pack,
-                offset: loc.offset,
-                why: "pack file is missing".into(),
-            })?;
-        let corrupt = |why: String| Error::Corrupt {
-            id: *id,
-            pack: loc.pack,
-            offset: loc.offset,
-            why,
-        };
-        let mut buf = vec![0u8; loc.len as usize];
-        file.read_exact_at(&mut buf, loc.offset)
-            .map_err(|e| corrupt(format!("read failed: {e}")))?;
-        let (hdr, payload) = pack::decode_record(&buf).map_err(|e| corrupt(e.to_string()))?;
-        if hdr.kind != RecordKind::Block || hdr.id != *id {
-            return Err(corrupt("record holds another block".into()));
-        }
-        pack::open_block(&hdr, payload).map_err(|e| corrupt(e.to_string()))
+        self.get_many(std::slice::from_ref(id))?
+            .pop()
+            .ok_or(Error::MissingBlock(*id))
     }
 
     /// Shared guard for readers: block ids resolved under it stay readable until it is dropped.
@@ -767,26 +696,11 @@ impl Store {
         if self.recent.read().contains_key(id) {
             return Ok(());
         }
-        let file = self
-            .packs
-            .read()
-            .get(&loc.pack)
-            .cloned()
-            .ok_or(Error::MissingBlock(*id))?;
         let mut buf = vec![0u8; loc.len as usize];
-        file.read_exact_at(&mut buf, loc.offset)?;
-        let (hdr, payload) = pack::decode_record(&buf).map_err(|e| Error::Corrupt {
-            id: *id,
-            pack: loc.pack,
-            offset: loc.offset,
-            why: e.to_string(),
-        })?;
-        pack::open_block(&hdr, payload).map_err(|e| Error::Corrupt {
-            id: *id,
-            pack: loc.pack,
-            offset: loc.offset,
-            why: e.to_string(),
-        })?;
+        self.pack_file(id, loc)?
+            .read_exact_at(&mut buf, loc.offset)
+            .map_err(|e| corrupt(id, loc, format!("read failed: {e}")))?;
+        open_block_record(id, loc, &buf)?;
         let new = self.append(&buf)?;
         self.recent.write().insert(*id, new);
         Ok(())
@@ -938,6 +852,25 @@ fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync + Send) -> 
         .with_min_len(MIN_PARALLEL / 2)
         .map(&f)
         .collect()
+}
+
+fn corrupt(id: &BlockId, loc: &BlockLoc, why: String) -> Error {
+    Error::Corrupt {
+        id: *id,
+        pack: loc.pack,
+        offset: loc.offset,
+        why,
+    }
+}
+
+/// Verifies one block record read from `loc` (crc, kind, id, content hash) and returns the
+/// block's content.
+fn open_block_record(id: &BlockId, loc: &BlockLoc, buf: &[u8]) -> Result<Vec<u8>> {
+    let (hdr, payload) = pack::decode_record(buf).map_err(|e| corrupt(id, loc, e.to_string()))?;
+    if hdr.kind != RecordKind::Block || hdr.id != *id {
+        return Err(corrupt(id, loc, "record holds another block".into()));
+    }
+    pack::open_block(&hdr, payload).map_err(|e| corrupt(id, loc, e.to_string()))
 }
 
 /// redb caches up to 1 GiB of index pages by default, which became most of the daemon's memory

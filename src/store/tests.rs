@@ -34,7 +34,7 @@ fn flipped_byte_in_a_pack_is_an_error_never_wrong_bytes() {
     let io = SimIo::new();
     let (d, s) = new_store(io.clone());
     let id = s.put(&block(7)).unwrap();
-    let loc = s.lookup(&id).unwrap().unwrap();
+    let loc = s.lookup_many(&[id]).unwrap()[0].unwrap();
     let f = io.file(&pack_path(d.path(), loc.pack)).unwrap();
     f.corrupt((loc.offset + loc.len as u64 - 10) as usize);
     match s.get(&id) {
@@ -114,5 +114,5 @@ fn recovery_finds_blocks_appended_after_the_last_checkpoint() {
     assert_eq!(s2.get(&b).unwrap(), block(12));
     // New appends go to a new pack, never after a torn tail.
     let e = s2.put(&block(14)).unwrap();
-    assert_eq!(s2.lookup(&e).unwrap().unwrap().pack, 2);
+    assert_eq!(s2.lookup_many(&[e]).unwrap()[0].unwrap().pack, 2);
 }

@@ -778,7 +778,7 @@ impl Dataset {
         let cx = self.cx();
         // Ids resolved below may be overwritten concurrently; the guard keeps them readable.
         let _gc = self.store.read_guard();
-        let ids = {
+        let (ids, end) = {
             let mut st = self.st.lock();
             let i = st.inode(&cx, ino)?;
             if i.meta.kind == FileKind::Directory {
@@ -794,7 +794,6 @@ impl Dataset {
             }
             (ids, end)
         };
-        let (ids, end) = ids;
         let stored: Vec<BlockId> = ids.iter().filter_map(|(_, id)| *id).collect();
         let mut blocks = self
             .store
@@ -877,7 +876,8 @@ impl Dataset {
             };
             (head, tail)
         };
-        let mut new: Vec<(u64, Option<BlockId>)> = Vec::with_capacity((last - first + 1) as usize);
+        // (block index, whether it holds data); all-zero blocks become holes.
+        let mut blocks: Vec<(u64, bool)> = Vec::with_capacity((last - first + 1) as usize);
         let zeros = [0u8; BLOCK_SIZE];
         // Contents of the non-zero blocks, stored together below; zero blocks become holes.
         let mut contents: Vec<std::borrow::Cow<[u8]>> = Vec::new();
@@ -901,21 +901,19 @@ impl Dataset {
                 block[from as usize..to as usize].copy_from_slice(piece);
                 block.into()
             };
-            if content.iter().all(|&b| b == 0) {
-                new.push((idx, None));
-            } else {
-                new.push((idx, Some(BlockId([0; 32]))));
+            let data = content.iter().any(|&b| b != 0);
+            blocks.push((idx, data));
+            if data {
                 contents.push(content);
             }
         }
         let refs: Vec<&[u8]> = contents.iter().map(|c| c.as_ref()).collect();
         let _dedup = self.store.dedup_guard();
         let mut ids = self.store.put_many(&refs)?.into_iter();
-        for (_, id) in new.iter_mut() {
-            if id.is_some() {
-                *id = ids.next();
-            }
-        }
+        let new: Vec<(u64, Option<BlockId>)> = blocks
+            .into_iter()
+            .map(|(idx, data)| (idx, if data { ids.next() } else { None }))
+            .collect();
         let mut st = self.st.lock();
         let t = now();
         let inode = st.inode(&cx, ino)?;
@@ -1077,12 +1075,5 @@ impl Dataset {
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
-    }
-
-    /// The committed-or-live root and next inode number; for a snapshot, call right after
-    /// `flush_trees` under the checkpoint lock.
-    pub fn root(&self) -> (Option<BlockId>, u64) {
-        let st = self.st.lock();
-        (st.root, st.next_ino)
     }
 }

@@ -499,12 +499,12 @@ impl Datasets {
 
     /// Every root that keeps blocks alive: datasets and snapshots, by display name.
     fn roots(&self) -> Result<Vec<(String, bool, Option<BlockId>)>> {
-        let mut out = Vec::new();
-        for r in self.list()? {
-            out.push((r.name, false, r.root));
-        }
-        let names: HashMap<u64, String> =
-            self.list()?.into_iter().map(|r| (r.id, r.name)).collect();
+        let datasets = self.list()?;
+        let names: HashMap<u64, String> = datasets.iter().map(|r| (r.id, r.name.clone())).collect();
+        let mut out: Vec<_> = datasets
+            .into_iter()
+            .map(|r| (r.name, false, r.root))
+            .collect();
         let txn = self.store.db().begin_read()?;
         for row in txn.open_table(SNAPSHOTS)?.iter()? {
             let (_, v) = row?;
