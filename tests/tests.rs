@@ -14,3 +14,4 @@ mod model;
 mod mounts;
 mod postgres;
 mod snapshots;
+mod sources;

@@ -343,6 +343,45 @@ pub fn children_of(pid: i32) -> Vec<i32> {
     v
 }
 
+/// Processes whose working directory is `dir` or below it (e.g. a postgres started by the
+/// daemon on a mount under a test's temp dir). Our own process is never listed.
+pub fn processes_under(dir: &Path) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let mut v = Vec::new();
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if p == me || !pid_alive(p) {
+                continue;
+            }
+            if let Ok(cwd) = fs::read_link(format!("/proc/{p}/cwd")) {
+                if cwd.starts_with(dir) {
+                    v.push(p);
+                }
+            }
+        }
+    }
+    v
+}
+
+/// SIGKILLs, by PID, every process [`processes_under`] `dir` finds, and waits (bounded) for
+/// them to go. Returns what it had to kill, described, so a caller can report a leak.
+pub fn kill_processes_under(dir: &Path) -> Vec<String> {
+    let procs = processes_under(dir);
+    let what: Vec<String> = procs.iter().map(|p| describe_pid(*p)).collect();
+    for p in &procs {
+        signal(*p, libc::SIGKILL);
+    }
+    if !wait_until(Duration::from_secs(20), || {
+        procs.iter().all(|p| !pid_alive(*p))
+    }) {
+        eprintln!("processes under {} would not die: {what:?}", dir.display());
+    }
+    what
+}
+
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 fn unique(prefix: &str) -> String {
@@ -917,6 +956,31 @@ impl Postgres {
             self.port,
             self.rundir.path().display()
         )
+    }
+
+    /// Appends settings to the cluster's postgresql.conf (call before [`Postgres::start`]), e.g.
+    /// `wal_level = minimal` or archive settings. Values given on the command line by
+    /// `server_options` (port, sockets, listen_addresses, ...) still win.
+    pub fn append_conf(&self, lines: &[&str]) {
+        let p = self.datadir.join("postgresql.conf");
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+        for l in lines {
+            writeln!(f, "{l}").unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+        }
+    }
+
+    /// Puts lines at the top of pg_hba.conf, so they win over initdb's `trust` lines (e.g.
+    /// `host all all 127.0.0.1/32 scram-sha-256`). Takes effect at the next start or reload.
+    pub fn prepend_hba(&self, lines: &[&str]) {
+        let p = self.datadir.join("pg_hba.conf");
+        let old = fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+        let mut new = lines.join("\n");
+        new.push('\n');
+        new.push_str(&old);
+        fs::write(&p, new).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
     }
 
     /// `pg_ctl start -w -t 60`; panics with the server log tail on failure. Saves the

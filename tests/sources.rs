@@ -1,0 +1,1578 @@
+//! Linking a source database (issue 4), against the CLI contract of `vdbfs source`: each of the
+//! three ingestion modes (backup-stream, stream from the user's backup, log shipping from an
+//! archive) links a real PostgreSQL 15 cluster on loopback, and rows committed on the source
+//! afterwards are in the next validated-sync snapshot, read by starting a primary on a clone of
+//! it; snapshots taken while pgbench runs all start and pass pg_amcheck; preflight refuses bad
+//! sources with a clear error and leaves nothing behind; the daemon restarts a killed staging
+//! postgres and resumes staging after its own restart (SIGTERM and kill -9); disable / enable /
+//! unlink keep or delete what they promise; a broken stream shows as a fault; secrets given in a
+//! URL never reach status, logs, process listings or the staging configuration; and
+//! `vdbfs env discover` finds the installation, the source and the staging cluster.
+
+use std::fs;
+use std::io::Read;
+use std::net::TcpListener;
+use std::ops::{Deref, DerefMut};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::util::{
+    self, as_postgres, chmod, chown_postgres, describe, pg, pid_alive, postgres_ids,
+    require_root_fuse_postgres, run_timeout, signal, tempdir, Daemon, Mount, Postgres, PG_BIN,
+};
+
+/// Every wait on the daemon or on replication is bounded by this.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Password of the `replicator` role (REPLICATION). Unique, so a leak is found by a plain search.
+const REPL_PW: &str = "Repl-Secret-4f9d17c2";
+/// Password of the `plain` role (LOGIN, no REPLICATION).
+const PLAIN_PW: &str = "Plain-Secret-8b21e6";
+
+// ---------------------------------------------------------------------------------------------
+// LSNs
+
+/// "X/Y" (hex) -> a number that compares like the LSN.
+fn parse_lsn(s: &str) -> u64 {
+    let (hi, lo) = s
+        .trim()
+        .split_once('/')
+        .unwrap_or_else(|| panic!("not an LSN: {s:?}"));
+    let hi = u64::from_str_radix(hi, 16).unwrap_or_else(|e| panic!("not an LSN {s:?}: {e}"));
+    let lo = u64::from_str_radix(lo, 16).unwrap_or_else(|e| panic!("not an LSN {s:?}: {e}"));
+    (hi << 32) | lo
+}
+
+fn fmt_lsn(l: u64) -> String {
+    format!("{:X}/{:X}", l >> 32, l & 0xffff_ffff)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The source cluster
+
+/// A PostgreSQL 15 source on a plain temp dir (not on vdbfs), listening on 127.0.0.1 where every
+/// TCP connection, replication included, needs a scram password; the unix socket (used by the
+/// test's psql) stays `trust`. Roles: `replicator` (REPLICATION) and `plain` (no REPLICATION).
+/// A table `marker (id, note)` holds the rows the tests follow into snapshots.
+struct SourceDb {
+    // Declared first: postgres stops before its directory is removed.
+    pg: Postgres,
+    dir: tempfile::TempDir,
+    archive: Option<PathBuf>,
+}
+
+impl Deref for SourceDb {
+    type Target = Postgres;
+    fn deref(&self) -> &Postgres {
+        &self.pg
+    }
+}
+
+impl DerefMut for SourceDb {
+    fn deref_mut(&mut self) -> &mut Postgres {
+        &mut self.pg
+    }
+}
+
+impl SourceDb {
+    /// initdb, settings, scram on loopback, start, roles and the marker table. With `archive`,
+    /// WAL segments are archived (`archive_mode = on`, cp into DIR/archive).
+    fn start(archive: bool, conf: &[&str]) -> SourceDb {
+        require_root_fuse_postgres();
+        let dir = tempdir("vdbfs-source-");
+        let mut pg = Postgres::initdb(&dir.path().join("data"));
+        let mut lines: Vec<String> = conf.iter().map(|s| s.to_string()).collect();
+        let archive = archive.then(|| {
+            let a = dir.path().join("archive");
+            fs::create_dir(&a).unwrap();
+            chown_postgres(&a);
+            chmod(&a, 0o755);
+            lines.push("archive_mode = on".into());
+            lines.push(format!(
+                "archive_command = 'test ! -f {0}/%f && cp %p {0}/%f'",
+                a.display()
+            ));
+            a
+        });
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        pg.append_conf(&lines);
+        pg.prepend_hba(&[
+            "host all all 127.0.0.1/32 scram-sha-256",
+            "host replication all 127.0.0.1/32 scram-sha-256",
+        ]);
+        pg.start();
+        pg.psql(&format!(
+            "CREATE ROLE replicator LOGIN REPLICATION PASSWORD '{REPL_PW}'; \
+             CREATE ROLE plain LOGIN PASSWORD '{PLAIN_PW}'; \
+             CREATE TABLE marker (id int PRIMARY KEY, note text NOT NULL)"
+        ));
+        SourceDb { pg, dir, archive }
+    }
+
+    /// key=value conninfo over loopback TCP, no password in it.
+    fn conn(&self, user: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname=postgres",
+            self.port()
+        )
+    }
+
+    /// A libpq URL with the password in it.
+    fn url(&self, user: &str, password: &str) -> String {
+        format!(
+            "postgresql://{user}:{password}@127.0.0.1:{}/postgres",
+            self.port()
+        )
+    }
+
+    /// A libpq passfile (mode 0600) for this server, user and password.
+    fn passfile(&self, user: &str, password: &str) -> PathBuf {
+        let p = self
+            .dir
+            .path()
+            .join(format!("pgpass-{user}-{}", password.len()));
+        fs::write(
+            &p,
+            format!("127.0.0.1:{}:*:{user}:{password}\n", self.port()),
+        )
+        .unwrap();
+        chmod(&p, 0o600);
+        p
+    }
+
+    /// The source's current WAL write position.
+    fn lsn(&self) -> u64 {
+        parse_lsn(&self.psql("SELECT pg_current_wal_lsn()"))
+    }
+
+    /// `SELECT pg_switch_wal()`: the end of the segment just completed (archived next).
+    fn switch_wal(&self) -> u64 {
+        parse_lsn(&self.psql("SELECT pg_switch_wal()"))
+    }
+
+    fn slots(&self) -> Vec<String> {
+        self.psql("SELECT slot_name FROM pg_replication_slots ORDER BY 1")
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn insert_rows(&self, from: i64, to: i64, note: &str) {
+        self.psql(&format!(
+            "INSERT INTO marker SELECT g, '{note}' FROM generate_series({from}, {to}) g"
+        ));
+    }
+
+    /// `pg_basebackup -X stream -c fast` (as the postgres user) into DIR/NAME: plain, or tar
+    /// format with gzip.
+    fn basebackup(&self, name: &str, tar: bool) -> PathBuf {
+        let dest = self.dir.path().join(name);
+        fs::create_dir(&dest).unwrap();
+        chown_postgres(&dest);
+        chmod(&dest, 0o700);
+        let port = self.port().to_string();
+        let mut c = as_postgres(&pg("pg_basebackup"));
+        c.args([
+            "-h",
+            self.socket_dir().to_str().unwrap(),
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-D",
+            dest.to_str().unwrap(),
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+        ]);
+        if tar {
+            c.args(["-F", "t", "-z"]);
+        }
+        let out = run_timeout(&mut c, Duration::from_secs(300));
+        assert!(
+            out.status.success(),
+            "pg_basebackup of the source failed\n{}",
+            describe(&out)
+        );
+        dest
+    }
+
+    /// Waits (bounded) until the archive holds at least one WAL segment file.
+    fn wait_archived(&self) {
+        let a = self.archive.as_ref().expect("source has no archive");
+        let ok = util::wait_until(WAIT, || {
+            fs::read_dir(a).is_ok_and(|rd| {
+                rd.flatten()
+                    .any(|e| e.file_name().to_string_lossy().len() == 24)
+            })
+        });
+        assert!(
+            ok,
+            "the source archived no WAL segment into {} within {WAIT:?}\nsource log:\n{}",
+            a.display(),
+            self.log_tail(30)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon with sources
+
+/// A [`Daemon`] that, when dropped, first stops the staging postgres of every source (`source
+/// disable`), then kills by PID whatever still runs on the store (a leak is reported), and only
+/// then lets the daemon unmount and stop. On a failing test it prints the staging logs.
+struct Staged {
+    d: Daemon,
+}
+
+impl Deref for Staged {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.d
+    }
+}
+
+impl DerefMut for Staged {
+    fn deref_mut(&mut self) -> &mut Daemon {
+        &mut self.d
+    }
+}
+
+impl Staged {
+    fn start() -> Staged {
+        Staged { d: Daemon::start() }
+    }
+}
+
+/// Runs a command with a bounded wait and never panics (for Drop).
+fn try_run(cmd: &mut Command, timeout: Duration) -> Option<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let mut out = child.stdout.take()?;
+    let t = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    match util::wait_child(&mut child, timeout) {
+        Some(status) => Some(Output {
+            status,
+            stdout: t.join().unwrap_or_default(),
+            stderr: Vec::new(),
+        }),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            None
+        }
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let names: Vec<String> = if self.d.pid().is_some() {
+            try_run(
+                self.d.command().args(["source", "list", "--json"]),
+                Duration::from_secs(30),
+            )
+            .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+            .and_then(|v| {
+                v.as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|s| s["name"].as_str().map(str::to_string))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        if thread::panicking() {
+            if let Ok(rd) = fs::read_dir(self.d.store().join("sources")) {
+                for e in rd.flatten() {
+                    let log = e.path().join("postgres.log");
+                    eprintln!(
+                        "--- staging postgres log tail ({}) ---\n{}",
+                        log.display(),
+                        util::tail(&log, 60)
+                    );
+                }
+            }
+        }
+        for n in &names {
+            let _ = try_run(
+                self.d.command().args(["source", "disable", n]),
+                Duration::from_secs(60),
+            );
+        }
+        let left = util::kill_processes_under(self.d.store());
+        if !left.is_empty() {
+            eprintln!(
+                "processes still running on the store at the end of the test, killed: {left:?}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CLI helpers
+
+fn staging_log(d: &Daemon, name: &str) -> String {
+    util::tail(
+        &d.store().join("sources").join(name).join("postgres.log"),
+        80,
+    )
+}
+
+fn json(s: &str, what: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("{what} is not JSON ({e}): {s}"))
+}
+
+fn status(d: &Daemon, name: &str) -> Value {
+    json(
+        &d.ok(&["source", "status", name, "--json"]),
+        "source status --json",
+    )
+}
+
+fn source_list(d: &Daemon) -> Vec<Value> {
+    json(&d.ok(&["source", "list", "--json"]), "source list --json")
+        .as_array()
+        .unwrap_or_else(|| panic!("source list --json is not an array"))
+        .clone()
+}
+
+fn dataset_names(d: &Daemon) -> Vec<String> {
+    json(&d.ok(&["dataset", "list", "--json"]), "dataset list --json")
+        .as_array()
+        .expect("dataset list --json is not an array")
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn snapshot_list(d: &Daemon, dataset: &str) -> Vec<Value> {
+    json(
+        &d.ok(&["snapshot", "list", dataset, "--json"]),
+        "snapshot list --json",
+    )
+    .as_array()
+    .expect("snapshot list --json is not an array")
+    .clone()
+}
+
+fn all_snapshot_names(d: &Daemon) -> Vec<String> {
+    json(
+        &d.ok(&["snapshot", "list", "--json"]),
+        "snapshot list --json",
+    )
+    .as_array()
+    .expect("snapshot list --json is not an array")
+    .iter()
+    .map(|e| e["name"].as_str().unwrap().to_string())
+    .collect()
+}
+
+/// Polls `source status NAME --json` (4 times a second, at most [`WAIT`]) until `ok` holds;
+/// panics with the last status, the daemon log and the staging log.
+#[track_caller]
+fn wait_status(d: &Daemon, name: &str, what: &str, mut ok: impl FnMut(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = d.vdbfs(&["source", "status", name, "--json"]);
+        let last = if out.status.success() {
+            let s = String::from_utf8_lossy(&out.stdout).into_owned();
+            match serde_json::from_str::<Value>(&s) {
+                Ok(v) if ok(&v) => return v,
+                Ok(v) => v.to_string(),
+                Err(e) => format!("not JSON ({e}): {s}"),
+            }
+        } else {
+            describe(&out)
+        };
+        if Instant::now() >= deadline {
+            panic!(
+                "source {name}: {what}: not reached within {WAIT:?}\nlast status: {last}\n\
+                 daemon log tail:\n{}\nstaging postgres log tail:\n{}",
+                d.log_tail(80),
+                staging_log(d, name)
+            );
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn staging_pid(st: &Value) -> Option<i32> {
+    st["staging_pid"].as_i64().map(|p| p as i32)
+}
+
+fn lsn_field(st: &Value, field: &str) -> Option<u64> {
+    st[field].as_str().map(parse_lsn)
+}
+
+/// Waits until the staging postgres runs (state syncing, a live staging_pid).
+#[track_caller]
+fn wait_syncing(d: &Daemon, name: &str) -> Value {
+    wait_status(d, name, "state syncing with a live staging_pid", |s| {
+        s["state"] == "syncing" && staging_pid(s).is_some_and(pid_alive)
+    })
+}
+
+/// Waits until the staging standby replayed up to `target`.
+#[track_caller]
+fn wait_replayed(d: &Daemon, name: &str, target: u64) -> Value {
+    wait_status(
+        d,
+        name,
+        &format!("replay_lsn >= {} (the source's)", fmt_lsn(target)),
+        |s| lsn_field(s, "replay_lsn").is_some_and(|l| l >= target),
+    )
+}
+
+/// What `source link` printed last on success.
+#[derive(Debug)]
+struct Linked {
+    port: u16,
+    first_snapshot: String,
+}
+
+/// `vdbfs source link NAME ARGS...`; asserts success and the contract's last stdout line.
+#[track_caller]
+fn link(d: &Daemon, name: &str, mode: &str, args: &[&str]) -> Linked {
+    let mut a = vec!["source", "link", name];
+    a.extend_from_slice(args);
+    let out = d.vdbfs(&a);
+    assert!(
+        out.status.success(),
+        "`vdbfs source link {name} ...` failed\n{}\ndaemon log tail:\n{}\nstaging log tail:\n{}",
+        describe(&out),
+        d.log_tail(80),
+        staging_log(d, name)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or("");
+    // linked source NAME (MODE); staging postgres on port PORT; first snapshot NAME@SNAP
+    let parsed = last
+        .strip_prefix(&format!(
+            "linked source {name} ({mode}); staging postgres on port "
+        ))
+        .and_then(|r| r.split_once("; first snapshot "))
+        .and_then(|(port, snap)| Some((port.parse::<u16>().ok()?, snap.trim().to_string())));
+    let Some((port, first_snapshot)) = parsed else {
+        panic!(
+            "last stdout line of `source link` is not `linked source {name} ({mode}); staging \
+             postgres on port PORT; first snapshot {name}@SNAP`\n{}",
+            describe(&out)
+        );
+    };
+    assert!(
+        first_snapshot.starts_with(&format!("{name}@")) && first_snapshot.len() > name.len() + 1,
+        "first snapshot name {first_snapshot:?} is not {name}@SNAP"
+    );
+    Linked {
+        port,
+        first_snapshot,
+    }
+}
+
+/// `vdbfs source snapshot NAME`: asserts stdout is exactly one line `NAME@SNAP`; returns it.
+#[track_caller]
+fn source_snapshot(d: &Daemon, name: &str) -> String {
+    let out = d.ok(&["source", "snapshot", name]);
+    let snap = out.trim().to_string();
+    assert!(
+        out.trim_end().lines().count() == 1
+            && snap.starts_with(&format!("{name}@"))
+            && !snap.contains(' '),
+        "`source snapshot {name}` should print exactly `{name}@SNAP`, got {out:?}"
+    );
+    snap
+}
+
+fn uid_of(pid: i32) -> Option<u32> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+}
+
+/// Mount points under the test's temp dir (the store's staging mounts included).
+fn mounts_under(root: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = util::mountinfo()
+        .into_iter()
+        .map(|m| m.mountpoint)
+        .filter(|m| m.starts_with(root))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Processes (other than the daemon) whose cwd is on the store or whose command line names it.
+fn processes_on_store(d: &Daemon) -> Vec<String> {
+    let store = d.store().to_string_lossy().into_owned();
+    let daemon = d.pid().map(|p| p as i32);
+    let me = std::process::id() as i32;
+    let mut v: Vec<i32> = util::processes_under(d.store());
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if Some(p) == daemon || p == me || v.contains(&p) || !pid_alive(p) {
+            continue;
+        }
+        if let Ok(c) = fs::read(format!("/proc/{p}/cmdline")) {
+            if String::from_utf8_lossy(&c).contains(&store) {
+                v.push(p);
+            }
+        }
+    }
+    v.retain(|p| Some(*p) != daemon);
+    v.into_iter().map(util::describe_pid).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading a staging snapshot
+
+/// A primary started on a clone of a staging snapshot, as the contract tells a user to do it.
+/// Field order: postgres stops before the clone is unmounted.
+struct Readable {
+    pg: Postgres,
+    _mount: Mount,
+}
+
+/// `vdbfs clone SNAP CLONE`, mount it, turn the standby data dir into a primary (remove
+/// standby.signal and postmaster.pid; in postgresql.auto.conf override hba_file, ident_file,
+/// primary_conninfo, primary_slot_name, restore_command, archive_mode; port, socket directory and
+/// listen_addresses are given on the command line by [`Postgres::start`], which wins), start it.
+#[track_caller]
+fn provision(d: &Daemon, snap: &str, clone: &str) -> Readable {
+    d.ok(&["clone", snap, clone]);
+    let m = d.mount(clone, &d.new_mountpoint(clone));
+    let dir = m.path.clone();
+    assert!(
+        dir.join("PG_VERSION").exists(),
+        "a clone of {snap} has no PG_VERSION at its root: the contract says the staging dataset \
+         is the data dir"
+    );
+    assert!(
+        dir.join("standby.signal").exists(),
+        "a clone of {snap} has no standby.signal: the contract says it is a standby data dir"
+    );
+    fs::remove_file(dir.join("standby.signal")).unwrap();
+    let _ = fs::remove_file(dir.join("postmaster.pid"));
+    let hba = dir.join("vdbfs_test_hba.conf");
+    let ident = dir.join("vdbfs_test_ident.conf");
+    fs::write(
+        &hba,
+        "local all all trust\nhost all all 127.0.0.1/32 trust\n",
+    )
+    .unwrap();
+    fs::write(&ident, "").unwrap();
+    for f in [&hba, &ident] {
+        chown_postgres(f);
+        chmod(f, 0o600);
+    }
+    let auto = dir.join("postgresql.auto.conf");
+    let mut conf = fs::read_to_string(&auto)
+        .unwrap_or_else(|e| panic!("read {} of a clone of {snap}: {e}", auto.display()));
+    conf.push_str(&format!(
+        "\n# vdbfs test: run this clone as a primary\nhba_file = '{}'\nident_file = '{}'\n\
+         primary_conninfo = ''\nprimary_slot_name = ''\nrestore_command = ''\narchive_mode = off\n",
+        hba.display(),
+        ident.display()
+    ));
+    fs::write(&auto, conf).unwrap();
+    chown_postgres(&dir);
+    chmod(&dir, 0o700);
+    let mut pg = Postgres::on(&dir);
+    pg.start();
+    assert_eq!(
+        pg.psql("SELECT pg_is_in_recovery()"),
+        "f",
+        "the clone of {snap} should run as a primary"
+    );
+    Readable { pg, _mount: m }
+}
+
+/// Asserts the secret appears in none of: source status / list JSON, the daemon log, the
+/// staging postgres log and postgresql.auto.conf, and any process's command line.
+#[track_caller]
+fn assert_secret_hidden(d: &Daemon, name: &str, secret: &str) {
+    let st = d.ok(&["source", "status", name, "--json"]);
+    assert!(
+        !st.contains(secret),
+        "the password is in source status --json: {st}"
+    );
+    let list = d.ok(&["source", "list", "--json"]);
+    assert!(
+        !list.contains(secret),
+        "the password is in source list --json: {list}"
+    );
+    let text = d.ok(&["source", "status", name]);
+    assert!(
+        !text.contains(secret),
+        "the password is in source status: {text}"
+    );
+    assert!(
+        !d.log().contains(secret),
+        "the password is in the daemon log:\n{}",
+        d.log()
+    );
+    let data_dir = PathBuf::from(json(&st, "status")["data_dir"].as_str().unwrap());
+    let auto = fs::read_to_string(data_dir.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        !auto.contains(secret),
+        "the password is in the staging postgresql.auto.conf:\n{auto}"
+    );
+    let log = d.store().join("sources").join(name).join("postgres.log");
+    assert!(
+        !fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(secret),
+        "the password is in the staging postgres log {}",
+        log.display()
+    );
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        if e.file_name().to_string_lossy().parse::<i32>().is_err() {
+            continue;
+        }
+        if let Ok(c) = fs::read(e.path().join("cmdline")) {
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            assert!(
+                !c.contains(secret),
+                "the password is in a process listing: {c}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The three modes
+
+enum Mode {
+    BackupStream,
+    Stream,
+    LogShipping,
+}
+
+impl Mode {
+    fn name(&self) -> &'static str {
+        match self {
+            Mode::BackupStream => "backup-stream",
+            Mode::Stream => "stream",
+            Mode::LogShipping => "log-shipping",
+        }
+    }
+}
+
+/// Links a pgbench source in `mode` as source `name`, checks what status reports, commits rows
+/// on the source, waits for the standby to replay them, and reads them from a primary started on
+/// a clone of the next `source snapshot`.
+fn link_and_read_new_rows(mode: Mode, name: &str, expect_slot: &str) {
+    let src = SourceDb::start(matches!(mode, Mode::LogShipping), &[]);
+    src.pgbench(&["-i", "-s", "1", "-q"]);
+    src.insert_rows(1, 100, "before link");
+    let d = Staged::start();
+    let port = util::free_port();
+    let port_s = port.to_string();
+    let conn = src.conn("replicator");
+    let pass = src.passfile("replicator", REPL_PW);
+    let url = src.url("replicator", REPL_PW);
+    let backup;
+    let mut args: Vec<&str> = vec!["--staging-port", &port_s];
+    match mode {
+        // The password only in the URL: it must not leak anywhere.
+        Mode::BackupStream => args.extend(["--conn", &url]),
+        Mode::Stream => {
+            backup = src.basebackup("backup", false);
+            args.extend(["--mode", "stream", "--backup", backup.to_str().unwrap()]);
+            args.extend(["--conn", &conn, "--passfile", pass.to_str().unwrap()]);
+        }
+        Mode::LogShipping => {
+            backup = src.basebackup("backup", true);
+            src.wait_archived();
+            args.extend([
+                "--mode",
+                "log-shipping",
+                "--backup",
+                backup.to_str().unwrap(),
+            ]);
+            args.extend(["--archive", src.archive.as_ref().unwrap().to_str().unwrap()]);
+            args.extend(["--conn", &conn, "--passfile", pass.to_str().unwrap()]);
+        }
+    }
+    let linked = link(&d, name, mode.name(), &args);
+    assert_eq!(
+        linked.port, port,
+        "link reports another port than --staging-port"
+    );
+
+    let st = wait_syncing(&d, name);
+    assert_eq!(st["name"], name, "status: {st}");
+    assert_eq!(st["mode"], mode.name(), "status: {st}");
+    let data_dir = d.store().join("mnt").join(name);
+    assert_eq!(
+        st["data_dir"].as_str(),
+        Some(data_dir.to_str().unwrap()),
+        "status data_dir: {st}"
+    );
+    assert!(
+        util::is_mounted(&data_dir) && data_dir.join("PG_VERSION").exists(),
+        "the staging dataset is not mounted as a data dir at {}",
+        data_dir.display()
+    );
+    assert_eq!(
+        st["staging_port"].as_u64(),
+        Some(port as u64),
+        "status: {st}"
+    );
+    let pid = staging_pid(&st).unwrap();
+    assert_eq!(
+        uid_of(pid),
+        postgres_ids().map(|(u, _)| u),
+        "the staging postmaster {pid} does not run as the postgres OS user"
+    );
+    assert!(
+        st["restarts"].as_u64() == Some(0),
+        "restarts should be 0 after a clean link: {st}"
+    );
+    assert!(
+        st["snapshots"].as_u64().is_some_and(|n| n >= 1)
+            && st["last_snapshot"]["name"] == linked.first_snapshot.as_str(),
+        "status should count the first snapshot {} as the last one: {st}",
+        linked.first_snapshot
+    );
+    let conn_shown = st["conn"].as_str().unwrap_or_default();
+    assert!(
+        !conn_shown.contains(REPL_PW),
+        "status conn has the password: {st}"
+    );
+    match mode {
+        Mode::LogShipping => {
+            assert!(st["slot"].is_null(), "log shipping uses no slot: {st}");
+            assert_eq!(
+                st["archive"].as_str(),
+                Some(src.archive.as_ref().unwrap().to_str().unwrap()),
+                "status archive: {st}"
+            );
+            assert_eq!(
+                src.slots(),
+                Vec::<String>::new(),
+                "log shipping created a replication slot on the source"
+            );
+        }
+        _ => {
+            assert_eq!(st["slot"].as_str(), Some(expect_slot), "status slot: {st}");
+            assert_eq!(
+                src.slots(),
+                vec![expect_slot.to_string()],
+                "the source should have exactly the staging's slot"
+            );
+        }
+    }
+    let listed = source_list(&d);
+    assert!(
+        listed.len() == 1 && listed[0]["name"] == name && listed[0]["mode"] == mode.name(),
+        "source list --json: {listed:?}"
+    );
+
+    // Rows committed on the source after linking reach the next snapshot.
+    src.insert_rows(101, 250, "after link");
+    let target = match mode {
+        Mode::LogShipping => src.switch_wal(),
+        _ => src.lsn(),
+    };
+    let st = wait_replayed(&d, name, target);
+    eprintln!("{name}: replayed to the source's {}: {st}", fmt_lsn(target));
+    let snap = source_snapshot(&d, name);
+    let listed = snapshot_list(&d, name);
+    let entry = listed
+        .iter()
+        .find(|e| e["name"] == snap.as_str())
+        .unwrap_or_else(|| panic!("snapshot list {name} --json lacks {snap}: {listed:?}"));
+    assert!(
+        entry["mode"] == mode.name()
+            && entry["timeline"].as_u64() == Some(1)
+            && entry["lsn"].as_str().is_some_and(|l| parse_lsn(l) > 0),
+        "snapshot list entry of {snap} should carry mode, timeline 1 and an LSN: {entry}"
+    );
+    let r = provision(&d, &snap, "c1");
+    assert_eq!(
+        r.pg.psql("SELECT count(*), count(*) FILTER (WHERE note = 'after link') FROM marker"),
+        "250|150",
+        "a clone of {snap} lacks rows committed on the source before the snapshot"
+    );
+    assert_eq!(r.pg.psql("SELECT count(*) FROM pgbench_accounts"), "100000");
+    drop(r);
+
+    if let Mode::BackupStream = mode {
+        // The first snapshot is frozen: it has none of the rows committed after linking.
+        let r = provision(&d, &linked.first_snapshot, "c0");
+        assert_eq!(
+            r.pg.psql("SELECT count(*) FROM marker"),
+            "100",
+            "the first snapshot {} changed after it was taken",
+            linked.first_snapshot
+        );
+        drop(r);
+        assert_secret_hidden(&d, name, REPL_PW);
+    }
+}
+
+// The default mode: `source link NAME --conn URL` (the password only in the URL) takes a base
+// backup into the staging dataset and a hot standby streams from the source through the slot
+// vdbfs_NAME; status tells mode, state, port, pid (run as postgres), slot; rows committed after
+// linking are in the next `source snapshot`; the first snapshot stays as it was; the password
+// never shows in status, logs, process listings or the staging configuration.
+#[test]
+fn backup_stream_links_and_new_rows_reach_the_next_snapshot() {
+    link_and_read_new_rows(Mode::BackupStream, "prod", "vdbfs_prod");
+}
+
+// `--mode stream --backup DIR` imports the user's own pg_basebackup (plain directory) and streams
+// from the source through a slot named after the source (non [a-z0-9_] characters become `_`);
+// rows committed after linking are in the next snapshot.
+#[test]
+fn stream_from_own_backup_links_and_new_rows_reach_the_next_snapshot() {
+    link_and_read_new_rows(Mode::Stream, "app-db", "vdbfs_app_db");
+}
+
+// `--mode log-shipping --backup DIR --archive DIR` imports a tar-format backup and replays WAL
+// segments the source's archive_command copies into the archive; no slot is made on the source;
+// rows committed and archived (pg_switch_wal) after linking are in the next snapshot.
+#[test]
+fn log_shipping_links_and_archived_rows_reach_the_next_snapshot() {
+    link_and_read_new_rows(Mode::LogShipping, "shipped", "");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshots under load
+
+/// A background pgbench run; Drop ends it (SIGTERM to runuser, which passes it on; then SIGKILL).
+struct Background {
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Background {
+    fn start(src: &Postgres, args: &[&str]) -> Background {
+        let dir = tempdir("vdbfs-pgbench-");
+        let log = dir.path().join("pgbench.log");
+        let f = fs::File::create(&log).unwrap();
+        let child = src
+            .pgbench_command(args)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .expect("spawn pgbench");
+        Background {
+            child: Some(child),
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// Waits (bounded) for the run to end; returns its status and output.
+    fn finish(mut self, timeout: Duration) -> (ExitStatus, String) {
+        let mut c = self.child.take().unwrap();
+        let st = util::wait_child(&mut c, timeout);
+        let out = fs::read_to_string(&self.log).unwrap_or_default();
+        match st {
+            Some(st) => (st, out),
+            None => {
+                self.child = Some(c);
+                panic!("pgbench did not end within {timeout:?}; output:\n{out}");
+            }
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id() as i32, libc::SIGTERM);
+            if util::wait_child(&mut c, Duration::from_secs(10)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// What must be equal between the source and a snapshot taken after replay caught up.
+fn pgbench_fingerprint(pg: &Postgres) -> String {
+    pg.psql(
+        "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ' ' || \
+                (SELECT sum(tbalance) FROM pgbench_tellers) || ' ' || \
+                (SELECT count(*) FROM pgbench_history) || ' ' || \
+                (SELECT coalesce(sum(delta), 0) FROM pgbench_history)",
+    )
+}
+
+// Validated-sync snapshots of a source under write load are usable databases: three snapshots
+// taken while pgbench (tpcb-like) runs on the source each give a clone that starts as a primary
+// and passes pg_amcheck, each later one holding at least as much history as the earlier; once
+// replay catches up after the run, a snapshot holds exactly the source's data.
+#[test]
+fn snapshots_taken_during_pgbench_start_and_pass_amcheck() {
+    let src = SourceDb::start(false, &[]);
+    src.pgbench(&["-i", "-s", "5", "-q"]);
+    let d = Staged::start();
+    let port = util::free_port().to_string();
+    let pass = src.passfile("replicator", REPL_PW);
+    link(
+        &d,
+        "busy",
+        "backup-stream",
+        &[
+            "--conn",
+            &src.conn("replicator"),
+            "--passfile",
+            pass.to_str().unwrap(),
+            "--staging-port",
+            &port,
+        ],
+    );
+    wait_syncing(&d, "busy");
+
+    let run = Background::start(&src, &["-c", "4", "-j", "2", "-T", "20", "-n"]);
+    let mut snaps = Vec::new();
+    thread::sleep(Duration::from_secs(4));
+    for _ in 0..3 {
+        snaps.push(source_snapshot(&d, "busy"));
+        thread::sleep(Duration::from_secs(5));
+    }
+    let (st, out) = run.finish(Duration::from_secs(90));
+    assert!(
+        st.success() && out.contains("number of failed transactions: 0"),
+        "pgbench on the source failed while snapshots were taken ({st}):\n{out}"
+    );
+
+    let mut history = Vec::new();
+    for (i, snap) in snaps.iter().enumerate() {
+        let r = provision(&d, snap, &format!("load{i}"));
+        r.pg.amcheck();
+        history.push(
+            r.pg.psql("SELECT count(*) FROM pgbench_history")
+                .parse::<u64>()
+                .unwrap(),
+        );
+    }
+    eprintln!("pgbench_history rows in the snapshots {snaps:?}: {history:?}");
+    assert!(
+        history.windows(2).all(|w| w[0] <= w[1]) && history[2] > history[0],
+        "later snapshots should hold more pgbench history: {snaps:?} -> {history:?}"
+    );
+
+    let target = src.lsn();
+    wait_replayed(&d, "busy", target);
+    let last = source_snapshot(&d, "busy");
+    let r = provision(&d, &last, "final");
+    assert_eq!(
+        pgbench_fingerprint(&r.pg),
+        pgbench_fingerprint(&src),
+        "a snapshot taken after replay caught up differs from the source"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Preflight
+
+/// Runs a link expected to fail: non-zero exit, non-empty stderr containing `phrase`
+/// (case-insensitive), and never the replicator's password. Returns stderr.
+#[track_caller]
+fn expect_link_error(d: &Daemon, name: &str, args: &[&str], phrase: &str) -> String {
+    let mut a = vec!["source", "link", name];
+    a.extend_from_slice(args);
+    let out = d.vdbfs(&a);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success()
+            && !err.trim().is_empty()
+            && err.to_lowercase().contains(&phrase.to_lowercase()),
+        "`vdbfs {}` should fail with an error containing {phrase:?}\n{}\ndaemon log tail:\n{}",
+        a.join(" "),
+        describe(&out),
+        d.log_tail(40)
+    );
+    assert!(
+        !err.contains(REPL_PW) && !String::from_utf8_lossy(&out.stdout).contains(REPL_PW),
+        "a failed link printed the password\n{}",
+        describe(&out)
+    );
+    eprintln!("expected failure ({phrase}): {}", err.trim());
+    err
+}
+
+/// After a refused link: no dataset NAME (unless it existed before), no source record, no slot
+/// on the source, no new mount, no process on the store.
+#[track_caller]
+fn assert_nothing_left(
+    d: &Daemon,
+    src: &Postgres,
+    name: &str,
+    mounts_before: &[PathBuf],
+    dataset_existed: bool,
+    what: &str,
+) {
+    let ds = dataset_names(d);
+    assert_eq!(
+        ds.iter().any(|n| n == name),
+        dataset_existed,
+        "after {what}: dataset list is {ds:?}"
+    );
+    let listed = source_list(d);
+    assert!(
+        listed.is_empty(),
+        "after {what}: source list --json should be empty: {listed:?}"
+    );
+    assert_eq!(
+        src.psql("SELECT count(*) FROM pg_replication_slots"),
+        "0",
+        "after {what}: a replication slot was left on the source"
+    );
+    assert_eq!(
+        mounts_under(d.root()),
+        mounts_before,
+        "after {what}: the mounts under the test dir changed"
+    );
+    let mut left = Vec::new();
+    let gone = util::wait_until(Duration::from_secs(5), || {
+        left = processes_on_store(d);
+        left.is_empty()
+    });
+    assert!(gone, "after {what}: processes left on the store: {left:?}");
+}
+
+/// A fake PostgreSQL install dir: `postgres --version` says 14.10, the rest are the real 15
+/// binaries.
+fn fake_pg14_bin() -> tempfile::TempDir {
+    let dir = tempdir("vdbfs-fake-pg14-");
+    for e in fs::read_dir(PG_BIN).unwrap().flatten() {
+        if e.file_name() != "postgres" {
+            std::os::unix::fs::symlink(e.path(), dir.path().join(e.file_name())).unwrap();
+        }
+    }
+    let script = dir.path().join("postgres");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in\n  --version|-V) echo 'postgres (PostgreSQL) 14.10'; exit 0;;\nesac\n\
+             exec {PG_BIN}/postgres \"$@\"\n"
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+// Preflight refuses a source it cannot use, before copying anything, with an error naming the
+// problem: wrong password (passfile and URL; the URL's password is not echoed), a user without
+// REPLICATION, wal_level=minimal, a server major other than the local binaries', a staging port
+// in use, a name already taken. Each leaves nothing behind (no dataset, no source record, no slot
+// on the source, no mount, no process), so the same name links fine once the problem is fixed.
+#[test]
+fn preflight_refuses_bad_sources_and_leaves_nothing_behind() {
+    let src = SourceDb::start(false, &[]);
+    let d = Staged::start();
+    let before = mounts_under(d.root());
+    let port = util::free_port().to_string();
+    let conn = src.conn("replicator");
+    let good = src.passfile("replicator", REPL_PW);
+    let good = good.to_str().unwrap();
+
+    let wrong = src.passfile("replicator", "not-the-password");
+    expect_link_error(
+        &d,
+        "prod",
+        &[
+            "--conn",
+            &conn,
+            "--passfile",
+            wrong.to_str().unwrap(),
+            "--staging-port",
+            &port,
+        ],
+        "password authentication failed",
+    );
+    assert_nothing_left(
+        &d,
+        &src,
+        "prod",
+        &before,
+        false,
+        "a wrong password (passfile)",
+    );
+
+    let wrong_url = src.url("replicator", "Wrong-Url-Pw-93c1");
+    let err = expect_link_error(
+        &d,
+        "prod",
+        &["--conn", &wrong_url, "--staging-port", &port],
+        "password authentication failed",
+    );
+    assert!(
+        !err.contains("Wrong-Url-Pw-93c1"),
+        "the error echoes the URL's password: {err}"
+    );
+    assert_nothing_left(&d, &src, "prod", &before, false, "a wrong password (URL)");
+
+    let plain = src.passfile("plain", PLAIN_PW);
+    expect_link_error(
+        &d,
+        "prod",
+        &[
+            "--conn",
+            &src.conn("plain"),
+            "--passfile",
+            plain.to_str().unwrap(),
+            "--staging-port",
+            &port,
+        ],
+        "replication privilege",
+    );
+    assert_nothing_left(
+        &d,
+        &src,
+        "prod",
+        &before,
+        false,
+        "a user without REPLICATION",
+    );
+
+    let fake = fake_pg14_bin();
+    expect_link_error(
+        &d,
+        "prod",
+        &[
+            "--conn",
+            &conn,
+            "--passfile",
+            good,
+            "--staging-port",
+            &port,
+            "--pg-bin",
+            fake.path().to_str().unwrap(),
+        ],
+        "version",
+    );
+    assert_nothing_left(&d, &src, "prod", &before, false, "a version mismatch");
+
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port();
+    expect_link_error(
+        &d,
+        "prod",
+        &[
+            "--conn",
+            &conn,
+            "--passfile",
+            good,
+            "--staging-port",
+            &busy_port.to_string(),
+        ],
+        &format!("port {busy_port} is in use"),
+    );
+    drop(busy);
+    assert_nothing_left(&d, &src, "prod", &before, false, "a busy staging port");
+
+    d.create_dataset("taken");
+    expect_link_error(
+        &d,
+        "taken",
+        &["--conn", &conn, "--passfile", good, "--staging-port", &port],
+        "already exists",
+    );
+    assert_nothing_left(&d, &src, "taken", &before, true, "a name already taken");
+
+    let minimal = SourceDb::start(false, &["wal_level = minimal", "max_wal_senders = 0"]);
+    let mpass = minimal.passfile("replicator", REPL_PW);
+    expect_link_error(
+        &d,
+        "prod",
+        &[
+            "--conn",
+            &minimal.conn("replicator"),
+            "--passfile",
+            mpass.to_str().unwrap(),
+            "--staging-port",
+            &port,
+        ],
+        "wal_level",
+    );
+    assert_nothing_left(&d, &minimal, "prod", &before, false, "wal_level=minimal");
+    drop(minimal);
+
+    // Nothing left behind blocks the name: a good link (default staging port) works.
+    let linked = link(
+        &d,
+        "prod",
+        "backup-stream",
+        &["--conn", &conn, "--passfile", good],
+    );
+    assert!(
+        linked.port >= 5433,
+        "the default staging port is the first free one from 5433 up, got {}",
+        linked.port
+    );
+    let st = wait_syncing(&d, "prod");
+    assert_eq!(st["staging_port"].as_u64(), Some(linked.port as u64));
+    assert_eq!(src.slots(), vec!["vdbfs_prod".to_string()]);
+}
+
+// Log shipping needs WAL to replay: a missing archive directory and an empty one are each
+// refused with an error about the archive, and `--mode stream` without `--backup` is refused;
+// each leaves nothing behind.
+#[test]
+fn preflight_refuses_missing_or_empty_archive_and_missing_backup() {
+    let src = SourceDb::start(true, &[]);
+    let backup = src.basebackup("backup", false);
+    src.wait_archived();
+    let d = Staged::start();
+    let before = mounts_under(d.root());
+    let port = util::free_port().to_string();
+    let conn = src.conn("replicator");
+    let pass = src.passfile("replicator", REPL_PW);
+    let common = [
+        "--conn",
+        conn.as_str(),
+        "--passfile",
+        pass.to_str().unwrap(),
+        "--staging-port",
+        port.as_str(),
+    ];
+
+    let missing = d.root().join("no-such-archive");
+    let mut args = common.to_vec();
+    args.extend([
+        "--mode",
+        "log-shipping",
+        "--backup",
+        backup.to_str().unwrap(),
+    ]);
+    args.extend(["--archive", missing.to_str().unwrap()]);
+    expect_link_error(&d, "ship", &args, "archive");
+    assert_nothing_left(&d, &src, "ship", &before, false, "a missing archive dir");
+
+    let empty = tempdir("vdbfs-empty-archive-");
+    let mut args = common.to_vec();
+    args.extend([
+        "--mode",
+        "log-shipping",
+        "--backup",
+        backup.to_str().unwrap(),
+    ]);
+    args.extend(["--archive", empty.path().to_str().unwrap()]);
+    expect_link_error(&d, "ship", &args, "archive");
+    assert_nothing_left(&d, &src, "ship", &before, false, "an empty archive dir");
+
+    let mut args = common.to_vec();
+    args.extend(["--mode", "stream"]);
+    expect_link_error(&d, "ship", &args, "backup");
+    assert_nothing_left(
+        &d,
+        &src,
+        "ship",
+        &before,
+        false,
+        "stream mode without --backup",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Supervision
+
+/// Links `name` (backup-stream, passfile, a free staging port) and waits until it syncs.
+fn link_small(d: &Daemon, src: &SourceDb, name: &str) -> Value {
+    let pass = src.passfile("replicator", REPL_PW);
+    let port = util::free_port().to_string();
+    link(
+        d,
+        name,
+        "backup-stream",
+        &[
+            "--conn",
+            &src.conn("replicator"),
+            "--passfile",
+            pass.to_str().unwrap(),
+            "--staging-port",
+            &port,
+        ],
+    );
+    wait_syncing(d, name)
+}
+
+/// Rows 1..=n of marker are in a clone of a fresh `source snapshot`.
+#[track_caller]
+fn assert_snapshot_has_rows(d: &Daemon, name: &str, clone: &str, n: i64) -> String {
+    let snap = source_snapshot(d, name);
+    let r = provision(d, &snap, clone);
+    assert_eq!(
+        r.pg.psql("SELECT count(*), coalesce(max(id), 0) FROM marker"),
+        format!("{n}|{n}"),
+        "a clone of {snap} does not hold the source's rows 1..{n}"
+    );
+    snap
+}
+
+// The daemon supervises staging: after a SIGKILL of the staging postmaster it starts a new one
+// within seconds (state syncing, restarts >= 1) that keeps replaying; after a daemon restart
+// (SIGTERM + serve) and after a daemon crash (kill -9 + serve) staging is re-mounted and started
+// by itself, resumes at or past where it was (the old postmaster is gone), and new source rows
+// reach a new snapshot.
+#[test]
+fn staging_survives_postmaster_kill_and_daemon_restarts() {
+    let src = SourceDb::start(false, &[]);
+    src.pgbench(&["-i", "-s", "1", "-q"]);
+    let mut d = Staged::start();
+    let st = link_small(&d, &src, "sup");
+    let pid1 = staging_pid(&st).unwrap();
+
+    assert!(
+        signal(pid1, libc::SIGKILL),
+        "kill -9 staging postmaster {pid1}"
+    );
+    let st = wait_status(&d, "sup", "a new staging postmaster after kill -9", |s| {
+        s["state"] == "syncing"
+            && staging_pid(s).is_some_and(|p| p != pid1 && pid_alive(p))
+            && s["restarts"].as_u64().is_some_and(|r| r >= 1)
+    });
+    assert!(
+        !pid_alive(pid1),
+        "the killed postmaster {pid1} is still alive"
+    );
+    let pid2 = staging_pid(&st).unwrap();
+    src.insert_rows(1, 50, "after postmaster kill");
+    let st = wait_replayed(&d, "sup", src.lsn());
+    let replayed = lsn_field(&st, "replay_lsn").unwrap();
+
+    d.restart();
+    let mnt = d.store().join("mnt").join("sup");
+    let st = wait_status(&d, "sup", "staging resumed after a daemon restart", |s| {
+        s["state"] == "syncing"
+            && staging_pid(s).is_some_and(pid_alive)
+            && lsn_field(s, "replay_lsn").is_some_and(|l| l >= replayed)
+    });
+    assert!(
+        util::is_mounted(&mnt),
+        "staging is not mounted again after a daemon restart"
+    );
+    assert!(
+        !pid_alive(pid2),
+        "the staging postmaster {pid2} from before the daemon restart still runs"
+    );
+    let pid3 = staging_pid(&st).unwrap();
+    src.insert_rows(51, 100, "after daemon restart");
+    let st = wait_replayed(&d, "sup", src.lsn());
+    let replayed = lsn_field(&st, "replay_lsn").unwrap();
+    assert_snapshot_has_rows(&d, "sup", "after-restart", 100);
+
+    d.kill9();
+    d.start_again();
+    let st = wait_status(&d, "sup", "staging resumed after a daemon kill -9", |s| {
+        s["state"] == "syncing"
+            && staging_pid(s).is_some_and(|p| p != pid3 && pid_alive(p))
+            && lsn_field(s, "replay_lsn").is_some_and(|l| l >= replayed)
+    });
+    eprintln!("after kill -9 of the daemon: {st}");
+    assert!(
+        util::wait_until(WAIT, || !pid_alive(pid3)),
+        "the staging postmaster {pid3} on the crashed daemon's mount still runs: {}",
+        util::describe_pid(pid3)
+    );
+    d.wait_mounted(&mnt, WAIT);
+    src.insert_rows(101, 150, "after daemon kill -9");
+    wait_replayed(&d, "sup", src.lsn());
+    assert_snapshot_has_rows(&d, "sup", "after-crash", 150);
+}
+
+// disable stops the staging postgres but keeps dataset, snapshots and the slot (so nothing is
+// missed); enable resumes and catches up. unlink drops the slot on the source and unmounts; the
+// dataset and its snapshots stay usable; with --delete-snapshots they are deleted.
+#[test]
+fn disable_enable_and_unlink_keep_or_delete_what_they_say() {
+    let src = SourceDb::start(false, &[]);
+    src.pgbench(&["-i", "-s", "1", "-q"]);
+    let d = Staged::start();
+    let st = link_small(&d, &src, "keep");
+    let pid = staging_pid(&st).unwrap();
+    src.insert_rows(1, 20, "before disable");
+    wait_replayed(&d, "keep", src.lsn());
+    let s1 = source_snapshot(&d, "keep");
+
+    d.ok(&["source", "disable", "keep"]);
+    let st = status(&d, "keep");
+    assert!(
+        st["state"] == "disabled" && st["staging_pid"].is_null(),
+        "after disable: {st}"
+    );
+    assert!(
+        util::wait_until(Duration::from_secs(30), || !pid_alive(pid)),
+        "the staging postmaster {pid} still runs after disable"
+    );
+    assert_eq!(
+        src.psql("SELECT slot_name || ' ' || active FROM pg_replication_slots"),
+        "vdbfs_keep f",
+        "disable should keep the (now inactive) slot on the source"
+    );
+    assert!(dataset_names(&d).contains(&"keep".to_string()));
+    assert!(all_snapshot_names(&d).contains(&s1));
+
+    src.insert_rows(21, 60, "while disabled");
+    d.ok(&["source", "enable", "keep"]);
+    wait_syncing(&d, "keep");
+    wait_replayed(&d, "keep", src.lsn());
+    let s2 = source_snapshot(&d, "keep");
+    let snaps_before = snapshot_list(&d, "keep");
+    let st = status(&d, "keep");
+    let pid = staging_pid(&st).unwrap();
+
+    d.ok(&["source", "unlink", "keep"]);
+    assert!(source_list(&d).is_empty(), "unlinked source still listed");
+    assert_eq!(src.slots(), Vec::<String>::new(), "unlink left the slot");
+    assert!(
+        !util::is_mounted(&d.store().join("mnt").join("keep")),
+        "unlink left the staging mount"
+    );
+    assert!(
+        util::wait_until(Duration::from_secs(30), || !pid_alive(pid)),
+        "the staging postmaster {pid} still runs after unlink"
+    );
+    assert!(
+        dataset_names(&d).contains(&"keep".to_string()),
+        "unlink without --delete-snapshots deleted the dataset"
+    );
+    let names = |v: &[Value]| -> Vec<String> {
+        v.iter()
+            .map(|e| e["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        names(&snapshot_list(&d, "keep")),
+        names(&snaps_before),
+        "unlink without --delete-snapshots changed the snapshots"
+    );
+    // A kept snapshot still gives a database with everything, including rows that arrived
+    // while staging was disabled.
+    let r = provision(&d, &s2, "kept");
+    assert_eq!(r.pg.psql("SELECT count(*) FROM marker"), "60");
+    drop(r);
+
+    link_small(&d, &src, "gone");
+    assert_eq!(src.slots(), vec!["vdbfs_gone".to_string()]);
+    d.ok(&["source", "unlink", "gone", "--delete-snapshots"]);
+    assert!(source_list(&d).is_empty());
+    assert_eq!(src.slots(), Vec::<String>::new(), "unlink left the slot");
+    assert!(
+        !dataset_names(&d).contains(&"gone".to_string()),
+        "unlink --delete-snapshots kept the dataset"
+    );
+    let left: Vec<String> = all_snapshot_names(&d)
+        .into_iter()
+        .filter(|s| s.starts_with("gone@"))
+        .collect();
+    assert!(left.is_empty(), "unlink --delete-snapshots kept {left:?}");
+}
+
+// A broken stream is shown, not hidden: when the source goes down, status turns to state
+// "fault" with a reason; when it comes back, staging reconnects by itself (syncing, no fault)
+// and replays new rows.
+#[test]
+fn a_broken_stream_is_reported_as_a_fault_and_recovers() {
+    let mut src = SourceDb::start(false, &[]);
+    let d = Staged::start();
+    link_small(&d, &src, "flaky");
+    src.stop();
+    let st = wait_status(&d, "flaky", "state fault while the source is down", |s| {
+        s["state"] == "fault" && s["fault"].as_str().is_some_and(|f| !f.trim().is_empty())
+    });
+    eprintln!("fault while the source is down: {}", st["fault"]);
+    src.start();
+    wait_status(&d, "flaky", "back to syncing once the source is up", |s| {
+        s["state"] == "syncing" && s["fault"].is_null()
+    });
+    src.insert_rows(1, 10, "after the outage");
+    wait_replayed(&d, "flaky", src.lsn());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Env
+
+// `vdbfs env discover --json` (no daemon needed) lists the local PostgreSQL 15 installation and
+// the running clusters: the test's source as a primary (its data dir, port, pid) and the staging
+// cluster as a standby.
+#[test]
+fn env_discover_finds_installation_source_and_staging() {
+    let src = SourceDb::start(false, &[]);
+    let d = Staged::start();
+    let st = link_small(&d, &src, "disc");
+    let out = run_timeout(
+        Command::new(util::bin())
+            .env_remove("VDBFS_STORE")
+            .args(["env", "discover", "--json"]),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "env discover failed\n{}",
+        describe(&out)
+    );
+    let v = json(&String::from_utf8_lossy(&out.stdout), "env discover --json");
+
+    let inst = v["installations"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no installations array: {v}"));
+    assert!(
+        inst.iter().any(|i| i["bin_dir"] == PG_BIN
+            && (i["major"] == 15 || i["major"] == "15")
+            && i["version"].as_str().is_some_and(|s| s.starts_with("15"))),
+        "env discover does not list {PG_BIN} as major 15: {v}"
+    );
+
+    let clusters = v["clusters"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no clusters array: {v}"));
+    let find = |dir: &Path| {
+        let want = fs::canonicalize(dir).unwrap();
+        clusters
+            .iter()
+            .find(|c| {
+                c["data_dir"]
+                    .as_str()
+                    .and_then(|s| fs::canonicalize(s).ok())
+                    .is_some_and(|p| p == want)
+            })
+            .unwrap_or_else(|| panic!("env discover does not list {}: {v}", dir.display()))
+            .clone()
+    };
+    let c = find(&src.datadir);
+    assert!(
+        c["running"] == true
+            && c["role"] == "primary"
+            && c["port"].as_u64() == Some(src.port() as u64)
+            && (c["pid"].is_null() || c["pid"].as_i64() == src.postmaster_pid().map(i64::from)),
+        "the source cluster is not listed as a running primary on port {}: {c}",
+        src.port()
+    );
+    let staging = find(Path::new(st["data_dir"].as_str().unwrap()));
+    assert!(
+        staging["running"] == true
+            && staging["role"] == "standby"
+            && staging["port"] == st["staging_port"],
+        "the staging cluster is not listed as a running standby on its port: {staging}\n\
+         status: {st}"
+    );
+}
