@@ -519,7 +519,7 @@ fn mounts_under(root: &Path) -> Vec<PathBuf> {
 }
 
 /// Processes (other than the daemon) whose cwd is on the store or whose command line names it.
-fn processes_on_store(d: &Daemon) -> Vec<String> {
+fn processes_on_store(d: &Daemon) -> Vec<i32> {
     let store = d.store().to_string_lossy().into_owned();
     let daemon = d.pid().map(|p| p as i32);
     let me = std::process::id() as i32;
@@ -538,7 +538,21 @@ fn processes_on_store(d: &Daemon) -> Vec<String> {
         }
     }
     v.retain(|p| Some(*p) != daemon);
-    v.into_iter().map(util::describe_pid).collect()
+    v
+}
+
+/// What a refused link must not change: the mounts under the test dir and the processes on the
+/// store (taken before the attempts).
+struct Before {
+    mounts: Vec<PathBuf>,
+    procs: Vec<i32>,
+}
+
+fn before(d: &Daemon) -> Before {
+    Before {
+        mounts: mounts_under(d.root()),
+        procs: processes_on_store(d),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1024,7 +1038,7 @@ fn assert_nothing_left(
     d: &Daemon,
     src: &Postgres,
     name: &str,
-    mounts_before: &[PathBuf],
+    before: &Before,
     dataset_existed: bool,
     what: &str,
 ) {
@@ -1046,14 +1060,16 @@ fn assert_nothing_left(
     );
     assert_eq!(
         mounts_under(d.root()),
-        mounts_before,
+        before.mounts,
         "after {what}: the mounts under the test dir changed"
     );
     let mut left = Vec::new();
     let gone = util::wait_until(Duration::from_secs(5), || {
         left = processes_on_store(d);
+        left.retain(|p| !before.procs.contains(p));
         left.is_empty()
     });
+    let left: Vec<String> = left.into_iter().map(util::describe_pid).collect();
     assert!(gone, "after {what}: processes left on the store: {left:?}");
 }
 
@@ -1088,7 +1104,7 @@ fn fake_pg14_bin() -> tempfile::TempDir {
 fn preflight_refuses_bad_sources_and_leaves_nothing_behind() {
     let src = SourceDb::start(false, &[]);
     let d = Staged::start();
-    let before = mounts_under(d.root());
+    let before = before(&d);
     let port = util::free_port().to_string();
     let conn = src.conn("replicator");
     let good = src.passfile("replicator", REPL_PW);
@@ -1242,7 +1258,7 @@ fn preflight_refuses_missing_or_empty_archive_and_missing_backup() {
     let backup = src.basebackup("backup", false);
     src.wait_archived();
     let d = Staged::start();
-    let before = mounts_under(d.root());
+    let before = before(&d);
     let port = util::free_port().to_string();
     let conn = src.conn("replicator");
     let pass = src.passfile("replicator", REPL_PW);
@@ -1423,10 +1439,13 @@ fn disable_enable_and_unlink_keep_or_delete_what_they_say() {
         util::wait_until(Duration::from_secs(30), || !pid_alive(pid)),
         "the staging postmaster {pid} still runs after disable"
     );
-    assert_eq!(
-        src.psql("SELECT slot_name || ' ' || active FROM pg_replication_slots"),
-        "vdbfs_keep f",
-        "disable should keep the (now inactive) slot on the source"
+    let mut slots = String::new();
+    assert!(
+        util::wait_until(Duration::from_secs(30), || {
+            slots = src.psql("SELECT slot_name, active FROM pg_replication_slots");
+            slots == "vdbfs_keep|f"
+        }),
+        "disable should keep the slot vdbfs_keep on the source, inactive; slots: {slots:?}"
     );
     assert!(dataset_names(&d).contains(&"keep".to_string()));
     assert!(all_snapshot_names(&d).contains(&s1));
@@ -1574,5 +1593,88 @@ fn env_discover_finds_installation_source_and_staging() {
             && staging["port"] == st["staging_port"],
         "the staging cluster is not listed as a running standby on its port: {staging}\n\
          status: {st}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshot policy
+
+// Snapshots by policy: with `--snapshot-every 2s --keep 2` the daemon takes validated-sync
+// snapshots by itself (one taken after new rows replayed holds them) and prunes to the newest 2
+// (the first snapshot goes); status reports the policy.
+#[test]
+fn snapshot_policy_takes_and_prunes_snapshots() {
+    let src = SourceDb::start(false, &[]);
+    let d = Staged::start();
+    let pass = src.passfile("replicator", REPL_PW);
+    let port = util::free_port().to_string();
+    let linked = link(
+        &d,
+        "pol",
+        "backup-stream",
+        &[
+            "--conn",
+            &src.conn("replicator"),
+            "--passfile",
+            pass.to_str().unwrap(),
+            "--staging-port",
+            &port,
+            "--snapshot-every",
+            "2s",
+            "--keep",
+            "2",
+        ],
+    );
+    let st = wait_syncing(&d, "pol");
+    assert!(
+        st["snapshot_every_secs"].as_u64() == Some(2)
+            && st["keep"].as_u64() == Some(2)
+            && st["keep_for_secs"].is_null(),
+        "status does not report the policy --snapshot-every 2s --keep 2: {st}"
+    );
+    let names = |d: &Daemon| -> Vec<String> {
+        snapshot_list(d, "pol")
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let mut seen = Vec::new();
+    let pruned = util::wait_until(WAIT, || {
+        seen = names(&d);
+        seen.len() == 2 && !seen.contains(&linked.first_snapshot)
+    });
+    assert!(
+        pruned,
+        "with --snapshot-every 2s --keep 2 the first snapshot {} should be pruned and 2 \
+         snapshots kept; snapshots: {seen:?}\ndaemon log tail:\n{}",
+        linked.first_snapshot,
+        d.log_tail(80)
+    );
+
+    src.insert_rows(1, 40, "for the policy");
+    wait_replayed(&d, "pol", src.lsn());
+    // Two snapshots newer than every one listed now: the newer of them was started after
+    // the older one completed, so after the rows replayed.
+    let known = names(&d);
+    let mut now = Vec::new();
+    let took = util::wait_until(WAIT, || {
+        now = names(&d);
+        assert!(
+            now.len() <= 3,
+            "--keep 2 holds {} snapshots: {now:?}",
+            now.len()
+        );
+        now.len() == 2 && now.iter().all(|n| !known.contains(n))
+    });
+    assert!(
+        took,
+        "no two new policy snapshots within {WAIT:?} after {known:?}; now {now:?}"
+    );
+    let fresh = now.last().unwrap().clone();
+    let r = provision(&d, &fresh, "from-policy");
+    assert_eq!(
+        r.pg.psql("SELECT count(*) FROM marker"),
+        "40",
+        "the policy snapshot {fresh}, taken after the rows replayed, lacks them"
     );
 }
