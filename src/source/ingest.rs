@@ -189,6 +189,9 @@ pub fn import_backup(
             .arg(data_dir),
         COPY_TIMEOUT,
     )?;
+    // cp -a gave the data directory the backup directory's mode; postgres wants 0700.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))?;
     Ok(())
 }
 
