@@ -293,6 +293,9 @@ impl Daemon {
                 (None, None) => bail!("nothing tells the source's version"),
             };
             let install = preflight::staging_install(spec.pg_bin.as_deref(), major, &version)?;
+            if let (Some(f), Some(b)) = (&facts, &spec.backup) {
+                preflight::check_backup_identity(&install, b, &f.system_identifier)?;
+            }
             let port = preflight::staging_port(spec.staging_port, &taken)?;
             anyhow::Ok((facts, install, port))
         })();

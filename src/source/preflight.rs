@@ -177,6 +177,31 @@ pub fn staging_install(
     Ok(install)
 }
 
+/// A plain backup must come from the source it is linked with (a standby refuses WAL of another
+/// system, but only after the copy; say it before).
+pub fn check_backup_identity(
+    install: &Install,
+    backup: &Path,
+    source_id: &str,
+) -> anyhow::Result<()> {
+    if super::ingest::BackupFormat::detect(backup)? != super::ingest::BackupFormat::Plain {
+        return Ok(());
+    }
+    let out = pg::run(
+        std::process::Command::new(install.bin("pg_controldata")).arg(backup),
+        Duration::from_secs(60),
+    )?;
+    let control = pg::conf::parse_controldata(&out.stdout_text());
+    match control.get("Database system identifier") {
+        Some(id) if id != source_id => bail!(
+            "the backup {} was not taken from this source: its system identifier is {id}, the \
+             source's is {source_id}; take a new pg_basebackup of the source",
+            backup.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// The staging port: the one asked for if free, else the first free one from 5433 up.
 pub fn staging_port(asked: Option<u16>, taken: &[u16]) -> anyhow::Result<u16> {
     let free = |p: u16| !taken.contains(&p) && pg::port_free(p);
