@@ -314,8 +314,8 @@ pub type Rows = Vec<Vec<Option<String>>>;
 impl Cluster {
     /// `pg_ctl start -w` as the postgres user, bounded by `timeout`; returns the postmaster PID.
     /// On failure the error carries the server log tail.
+    /// postgres itself replaces a stale `postmaster.pid` and refuses to start next to a live one.
     pub fn start(&self, timeout: Duration) -> anyhow::Result<i32> {
-        let _ = std::fs::remove_file(self.data_dir.join("postmaster.pid"));
         let r = run(
             as_postgres(&self.install.bin("pg_ctl"))
                 .arg("-D")
