@@ -841,6 +841,29 @@ fn link_and_read_new_rows(mode: Mode, name: &str, expect_slot: &str) {
         );
         drop(r);
         assert_secret_hidden(&d, name, REPL_PW);
+
+        // `source snapshot --json` describes the snapshot it took; status counts it.
+        let before = status(&d, name)["snapshots"].as_u64().unwrap();
+        let j = json(
+            &d.ok(&["source", "snapshot", name, "--json"]),
+            "source snapshot --json",
+        );
+        assert!(
+            j["name"].as_str().is_some_and(|n| n.starts_with("prod@"))
+                && j["lsn"].as_str().is_some_and(|l| parse_lsn(l) > 0)
+                && j["timeline"].as_u64() == Some(1)
+                && j["mode"] == "backup-stream"
+                && j["created"].is_string()
+                && j.get("replay_time").is_some(),
+            "source snapshot --json lacks name/lsn/timeline/replay_time/mode/created: {j}"
+        );
+        let st = status(&d, name);
+        assert!(
+            st["snapshots"].as_u64() == Some(before + 1)
+                && st["last_snapshot"]["name"] == j["name"],
+            "status does not count the snapshot {} as the last one: {st}",
+            j["name"]
+        );
     }
 }
 
@@ -1313,21 +1336,24 @@ fn preflight_refuses_missing_or_empty_archive_and_missing_backup() {
 
 /// Links `name` (backup-stream, passfile, a free staging port) and waits until it syncs.
 fn link_small(d: &Daemon, src: &SourceDb, name: &str) -> Value {
+    link_small_with(d, src, name, &[])
+}
+
+/// [`link_small`] with more link options.
+fn link_small_with(d: &Daemon, src: &SourceDb, name: &str, extra: &[&str]) -> Value {
     let pass = src.passfile("replicator", REPL_PW);
     let port = util::free_port().to_string();
-    link(
-        d,
-        name,
-        "backup-stream",
-        &[
-            "--conn",
-            &src.conn("replicator"),
-            "--passfile",
-            pass.to_str().unwrap(),
-            "--staging-port",
-            &port,
-        ],
-    );
+    let conn = src.conn("replicator");
+    let mut args = vec![
+        "--conn",
+        conn.as_str(),
+        "--passfile",
+        pass.to_str().unwrap(),
+        "--staging-port",
+        port.as_str(),
+    ];
+    args.extend_from_slice(extra);
+    link(d, name, "backup-stream", &args);
     wait_syncing(d, name)
 }
 
@@ -1415,16 +1441,41 @@ fn staging_survives_postmaster_kill_and_daemon_restarts() {
     assert_snapshot_has_rows(&d, "sup", "after-crash", 150);
 }
 
-// disable stops the staging postgres but keeps dataset, snapshots and the slot (so nothing is
-// missed); enable resumes and catches up. unlink drops the slot on the source and unmounts; the
-// dataset and its snapshots stay usable; with --delete-snapshots they are deleted.
+// While linked, the staging dataset is protected: `umount` and `dataset delete` of it are
+// refused and staging keeps syncing. disable stops the staging postgres but keeps dataset,
+// snapshots and the slot (so nothing is missed), also across a daemon restart; enable resumes
+// and catches up. unlink drops the slot on the source and unmounts; the dataset and its
+// snapshots stay usable; with --delete-snapshots they are deleted. `--keep-for` shows in status.
 #[test]
 fn disable_enable_and_unlink_keep_or_delete_what_they_say() {
     let src = SourceDb::start(false, &[]);
     src.pgbench(&["-i", "-s", "1", "-q"]);
-    let d = Staged::start();
-    let st = link_small(&d, &src, "keep");
+    let mut d = Staged::start();
+    let st = link_small_with(&d, &src, "keep", &["--keep-for", "7d"]);
+    assert!(
+        st["keep_for_secs"].as_u64() == Some(7 * 86400) && st["keep"].is_null(),
+        "status does not report --keep-for 7d: {st}"
+    );
     let pid = staging_pid(&st).unwrap();
+    let mnt = d.store().join("mnt").join("keep");
+    for args in [
+        vec!["umount", mnt.to_str().unwrap()],
+        vec!["dataset", "delete", "keep"],
+        vec!["dataset", "delete", "keep", "--with-snapshots"],
+    ] {
+        let out = d.vdbfs(&args);
+        assert!(
+            !out.status.success() && !out.stderr.is_empty(),
+            "`vdbfs {}` of a linked source's staging dataset should be refused\n{}",
+            args.join(" "),
+            describe(&out)
+        );
+    }
+    let st = wait_syncing(&d, "keep");
+    assert!(
+        staging_pid(&st) == Some(pid) && util::is_mounted(&mnt),
+        "refused umount/delete disturbed staging: {st}"
+    );
     src.insert_rows(1, 20, "before disable");
     wait_replayed(&d, "keep", src.lsn());
     let s1 = source_snapshot(&d, "keep");
@@ -1449,6 +1500,15 @@ fn disable_enable_and_unlink_keep_or_delete_what_they_say() {
     );
     assert!(dataset_names(&d).contains(&"keep".to_string()));
     assert!(all_snapshot_names(&d).contains(&s1));
+
+    // Disabled stays disabled across a daemon restart.
+    d.restart();
+    thread::sleep(Duration::from_secs(3));
+    let st = status(&d, "keep");
+    assert!(
+        st["state"] == "disabled" && st["staging_pid"].is_null(),
+        "a disabled source should stay disabled after a daemon restart: {st}"
+    );
 
     src.insert_rows(21, 60, "while disabled");
     d.ok(&["source", "enable", "keep"]);
@@ -1508,7 +1568,8 @@ fn disable_enable_and_unlink_keep_or_delete_what_they_say() {
 
 // A broken stream is shown, not hidden: when the source goes down, status turns to state
 // "fault" with a reason; when it comes back, staging reconnects by itself (syncing, no fault)
-// and replays new rows.
+// and replays new rows. With the source down again, unlink refuses (it cannot drop the slot)
+// and leaves the source linked; `unlink --force` goes on and keeps the dataset.
 #[test]
 fn a_broken_stream_is_reported_as_a_fault_and_recovers() {
     let mut src = SourceDb::start(false, &[]);
@@ -1525,6 +1586,129 @@ fn a_broken_stream_is_reported_as_a_fault_and_recovers() {
     });
     src.insert_rows(1, 10, "after the outage");
     wait_replayed(&d, "flaky", src.lsn());
+
+    // An unreachable source: unlink cannot drop the slot and says so; --force goes on.
+    src.stop();
+    let out = d.vdbfs(&["source", "unlink", "flaky"]);
+    assert!(
+        !out.status.success() && !out.stderr.is_empty(),
+        "unlink without --force should fail while the source is unreachable\n{}",
+        describe(&out)
+    );
+    assert_eq!(
+        source_list(&d).len(),
+        1,
+        "a failed unlink should leave the source linked"
+    );
+    let st = status(&d, "flaky");
+    let pid = staging_pid(&st);
+    d.ok(&["source", "unlink", "flaky", "--force"]);
+    assert!(
+        source_list(&d).is_empty(),
+        "unlink --force left the source listed"
+    );
+    assert!(
+        !util::is_mounted(&d.store().join("mnt").join("flaky")),
+        "unlink --force left the staging mount"
+    );
+    if let Some(pid) = pid {
+        assert!(
+            util::wait_until(Duration::from_secs(30), || !pid_alive(pid)),
+            "the staging postmaster {pid} still runs after unlink --force"
+        );
+    }
+    assert!(
+        dataset_names(&d).contains(&"flaky".to_string()),
+        "unlink --force without --delete-snapshots deleted the dataset"
+    );
+}
+
+/// The WAL segment file name holding `lsn` on the source.
+fn walfile(src: &SourceDb, lsn: &str) -> String {
+    src.psql(&format!("SELECT pg_walfile_name('{lsn}')"))
+}
+
+// Log shipping states a gap in the archive: when a later WAL segment is archived but an earlier
+// one is missing, status shows state "fault" naming the missing segment (replay cannot go on);
+// once the missing file arrives, replay resumes by itself (syncing, no fault) and the rows of
+// both segments reach the next snapshot.
+#[test]
+fn log_shipping_archive_gap_is_a_fault_until_filled() {
+    let src = SourceDb::start(true, &[]);
+    let backup = src.basebackup("backup", false);
+    src.wait_archived();
+    let archive = src.archive.clone().unwrap();
+    let d = Staged::start();
+    let pass = src.passfile("replicator", REPL_PW);
+    let port = util::free_port().to_string();
+    link(
+        &d,
+        "gap",
+        "log-shipping",
+        &[
+            "--mode",
+            "log-shipping",
+            "--backup",
+            backup.to_str().unwrap(),
+            "--archive",
+            archive.to_str().unwrap(),
+            "--conn",
+            &src.conn("replicator"),
+            "--passfile",
+            pass.to_str().unwrap(),
+            "--staging-port",
+            &port,
+        ],
+    );
+    wait_syncing(&d, "gap");
+    let target = src.switch_wal();
+    wait_replayed(&d, "gap", target);
+
+    // From now on the source archives into HOLD; the test decides what reaches the archive.
+    let hold = src.dir.path().join("hold");
+    fs::create_dir(&hold).unwrap();
+    chown_postgres(&hold);
+    src.psql(&format!(
+        "ALTER SYSTEM SET archive_command = 'test ! -f {0}/%f && cp %p {0}/%f'",
+        hold.display()
+    ));
+    src.psql("SELECT pg_reload_conf()");
+    thread::sleep(Duration::from_secs(2));
+    // Names taken after the inserts: on a segment boundary pg_walfile_name names the previous.
+    src.insert_rows(1, 30, "segment a");
+    let seg_a = walfile(&src, &src.psql("SELECT pg_current_wal_lsn()"));
+    src.switch_wal();
+    src.insert_rows(31, 60, "segment b");
+    let seg_b = walfile(&src, &src.psql("SELECT pg_current_wal_lsn()"));
+    assert_ne!(seg_a, seg_b);
+    let target = src.switch_wal();
+    assert!(
+        util::wait_until(WAIT, || hold.join(&seg_a).exists()
+            && hold.join(&seg_b).exists()),
+        "the source did not archive {seg_a} and {seg_b} into {} within {WAIT:?}\nsource log:\n{}",
+        hold.display(),
+        src.log_tail(30)
+    );
+    assert!(
+        !archive.join(&seg_a).exists(),
+        "{seg_a} went to the archive: the archive_command reload came too late (test setup)"
+    );
+    let copy = |seg: &str| {
+        fs::copy(hold.join(seg), archive.join(seg)).unwrap();
+        chown_postgres(&archive.join(seg));
+    };
+    copy(&seg_b);
+    let st = wait_status(&d, "gap", &format!("state fault naming {seg_a}"), |s| {
+        s["state"] == "fault" && s["fault"].as_str().is_some_and(|f| f.contains(&seg_a))
+    });
+    eprintln!("archive gap: {}", st["fault"]);
+    copy(&seg_a);
+    wait_status(&d, "gap", "syncing again once the gap is filled", |s| {
+        s["state"] == "syncing"
+            && s["fault"].is_null()
+            && lsn_field(s, "replay_lsn").is_some_and(|l| l >= target)
+    });
+    assert_snapshot_has_rows(&d, "gap", "filled", 60);
 }
 
 // ---------------------------------------------------------------------------------------------
