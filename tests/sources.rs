@@ -1711,6 +1711,120 @@ fn log_shipping_archive_gap_is_a_fault_until_filled() {
     assert_snapshot_has_rows(&d, "gap", "filled", 60);
 }
 
+// A daemon crash in the middle of `source link` (while the base backup is copied) leaves no
+// half-linked source behind: once the daemon serves again the source is either fully linked or
+// gone, and the same link command then works and the standby follows the source.
+#[test]
+fn daemon_crash_during_link_leaves_no_half_linked_source() {
+    let src = SourceDb::start(false, &[]);
+    src.pgbench(&["-i", "-s", "10", "-q"]);
+    let mut d = Staged::start();
+    let pass = src.passfile("replicator", REPL_PW);
+    let port = util::free_port().to_string();
+    let conn = src.conn("replicator");
+    let args = [
+        "source",
+        "link",
+        "half",
+        "--conn",
+        conn.as_str(),
+        "--passfile",
+        pass.to_str().unwrap(),
+        "--staging-port",
+        port.as_str(),
+    ];
+    let mut cli = d
+        .command()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn vdbfs source link");
+    let base = d.store().join("mnt").join("half").join("base");
+    let started = Instant::now();
+    let copying = util::wait_until(WAIT, || {
+        base.exists() || cli.try_wait().ok().flatten().is_some()
+    });
+    assert!(
+        copying && cli.try_wait().ok().flatten().is_none(),
+        "the link finished (or never started copying) within {:?}; no crash window\n{}",
+        started.elapsed(),
+        d.log_tail(40)
+    );
+    let killed_after = started.elapsed();
+    d.kill9();
+    let st = util::wait_child(&mut cli, Duration::from_secs(30));
+    if st.is_none() {
+        let _ = cli.kill();
+        let _ = cli.wait();
+    }
+    eprintln!("link CLI after the daemon crash: {st:?}");
+    d.start_again();
+
+    let mut listed = Vec::new();
+    let settled = util::wait_until(WAIT, || {
+        listed = source_list(&d);
+        listed.is_empty() || listed.iter().all(|s| s["state"] == "syncing")
+    });
+    assert!(
+        settled,
+        "after the crash the half-done link neither finished nor went away: {listed:?}\n\
+         daemon log tail:\n{}",
+        d.log_tail(80)
+    );
+    eprintln!(
+        "after the crash during link (killed {killed_after:?} into it): listed {listed:?}, \
+         datasets {:?}, slots {:?}",
+        dataset_names(&d),
+        src.slots()
+    );
+    if listed.is_empty() {
+        let out = d.vdbfs(&args[..]);
+        assert!(
+            out.status.success(),
+            "linking again after a daemon crash during link failed\n{}\ndaemon log tail:\n{}",
+            describe(&out),
+            d.log_tail(80)
+        );
+    }
+    wait_syncing(&d, "half");
+    assert_eq!(src.slots(), vec!["vdbfs_half".to_string()]);
+    src.insert_rows(1, 10, "after the crash");
+    wait_replayed(&d, "half", src.lsn());
+}
+
+// The password may come from PGPASSWORD (no passfile, no password in the conninfo): the standby
+// authenticates with it, also after a daemon restart, and it shows nowhere.
+#[test]
+fn pgpassword_from_the_environment_works_across_restarts_and_stays_hidden() {
+    let src = SourceDb::start(false, &[]);
+    let mut d = Staged::start();
+    let port = util::free_port().to_string();
+    let out = run_timeout(
+        d.command()
+            .env("PGPASSWORD", REPL_PW)
+            .args(["source", "link", "envpw", "--conn"])
+            .arg(src.conn("replicator"))
+            .args(["--staging-port", &port]),
+        util::COMMAND_TIMEOUT,
+    );
+    assert!(
+        out.status.success(),
+        "link with PGPASSWORD failed\n{}\ndaemon log tail:\n{}",
+        describe(&out),
+        d.log_tail(40)
+    );
+    wait_syncing(&d, "envpw");
+    src.insert_rows(1, 10, "before restart");
+    wait_replayed(&d, "envpw", src.lsn());
+    d.restart();
+    wait_syncing(&d, "envpw");
+    src.insert_rows(11, 20, "after restart");
+    wait_replayed(&d, "envpw", src.lsn());
+    assert_secret_hidden(&d, "envpw", REPL_PW);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Env
 
