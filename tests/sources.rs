@@ -1028,18 +1028,21 @@ fn snapshots_taken_during_pgbench_start_and_pass_amcheck() {
 // ---------------------------------------------------------------------------------------------
 // Preflight
 
-/// Runs a link expected to fail: non-zero exit, non-empty stderr containing `phrase`
-/// (case-insensitive), and never the replicator's password. Returns stderr.
+/// Runs a link expected to fail: non-zero exit, a `vdbfs: error:` on stderr whose text (from
+/// there on; progress lines before it do not count) contains `phrase` (case-insensitive), and
+/// never the replicator's password. Returns stderr.
 #[track_caller]
 fn expect_link_error(d: &Daemon, name: &str, args: &[&str], phrase: &str) -> String {
     let mut a = vec!["source", "link", name];
     a.extend_from_slice(args);
     let out = d.vdbfs(&a);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let error = err
+        .find("vdbfs: error:")
+        .map(|i| err[i..].to_lowercase())
+        .unwrap_or_default();
     assert!(
-        !out.status.success()
-            && !err.trim().is_empty()
-            && err.to_lowercase().contains(&phrase.to_lowercase()),
+        !out.status.success() && error.contains(&phrase.to_lowercase()),
         "`vdbfs {}` should fail with an error containing {phrase:?}\n{}\ndaemon log tail:\n{}",
         a.join(" "),
         describe(&out),
@@ -1273,10 +1276,11 @@ fn preflight_refuses_bad_sources_and_leaves_nothing_behind() {
 }
 
 // Log shipping needs WAL to replay: a missing archive directory and an empty one are each
-// refused with an error about the archive, and `--mode stream` without `--backup` is refused;
-// each leaves nothing behind.
+// refused with an error about the archive; `--mode stream` without `--backup` and with a backup
+// of another cluster (a standby could never replay the source's WAL on it) are refused with an
+// error about the backup; each leaves nothing behind.
 #[test]
-fn preflight_refuses_missing_or_empty_archive_and_missing_backup() {
+fn preflight_refuses_bad_archives_and_backups() {
     let src = SourceDb::start(true, &[]);
     let backup = src.basebackup("backup", false);
     src.wait_archived();
@@ -1328,6 +1332,65 @@ fn preflight_refuses_missing_or_empty_archive_and_missing_backup() {
         &before,
         false,
         "stream mode without --backup",
+    );
+
+    let other = SourceDb::start(false, &[]);
+    let foreign = other.basebackup("backup", false);
+    let mut args = common.to_vec();
+    args.extend(["--mode", "stream", "--backup", foreign.to_str().unwrap()]);
+    expect_link_error(&d, "ship", &args, "backup");
+    assert_nothing_left(
+        &d,
+        &src,
+        "ship",
+        &before,
+        false,
+        "a backup of another cluster",
+    );
+}
+
+// Like a plain one, a tar-format backup (base.tar.gz) of another cluster is refused before
+// anything is copied, with an error about the backup (its pg_control names another system), and
+// leaves nothing behind.
+#[test]
+fn preflight_refuses_a_tar_backup_of_another_cluster() {
+    let src = SourceDb::start(false, &[]);
+    let other = SourceDb::start(false, &[]);
+    let foreign_tar = other.basebackup("backup-tar", true);
+    let d = Staged::start();
+    let before = before(&d);
+    let port = util::free_port().to_string();
+    let pass = src.passfile("replicator", REPL_PW);
+    let t0 = Instant::now();
+    let err = expect_link_error(
+        &d,
+        "foreign",
+        &[
+            "--conn",
+            &src.conn("replicator"),
+            "--passfile",
+            pass.to_str().unwrap(),
+            "--staging-port",
+            &port,
+            "--mode",
+            "stream",
+            "--backup",
+            foreign_tar.to_str().unwrap(),
+        ],
+        "backup",
+    );
+    assert!(
+        !err.contains("extracting") && t0.elapsed() < Duration::from_secs(30),
+        "a foreign tar backup should be refused before it is copied (took {:?})\n{err}",
+        t0.elapsed()
+    );
+    assert_nothing_left(
+        &d,
+        &src,
+        "foreign",
+        &before,
+        false,
+        "a tar backup of another cluster",
     );
 }
 
