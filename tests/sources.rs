@@ -671,6 +671,25 @@ fn assert_secret_hidden(d: &Daemon, name: &str, secret: &str) {
     }
 }
 
+/// While a source syncs, vdbfs holds one replication connection on it and nothing else: sampled
+/// for ~3 s (with status calls in between), the `replicator` role has exactly one session, a
+/// walsender, and no open transaction.
+#[track_caller]
+fn assert_source_touched_lightly(d: &Daemon, src: &SourceDb, name: &str) {
+    for _ in 0..10 {
+        let sessions = src.psql(
+            "SELECT backend_type || ':' || coalesce(state, '') || ':' || (xact_start IS NOT NULL) \
+             FROM pg_stat_activity WHERE usename = 'replicator' ORDER BY 1",
+        );
+        assert_eq!(
+            sessions, "walsender:active:false",
+            "the source should see one walsender of vdbfs and no transaction of it"
+        );
+        d.ok(&["source", "status", name, "--json"]);
+        thread::sleep(Duration::from_millis(300));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The three modes
 
@@ -800,6 +819,9 @@ fn link_and_read_new_rows(mode: Mode, name: &str, expect_slot: &str) {
         listed.len() == 1 && listed[0]["name"] == name && listed[0]["mode"] == mode.name(),
         "source list --json: {listed:?}"
     );
+    if !matches!(mode, Mode::LogShipping) {
+        assert_source_touched_lightly(&d, &src, name);
+    }
 
     // Rows committed on the source after linking reach the next snapshot.
     src.insert_rows(101, 250, "after link");
