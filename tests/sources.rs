@@ -2,12 +2,14 @@
 //! three ingestion modes (backup-stream, stream from the user's backup, log shipping from an
 //! archive) links a real PostgreSQL 15 cluster on loopback, and rows committed on the source
 //! afterwards are in the next validated-sync snapshot, read by starting a primary on a clone of
-//! it; snapshots taken while pgbench runs all start and pass pg_amcheck; preflight refuses bad
-//! sources with a clear error and leaves nothing behind; the daemon restarts a killed staging
-//! postgres and resumes staging after its own restart (SIGTERM and kill -9); disable / enable /
-//! unlink keep or delete what they promise; a broken stream shows as a fault; secrets given in a
-//! URL never reach status, logs, process listings or the staging configuration; and
-//! `vdbfs env discover` finds the installation, the source and the staging cluster.
+//! it; snapshots taken while pgbench runs all start and pass pg_amcheck; policy snapshots are
+//! taken and pruned; preflight refuses bad sources, archives and backups with a clear error and
+//! leaves nothing behind (also when the daemon dies mid-link); the daemon restarts a killed
+//! staging postgres and resumes staging after its own restart (SIGTERM and kill -9); disable /
+//! enable / unlink keep or delete what they promise; a broken stream and an archive gap show as
+//! faults; the source sees one walsender and no transaction; a password (URL or PGPASSWORD)
+//! never reaches status, logs, process listings or the staging configuration; and `vdbfs env
+//! discover` finds the installation, the source and the staging cluster.
 
 use std::fs;
 use std::io::Read;
@@ -892,8 +894,9 @@ fn link_and_read_new_rows(mode: Mode, name: &str, expect_slot: &str) {
 // The default mode: `source link NAME --conn URL` (the password only in the URL) takes a base
 // backup into the staging dataset and a hot standby streams from the source through the slot
 // vdbfs_NAME; status tells mode, state, port, pid (run as postgres), slot; rows committed after
-// linking are in the next `source snapshot`; the first snapshot stays as it was; the password
-// never shows in status, logs, process listings or the staging configuration.
+// linking are in the next `source snapshot` (`--json` describes it); the first snapshot stays as
+// it was; the source sees one walsender and no open transaction; the password never shows in
+// status, logs, process listings or the staging configuration.
 #[test]
 fn backup_stream_links_and_new_rows_reach_the_next_snapshot() {
     link_and_read_new_rows(Mode::BackupStream, "prod", "vdbfs_prod");
