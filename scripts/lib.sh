@@ -70,7 +70,8 @@ require_root() {
 #   fuse3                 /usr/bin/fusermount3, /sbin/mount.fuse3
 #   postgresql-15         postgres, initdb, pg_ctl, pgbench, pg_test_fsync, contrib extensions
 #                         (amcheck, ...). It also provides the virtual postgresql-contrib-15.
-#   postgresql-client-15  psql, pg_amcheck, pg_isready
+#   postgresql-client-15  psql, pg_amcheck, pg_isready, pg_basebackup
+#   jq                    /usr/bin/jq (scripts read `vdbfs ... --json` with it)
 _DEP_FILES=(
     "fuse3:/usr/bin/fusermount3"
     "fuse3:/sbin/mount.fuse3"
@@ -82,6 +83,8 @@ _DEP_FILES=(
     "postgresql-15:/usr/share/postgresql/15/extension/amcheck.control"
     "postgresql-client-15:$PGBIN/psql"
     "postgresql-client-15:$PGBIN/pg_amcheck"
+    "postgresql-client-15:$PGBIN/pg_basebackup"
+    "jq:/usr/bin/jq"
 )
 _APT_UPDATED=""
 
@@ -100,7 +103,7 @@ _apt_install() {
 }
 
 ensure_deps() {
-    step "Checking dependencies (fuse3, PostgreSQL 15, /dev/fuse, rust toolchain)"
+    step "Checking dependencies (fuse3, PostgreSQL 15, jq, /dev/fuse, rust toolchain)"
     local entry pkg file missing=()
     for entry in "${_DEP_FILES[@]}"; do
         pkg=${entry%%:*} file=${entry#*:}
@@ -121,7 +124,7 @@ ensure_deps() {
         [[ -e "$file" ]] || die "$file still missing after installing ${entry%%:*}"
     done
     id postgres >/dev/null 2>&1 || die "OS user 'postgres' does not exist (postgresql-common should have created it)"
-    ok "packages: fuse3, postgresql-15, postgresql-client-15 (PGBIN=$PGBIN)"
+    ok "packages: fuse3, postgresql-15, postgresql-client-15, jq (PGBIN=$PGBIN)"
 
     if [[ ! -c /dev/fuse ]]; then
         modprobe fuse 2>/dev/null || true
