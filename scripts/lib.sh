@@ -471,7 +471,10 @@ vdbfs_source_unlink() {
 vdbfs_source_cleanup() {
     local store=$1 name=$2 err
     shift 2
-    err=$(vdbfs_cmd "$store" source unlink "$name" "$@" 2>&1 >/dev/null) || warn "vdbfs source unlink $name: $err"
+    # Nothing to undo when the link failed in its preflight (it leaves nothing behind).
+    if vdbfs_cmd "$store" source status "$name" >/dev/null 2>&1; then
+        err=$(vdbfs_cmd "$store" source unlink "$name" "$@" 2>&1 >/dev/null) || warn "vdbfs source unlink $name: $err"
+    fi
     _vdbfs_staging_down "$name"
 }
 
