@@ -27,6 +27,8 @@ pub struct Cli {
     pub cmd: Cmd,
 }
 
+// Parsed once per run: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum Cmd {
     /// Create an empty store.
@@ -68,6 +70,102 @@ pub enum Cmd {
     },
     /// Reclaim the space of blocks nothing references (also runs by itself).
     Gc,
+    /// Link source databases (dSources) and keep them in sync through a staging standby.
+    Source {
+        #[command(subcommand)]
+        cmd: SourceCmd,
+    },
+    /// This host's PostgreSQL installations and clusters.
+    Env {
+        #[command(subcommand)]
+        cmd: EnvCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum EnvCmd {
+    /// List PostgreSQL installations (bin dir, version) and clusters (data dir, port, running,
+    /// role). Needs no daemon.
+    Discover {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+pub enum SourceCmd {
+    /// Copy a running PostgreSQL into a staging dataset NAME and keep it in sync.
+    Link {
+        name: String,
+        /// How to reach the source: 'postgresql://USER@HOST:PORT/DB' or 'host=.. port=.. user=..'
+        /// (a role with REPLICATION). The password may come from PGPASSWORD or --passfile.
+        #[arg(long)]
+        conn: Option<String>,
+        /// backup-stream (vdbfs runs pg_basebackup, then streams), stream (your --backup, then
+        /// streams) or log-shipping (your --backup, then WAL files from --archive).
+        #[arg(long, default_value = "backup-stream")]
+        mode: String,
+        /// Your base backup (pg_basebackup output, plain or tar format).
+        #[arg(long)]
+        backup: Option<PathBuf>,
+        /// The directory the source's archive_command copies WAL files to.
+        #[arg(long)]
+        archive: Option<PathBuf>,
+        /// Port of the staging standby (default: the first free one from 5433).
+        #[arg(long)]
+        staging_port: Option<u16>,
+        /// Physical replication slot on the source (default vdbfs_NAME).
+        #[arg(long)]
+        slot: Option<String>,
+        /// Take a validated-sync snapshot this often (30s, 15m, 2h, 1d).
+        #[arg(long)]
+        snapshot_every: Option<String>,
+        /// Keep this many of the source's snapshots.
+        #[arg(long)]
+        keep: Option<u32>,
+        /// Keep the source's snapshots this long (e.g. 7d).
+        #[arg(long)]
+        keep_for: Option<String>,
+        /// A libpq passfile (mode 0600) with the password.
+        #[arg(long)]
+        passfile: Option<PathBuf>,
+        /// PostgreSQL bin directory for the staging standby (default: the source's version
+        /// under /usr/lib/postgresql).
+        #[arg(long, hide = true)]
+        pg_bin: Option<PathBuf>,
+    },
+    /// Sources with their state and lag.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// State, replay position, lag, faults and last snapshot of a source.
+    Status {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a validated-sync snapshot now; prints its full name.
+    Snapshot {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop syncing (the staging standby stops); everything is kept.
+    Disable { name: String },
+    /// Resume syncing.
+    Enable { name: String },
+    /// Stop staging, drop the replication slot, detach the source.
+    Unlink {
+        name: String,
+        /// Also delete the staging dataset and its snapshots (default: keep them as a dataset).
+        #[arg(long)]
+        delete_snapshots: bool,
+        /// Unlink even when the slot cannot be dropped on an unreachable source.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -141,11 +239,69 @@ pub fn call(store: &Path, req: &Request) -> anyhow::Result<Response> {
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
     s.write_all(line.as_bytes())?;
-    let mut resp = String::new();
-    BufReader::new(s)
-        .read_line(&mut resp)
-        .context("the daemon closed the connection without answering")?;
-    serde_json::from_str(&resp).context("malformed answer from the daemon")
+    let mut r = BufReader::new(s);
+    loop {
+        let mut resp = String::new();
+        let n = r
+            .read_line(&mut resp)
+            .context("the daemon closed the connection without answering")?;
+        if n == 0 {
+            bail!("the daemon closed the connection without answering");
+        }
+        if let Ok(p) = serde_json::from_str::<api::ProgressLine>(&resp) {
+            eprintln!("{}", p.progress);
+            continue;
+        }
+        return serde_json::from_str(&resp).context("malformed answer from the daemon");
+    }
+}
+
+fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or("-".to_string(), |x| x.to_string())
+}
+
+fn print_source(s: &api::SourceStatus) {
+    println!("source {} ({}): {}", s.name, s.mode, s.state);
+    if let Some(f) = &s.fault {
+        println!("  FAULT: {f}");
+    }
+    println!(
+        "  staging: {} on port {} (pid {})",
+        s.data_dir.display(),
+        s.staging_port,
+        opt(&s.staging_pid)
+    );
+    if let Some(c) = &s.conn {
+        println!(
+            "  source: {c}{}",
+            s.slot
+                .as_ref()
+                .map(|x| format!(", slot {x}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(a) = &s.archive {
+        println!("  archive: {}", a.display());
+    }
+    println!(
+        "  replay {} (received {}, source at {}); lag {} bytes, {} s; last replayed commit {}",
+        opt(&s.replay_lsn),
+        opt(&s.receive_lsn),
+        opt(&s.source_lsn),
+        opt(&s.lag_bytes),
+        s.lag_seconds.map_or("-".to_string(), |x| format!("{x:.1}")),
+        opt(&s.last_replay_time)
+    );
+    match &s.last_snapshot {
+        Some(l) => println!(
+            "  {} snapshot(s); last {} at LSN {} (timeline {}), {}",
+            s.snapshots, l.name, l.lsn, l.timeline, l.created
+        ),
+        None => println!("  {} snapshot(s)", s.snapshots),
+    }
+    if s.restarts > 0 {
+        println!("  staging restarted {} time(s) after a crash", s.restarts);
+    }
 }
 
 fn run_req(store: &Path, req: Request) -> anyhow::Result<Response> {
@@ -294,6 +450,31 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Cmd::Env {
+            cmd: EnvCmd::Discover { json },
+        } => {
+            let env = crate::pg::discover::discover();
+            if json {
+                println!("{}", serde_json::to_string(&env)?);
+            } else {
+                println!("installations:");
+                for i in &env.installations {
+                    println!("  PostgreSQL {:<8} {}", i.version, i.bin_dir.display());
+                }
+                println!("clusters:");
+                for c in &env.clusters {
+                    println!(
+                        "  {:<48} version {:<4} port {:<6} {:<8} {}",
+                        c.data_dir.display(),
+                        opt(&c.version),
+                        opt(&c.port),
+                        if c.running { "running" } else { "stopped" },
+                        c.role
+                    );
+                }
+            }
+        }
+        Cmd::Source { cmd } => run_source(&store, cmd)?,
         Cmd::Umount { mountpoint } => {
             let mountpoint = absolute(&mountpoint)?;
             println!(
@@ -301,6 +482,114 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 run_req(&store, Request::Umount { mountpoint })?.message
             );
         }
+    }
+    Ok(())
+}
+
+fn run_source(store: &Path, cmd: SourceCmd) -> anyhow::Result<()> {
+    match cmd {
+        SourceCmd::Link {
+            name,
+            conn,
+            mode,
+            backup,
+            archive,
+            staging_port,
+            slot,
+            snapshot_every,
+            keep,
+            keep_for,
+            passfile,
+            pg_bin,
+        } => {
+            let spec = crate::source::LinkSpec {
+                name,
+                conn,
+                password: std::env::var("PGPASSWORD").ok(),
+                passfile: passfile.map(|p| absolute(&p)).transpose()?,
+                mode: Some(mode),
+                backup: backup.map(|p| absolute(&p)).transpose()?,
+                archive: archive.map(|p| absolute(&p)).transpose()?,
+                staging_port,
+                slot,
+                snapshot_every,
+                keep,
+                keep_for,
+                pg_bin: pg_bin.map(|p| absolute(&p)).transpose()?,
+            };
+            println!(
+                "{}",
+                run_req(store, Request::SourceLink(Box::new(spec)))?.message
+            );
+        }
+        SourceCmd::List { json } => {
+            let r = run_req(store, Request::SourceList)?;
+            if json {
+                println!("{}", r.data);
+            } else {
+                let list: Vec<api::SourceStatus> = serde_json::from_value(r.data)?;
+                println!(
+                    "{:<20} {:<14} {:<9} {:>6} {:>12} {:>8} LAST SNAPSHOT",
+                    "NAME", "MODE", "STATE", "PORT", "LAG BYTES", "LAG S"
+                );
+                for s in list {
+                    println!(
+                        "{:<20} {:<14} {:<9} {:>6} {:>12} {:>8} {}",
+                        s.name,
+                        s.mode,
+                        s.state,
+                        s.staging_port,
+                        opt(&s.lag_bytes),
+                        s.lag_seconds.map_or("-".to_string(), |x| format!("{x:.1}")),
+                        s.last_snapshot.map_or("-".to_string(), |l| l.name)
+                    );
+                }
+            }
+        }
+        SourceCmd::Status { name, json } => {
+            let r = run_req(store, Request::SourceStatus { name })?;
+            if json {
+                println!("{}", r.data);
+            } else {
+                print_source(&serde_json::from_value(r.data)?);
+            }
+        }
+        SourceCmd::Snapshot { name, json } => {
+            let r = run_req(store, Request::SourceSnapshot { name })?;
+            if json {
+                println!("{}", r.data);
+            } else {
+                println!("{}", r.message);
+            }
+        }
+        SourceCmd::Disable { name } => {
+            println!(
+                "{}",
+                run_req(store, Request::SourceDisable { name })?.message
+            )
+        }
+        SourceCmd::Enable { name } => {
+            println!(
+                "{}",
+                run_req(store, Request::SourceEnable { name })?.message
+            )
+        }
+        SourceCmd::Unlink {
+            name,
+            delete_snapshots,
+            force,
+        } => println!(
+            "{}",
+            run_req(
+                store,
+                Request::SourceUnlink {
+                    name,
+                    delete_snapshots,
+                    force
+                }
+            )?
+            .message
+        ),
     }
     Ok(())
 }

@@ -40,6 +40,74 @@ pub enum Request {
     Umount {
         mountpoint: PathBuf,
     },
+    SourceLink(Box<crate::source::LinkSpec>),
+    SourceList,
+    SourceStatus {
+        name: String,
+    },
+    SourceSnapshot {
+        name: String,
+    },
+    SourceEnable {
+        name: String,
+    },
+    SourceDisable {
+        name: String,
+    },
+    SourceUnlink {
+        name: String,
+        #[serde(default)]
+        delete_snapshots: bool,
+        #[serde(default)]
+        force: bool,
+    },
+}
+
+/// A line the daemon may send before its [`Response`] during a long operation.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProgressLine {
+    pub progress: String,
+}
+
+/// A linked source as `source list/status` show it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SourceStatus {
+    pub name: String,
+    pub mode: String,
+    /// linking | starting | syncing | fault | disabled
+    pub state: String,
+    pub fault: Option<String>,
+    pub data_dir: PathBuf,
+    pub staging_port: u16,
+    pub staging_pid: Option<i32>,
+    pub slot: Option<String>,
+    /// user@host:port/dbname (never a password)
+    pub conn: Option<String>,
+    pub archive: Option<PathBuf>,
+    pub receive_lsn: Option<String>,
+    pub replay_lsn: Option<String>,
+    pub source_lsn: Option<String>,
+    pub lag_bytes: Option<u64>,
+    pub lag_seconds: Option<f64>,
+    pub last_replay_time: Option<String>,
+    pub restarts: u32,
+    pub snapshots: usize,
+    pub last_snapshot: Option<SourceSnapshot>,
+    pub snapshot_every_secs: Option<u64>,
+    pub keep: Option<u32>,
+    pub keep_for_secs: Option<u64>,
+}
+
+/// A validated-sync snapshot of a source.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceSnapshot {
+    /// `source@snapshot`
+    pub name: String,
+    pub lsn: String,
+    pub timeline: u32,
+    pub replay_time: Option<String>,
+    pub mode: String,
+    pub created: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -80,6 +148,16 @@ pub struct SnapshotInfo {
     pub snapshot: String,
     pub created: String,
     pub created_unix_ms: i64,
+    /// For a source's validated-sync snapshots: the standby's replay position, timeline, time
+    /// of the last replayed transaction, and the ingestion mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

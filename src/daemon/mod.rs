@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod mounts;
+pub mod sources;
 
 use crate::store::{Store, MOUNTS};
 use crate::tree::{Datasets, NameError};
@@ -32,7 +33,12 @@ const CHECKPOINT_BLOCKS: usize = 65_536;
 const GC_INTERVAL: Duration = Duration::from_secs(600);
 
 fn snapshot_info(s: &crate::tree::SnapshotInfo) -> api::SnapshotInfo {
+    let props = sources::snapshot_props(s);
     api::SnapshotInfo {
+        lsn: props.as_ref().map(|p| p.lsn.clone()),
+        timeline: props.as_ref().map(|p| p.timeline),
+        replay_time: props.as_ref().and_then(|p| p.replay_time.clone()),
+        mode: props.as_ref().map(|p| p.mode.as_str().to_string()),
         name: s.full_name(),
         dataset: s.dataset.clone(),
         snapshot: s.rec.name.clone(),
@@ -45,6 +51,7 @@ pub struct Daemon {
     store_dir: PathBuf,
     datasets: Datasets,
     mounts: Mutex<BTreeMap<PathBuf, Mounted>>,
+    sources: sources::Sources,
     stopping: AtomicBool,
 }
 
@@ -88,6 +95,7 @@ impl Daemon {
             store_dir: store_dir.to_path_buf(),
             datasets,
             mounts: Mutex::new(BTreeMap::new()),
+            sources: Default::default(),
             stopping: AtomicBool::new(false),
         })
     }
@@ -198,6 +206,18 @@ impl Daemon {
         Ok(format!("mounted {what} {dataset} at {}", mp.display()))
     }
 
+    /// The staging dataset of a linked source is managed through `vdbfs source`.
+    fn refuse_if_source(&self, dataset: &str, what: &str) -> anyhow::Result<()> {
+        if self.source_records()?.iter().any(|r| r.name == dataset) {
+            bail!(
+                "dataset {dataset} is the staging dataset of source {dataset}; cannot {what} it \
+                 while linked ('vdbfs source disable {dataset}' stops syncing, 'vdbfs source \
+                 unlink {dataset}' detaches it)"
+            );
+        }
+        Ok(())
+    }
+
     fn umount(&self, mountpoint: &Path) -> anyhow::Result<String> {
         let mp = mounts::resolve(mountpoint);
         let mut mounts = self.mounts.lock();
@@ -230,8 +250,38 @@ impl Daemon {
             .map(|m| m.mountpoint.clone())
     }
 
-    fn handle(self: &Arc<Self>, req: Request) -> anyhow::Result<(String, serde_json::Value)> {
+    fn handle(
+        self: &Arc<Self>,
+        req: Request,
+        progress: sources::Progress,
+    ) -> anyhow::Result<(String, serde_json::Value)> {
         match req {
+            Request::SourceLink(spec) => self.source_link(*spec, progress),
+            Request::SourceList => Ok((String::new(), serde_json::to_value(self.source_list()?)?)),
+            Request::SourceStatus { name } => Ok((
+                String::new(),
+                serde_json::to_value(self.source_status(&name)?)?,
+            )),
+            Request::SourceSnapshot { name } => {
+                let s = self.source_snapshot(&name)?;
+                Ok((s.name.clone(), serde_json::to_value(&s)?))
+            }
+            Request::SourceEnable { name } => Ok((
+                self.source_set_enabled(&name, true)?,
+                serde_json::Value::Null,
+            )),
+            Request::SourceDisable { name } => Ok((
+                self.source_set_enabled(&name, false)?,
+                serde_json::Value::Null,
+            )),
+            Request::SourceUnlink {
+                name,
+                delete_snapshots,
+                force,
+            } => Ok((
+                self.source_unlink(&name, delete_snapshots, force)?,
+                serde_json::Value::Null,
+            )),
             Request::Status => {
                 let mounts = self
                     .mounts
@@ -275,6 +325,7 @@ impl Daemon {
                 name,
                 with_snapshots,
             } => {
+                self.refuse_if_source(&name, "delete")?;
                 if let Some(mp) = self.mounted_at(&name) {
                     bail!(
                         "dataset {name} is mounted at {}; unmount it first ('vdbfs umount {}')",
@@ -369,12 +420,17 @@ impl Daemon {
                 mountpoint,
             } => Ok((self.mount(&dataset, &mountpoint)?, serde_json::Value::Null)),
             Request::Umount { mountpoint } => {
+                let mp = mounts::resolve(&mountpoint);
+                let ds = self.mounts.lock().get(&mp).map(|m| m.dataset.clone());
+                if let Some(ds) = ds {
+                    self.refuse_if_source(&ds, "unmount")?;
+                }
                 Ok((self.umount(&mountpoint)?, serde_json::Value::Null))
             }
         }
     }
 
-    fn respond(self: &Arc<Self>, line: &str) -> Response {
+    fn respond(self: &Arc<Self>, line: &str, progress: sources::Progress) -> Response {
         let req: Request = match serde_json::from_str(line) {
             Ok(r) => r,
             Err(e) => {
@@ -385,7 +441,7 @@ impl Daemon {
                 }
             }
         };
-        match self.handle(req) {
+        match self.handle(req, progress) {
             Ok((message, data)) => Response {
                 ok: true,
                 message,
@@ -433,8 +489,17 @@ impl Daemon {
         }
     }
 
+    fn supervisor(self: Arc<Self>) {
+        self.recover_sources();
+        while !self.stopping.load(Ordering::Relaxed) {
+            self.supervise();
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
     fn shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
+        self.stop_all_staging();
         if let Err(e) = self.datasets.checkpoint() {
             tracing::error!(
                 "final checkpoint failed (the journal still holds every fsynced change): {e}"
@@ -473,6 +538,10 @@ pub fn serve(store_dir: &Path) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("checkpointer".into())
             .spawn(move || d.checkpointer())?;
+        let d = daemon.clone();
+        std::thread::Builder::new()
+            .name("supervisor".into())
+            .spawn(move || d.supervisor())?;
     }
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -502,7 +571,20 @@ pub fn serve(store_dir: &Path) -> anyhow::Result<()> {
                         if BufReader::new(r).read_line(&mut line).await.is_err() {
                             return;
                         }
-                        let resp = tokio::task::spawn_blocking(move || d.respond(&line)).await;
+                        // Long operations send progress lines before their answer.
+                        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+                        let task = tokio::task::spawn_blocking(move || {
+                            d.respond(&line, &move |p| {
+                                let _ = tx.send(p);
+                            })
+                        });
+                        while let Some(p) = rx.recv().await {
+                            if let Ok(mut s) = serde_json::to_string(&api::ProgressLine { progress: p }) {
+                                s.push('\n');
+                                let _ = w.write_all(s.as_bytes()).await;
+                            }
+                        }
+                        let resp = task.await;
                         let resp = resp.unwrap_or_else(|e| Response { ok: false, message: format!("internal error: {e}"), data: serde_json::Value::Null });
                         if let Ok(mut s) = serde_json::to_string(&resp) {
                             s.push('\n');

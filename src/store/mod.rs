@@ -50,6 +50,26 @@ pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub const SNAPSHOTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("snapshots");
 /// clone dataset id -> CloneOrigin
 pub const ORIGINS: TableDefinition<u64, &[u8]> = TableDefinition::new("origins");
+/// (dataset id, snapshot name) -> JSON properties recorded with a snapshot (e.g. a staging
+/// snapshot's LSN and timeline); written in the snapshot's own commit, removed with it.
+pub const SNAPSHOT_PROPS: TableDefinition<(u64, &str), &[u8]> =
+    TableDefinition::new("snapshot_props");
+/// source name -> JSON source record (control path; see FORMAT.md "Control-path tables").
+pub const SOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("sources");
+
+/// Opens every table once, so that readers never meet a missing one (stores created by an
+/// older build gain the tables added since).
+fn create_tables(txn: &redb::WriteTransaction) -> std::result::Result<(), redb::TableError> {
+    txn.open_table(BLOCKS)?;
+    txn.open_table(DATASETS)?;
+    txn.open_table(NAMES)?;
+    txn.open_table(MOUNTS)?;
+    txn.open_table(SNAPSHOTS)?;
+    txn.open_table(ORIGINS)?;
+    txn.open_table(SNAPSHOT_PROPS)?;
+    txn.open_table(SOURCES)?;
+    Ok(())
+}
 
 thread_local! {
     /// Set while this thread checkpoints: its appends may use the space reserve.
@@ -116,20 +136,21 @@ fn pack_path(dir: &Path, no: u32) -> PathBuf {
 impl Store {
     /// Creates a new, empty store in `dir` (which may exist but must not hold a store).
     pub fn create(dir: &Path) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir.join("packs"))?;
+        // Block data is only for the daemon; the store directory itself stays traversable so
+        // that the postgres user reaches the mount points and source files inside it.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+        std::fs::set_permissions(dir.join("packs"), std::fs::Permissions::from_mode(0o700))?;
         let db = index_builder().create(index_path(dir))?;
+        std::fs::set_permissions(index_path(dir), std::fs::Permissions::from_mode(0o600))?;
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
             meta.insert("format_version", INDEX_VERSION.to_le_bytes().as_slice())?;
             meta.insert("next_dataset_id", 1u64.to_le_bytes().as_slice())?;
-            txn.open_table(BLOCKS)?;
-            txn.open_table(DATASETS)?;
-            txn.open_table(NAMES)?;
-            txn.open_table(MOUNTS)?;
-            txn.open_table(SNAPSHOTS)?;
-            txn.open_table(ORIGINS)?;
         }
+        create_tables(&txn)?;
         txn.commit()?;
         OsIo.sync_dir(dir)?;
         Ok(())
@@ -142,6 +163,11 @@ impl Store {
     /// Opens the store, scans the log written since the last checkpoint and starts a new pack.
     pub fn open_with(dir: &Path, io: Arc<dyn PackIo>) -> Result<(Store, Replay)> {
         let db = index_builder().open(index_path(dir))?;
+        {
+            let txn = db.begin_write()?;
+            create_tables(&txn)?;
+            txn.commit()?;
+        }
         let (indexed_upto, replay_from) = {
             let txn = db.begin_read()?;
             let meta = txn.open_table(META)?;

@@ -13,7 +13,9 @@ mod snapshot_tests;
 mod tests;
 pub mod walk;
 
-use crate::store::{Error, Replay, Result, Store, DATASETS, META, NAMES, ORIGINS, SNAPSHOTS};
+use crate::store::{
+    Error, Replay, Result, Store, DATASETS, META, NAMES, ORIGINS, SNAPSHOTS, SNAPSHOT_PROPS,
+};
 use dataset::Dataset;
 use parking_lot::Mutex;
 use radix::NodeCache;
@@ -61,6 +63,8 @@ pub fn check_snapshot_name(name: &str) -> std::result::Result<(), NameError> {
 pub struct SnapshotInfo {
     pub dataset: String,
     pub rec: SnapshotRecord,
+    /// Properties recorded with the snapshot by the control path (JSON), if any.
+    pub props: Option<Vec<u8>>,
 }
 
 impl SnapshotInfo {
@@ -354,6 +358,7 @@ impl Datasets {
         let names: HashMap<u64, String> = datasets.into_iter().map(|r| (r.id, r.name)).collect();
         let txn = self.store.db().begin_read().map_err(Error::from)?;
         let t = txn.open_table(SNAPSHOTS).map_err(Error::from)?;
+        let props = txn.open_table(SNAPSHOT_PROPS).map_err(Error::from)?;
         let mut out = Vec::new();
         for row in t.iter().map_err(Error::from)? {
             let (_, v) = row.map_err(Error::from)?;
@@ -365,7 +370,15 @@ impl Datasets {
                 .get(&rec.dataset)
                 .cloned()
                 .unwrap_or_else(|| format!("#{}", rec.dataset));
-            out.push(SnapshotInfo { dataset, rec });
+            let props = props
+                .get((rec.dataset, rec.name.as_str()))
+                .map_err(Error::from)?
+                .map(|v| v.value().to_vec());
+            out.push(SnapshotInfo {
+                dataset,
+                rec,
+                props,
+            });
         }
         out.sort_by(|a, b| {
             (a.rec.created, &a.dataset, &a.rec.name).cmp(&(b.rec.created, &b.dataset, &b.rec.name))
@@ -376,11 +389,26 @@ impl Datasets {
     /// Freezes a dataset as it is now: one checkpoint, whose commit also records the snapshot.
     /// Costs what changed since the last checkpoint; writers wait only while its trees are built.
     pub fn snapshot(&self, dataset: &str, name: Option<&str>) -> anyhow::Result<SnapshotInfo> {
-        self.store
-            .with_reserve(|| self.snapshot_reserved(dataset, name))
+        self.snapshot_with_props(dataset, name, None)
     }
 
-    fn snapshot_reserved(&self, dataset: &str, name: Option<&str>) -> anyhow::Result<SnapshotInfo> {
+    /// [`Datasets::snapshot`], recording `props` (JSON) with the snapshot in the same commit.
+    pub fn snapshot_with_props(
+        &self,
+        dataset: &str,
+        name: Option<&str>,
+        props: Option<Vec<u8>>,
+    ) -> anyhow::Result<SnapshotInfo> {
+        self.store
+            .with_reserve(|| self.snapshot_reserved(dataset, name, props))
+    }
+
+    fn snapshot_reserved(
+        &self,
+        dataset: &str,
+        name: Option<&str>,
+        props: Option<Vec<u8>>,
+    ) -> anyhow::Result<SnapshotInfo> {
         let created = dataset::now();
         let name = match name {
             Some(n) => n.to_string(),
@@ -423,11 +451,16 @@ impl Datasets {
         self.store.commit_checkpoint_with(&records, |txn| {
             txn.open_table(SNAPSHOTS)?
                 .insert((rec.id, name.as_str()), bytes.as_slice())?;
+            if let Some(p) = &props {
+                txn.open_table(SNAPSHOT_PROPS)?
+                    .insert((rec.id, name.as_str()), p.as_slice())?;
+            }
             Ok(())
         })?;
         Ok(SnapshotInfo {
             dataset: dataset.to_string(),
             rec: snap,
+            props,
         })
     }
 
@@ -437,6 +470,10 @@ impl Datasets {
         let _g = self.checkpoint_lock.lock();
         let txn = self.store.db().begin_write().map_err(Error::from)?;
         txn.open_table(SNAPSHOTS)
+            .map_err(Error::from)?
+            .remove((rec.dataset, snap))
+            .map_err(Error::from)?;
+        txn.open_table(SNAPSHOT_PROPS)
             .map_err(Error::from)?
             .remove((rec.dataset, snap))
             .map_err(Error::from)?;

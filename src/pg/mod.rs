@@ -1,0 +1,428 @@
+//! PostgreSQL orchestration (control path): local installations, programs run as the `postgres`
+//! OS user with bounded waits, `pg_ctl` start/stop, SQL over the cluster's unix socket, and
+//! configuration files.
+//!
+//! Invariants: every external program runs with a deadline and a cleaned `PG*` environment;
+//! passwords never appear on a command line (libpq reads them from a passfile); every failure
+//! message names the program and carries its output (or the server log tail).
+
+pub mod conf;
+pub mod conninfo;
+pub mod discover;
+pub mod lsn;
+
+use anyhow::{anyhow, bail, Context};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where Debian's postgresql-NN packages put their binaries: `/usr/lib/postgresql/NN/bin`.
+pub const DEBIAN_ROOT: &str = "/usr/lib/postgresql";
+
+/// A local PostgreSQL installation (a `bin` directory with `postgres`, `pg_ctl`, ...).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Install {
+    pub bin_dir: PathBuf,
+    /// e.g. "15.14"
+    pub version: String,
+    pub major: u32,
+}
+
+/// "postgres (PostgreSQL) 15.14 (Debian 15.14-0+deb12u1)" -> ("15.14", 15)
+pub fn parse_version(s: &str) -> Option<(String, u32)> {
+    let v = s.split_whitespace().find(|w| {
+        w.chars().next().is_some_and(|c| c.is_ascii_digit())
+            && w.chars().all(|c| c.is_ascii_digit() || c == '.')
+    })?;
+    let major = v.split('.').next()?.parse().ok()?;
+    Some((v.to_string(), major))
+}
+
+impl Install {
+    /// Asks `BIN_DIR/postgres --version`.
+    pub fn probe(bin_dir: &Path) -> anyhow::Result<Install> {
+        let postgres = bin_dir.join("postgres");
+        let out = run(
+            Command::new(&postgres).arg("--version"),
+            Duration::from_secs(20),
+        )
+        .with_context(|| {
+            format!(
+                "{} is not a PostgreSQL installation (no working {})",
+                bin_dir.display(),
+                postgres.display()
+            )
+        })?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (version, major) = parse_version(&text).ok_or_else(|| {
+            anyhow!(
+                "cannot read the version of {}: it printed {:?}",
+                postgres.display(),
+                text.trim()
+            )
+        })?;
+        Ok(Install {
+            bin_dir: bin_dir.to_path_buf(),
+            version,
+            major,
+        })
+    }
+
+    pub fn bin(&self, program: &str) -> PathBuf {
+        self.bin_dir.join(program)
+    }
+
+    /// The installation for one major version, from Debian's layout.
+    pub fn for_major(major: u32) -> anyhow::Result<Install> {
+        let dir = Path::new(DEBIAN_ROOT).join(major.to_string()).join("bin");
+        if !dir.join("postgres").exists() {
+            bail!(
+                "no PostgreSQL {major} binaries here (looked for {}); install postgresql-{major} \
+                 (apt-get install postgresql-{major}) or pass --pg-bin DIR",
+                dir.display()
+            );
+        }
+        Install::probe(&dir)
+    }
+}
+
+/// Every installation under [`DEBIAN_ROOT`], newest first.
+pub fn installations() -> Vec<Install> {
+    let mut v: Vec<Install> = std::fs::read_dir(DEBIAN_ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let bin = e.path().join("bin");
+            bin.join("postgres")
+                .exists()
+                .then(|| Install::probe(&bin).ok())
+                .flatten()
+        })
+        .collect();
+    v.sort_by_key(|i| std::cmp::Reverse(i.major));
+    v
+}
+
+/// uid and gid of the `postgres` OS user.
+pub fn postgres_ids() -> anyhow::Result<(u32, u32)> {
+    let name = std::ffi::CString::new("postgres").expect("no NUL");
+    // SAFETY: getpwnam returns NULL or a pointer to a static struct we read at once.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        bail!("there is no 'postgres' OS user; install the postgresql package (it creates it)");
+    }
+    // SAFETY: non-null pointer from getpwnam.
+    Ok(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+}
+
+/// Gives a path to the postgres user.
+pub fn chown_postgres(path: &Path) -> anyhow::Result<()> {
+    let (uid, gid) = postgres_ids()?;
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .with_context(|| format!("cannot give {} to the postgres user", path.display()))
+}
+
+/// `runuser -u postgres -- PROGRAM`, with no inherited libpq settings.
+pub fn as_postgres(program: &Path) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", "postgres", "--"]).arg(program);
+    for v in [
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGPORT",
+        "PGDATA",
+        "PGUSER",
+        "PGDATABASE",
+        "PGPASSWORD",
+        "PGPASSFILE",
+        "PGSERVICE",
+        "PGOPTIONS",
+    ] {
+        c.env_remove(v);
+    }
+    c.env("LC_ALL", "C").current_dir("/");
+    c
+}
+
+/// Output of a finished program.
+pub struct Output {
+    pub status: std::process::ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Output {
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).trim().to_string()
+    }
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).trim().to_string()
+    }
+}
+
+/// Runs a program to completion within `timeout`; a non-zero exit is an error carrying what it
+/// printed. On timeout the program is killed.
+pub fn run(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
+    run_with(cmd, timeout, |_| {})
+}
+
+/// Like [`run`], handing every line (or `\r`-terminated progress fragment) of stderr to
+/// `on_stderr` as it arrives.
+pub fn run_with(
+    cmd: &mut Command,
+    timeout: Duration,
+    on_stderr: impl FnMut(&str),
+) -> anyhow::Result<Output> {
+    let what = describe(cmd);
+    let out = run_unchecked(cmd, timeout, on_stderr)?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            last_lines(&out.stderr_text(), 10)
+        );
+    }
+    Ok(out)
+}
+
+/// Runs a program within `timeout` (killed after it); a non-zero exit is returned, not an error.
+pub fn run_unchecked(
+    cmd: &mut Command,
+    timeout: Duration,
+    mut on_stderr: impl FnMut(&str),
+) -> anyhow::Result<Output> {
+    let what = describe(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {what}"))?;
+    let mut out = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let (tx, rx) = crossbeam::channel::unbounded::<Vec<u8>>();
+    let mut err = child.stderr.take().expect("piped");
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut line = Vec::new();
+        loop {
+            match err.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    for &b in &buf[..n] {
+                        if b == b'\n' || b == b'\r' {
+                            let _ = tx.send(std::mem::take(&mut line));
+                        } else {
+                            line.push(b);
+                        }
+                    }
+                }
+            }
+        }
+        if !line.is_empty() {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + timeout;
+    let mut stderr = Vec::new();
+    let status = loop {
+        while let Ok(l) = rx.try_recv() {
+            if !l.is_empty() {
+                on_stderr(&String::from_utf8_lossy(&l));
+                stderr.extend_from_slice(&l);
+                stderr.push(b'\n');
+            }
+        }
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{what} did not finish within {} s and was stopped; it printed: {}",
+                timeout.as_secs(),
+                last_lines(&String::from_utf8_lossy(&stderr), 10)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = err_reader.join();
+    while let Ok(l) = rx.try_recv() {
+        if !l.is_empty() {
+            on_stderr(&String::from_utf8_lossy(&l));
+            stderr.extend_from_slice(&l);
+            stderr.push(b'\n');
+        }
+    }
+    let stdout = reader.join().unwrap_or_default();
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
+/// The program and its arguments, for messages (never holds secrets: see module invariants).
+fn describe(cmd: &Command) -> String {
+    let prog = cmd.get_program().to_string_lossy().to_string();
+    let args: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().to_string())
+        .collect();
+    // Skip the runuser prefix: the program the user cares about comes after "--".
+    match args.iter().position(|a| a == "--") {
+        Some(i) if prog == "runuser" => args[i + 1..].join(" "),
+        _ => std::iter::once(prog)
+            .chain(args)
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
+pub fn last_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The last `n` lines of a log file ("" if unreadable).
+pub fn log_tail(path: &Path, n: usize) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| last_lines(&s, n))
+        .unwrap_or_default()
+}
+
+/// A cluster this host runs for vdbfs: data directory, binaries, port, socket and log places.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub install: Install,
+    pub data_dir: PathBuf,
+    pub socket_dir: PathBuf,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+/// Rows of a simple query, every value as text (NULL = None).
+pub type Rows = Vec<Vec<Option<String>>>;
+
+impl Cluster {
+    /// `pg_ctl start -w` as the postgres user, bounded by `timeout`; returns the postmaster PID.
+    /// On failure the error carries the server log tail.
+    /// postgres itself replaces a stale `postmaster.pid` and refuses to start next to a live one.
+    pub fn start(&self, timeout: Duration) -> anyhow::Result<i32> {
+        let r = run(
+            as_postgres(&self.install.bin("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data_dir)
+                .arg("-l")
+                .arg(&self.log)
+                .args(["-w", "-t", &timeout.as_secs().to_string(), "start"]),
+            timeout + Duration::from_secs(15),
+        );
+        if let Err(e) = r {
+            bail!(
+                "postgres on {} did not start: {e:#}\npostgres log ({}):\n{}",
+                self.data_dir.display(),
+                self.log.display(),
+                log_tail(&self.log, 15)
+            );
+        }
+        self.postmaster_pid()
+            .ok_or_else(|| anyhow!("postgres started but wrote no postmaster.pid"))
+    }
+
+    /// `pg_ctl stop -m MODE -w`, bounded.
+    pub fn stop(&self, mode: &str, timeout: Duration) -> anyhow::Result<()> {
+        run(
+            as_postgres(&self.install.bin("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data_dir)
+                .args([
+                    "-m",
+                    mode,
+                    "-w",
+                    "-t",
+                    &timeout.as_secs().to_string(),
+                    "stop",
+                ]),
+            timeout + Duration::from_secs(15),
+        )
+        .map(|_| ())
+    }
+
+    /// PID in `postmaster.pid`, if that process runs.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        let s = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+        let pid: i32 = s.lines().next()?.trim().parse().ok()?;
+        pid_alive(pid).then_some(pid)
+    }
+
+    /// Runs SQL (simple protocol) as the postgres superuser over the unix socket.
+    pub fn query(&self, sql: &str, timeout: Duration) -> anyhow::Result<Rows> {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host_path(&self.socket_dir)
+            .port(self.port)
+            .user("postgres")
+            .dbname("postgres")
+            .application_name("vdbfs")
+            .connect_timeout(Duration::from_secs(5));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let sql = sql.to_string();
+        rt.block_on(async move {
+            tokio::time::timeout(timeout, async {
+                let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+                let task = tokio::spawn(conn);
+                let msgs = client.simple_query(&sql).await;
+                drop(client);
+                let _ = task.await;
+                let mut rows = Vec::new();
+                for m in msgs? {
+                    if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                        rows.push((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect());
+                    }
+                }
+                Ok::<_, tokio_postgres::Error>(rows)
+            })
+            .await
+        })
+        .map_err(|_| anyhow!("no answer within {} s", timeout.as_secs()))?
+        .map_err(|e| match e.as_db_error() {
+            Some(db) => anyhow!("{}: {}", db.severity(), db.message()),
+            None => anyhow!("{e}"),
+        })
+    }
+}
+
+/// Whether a process runs (a zombie does not count).
+pub fn pid_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Whether a port is free on loopback (nobody listens, we can bind it).
+pub fn port_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// Removes postgres's lock and pid files for a data directory found in a copy (backup, clone).
+pub fn remove_run_files(data_dir: &Path) {
+    for f in ["postmaster.pid", "postmaster.opts"] {
+        let _ = std::fs::remove_file(data_dir.join(f));
+    }
+}

@@ -1,0 +1,264 @@
+//! dSources: a source PostgreSQL copied once into a *staging* dataset and kept in sync by a
+//! staging standby (streaming replication or WAL log shipping), frozen by validated-sync
+//! snapshots. This module holds the pieces that do not need the daemon: the persistent source
+//! record, preflight checks, ingestion of the first copy, the staging configuration, the
+//! standby's health, and snapshot retention. `daemon::sources` wires them to datasets, mounts
+//! and the supervisor.
+//!
+//! Invariants:
+//! - A source's staging dataset and its snapshots carry the source's name (`prod@SNAP`).
+//! - Nothing of a source exists before its preflight passed; a failed link removes everything it
+//!   made (dataset, slot, files) before answering.
+//! - The password is only in `STORE/sources/NAME/pgpass` (mode 0600, owner postgres); records,
+//!   logs, `postgresql.auto.conf` and command lines carry `passfile=` instead.
+//! - The staging postgres is a hot standby that never archives (`archive_mode=off`), never sends
+//!   feedback to the source, and keeps its vdbfs settings in `postgresql.auto.conf`.
+
+pub mod health;
+pub mod ingest;
+pub mod preflight;
+
+use crate::pg::conninfo::Conn;
+use crate::pg::{Cluster, Install};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// vdbfs runs pg_basebackup, then the standby streams from the source.
+    BackupStream,
+    /// The user's base backup, then streaming.
+    Stream,
+    /// The user's base backup, then WAL files from an archive directory.
+    LogShipping,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> anyhow::Result<Mode> {
+        match s {
+            "backup-stream" => Ok(Mode::BackupStream),
+            "stream" => Ok(Mode::Stream),
+            "log-shipping" => Ok(Mode::LogShipping),
+            _ => anyhow::bail!(
+                "unknown --mode {s:?}; use backup-stream (default), stream or log-shipping"
+            ),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::BackupStream => "backup-stream",
+            Mode::Stream => "stream",
+            Mode::LogShipping => "log-shipping",
+        }
+    }
+    pub fn streams(self) -> bool {
+        self != Mode::LogShipping
+    }
+}
+
+/// What the user asked `vdbfs source link` for (the API request body).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct LinkSpec {
+    pub name: String,
+    pub conn: Option<String>,
+    /// From PGPASSWORD in the CLI's environment.
+    pub password: Option<String>,
+    pub passfile: Option<PathBuf>,
+    pub mode: Option<String>,
+    pub backup: Option<PathBuf>,
+    pub archive: Option<PathBuf>,
+    pub staging_port: Option<u16>,
+    pub slot: Option<String>,
+    pub snapshot_every: Option<String>,
+    pub keep: Option<u32>,
+    pub keep_for: Option<String>,
+    pub pg_bin: Option<PathBuf>,
+}
+
+/// A linked source, as persisted in the index (`sources` table, JSON).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SourceRecord {
+    pub v: u32,
+    pub name: String,
+    pub mode: Mode,
+    pub conn: Option<Conn>,
+    /// Whether `pgpass` holds a password for `conn`.
+    pub has_passfile: bool,
+    pub slot: Option<String>,
+    pub archive: Option<PathBuf>,
+    pub staging_port: u16,
+    pub install: Install,
+    /// The staging data directory: the mount point of the staging dataset.
+    pub data_dir: PathBuf,
+    pub snapshot_every_secs: Option<u64>,
+    pub keep: Option<u32>,
+    pub keep_for_secs: Option<u64>,
+    /// false after `source disable`.
+    pub enabled: bool,
+    /// true until the link finished; a record still linking at daemon start is rolled back.
+    pub linking: bool,
+    pub system_identifier: Option<String>,
+    pub created: String,
+}
+
+/// Properties recorded with each validated-sync snapshot (`snapshot_props`, JSON).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotProps {
+    pub source: String,
+    pub mode: Mode,
+    /// Replay position of the standby, paused while the snapshot was taken.
+    pub lsn: String,
+    /// Last WAL position received (streaming) when the snapshot was taken.
+    pub receive_lsn: Option<String>,
+    pub timeline: u32,
+    /// Commit time of the last transaction replayed.
+    pub replay_time: Option<String>,
+}
+
+/// Files of a source outside its data directory: `STORE/sources/NAME/`.
+pub struct SourceDir(pub PathBuf);
+
+impl SourceDir {
+    pub fn new(store: &Path, name: &str) -> SourceDir {
+        SourceDir(store.join("sources").join(name))
+    }
+    pub fn passfile(&self) -> PathBuf {
+        self.0.join("pgpass")
+    }
+    pub fn socket_dir(&self) -> PathBuf {
+        self.0.join("run")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.0.join("postgres.log")
+    }
+    pub fn hba(&self) -> PathBuf {
+        self.0.join("pg_hba.conf")
+    }
+    pub fn ident(&self) -> PathBuf {
+        self.0.join("pg_ident.conf")
+    }
+}
+
+impl SourceRecord {
+    pub fn dir(&self, store: &Path) -> SourceDir {
+        SourceDir::new(store, &self.name)
+    }
+
+    pub fn cluster(&self, store: &Path) -> Cluster {
+        let dir = self.dir(store);
+        Cluster {
+            install: self.install.clone(),
+            data_dir: self.data_dir.clone(),
+            socket_dir: dir.socket_dir(),
+            port: self.staging_port,
+            log: dir.log(),
+        }
+    }
+
+    /// The passfile to hand libpq, when there is a password.
+    pub fn passfile(&self, store: &Path) -> Option<PathBuf> {
+        self.has_passfile.then(|| self.dir(store).passfile())
+    }
+}
+
+/// "30s", "15m", "2h", "7d" (or plain seconds).
+pub fn parse_duration(s: &str, what: &str) -> anyhow::Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| {
+        anyhow::anyhow!("{what} {s:?} is not a duration; write e.g. 30s, 15m, 2h or 7d")
+    })?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => anyhow::bail!("{what} {s:?}: unknown unit {unit:?}; use s, m, h or d"),
+    };
+    if n == 0 {
+        anyhow::bail!("{what} must be more than zero");
+    }
+    Ok(Duration::from_secs(n * mult))
+}
+
+/// A physical replication slot name from a source name: `vdbfs_` + [a-z0-9_].
+pub fn default_slot(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("vdbfs_{s}").chars().take(63).collect()
+}
+
+pub fn check_slot_name(s: &str) -> anyhow::Result<()> {
+    if s.is_empty()
+        || s.len() > 63
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        anyhow::bail!(
+            "--slot {s:?} is not a valid replication slot name: use 1 to 63 of a-z, 0-9 and _"
+        );
+    }
+    Ok(())
+}
+
+/// Which snapshots retention removes: `snaps` are (name, created unix secs) of the source's
+/// validated-sync snapshots, oldest first. The newest is always kept.
+pub fn to_prune(
+    snaps: &[(String, i64)],
+    keep: Option<u32>,
+    keep_for: Option<Duration>,
+    now: i64,
+) -> Vec<String> {
+    let n = snaps.len();
+    snaps
+        .iter()
+        .enumerate()
+        .filter(|(i, (_, created))| {
+            let newest = *i + 1 == n;
+            let over_count = keep.is_some_and(|k| n - i > k.max(1) as usize);
+            let too_old = keep_for.is_some_and(|d| now - created > d.as_secs() as i64);
+            !newest && (over_count || too_old)
+        })
+        .map(|(_, (name, _))| name.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_slots_and_retention() {
+        assert_eq!(parse_duration("15m", "x").unwrap().as_secs(), 900);
+        assert_eq!(parse_duration("7d", "x").unwrap().as_secs(), 604_800);
+        assert!(parse_duration("15x", "x").is_err());
+        assert!(parse_duration("0s", "x").is_err());
+        assert_eq!(default_slot("Prod-1.eu"), "vdbfs_prod_1_eu");
+        assert!(check_slot_name("vdbfs_prod").is_ok());
+        assert!(check_slot_name("Bad-Slot").is_err());
+
+        let snaps: Vec<(String, i64)> = (0..5).map(|i| (format!("s{i}"), i * 100)).collect();
+        assert_eq!(to_prune(&snaps, Some(2), None, 500), vec!["s0", "s1", "s2"]);
+        assert_eq!(
+            to_prune(&snaps, None, Some(Duration::from_secs(250)), 500),
+            vec!["s0", "s1", "s2"]
+        );
+        assert!(to_prune(&snaps, None, None, 500).is_empty());
+        // The newest survives even when everything is too old.
+        assert_eq!(
+            to_prune(&snaps, None, Some(Duration::from_secs(1)), 10_000).len(),
+            4
+        );
+    }
+}
