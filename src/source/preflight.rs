@@ -6,7 +6,7 @@
 use super::Mode;
 use crate::pg::conninfo::Conn;
 use crate::pg::{self, Install};
-use anyhow::{anyhow, bail};
+use anyhow::{anyhow, bail, Context};
 use std::path::Path;
 use std::time::Duration;
 
@@ -177,18 +177,34 @@ pub fn staging_install(
     Ok(install)
 }
 
-/// A plain backup must come from the source it is linked with (a standby refuses WAL of another
-/// system, but only after the copy; say it before).
+/// A backup must come from the source it is linked with (a standby refuses WAL of another
+/// system, but only after the copy; say it before). Reads the backup's pg_control (from
+/// base.tar for the tar format).
 pub fn check_backup_identity(
     install: &Install,
     backup: &Path,
     source_id: &str,
 ) -> anyhow::Result<()> {
-    if super::ingest::BackupFormat::detect(backup)? != super::ingest::BackupFormat::Plain {
-        return Ok(());
-    }
+    let scratch;
+    let control_dir = match super::ingest::BackupFormat::detect(backup)? {
+        super::ingest::BackupFormat::Plain => backup.to_path_buf(),
+        super::ingest::BackupFormat::Tar { base, .. } => {
+            scratch = tempfile::tempdir()?;
+            pg::run(
+                std::process::Command::new("tar")
+                    .arg("-xf")
+                    .arg(&base)
+                    .arg("-C")
+                    .arg(scratch.path())
+                    .arg("global/pg_control"),
+                Duration::from_secs(600),
+            )
+            .with_context(|| format!("{} holds no global/pg_control", base.display()))?;
+            scratch.path().to_path_buf()
+        }
+    };
     let out = pg::run(
-        std::process::Command::new(install.bin("pg_controldata")).arg(backup),
+        std::process::Command::new(install.bin("pg_controldata")).arg(&control_dir),
         Duration::from_secs(60),
     )?;
     let control = pg::conf::parse_controldata(&out.stdout_text());
