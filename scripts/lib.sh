@@ -10,6 +10,7 @@
 #   postgres     PGBIN, pg_free_port, pg_initdb, pg_start, pg_stop, pg_psql, pg_bench
 #   vdbfs        VDBFS_BIN, vdbfs_cmd, vdbfs_start_daemon, vdbfs_stop_daemon,
 #                vdbfs_mount, vdbfs_umount
+#   sources      vdbfs_source_link, vdbfs_source_note_staging, vdbfs_source_unlink
 #
 # Every helper that starts something (a postgres server, a daemon, a mount) registers how to undo
 # it with the guard, so an error anywhere (set -e) or ^C still leaves the machine clean. Servers are
@@ -70,7 +71,8 @@ require_root() {
 #   fuse3                 /usr/bin/fusermount3, /sbin/mount.fuse3
 #   postgresql-15         postgres, initdb, pg_ctl, pgbench, pg_test_fsync, contrib extensions
 #                         (amcheck, ...). It also provides the virtual postgresql-contrib-15.
-#   postgresql-client-15  psql, pg_amcheck, pg_isready
+#   postgresql-client-15  psql, pg_amcheck, pg_isready, pg_basebackup
+#   jq                    /usr/bin/jq (scripts read `vdbfs ... --json` with it)
 _DEP_FILES=(
     "fuse3:/usr/bin/fusermount3"
     "fuse3:/sbin/mount.fuse3"
@@ -82,6 +84,8 @@ _DEP_FILES=(
     "postgresql-15:/usr/share/postgresql/15/extension/amcheck.control"
     "postgresql-client-15:$PGBIN/psql"
     "postgresql-client-15:$PGBIN/pg_amcheck"
+    "postgresql-client-15:$PGBIN/pg_basebackup"
+    "jq:/usr/bin/jq"
 )
 _APT_UPDATED=""
 
@@ -100,7 +104,7 @@ _apt_install() {
 }
 
 ensure_deps() {
-    step "Checking dependencies (fuse3, PostgreSQL 15, /dev/fuse, rust toolchain)"
+    step "Checking dependencies (fuse3, PostgreSQL 15, jq, /dev/fuse, rust toolchain)"
     local entry pkg file missing=()
     for entry in "${_DEP_FILES[@]}"; do
         pkg=${entry%%:*} file=${entry#*:}
@@ -121,7 +125,7 @@ ensure_deps() {
         [[ -e "$file" ]] || die "$file still missing after installing ${entry%%:*}"
     done
     id postgres >/dev/null 2>&1 || die "OS user 'postgres' does not exist (postgresql-common should have created it)"
-    ok "packages: fuse3, postgresql-15, postgresql-client-15 (PGBIN=$PGBIN)"
+    ok "packages: fuse3, postgresql-15, postgresql-client-15, jq (PGBIN=$PGBIN)"
 
     if [[ ! -c /dev/fuse ]]; then
         modprobe fuse 2>/dev/null || true
@@ -428,4 +432,63 @@ safe_rm_tree() {
         return 1
     fi
     rm -rf --one-file-system "$dir"
+}
+
+# ---------------------------------------------------------------------------------------------
+# vdbfs sources (issue 4). The daemon starts each source's staging postgres; we record its PID and
+# data directory (from `source status --json`) so cleanup can check it is really gone.
+
+declare -gA _SRC_STAGING_PID=() _SRC_STAGING_DATA=()
+
+# vdbfs_source_link STORE NAME [link args...]: `vdbfs source link NAME ...`, its undo registered
+# first: on exit, `source unlink NAME --force --delete-snapshots` while the source still runs (so its
+# replication slot is dropped), then the staging postgres checked down. Output is the command's.
+# Call it in the script's own shell (not inside $(...) or a pipeline), or the undo is lost.
+vdbfs_source_link() {
+    local store=$1 name=$2
+    shift 2
+    guard_push "unlink source $name" vdbfs_source_cleanup "$store" "$name" --force --delete-snapshots
+    vdbfs_cmd "$store" source link "$name" "$@"
+}
+
+# vdbfs_source_note_staging NAME STATUS-JSON: remember the staging postmaster of NAME.
+vdbfs_source_note_staging() {
+    _SRC_STAGING_PID[$1]=$(jq -r '.staging_pid // empty' <<<"$2")
+    _SRC_STAGING_DATA[$1]=$(jq -r '.data_dir // empty' <<<"$2")
+}
+
+# vdbfs_source_unlink STORE NAME [unlink args...]: the normal path. Fails if unlink fails; returns 1
+# (with a warning) if the staging postgres outlived the unlink and had to be stopped here.
+vdbfs_source_unlink() {
+    local store=$1 name=$2
+    shift 2
+    vdbfs_cmd "$store" source unlink "$name" "$@" || return
+    guard_drop "unlink source $name"
+    _vdbfs_staging_down "$name"
+}
+
+# The guard's undo (best effort, quiet unless something is wrong).
+vdbfs_source_cleanup() {
+    local store=$1 name=$2 err
+    shift 2
+    # Nothing to undo when the link failed in its preflight (it leaves nothing behind).
+    if vdbfs_cmd "$store" source status "$name" >/dev/null 2>&1; then
+        err=$(vdbfs_cmd "$store" source unlink "$name" "$@" 2>&1 >/dev/null) || warn "vdbfs source unlink $name: $err"
+    fi
+    _vdbfs_staging_down "$name"
+}
+
+_vdbfs_staging_down() {
+    local name=$1 waited=0
+    local pid=${_SRC_STAGING_PID[$1]:-} data=${_SRC_STAGING_DATA[$1]:-}
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 0
+    while kill -0 "$pid" 2>/dev/null && ((waited < 100)); do
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    kill -0 "$pid" 2>/dev/null || return 0
+    warn "staging postgres $pid of source $name still runs 10 s after unlink; stopping it"
+    _PG_PIDS[$data]=$pid
+    _pg_emergency_stop "$data"
+    return 1
 }
