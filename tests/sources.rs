@@ -1278,7 +1278,7 @@ fn preflight_refuses_bad_sources_and_leaves_nothing_behind() {
             "--staging-port",
             &port,
         ],
-        "wal_level",
+        "wal_level = minimal",
     );
     assert_nothing_left(&d, &minimal, "prod", &before, false, "wal_level=minimal");
     drop(minimal);

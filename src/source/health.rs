@@ -57,6 +57,14 @@ pub fn archive_segments(dir: &Path) -> Vec<(u32, u64)> {
     v
 }
 
+/// The WAL segment a log-shipping standby that replayed up to `replay` asks the archive for
+/// next. Archived segments are whole: replay inside a segment means it was restored and the next
+/// one is needed; replay exactly at a boundary (where it stops after a WAL switch) means the
+/// segment starting there is needed.
+pub fn next_segment(replay: u64) -> u64 {
+    replay.saturating_sub(1) / lsn::SEGMENT_SIZE + 1
+}
+
 /// Position and lag of a source, and what is wrong with it, if anything.
 #[derive(Debug, Clone, Default)]
 pub struct Sync {
@@ -111,19 +119,19 @@ pub fn assess(rec: &SourceRecord, store: &Path, r: &Replay, streaming_grace: boo
             let newest = segs.last().map(|(_, s)| *s);
             s.source_lsn = newest.map(|n| (n + 1) * lsn::SEGMENT_SIZE);
             if let (Some(newest), Some(rep)) = (newest, replay) {
-                let cur = rep / lsn::SEGMENT_SIZE;
-                s.lag_bytes = Some(if cur >= newest {
+                let needed = next_segment(rep);
+                s.lag_bytes = Some(if needed > newest {
                     0
                 } else {
                     (newest + 1) * lsn::SEGMENT_SIZE - rep
                 });
-                if cur < newest && !segs.iter().any(|(_, sg)| *sg == cur + 1) {
+                if needed <= newest && !segs.iter().any(|(_, sg)| *sg == needed) {
                     let tli = segs.last().map(|(t, _)| *t).unwrap_or(1);
                     s.fault = Some(format!(
                         "archive gap: WAL segment {} is missing from {} while later segments \
                          exist; the staging standby cannot replay past {}; copy the missing \
                          segment into the archive",
-                        lsn::segment_name(tli, cur + 1),
+                        lsn::segment_name(tli, needed),
                         archive.display(),
                         lsn::format(rep)
                     ));
@@ -147,4 +155,21 @@ pub fn fmt(l: Option<u64>) -> Option<String> {
 /// The staging log tail, for error messages.
 pub fn log_tail(rec: &SourceRecord, store: &Path) -> String {
     pg::log_tail(&rec.dir(store).log(), 15)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_segment_needed_next_after_a_switch_is_the_one_at_the_boundary() {
+        let seg = lsn::SEGMENT_SIZE;
+        assert_eq!(
+            next_segment(4 * seg),
+            4,
+            "stopped at the start of segment 4"
+        );
+        assert_eq!(next_segment(4 * seg + 0x100), 5, "inside segment 4");
+        assert_eq!(next_segment(5 * seg - 1), 5);
+    }
 }

@@ -87,14 +87,25 @@ pub fn replication_psql(
     passfile: Option<&Path>,
     commands: &[&str],
 ) -> anyhow::Result<Vec<String>> {
-    let conninfo = conn.libpq(
-        passfile,
-        &[
-            ("replication", "true"),
-            ("application_name", "vdbfs"),
-            ("connect_timeout", "10"),
-        ],
-    );
+    source_psql(client, conn, passfile, true, commands)
+}
+
+/// psql on a (replication or plain) connection to the source, running `commands`.
+fn source_psql(
+    client: &Install,
+    conn: &Conn,
+    passfile: Option<&Path>,
+    replication: bool,
+    commands: &[&str],
+) -> anyhow::Result<Vec<String>> {
+    let mut extra = vec![("application_name", "vdbfs"), ("connect_timeout", "10")];
+    let dbname = conn.dbname.clone();
+    if replication {
+        extra.push(("replication", "true"));
+    } else {
+        extra.push(("dbname", &dbname));
+    }
+    let conninfo = conn.libpq(passfile, &extra);
     let mut cmd = pg::as_postgres(&client.bin("psql"));
     cmd.args(["-X", "-A", "-t", "-q", "-w", "-v", "ON_ERROR_STOP=1", "-d"])
         .arg(&conninfo);
@@ -114,7 +125,7 @@ pub fn probe_source(
     conn: &Conn,
     passfile: Option<&Path>,
 ) -> anyhow::Result<SourceFacts> {
-    let lines = replication_psql(
+    let lines = match replication_psql(
         client,
         conn,
         passfile,
@@ -126,7 +137,20 @@ pub fn probe_source(
             "SHOW max_wal_senders",
             "SHOW max_replication_slots",
         ],
-    )?;
+    ) {
+        Ok(l) => l,
+        Err(e) => {
+            // With wal_level = minimal, max_wal_senders must be 0, so the replication
+            // connection fails first; a plain connection can tell the real cause.
+            if format!("{e:#}").contains("max_wal_senders") {
+                let plain = source_psql(client, conn, passfile, false, &["SHOW wal_level"]);
+                if plain.is_ok_and(|l| l.first().is_some_and(|v| v.trim() == "minimal")) {
+                    return Err(wal_level_minimal(conn));
+                }
+            }
+            return Err(e);
+        }
+    };
     if lines.len() < 6 {
         bail!("unexpected answer from the source to IDENTIFY_SYSTEM/SHOW: {lines:?}");
     }
@@ -143,14 +167,18 @@ pub fn probe_source(
         max_replication_slots: lines[5].trim().parse().unwrap_or(0),
     };
     if facts.wal_level == "minimal" {
-        bail!(
-            "the source {}:{} runs with wal_level = minimal, which a standby cannot follow; set \
-             wal_level = replica on the source and restart it",
-            conn.host,
-            conn.port
-        );
+        return Err(wal_level_minimal(conn));
     }
     Ok(facts)
+}
+
+fn wal_level_minimal(conn: &Conn) -> anyhow::Error {
+    anyhow!(
+        "the source {}:{} runs with wal_level = minimal, which a standby cannot follow; set \
+         wal_level = replica and max_wal_senders = 10 on the source and restart it",
+        conn.host,
+        conn.port
+    )
 }
 
 /// The staging binaries must be the source's major version.
