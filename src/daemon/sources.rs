@@ -708,7 +708,10 @@ impl Daemon {
         match health::query_replay(&rec.cluster(&self.store_dir)) {
             Ok(r) => {
                 let sync = health::assess(&rec, &self.store_dir, &r, young);
-                s.receive_lsn = health::fmt(r.receive_lsn);
+                // After a restart postgres counts "received" from where the walreceiver began, which
+                // can be below what was already replayed; what was replayed was received.
+                s.receive_lsn =
+                    health::fmt(r.receive_lsn.map(|x| x.max(r.replay_lsn.unwrap_or(0))));
                 s.replay_lsn = health::fmt(r.replay_lsn);
                 s.last_replay_time = r.replay_time;
                 s.source_lsn = health::fmt(sync.source_lsn);
