@@ -12,12 +12,11 @@
 //! discover` finds the installation, the source and the staging cluster.
 
 use std::fs;
-use std::io::Read;
 use std::net::TcpListener;
 use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -252,41 +251,14 @@ impl Staged {
     }
 }
 
-/// Runs a command with a bounded wait and never panics (for Drop).
-fn try_run(cmd: &mut Command, timeout: Duration) -> Option<Output> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let mut out = child.stdout.take()?;
-    let t = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    match util::wait_child(&mut child, timeout) {
-        Some(status) => Some(Output {
-            status,
-            stdout: t.join().unwrap_or_default(),
-            stderr: Vec::new(),
-        }),
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
-            None
-        }
-    }
-}
-
 impl Drop for Staged {
     fn drop(&mut self) {
         let names: Vec<String> = if self.d.pid().is_some() {
-            try_run(
+            util::try_run_timeout(
                 self.d.command().args(["source", "list", "--json"]),
                 Duration::from_secs(30),
             )
+            .ok()
             .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
             .and_then(|v| {
                 v.as_array().map(|a| {
@@ -312,7 +284,7 @@ impl Drop for Staged {
             }
         }
         for n in &names {
-            let _ = try_run(
+            let _ = util::try_run_timeout(
                 self.d.command().args(["source", "disable", n]),
                 Duration::from_secs(60),
             );

@@ -38,12 +38,11 @@ fn running_data_dirs() -> Vec<PathBuf> {
         if !pid.bytes().all(|b| b.is_ascii_digit()) || !is_postgres(&pid) {
             continue;
         }
-        let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        let ppid = pid
+            .parse()
             .ok()
-            .and_then(|s| {
-                s.rsplit_once(')')
-                    .and_then(|(_, r)| r.split_whitespace().nth(1).map(str::to_string))
-            });
+            .and_then(super::proc_stat)
+            .and_then(|f| f.get(1).cloned());
         if ppid.as_deref().is_some_and(is_postgres) {
             continue;
         }

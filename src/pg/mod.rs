@@ -406,13 +406,19 @@ pub fn pid_alive(pid: i32) -> bool {
     if pid <= 0 {
         return false;
     }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
+    proc_stat(pid).is_some_and(|f| f[0] != "Z" && f[0] != "X")
+}
+
+/// The fields of `/proc/PID/stat` after the command name: state, ppid, ... (never empty).
+pub fn proc_stat(pid: i32) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<String> = s
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    (!fields.is_empty()).then_some(fields)
 }
 
 /// Whether a port is free on loopback (nobody listens, we can bind it).

@@ -303,15 +303,14 @@ pub fn check_dirs(mode: Mode, backup: Option<&Path>, archive: Option<&Path>) -> 
                 );
             }
             let readable = pg::run(
-                pg::as_postgres(Path::new("/usr/bin/test")).arg("-r").arg(a),
+                pg::as_postgres(Path::new("/usr/bin/test"))
+                    .arg("-r")
+                    .arg(a)
+                    .args(["-a", "-x"])
+                    .arg(a),
                 Duration::from_secs(10),
             )
-            .is_ok()
-                && pg::run(
-                    pg::as_postgres(Path::new("/usr/bin/test")).arg("-x").arg(a),
-                    Duration::from_secs(10),
-                )
-                .is_ok();
+            .is_ok();
             if !readable {
                 bail!(
                     "archive directory {} is not readable by the postgres OS user, which runs \

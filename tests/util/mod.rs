@@ -109,15 +109,21 @@ pub fn tempdir(prefix: &str) -> tempfile::TempDir {
 
 /// Runs a command with a bounded wait; on timeout kills it and panics with what it printed.
 pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    try_run_timeout(cmd, timeout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Like [`run_timeout`], but a spawn failure or a timeout (the command is killed) is an `Err`
+/// describing it and what it printed: never panics, so Drop impls can use it.
+pub fn try_run_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
     let desc = format!("{cmd:?}");
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot spawn {desc}: {e}"));
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
+        .map_err(|e| format!("cannot spawn {desc}: {e}"))?;
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
     let t_out = thread::spawn(move || {
         let mut v = Vec::new();
         let _ = out.read_to_end(&mut v);
@@ -135,18 +141,18 @@ pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
             let _ = child.wait();
             let stdout = t_out.join().unwrap_or_default();
             let stderr = t_err.join().unwrap_or_default();
-            panic!(
+            return Err(format!(
                 "command timed out after {timeout:?}: {desc}\nstdout:\n{}\nstderr:\n{}",
                 String::from_utf8_lossy(&stdout),
                 String::from_utf8_lossy(&stderr)
-            );
+            ));
         }
     };
-    Output {
+    Ok(Output {
         status,
         stdout: t_out.join().unwrap_or_default(),
         stderr: t_err.join().unwrap_or_default(),
-    }
+    })
 }
 
 /// Polls a child until it exits or the timeout passes.
@@ -346,6 +352,11 @@ pub fn children_of(pid: i32) -> Vec<i32> {
 /// Processes whose working directory is `dir` or below it (e.g. a postgres started by the
 /// daemon on a mount under a test's temp dir). Our own process is never listed.
 pub fn processes_under(dir: &Path) -> Vec<i32> {
+    processes_with_cwd(|cwd| cwd.starts_with(dir))
+}
+
+/// Live processes other than this one whose working directory satisfies `f`.
+fn processes_with_cwd(f: impl Fn(&Path) -> bool) -> Vec<i32> {
     let me = std::process::id() as i32;
     let mut v = Vec::new();
     if let Ok(rd) = fs::read_dir("/proc") {
@@ -356,10 +367,8 @@ pub fn processes_under(dir: &Path) -> Vec<i32> {
             if p == me || !pid_alive(p) {
                 continue;
             }
-            if let Ok(cwd) = fs::read_link(format!("/proc/{p}/cwd")) {
-                if cwd.starts_with(dir) {
-                    v.push(p);
-                }
+            if fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|cwd| f(&cwd)) {
+                v.push(p);
             }
         }
     }
@@ -795,18 +804,9 @@ pub fn pg(bin: &str) -> String {
 /// directory (backends orphaned by a postmaster that already died have their cwd there).
 fn cluster_processes(postmaster: i32, datadir: &Path) -> Vec<i32> {
     let mut v = children_of(postmaster);
-    if let Ok(rd) = fs::read_dir("/proc") {
-        for e in rd.flatten() {
-            let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            if p != postmaster && !v.contains(&p) {
-                if let Ok(cwd) = fs::read_link(format!("/proc/{p}/cwd")) {
-                    if cwd == datadir {
-                        v.push(p);
-                    }
-                }
-            }
+    for p in processes_with_cwd(|cwd| cwd == datadir) {
+        if p != postmaster && !v.contains(&p) {
+            v.push(p);
         }
     }
     v
