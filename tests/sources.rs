@@ -1742,8 +1742,14 @@ fn log_shipping_archive_gap_is_a_fault_until_filled() {
     let seg_b = walfile(&src, &src.psql("SELECT pg_current_wal_lsn()"));
     assert_ne!(seg_a, seg_b);
     let target = src.switch_wal();
+    // Archived means archive_command returned (the archiver goes in order): a file that merely
+    // exists in HOLD may still be half copied.
     assert!(
-        util::wait_until(WAIT, || hold.join(&seg_a).exists()
+        util::wait_until(WAIT, || src
+            .psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")
+            .as_str()
+            >= seg_b.as_str()
+            && hold.join(&seg_a).exists()
             && hold.join(&seg_b).exists()),
         "the source did not archive {seg_a} and {seg_b} into {} within {WAIT:?}\nsource log:\n{}",
         hold.display(),
