@@ -11,6 +11,8 @@
 #   vdbfs        VDBFS_BIN, vdbfs_cmd, vdbfs_start_daemon, vdbfs_stop_daemon,
 #                vdbfs_mount, vdbfs_umount
 #   sources      vdbfs_source_link, vdbfs_source_note_staging, vdbfs_source_unlink
+#   VDBs         vdbfs_vdb_create, vdbfs_vdb_note, vdbfs_vdb_delete, pg_psql_conn
+#   misc         lsn_num, safe_rm_tree, show_log_tail
 #
 # Every helper that starts something (a postgres server, a daemon, a mount) registers how to undo
 # it with the guard, so an error anywhere (set -e) or ^C still leaves the machine clean. Servers are
@@ -321,6 +323,17 @@ pg_psql() {
     as_postgres "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$sockdir" -p "$port" -U postgres "$@"
 }
 
+# pg_psql_conn CONNINFO [psql args...]: psql as the caller (root) with a libpq connection string,
+# as a user would paste the one `vdbfs vdb create` prints; stops on the first error.
+pg_psql_conn() {
+    local conn=$1
+    shift
+    "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -d "$conn" "$@"
+}
+
+# lsn_num X/Y: an LSN as a number (for comparisons).
+lsn_num() { echo $(((16#${1%/*} << 32) | 16#${1#*/})); }
+
 # pg_bench SOCKDIR PORT [pgbench args...]
 pg_bench() {
     local sockdir=$1 port=$2
@@ -435,10 +448,37 @@ safe_rm_tree() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# vdbfs sources (issue 4). The daemon starts each source's staging postgres; we record its PID and
-# data directory (from `source status --json`) so cleanup can check it is really gone.
+# Postgres servers the daemon runs: staging standbys of sources (issue 4) and VDBs (issue 5). We
+# record each one's PID and data directory (from `source status --json` / `vdb status --json`) so
+# cleanup can check it is really gone after vdbfs stopped it, keyed "source:NAME" / "vdb:NAME".
 
-declare -gA _SRC_STAGING_PID=() _SRC_STAGING_DATA=()
+declare -gA _DAEMON_PG_PID=() _DAEMON_PG_DATA=()
+
+# _daemon_pg_note KEY PID DATADIR
+_daemon_pg_note() {
+    _DAEMON_PG_PID[$1]=$2
+    _DAEMON_PG_DATA[$1]=$3
+}
+
+# _daemon_pg_down KEY: wait (bounded) for the recorded postmaster to exit; stop it here (and return
+# 1 with a warning) if vdbfs left it running.
+_daemon_pg_down() {
+    local key=$1 waited=0
+    local pid=${_DAEMON_PG_PID[$1]:-} data=${_DAEMON_PG_DATA[$1]:-}
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 0
+    while kill -0 "$pid" 2>/dev/null && ((waited < 100)); do
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    kill -0 "$pid" 2>/dev/null || return 0
+    warn "postgres $pid of ${key/:/ } still runs 10 s after vdbfs stopped it; stopping it"
+    _PG_PIDS[$data]=$pid
+    _pg_emergency_stop "$data"
+    return 1
+}
+
+# ---------------------------------------------------------------------------------------------
+# vdbfs sources (issue 4)
 
 # vdbfs_source_link STORE NAME [link args...]: `vdbfs source link NAME ...`, its undo registered
 # first: on exit, `source unlink NAME --force --delete-snapshots` while the source still runs (so its
@@ -453,8 +493,7 @@ vdbfs_source_link() {
 
 # vdbfs_source_note_staging NAME STATUS-JSON: remember the staging postmaster of NAME.
 vdbfs_source_note_staging() {
-    _SRC_STAGING_PID[$1]=$(jq -r '.staging_pid // empty' <<<"$2")
-    _SRC_STAGING_DATA[$1]=$(jq -r '.data_dir // empty' <<<"$2")
+    _daemon_pg_note "source:$1" "$(jq -r '.staging_pid // empty' <<<"$2")" "$(jq -r '.data_dir // empty' <<<"$2")"
 }
 
 # vdbfs_source_unlink STORE NAME [unlink args...]: the normal path. Fails if unlink fails; returns 1
@@ -464,7 +503,7 @@ vdbfs_source_unlink() {
     shift 2
     vdbfs_cmd "$store" source unlink "$name" "$@" || return
     guard_drop "unlink source $name"
-    _vdbfs_staging_down "$name"
+    _daemon_pg_down "source:$name"
 }
 
 # The guard's undo (best effort, quiet unless something is wrong).
@@ -475,20 +514,43 @@ vdbfs_source_cleanup() {
     if vdbfs_cmd "$store" source status "$name" >/dev/null 2>&1; then
         err=$(vdbfs_cmd "$store" source unlink "$name" "$@" 2>&1 >/dev/null) || warn "vdbfs source unlink $name: $err"
     fi
-    _vdbfs_staging_down "$name"
+    _daemon_pg_down "source:$name"
 }
 
-_vdbfs_staging_down() {
-    local name=$1 waited=0
-    local pid=${_SRC_STAGING_PID[$1]:-} data=${_SRC_STAGING_DATA[$1]:-}
-    [[ "$pid" =~ ^[0-9]+$ ]] || return 0
-    while kill -0 "$pid" 2>/dev/null && ((waited < 100)); do
-        sleep 0.1
-        waited=$((waited + 1))
-    done
-    kill -0 "$pid" 2>/dev/null || return 0
-    warn "staging postgres $pid of source $name still runs 10 s after unlink; stopping it"
-    _PG_PIDS[$data]=$pid
-    _pg_emergency_stop "$data"
-    return 1
+# ---------------------------------------------------------------------------------------------
+# vdbfs VDBs (issue 5): the daemon provisions, starts and stops them.
+
+# vdbfs_vdb_create STORE NAME [create args...]: `vdbfs vdb create NAME ...`, its undo (`vdb delete`,
+# then the postmaster checked down) registered first. Output is the command's (line 1: the libpq
+# connection string). Call it in the script's own shell (not inside $(...)), or the undo is lost;
+# then vdbfs_vdb_note NAME "$(vdbfs_cmd STORE vdb status NAME --json)" so cleanup knows the PID.
+vdbfs_vdb_create() {
+    local store=$1 name=$2
+    shift 2
+    guard_push "delete vdb $name" vdbfs_vdb_cleanup "$store" "$name"
+    vdbfs_cmd "$store" vdb create "$name" "$@"
+}
+
+# vdbfs_vdb_note NAME STATUS-JSON: remember the postmaster of VDB NAME.
+vdbfs_vdb_note() {
+    _daemon_pg_note "vdb:$1" "$(jq -r '.pid // empty' <<<"$2")" "$(jq -r '.data_dir // empty' <<<"$2")"
+}
+
+# vdbfs_vdb_delete STORE NAME: the normal path. Fails if delete fails; returns 1 (with a warning)
+# if the VDB's postgres outlived the delete and had to be stopped here.
+vdbfs_vdb_delete() {
+    local store=$1 name=$2
+    vdbfs_cmd "$store" vdb delete "$name" || return
+    guard_drop "delete vdb $name"
+    _daemon_pg_down "vdb:$name"
+}
+
+# The guard's undo (best effort).
+vdbfs_vdb_cleanup() {
+    local store=$1 name=$2 err
+    # Nothing to undo when the create failed (it rolls back) or the VDB is gone already.
+    if vdbfs_cmd "$store" vdb status "$name" >/dev/null 2>&1; then
+        err=$(vdbfs_cmd "$store" vdb delete "$name" 2>&1 >/dev/null) || warn "vdbfs vdb delete $name: $err"
+    fi
+    _daemon_pg_down "vdb:$name"
 }
