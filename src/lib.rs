@@ -2,7 +2,8 @@
 //!
 //! Data path: `fs` (FUSE ops) -> `tree` (inodes, directories, file maps, checkpoints) ->
 //! `store` (blocks, packs, redb index). Control path: `cli` -> `daemon` (API, mounts, dSource supervision) ->
-//! `source` (link, staging standby, validated-sync snapshots) -> `pg` (PostgreSQL orchestration).
+//! `source` (link, staging standby, validated-sync snapshots) and `vdb` (virtual databases:
+//! provisioning, hooks) -> `pg` (PostgreSQL orchestration).
 
 pub mod cli;
 pub mod daemon;
@@ -11,3 +12,4 @@ pub mod pg;
 pub mod source;
 pub mod store;
 pub mod tree;
+pub mod vdb;

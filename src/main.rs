@@ -10,7 +10,7 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = vdbfs::cli::Cli::parse();
-    if !matches!(cli.cmd, vdbfs::cli::Cmd::Serve) {
+    if !matches!(cli.cmd, vdbfs::cli::Cmd::Serve { .. }) {
         // A CLI whose output is piped into `head` ends quietly, like other Unix tools. Never
         // for the daemon: a client hanging up must not kill it.
         // SAFETY: setting a signal disposition before any thread exists.

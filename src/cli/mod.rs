@@ -8,6 +8,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod vdb;
+
 #[derive(Parser)]
 #[command(
     name = "vdbfs",
@@ -34,7 +36,11 @@ pub enum Cmd {
     /// Create an empty store.
     Init,
     /// Run the daemon in the foreground: owns the store, serves every mount and the control API.
-    Serve,
+    Serve {
+        /// Ports new VDBs get when `vdb create` has no --port: LO-HI.
+        #[arg(long, env = "VDBFS_VDB_PORTS", default_value = "6000-6999")]
+        vdb_ports: String,
+    },
     /// Show the daemon's pid and mounts.
     Status {
         #[arg(long)]
@@ -74,6 +80,17 @@ pub enum Cmd {
     Source {
         #[command(subcommand)]
         cmd: SourceCmd,
+    },
+    /// Virtual databases: writable copies of a snapshot, each with its own postgres.
+    Vdb {
+        #[command(subcommand)]
+        cmd: vdb::VdbCmd,
+    },
+    /// The tree of datasets, snapshots, bookmarks and VDBs (all, or from one dataset).
+    Timeflow {
+        dataset: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// This host's PostgreSQL installations and clusters.
     Env {
@@ -203,7 +220,7 @@ pub enum DatasetCmd {
     },
 }
 
-fn human(b: u64) -> String {
+pub(crate) fn human(b: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut i = 0;
@@ -218,7 +235,7 @@ fn human(b: u64) -> String {
     }
 }
 
-fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
     Ok(if p.is_absolute() {
         p.to_path_buf()
     } else {
@@ -304,7 +321,7 @@ fn print_source(s: &api::SourceStatus) {
     }
 }
 
-fn run_req(store: &Path, req: Request) -> anyhow::Result<Response> {
+pub(crate) fn run_req(store: &Path, req: Request) -> anyhow::Result<Response> {
     let r = call(store, &req)?;
     if !r.ok {
         bail!("{}", r.message);
@@ -323,7 +340,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot create a store in {}", store.display()))?;
             println!("initialized an empty vdbfs store in {}", store.display());
         }
-        Cmd::Serve => crate::daemon::serve(&store)?,
+        Cmd::Serve { vdb_ports } => {
+            crate::daemon::serve(&store, crate::vdb::parse_port_range(&vdb_ports)?)?
+        }
         Cmd::Status { json } => {
             let r = run_req(&store, Request::Status)?;
             if json {
@@ -475,6 +494,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Source { cmd } => run_source(&store, cmd)?,
+        Cmd::Vdb { cmd } => vdb::run(&store, cmd)?,
+        Cmd::Timeflow { dataset, json } => vdb::timeflow(&store, dataset, json)?,
         Cmd::Umount { mountpoint } => {
             let mountpoint = absolute(&mountpoint)?;
             println!(

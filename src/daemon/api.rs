@@ -61,6 +61,112 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    VdbCreate(Box<VdbSpec>),
+    VdbList,
+    VdbStatus {
+        name: String,
+    },
+    VdbStart {
+        name: String,
+    },
+    VdbStop {
+        name: String,
+    },
+    VdbSnapshot {
+        name: String,
+        snapshot: Option<String>,
+        #[serde(default)]
+        bookmark: bool,
+    },
+    VdbRewind {
+        name: String,
+        to: String,
+    },
+    VdbRefresh {
+        name: String,
+        to: Option<String>,
+    },
+    VdbDelete {
+        name: String,
+    },
+    Timeflow {
+        dataset: Option<String>,
+    },
+}
+
+/// What the user asked `vdbfs vdb create` for.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VdbSpec {
+    pub name: String,
+    /// DATASET or DATASET@SNAPSHOT
+    pub from: String,
+    pub port: Option<u16>,
+    pub mount: Option<PathBuf>,
+    /// KEY=VALUE
+    pub settings: Vec<String>,
+    pub hooks: Option<PathBuf>,
+}
+
+/// A VDB as `vdb list/status` show it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VdbStatus {
+    pub name: String,
+    /// creating | running | stopped | fault
+    pub state: String,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub socket_dir: PathBuf,
+    pub pid: Option<i32>,
+    pub parent: String,
+    pub parent_dataset: String,
+    pub conn: String,
+    pub tcp_conn: String,
+    pub settings: std::collections::BTreeMap<String, String>,
+    pub hooks: Option<PathBuf>,
+    pub log: PathBuf,
+    pub postgres_log: PathBuf,
+    pub logical_bytes: u64,
+    pub unique_bytes: u64,
+    pub snapshots: Vec<String>,
+    pub bookmarks: Vec<String>,
+    pub created: String,
+    pub fault: Option<String>,
+    pub events: Vec<(String, String)>,
+}
+
+/// A snapshot or bookmark of a VDB.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VdbSnapshot {
+    /// `vdb@snapshot`
+    pub name: String,
+    pub kind: String,
+    pub lsn: Option<String>,
+    pub timeline: Option<u32>,
+    pub created: String,
+}
+
+/// One node of `vdbfs timeflow`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TimeflowNode {
+    /// source | dataset | vdb | snapshot | bookmark
+    pub kind: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
+    /// For sources and VDBs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// For snapshots: automatic, bookmark, validated-sync ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    #[serde(default)]
+    pub children: Vec<TimeflowNode>,
 }
 
 /// A line the daemon may send before its [`Response`] during a long operation.
@@ -158,6 +264,9 @@ pub struct SnapshotInfo {
     pub replay_time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
+    /// For a VDB's snapshots: snapshot | bookmark | auto.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

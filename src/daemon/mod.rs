@@ -8,6 +8,7 @@
 pub mod api;
 pub mod mounts;
 pub mod sources;
+pub mod vdbs;
 
 use crate::store::{Store, MOUNTS};
 use crate::tree::{Datasets, NameError};
@@ -39,6 +40,7 @@ fn snapshot_info(s: &crate::tree::SnapshotInfo) -> api::SnapshotInfo {
         timeline: props.as_ref().map(|p| p.timeline),
         replay_time: props.as_ref().and_then(|p| p.replay_time.clone()),
         mode: props.as_ref().map(|p| p.mode.as_str().to_string()),
+        kind: vdbs::snapshot_kind(s),
         name: s.full_name(),
         dataset: s.dataset.clone(),
         snapshot: s.rec.name.clone(),
@@ -52,6 +54,9 @@ pub struct Daemon {
     datasets: Datasets,
     mounts: Mutex<BTreeMap<PathBuf, Mounted>>,
     sources: sources::Sources,
+    vdbs: vdbs::Vdbs,
+    /// The pool new VDBs take a port from when none is given.
+    vdb_ports: (u16, u16),
     stopping: AtomicBool,
 }
 
@@ -70,7 +75,7 @@ fn raise_fd_limit() {
 }
 
 impl Daemon {
-    fn open(store_dir: &Path) -> anyhow::Result<Daemon> {
+    fn open(store_dir: &Path, vdb_ports: (u16, u16)) -> anyhow::Result<Daemon> {
         if !crate::store::index_path(store_dir).exists() {
             bail!(
                 "{} is not a vdbfs store; create one with 'vdbfs init --store {}'",
@@ -96,6 +101,8 @@ impl Daemon {
             datasets,
             mounts: Mutex::new(BTreeMap::new()),
             sources: Default::default(),
+            vdbs: Default::default(),
+            vdb_ports,
             stopping: AtomicBool::new(false),
         })
     }
@@ -206,8 +213,15 @@ impl Daemon {
         Ok(format!("mounted {what} {dataset} at {}", mp.display()))
     }
 
-    /// The staging dataset of a linked source is managed through `vdbfs source`.
+    /// The staging dataset of a linked source is managed through `vdbfs source`, a VDB's
+    /// dataset through `vdbfs vdb`.
     fn refuse_if_source(&self, dataset: &str, what: &str) -> anyhow::Result<()> {
+        if self.is_vdb(dataset) {
+            bail!(
+                "dataset {dataset} belongs to VDB {dataset}; cannot {what} it directly ('vdbfs vdb \
+                 stop {dataset}' stops it, 'vdbfs vdb delete {dataset}' removes it)"
+            );
+        }
         if self.source_records()?.iter().any(|r| r.name == dataset) {
             bail!(
                 "dataset {dataset} is the staging dataset of source {dataset}; cannot {what} it \
@@ -263,7 +277,7 @@ impl Daemon {
                 serde_json::to_value(self.source_status(&name)?)?,
             )),
             Request::SourceSnapshot { name } => {
-                let s = self.source_snapshot(&name)?;
+                let s = self.source_snapshot(&name, progress)?;
                 Ok((s.name.clone(), serde_json::to_value(&s)?))
             }
             Request::SourceEnable { name } => Ok((
@@ -281,6 +295,49 @@ impl Daemon {
             } => Ok((
                 self.source_unlink(&name, delete_snapshots, force)?,
                 serde_json::Value::Null,
+            )),
+            Request::VdbCreate(spec) => {
+                let st = self.vdb_create(*spec, progress)?;
+                Ok((
+                    format!(
+                        "{}\nVDB {} is running on port {} (from {})\n  over TCP: {} (the source's \
+                         passwords)\n  data directory: {}",
+                        st.conn,
+                        st.name,
+                        st.port,
+                        st.parent,
+                        st.tcp_conn,
+                        st.data_dir.display()
+                    ),
+                    serde_json::to_value(&st)?,
+                ))
+            }
+            Request::VdbList => Ok((String::new(), serde_json::to_value(self.vdb_list()?)?)),
+            Request::VdbStatus { name } => Ok((
+                String::new(),
+                serde_json::to_value(self.vdb_status(&name)?)?,
+            )),
+            Request::VdbStart { name } => Ok((self.vdb_start(&name)?, serde_json::Value::Null)),
+            Request::VdbStop { name } => Ok((self.vdb_stop(&name)?, serde_json::Value::Null)),
+            Request::VdbSnapshot {
+                name,
+                snapshot,
+                bookmark,
+            } => {
+                let s = self.vdb_snapshot(&name, snapshot.as_deref(), bookmark)?;
+                Ok((s.name.clone(), serde_json::to_value(&s)?))
+            }
+            Request::VdbRewind { name, to } => {
+                Ok((self.vdb_rewind(&name, &to)?, serde_json::Value::Null))
+            }
+            Request::VdbRefresh { name, to } => Ok((
+                self.vdb_refresh(&name, to.as_deref(), progress)?,
+                serde_json::Value::Null,
+            )),
+            Request::VdbDelete { name } => Ok((self.vdb_delete(&name)?, serde_json::Value::Null)),
+            Request::Timeflow { dataset } => Ok((
+                String::new(),
+                serde_json::to_value(self.timeflow(dataset.as_deref())?)?,
             )),
             Request::Status => {
                 let mounts = self
@@ -491,14 +548,17 @@ impl Daemon {
 
     fn supervisor(self: Arc<Self>) {
         self.recover_sources();
+        self.recover_vdbs();
         while !self.stopping.load(Ordering::Relaxed) {
             self.supervise();
+            self.supervise_vdbs();
             std::thread::sleep(Duration::from_secs(1));
         }
     }
 
     fn shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
+        self.stop_all_vdbs();
         self.stop_all_staging();
         if let Err(e) = self.datasets.checkpoint() {
             tracing::error!(
@@ -518,9 +578,9 @@ impl Daemon {
     }
 }
 
-pub fn serve(store_dir: &Path) -> anyhow::Result<()> {
+pub fn serve(store_dir: &Path, vdb_ports: (u16, u16)) -> anyhow::Result<()> {
     raise_fd_limit();
-    let daemon = Arc::new(Daemon::open(store_dir)?);
+    let daemon = Arc::new(Daemon::open(store_dir, vdb_ports)?);
     let sock = api::socket_path(store_dir);
     let _ = std::fs::remove_file(&sock);
 

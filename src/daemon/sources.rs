@@ -26,6 +26,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(600);
 /// A freshly started standby is not reported as broken for this long.
 const STREAM_GRACE: Duration = Duration::from_secs(20);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long an on-demand snapshot waits for staging to replay the source's current position.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
 
 /// What the daemon knows of a running staging standby (not persisted).
 #[derive(Default)]
@@ -66,28 +68,6 @@ fn now_unix() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-/// Stops a postmaster left by an earlier daemon (its mount died with that daemon): only a
-/// process that is that cluster's postgres, by its PID.
-fn stop_leftover(pid: i32, rec: &SourceRecord) {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    let data = rec.data_dir.to_string_lossy();
-    if !pg::pid_alive(pid) || !cmdline.contains("postgres") || !cmdline.contains(data.as_ref()) {
-        return;
-    }
-    tracing::warn!(source = %rec.name, pid, "stopping a staging postgres left by an earlier daemon");
-    // SAFETY: plain kill(2) on a PID we verified is our staging postmaster.
-    unsafe { libc::kill(pid, libc::SIGQUIT) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while pg::pid_alive(pid) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    if pg::pid_alive(pid) {
-        // SAFETY: as above.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
 }
 
 impl Daemon {
@@ -141,8 +121,12 @@ impl Daemon {
         let recorded = std::fs::read_to_string(self.pid_file(rec))
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok());
+        let mut stopped = false;
         for pid in recorded.into_iter().chain(cluster.postmaster_pid()) {
-            stop_leftover(pid, rec);
+            stopped |= pg::stop_leftover(pid, &rec.data_dir, &rec.name);
+        }
+        if stopped {
+            pg::wait_port_free(rec.staging_port, Duration::from_secs(10));
         }
         if !rec.data_dir.join("PG_VERSION").exists() {
             bail!(
@@ -169,7 +153,7 @@ impl Daemon {
             if let Err(e) = cluster.stop("fast", Duration::from_secs(60)) {
                 tracing::warn!(source = %rec.name, "fast stop failed ({e:#}); immediate stop");
                 if cluster.stop("immediate", Duration::from_secs(30)).is_err() {
-                    stop_leftover(pid, rec);
+                    pg::stop_leftover(pid, &rec.data_dir, &rec.name);
                 }
             }
         }
@@ -191,7 +175,7 @@ impl Daemon {
 
     // ---- link ----------------------------------------------------------------------------
 
-    fn mount_root(&self) -> anyhow::Result<PathBuf> {
+    pub(super) fn mount_root(&self) -> anyhow::Result<PathBuf> {
         use std::os::unix::fs::PermissionsExt;
         let root = self.store_dir.join("mnt");
         std::fs::create_dir_all(&root)?;
@@ -740,7 +724,14 @@ impl Daemon {
             .collect()
     }
 
-    pub(super) fn source_snapshot(&self, name: &str) -> anyhow::Result<api::SourceSnapshot> {
+    /// An on-demand validated-sync snapshot. A streaming source is asked for its WAL position
+    /// first and the snapshot waits (bounded) until staging replayed that far: it holds what
+    /// the source had committed when the command ran.
+    pub(super) fn source_snapshot(
+        &self,
+        name: &str,
+        progress: Progress,
+    ) -> anyhow::Result<api::SourceSnapshot> {
         let rec = self.source_record(name)?;
         if rec.linking {
             bail!("source {name} is still linking; wait until 'vdbfs source link' finished");
@@ -750,7 +741,69 @@ impl Daemon {
         }
         let st = self.sources.state(name);
         let _g = st.op.lock();
+        self.catch_up(&rec, progress);
         self.validated_snapshot(&rec)
+    }
+
+    /// Waits until staging replayed the source's current WAL position (streaming modes; at
+    /// most [`CATCH_UP_WAIT`]). A source that cannot be asked is not an error: the snapshot
+    /// then holds what staging has.
+    fn catch_up(&self, rec: &SourceRecord, progress: Progress) {
+        let (Some(conn), true) = (&rec.conn, rec.mode.streams()) else {
+            return;
+        };
+        let target = preflight::client_install().and_then(|client| {
+            preflight::replication_psql(
+                &client,
+                conn,
+                rec.passfile(&self.store_dir).as_deref(),
+                &["IDENTIFY_SYSTEM"],
+            )
+        });
+        let target = match target {
+            Ok(lines) => lines
+                .first()
+                .and_then(|l| l.split('|').nth(2))
+                .and_then(pg::lsn::parse),
+            Err(e) => {
+                progress(format!(
+                    "cannot ask source {} for its WAL position ({e:#}); the snapshot holds what staging has",
+                    rec.name
+                ));
+                return;
+            }
+        };
+        let Some(target) = target else { return };
+        let cluster = rec.cluster(&self.store_dir);
+        let deadline = Instant::now() + CATCH_UP_WAIT;
+        let mut told = false;
+        loop {
+            let replay = health::query_replay(&cluster)
+                .ok()
+                .and_then(|r| r.replay_lsn)
+                .unwrap_or(0);
+            if replay >= target {
+                return;
+            }
+            if Instant::now() > deadline {
+                progress(format!(
+                    "staging of {} is still {} bytes behind the source after {} s; the snapshot \
+                     holds what it replayed",
+                    rec.name,
+                    target - replay,
+                    CATCH_UP_WAIT.as_secs()
+                ));
+                return;
+            }
+            if !told && Instant::now() + CATCH_UP_WAIT - deadline > Duration::from_secs(1) {
+                progress(format!(
+                    "waiting for staging to replay up to the source's {}",
+                    pg::lsn::format(target)
+                ));
+                told = true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub(super) fn source_set_enabled(

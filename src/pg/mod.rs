@@ -401,6 +401,30 @@ impl Cluster {
     }
 }
 
+/// Stops a postmaster left by an earlier daemon (its mount died with that daemon): only a
+/// process that is a postgres of `data_dir`, by its PID. SIGQUIT, then SIGKILL after 10 s.
+/// Returns whether it stopped one.
+pub fn stop_leftover(pid: i32, data_dir: &Path, what: &str) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    let data = data_dir.to_string_lossy();
+    if !pid_alive(pid) || !cmdline.contains("postgres") || !cmdline.contains(data.as_ref()) {
+        return false;
+    }
+    tracing::warn!(what, pid, "stopping a postgres left by an earlier daemon");
+    // SAFETY: plain kill(2) on a PID we verified is that cluster's postmaster.
+    unsafe { libc::kill(pid, libc::SIGQUIT) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if pid_alive(pid) {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    true
+}
+
 /// Whether a process runs (a zombie does not count).
 pub fn pid_alive(pid: i32) -> bool {
     if pid <= 0 {
@@ -424,6 +448,15 @@ pub fn proc_stat(pid: i32) -> Option<Vec<String>> {
 /// Whether a port is free on loopback (nobody listens, we can bind it).
 pub fn port_free(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// Waits (bounded) until a port is free: the children of a killed postmaster hold its socket
+/// for a moment after it died.
+pub fn wait_port_free(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !port_free(port) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Removes postgres's lock and pid files for a data directory found in a copy (backup, clone).

@@ -56,6 +56,8 @@ pub const SNAPSHOT_PROPS: TableDefinition<(u64, &str), &[u8]> =
     TableDefinition::new("snapshot_props");
 /// source name -> JSON source record (control path; see FORMAT.md "Control-path tables").
 pub const SOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("sources");
+/// VDB name -> JSON VDB record (control path; see FORMAT.md "Control-path tables").
+pub const VDBS: TableDefinition<&str, &[u8]> = TableDefinition::new("vdbs");
 
 /// Opens every table once, so that readers never meet a missing one (stores created by an
 /// older build gain the tables added since).
@@ -68,6 +70,7 @@ fn create_tables(txn: &redb::WriteTransaction) -> std::result::Result<(), redb::
     txn.open_table(ORIGINS)?;
     txn.open_table(SNAPSHOT_PROPS)?;
     txn.open_table(SOURCES)?;
+    txn.open_table(VDBS)?;
     Ok(())
 }
 

@@ -498,6 +498,56 @@ impl Datasets {
         self.insert_dataset(new_name, s.root, s.next_ino, Some(origin))
     }
 
+    /// Points an existing dataset at a snapshot's tree (VDB refresh and rewind): the dataset
+    /// keeps its id, name and snapshots; its current tree becomes garbage. With `set_origin` the
+    /// snapshot also becomes its clone origin. One transaction: the dataset is either as it was
+    /// or at the snapshot. The caller guarantees the dataset is not mounted and was checkpointed.
+    pub fn reset_to_snapshot(
+        &self,
+        dataset: &str,
+        from_dataset: &str,
+        from_snap: &str,
+        set_origin: bool,
+    ) -> anyhow::Result<()> {
+        let _g = self.checkpoint_lock.lock();
+        let rec = self
+            .record(dataset)?
+            .ok_or_else(|| NameError::NotFound(dataset.to_string()))?;
+        let s = self.find_snapshot(from_dataset, from_snap)?;
+        if let Some(ds) = self.loaded.lock().get(&rec.id) {
+            if ds.is_dirty() {
+                anyhow::bail!("dataset {dataset} has unflushed changes; checkpoint it first");
+            }
+        }
+        let new = DatasetRecord {
+            id: rec.id,
+            name: rec.name.clone(),
+            created: rec.created,
+            root: s.root,
+            next_ino: s.next_ino,
+            replay_from: self.store.end(),
+        };
+        let txn = self.store.db().begin_write().map_err(Error::from)?;
+        txn.open_table(DATASETS)
+            .map_err(Error::from)?
+            .insert(rec.id, new.encode().as_slice())
+            .map_err(Error::from)?;
+        if set_origin {
+            let origin = CloneOrigin {
+                dataset: s.dataset,
+                snapshot: s.name.clone(),
+            };
+            txn.open_table(ORIGINS)
+                .map_err(Error::from)?
+                .insert(rec.id, origin.encode().as_slice())
+                .map_err(Error::from)?;
+        }
+        txn.commit().map_err(Error::from)?;
+        // The next user loads the new tree.
+        self.loaded.lock().remove(&rec.id);
+        Ok(())
+    }
+
     /// The snapshot a clone was made from, as `dataset@snapshot` (dataset by id if deleted).
     pub fn origin(&self, id: u64) -> Result<Option<String>> {
         let txn = self.store.db().begin_read()?;
@@ -683,6 +733,66 @@ impl Datasets {
             live_raw_bytes: live_raw,
             referenced_raw_bytes: referenced_raw,
         })
+    }
+
+    /// Per dataset: the logical size of its live tree, and the stored bytes that only it and
+    /// its own snapshots reference (what deleting it with its snapshots would free).
+    pub fn dataset_usage(&self) -> Result<HashMap<String, (u64, u64)>> {
+        self.checkpoint()?;
+        let datasets = self.list()?;
+        let mut roots: Vec<(u64, bool, Option<BlockId>)> =
+            datasets.iter().map(|r| (r.id, true, r.root)).collect();
+        {
+            let txn = self.store.db().begin_read()?;
+            for row in txn.open_table(SNAPSHOTS)?.iter()? {
+                let (_, v) = row?;
+                let s = SnapshotRecord::decode(v.value())?;
+                roots.push((s.dataset, false, s.root));
+            }
+        }
+        // Block -> the one dataset referencing it, or None once a second one does.
+        let mut owner: HashMap<BlockId, Option<u64>> = HashMap::new();
+        let mut logical: HashMap<u64, u64> = HashMap::new();
+        let mut seen_roots: HashSet<(u64, BlockId)> = HashSet::new();
+        for (id, live, root) in roots {
+            if let Some(r) = root {
+                // Snapshots often share their dataset's root: walk each tree once per dataset.
+                if !seen_roots.insert((id, r)) && !live {
+                    continue;
+                }
+            }
+            let mut w = walk::Walk::default();
+            walk::walk_root(&self.store, &self.cache, root, &mut w)?;
+            if live {
+                logical.insert(id, w.logical_bytes);
+            }
+            for b in w.blocks {
+                owner
+                    .entry(b)
+                    .and_modify(|o| {
+                        if *o != Some(id) {
+                            *o = None
+                        }
+                    })
+                    .or_insert(Some(id));
+            }
+        }
+        let locs: HashMap<BlockId, vdbfs_format::index::BlockLoc> =
+            self.store.indexed_blocks()?.into_iter().collect();
+        let mut unique: HashMap<u64, u64> = HashMap::new();
+        for (b, o) in owner {
+            if let (Some(id), Some(loc)) = (o, locs.get(&b)) {
+                *unique.entry(id).or_default() += loc.len as u64;
+            }
+        }
+        Ok(datasets
+            .into_iter()
+            .map(|r| {
+                let l = logical.get(&r.id).copied().unwrap_or(0);
+                let u = unique.get(&r.id).copied().unwrap_or(0);
+                (r.name, (l, u))
+            })
+            .collect())
     }
 
     /// Whether enough has changed since the last checkpoint to take one now.

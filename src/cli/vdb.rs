@@ -1,0 +1,304 @@
+//! `vdbfs vdb ...` and `vdbfs timeflow`: virtual databases and the tree they live in.
+
+use super::{absolute, human, run_req};
+use crate::daemon::api::{self, Request, TimeflowNode, VdbSpec};
+use clap::Subcommand;
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand)]
+pub enum VdbCmd {
+    /// Provision a VDB from a snapshot and start its postgres; prints how to connect.
+    Create {
+        name: String,
+        /// DATASET@SNAPSHOT, or DATASET for its latest snapshot (a source or a VDB).
+        #[arg(long)]
+        from: String,
+        /// Port of its postgres (default: the first free one of the daemon's pool).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Where to mount its data directory (default STORE/mnt/NAME).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+        /// A postgres setting for this VDB, KEY=VALUE (repeatable); kept across refresh and rewind.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+        /// Hooks directory for this VDB (default STORE/hooks when it exists).
+        #[arg(long)]
+        hooks: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// VDBs with their state, port and parent.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One VDB: state, port, mount, parent snapshot, space, snapshots and bookmarks.
+    Status {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop its postgres (it stays stopped across daemon restarts).
+    Stop { name: String },
+    /// Start its postgres.
+    Start { name: String },
+    /// Take a snapshot of the VDB (its own TimeFlow).
+    Snapshot {
+        name: String,
+        /// Snapshot name (default: the time).
+        #[arg(long = "name", value_name = "SNAPSHOT")]
+        snapshot: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark the VDB's current state with a name to come back to.
+    Bookmark {
+        name: String,
+        bookmark: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put the VDB back to one of its own snapshots or bookmarks (same name, port and mount).
+    Rewind {
+        name: String,
+        #[arg(long)]
+        to: String,
+    },
+    /// Move the VDB onto a newer snapshot of its parent (same name, port, mount and settings).
+    Refresh {
+        name: String,
+        /// PARENT@SNAPSHOT (default: a new validated snapshot of a linked source, else the
+        /// parent's latest snapshot).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Stop and delete the VDB with its snapshots; VDBs made from it keep working.
+    Delete { name: String },
+}
+
+fn print_or_json(r: api::Response, json: bool) {
+    if json {
+        println!("{}", r.data);
+    } else if !r.message.is_empty() {
+        println!("{}", r.message);
+    }
+}
+
+pub fn run(store: &Path, cmd: VdbCmd) -> anyhow::Result<()> {
+    match cmd {
+        VdbCmd::Create {
+            name,
+            from,
+            port,
+            mount,
+            settings,
+            hooks,
+            json,
+        } => {
+            let spec = VdbSpec {
+                name,
+                from,
+                port,
+                mount: mount.map(|p| absolute(&p)).transpose()?,
+                settings,
+                hooks: hooks.map(|p| absolute(&p)).transpose()?,
+            };
+            print_or_json(run_req(store, Request::VdbCreate(Box::new(spec)))?, json);
+        }
+        VdbCmd::List { json } => {
+            let r = run_req(store, Request::VdbList)?;
+            if json {
+                println!("{}", r.data);
+                return Ok(());
+            }
+            let list: Vec<api::VdbStatus> = serde_json::from_value(r.data)?;
+            println!(
+                "{:<20} {:<9} {:>6} {:>10} {:<40} DATA DIR",
+                "NAME", "STATE", "PORT", "UNIQUE", "PARENT"
+            );
+            for s in list {
+                println!(
+                    "{:<20} {:<9} {:>6} {:>10} {:<40} {}",
+                    s.name,
+                    s.state,
+                    s.port,
+                    human(s.unique_bytes),
+                    s.parent,
+                    s.data_dir.display()
+                );
+            }
+        }
+        VdbCmd::Status { name, json } => {
+            let r = run_req(store, Request::VdbStatus { name })?;
+            if json {
+                println!("{}", r.data);
+                return Ok(());
+            }
+            let s: api::VdbStatus = serde_json::from_value(r.data)?;
+            println!("VDB {}: {}", s.name, s.state);
+            if let Some(f) = &s.fault {
+                println!("  fault: {f}");
+            }
+            println!("  connect:  psql '{}'", s.conn);
+            println!("  over TCP: {}", s.tcp_conn);
+            println!(
+                "  port {}, pid {}, data directory {}",
+                s.port,
+                s.pid.map_or("-".into(), |p| p.to_string()),
+                s.data_dir.display()
+            );
+            println!("  parent:   {}", s.parent);
+            println!(
+                "  space:    {} logical, {} unique (what deleting it frees)",
+                human(s.logical_bytes),
+                human(s.unique_bytes)
+            );
+            for (k, v) in &s.settings {
+                println!("  set {k} = {v}");
+            }
+            if let Some(h) = &s.hooks {
+                println!("  hooks:    {}", h.display());
+            }
+            println!("  snapshots: {}", list_or_none(&s.snapshots));
+            println!("  bookmarks: {}", list_or_none(&s.bookmarks));
+            println!(
+                "  logs:     {} (vdbfs, hooks), {}",
+                s.log.display(),
+                s.postgres_log.display()
+            );
+        }
+        VdbCmd::Stop { name } => println!("{}", run_req(store, Request::VdbStop { name })?.message),
+        VdbCmd::Start { name } => {
+            println!("{}", run_req(store, Request::VdbStart { name })?.message)
+        }
+        VdbCmd::Snapshot {
+            name,
+            snapshot,
+            json,
+        } => print_or_json(
+            run_req(
+                store,
+                Request::VdbSnapshot {
+                    name,
+                    snapshot,
+                    bookmark: false,
+                },
+            )?,
+            json,
+        ),
+        VdbCmd::Bookmark {
+            name,
+            bookmark,
+            json,
+        } => print_or_json(
+            run_req(
+                store,
+                Request::VdbSnapshot {
+                    name,
+                    snapshot: Some(bookmark),
+                    bookmark: true,
+                },
+            )?,
+            json,
+        ),
+        VdbCmd::Rewind { name, to } => {
+            println!(
+                "{}",
+                run_req(store, Request::VdbRewind { name, to })?.message
+            )
+        }
+        VdbCmd::Refresh { name, to } => {
+            println!(
+                "{}",
+                run_req(store, Request::VdbRefresh { name, to })?.message
+            )
+        }
+        VdbCmd::Delete { name } => {
+            println!("{}", run_req(store, Request::VdbDelete { name })?.message)
+        }
+    }
+    Ok(())
+}
+
+fn list_or_none(v: &[String]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+pub fn timeflow(store: &Path, dataset: Option<String>, json: bool) -> anyhow::Result<()> {
+    let r = run_req(store, Request::Timeflow { dataset })?;
+    if json {
+        println!("{}", r.data);
+        return Ok(());
+    }
+    let nodes: Vec<TimeflowNode> = serde_json::from_value(r.data)?;
+    if nodes.is_empty() {
+        println!("no datasets yet ('vdbfs source link' links a source)");
+    }
+    for n in &nodes {
+        print!("{}", render(n));
+    }
+    Ok(())
+}
+
+/// The tree as text, like `git log --graph`: one line per node, children indented under it.
+pub fn render(n: &TimeflowNode) -> String {
+    let mut out = String::new();
+    out.push_str(&label(n));
+    out.push('\n');
+    render_children(n, "", &mut out);
+    out
+}
+
+fn render_children(n: &TimeflowNode, prefix: &str, out: &mut String) {
+    for (i, c) in n.children.iter().enumerate() {
+        let last = i + 1 == n.children.len();
+        out.push_str(prefix);
+        out.push_str(if last { "└── " } else { "├── " });
+        out.push_str(&label(c));
+        out.push('\n');
+        let next = format!("{prefix}{}", if last { "    " } else { "│   " });
+        render_children(c, &next, out);
+    }
+}
+
+fn label(n: &TimeflowNode) -> String {
+    let mut parts = vec![n.name.clone()];
+    match n.kind.as_str() {
+        "source" | "vdb" | "dataset" => {
+            let mut what = n.kind.clone();
+            if let Some(s) = &n.state {
+                what.push_str(&format!(" {s}"));
+            }
+            if let Some(p) = n.port {
+                what.push_str(&format!(" port {p}"));
+            }
+            if let Some(note) = &n.note {
+                what.push_str(&format!(", {note}"));
+            }
+            parts.push(format!("[{what}]"));
+        }
+        kind => {
+            if kind == "bookmark" {
+                parts.push("[bookmark]".into());
+            }
+            if let Some(l) = &n.lsn {
+                parts.push(format!("lsn {l}"));
+            }
+            if let Some(t) = n.timeline {
+                parts.push(format!("tl {t}"));
+            }
+            if let Some(c) = &n.created {
+                parts.push(c.clone());
+            }
+            if let Some(note) = &n.note {
+                parts.push(format!("({note})"));
+            }
+        }
+    }
+    parts.join("  ")
+}

@@ -1,0 +1,413 @@
+//! Virtual databases (VDBs): the record of a VDB, its files outside the data directory, turning
+//! a cloned data directory into a primary of its own, the port pool and the hooks.
+//!
+//! A VDB named N is the dataset N (a clone of a snapshot of its parent: a source's staging
+//! dataset or another VDB), mounted at its data directory, with a postgres the daemon runs as the
+//! postgres OS user. Its snapshots and bookmarks are snapshots of dataset N; refresh and rewind
+//! point dataset N at another tree and keep its id, name, snapshots, port, mount point, settings
+//! and hooks, so users' connection strings keep working.
+//!
+//! Invariants: every setting vdbfs manages is written to `postgresql.auto.conf` on each
+//! provision, refresh and rewind (the user's `--set` values last, so they win); a VDB record with
+//! `pending` set is an operation cut short, undone by the next daemon (create: removed; refresh
+//! and rewind: back to the automatic snapshot taken before).
+
+pub mod hooks;
+
+use crate::pg::{self, conf, Cluster, Install};
+use anyhow::{anyhow, bail, Context};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default port pool of VDBs when `--port` is not given.
+pub const DEFAULT_PORTS: (u16, u16) = (6000, 6999);
+
+/// An operation cut short leaves this in the record; the next daemon undoes it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Pending {
+    /// create | refresh | rewind
+    pub op: String,
+    /// The VDB's own snapshot to go back to (refresh, rewind).
+    pub rollback: Option<String>,
+    /// The parent before the operation.
+    pub parent: String,
+    pub was_running: bool,
+}
+
+/// A VDB, as persisted in the index (`vdbs` table, JSON).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VdbRecord {
+    pub v: u32,
+    pub name: String,
+    /// The snapshot its current tree came from (`dataset@snapshot`).
+    pub parent: String,
+    pub port: u16,
+    /// The mount point of dataset `name`.
+    pub data_dir: PathBuf,
+    /// `--set` overrides, in the order given.
+    pub settings: Vec<(String, String)>,
+    /// Its own hooks directory (else the store's `hooks/`).
+    pub hooks: Option<PathBuf>,
+    pub install: Install,
+    /// Whether its postgres should run (the daemon starts it again after a restart).
+    pub running: bool,
+    pub pending: Option<Pending>,
+    pub created: String,
+    /// What happened to it: (time, event), oldest first.
+    #[serde(default)]
+    pub events: Vec<(String, String)>,
+}
+
+/// Properties recorded with a VDB's snapshot (`snapshot_props`, JSON).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VdbSnapshotProps {
+    pub vdb: String,
+    /// snapshot | bookmark | auto
+    pub kind: String,
+    /// `pg_current_wal_lsn()` after a CHECKPOINT, when the VDB was running.
+    pub lsn: Option<String>,
+    pub timeline: Option<u32>,
+}
+
+/// Files of a VDB outside its data directory: `STORE/vdbs/NAME/`.
+pub struct VdbDir(pub PathBuf);
+
+impl VdbDir {
+    pub fn new(store: &Path, name: &str) -> VdbDir {
+        VdbDir(store.join("vdbs").join(name))
+    }
+    pub fn socket_dir(&self) -> PathBuf {
+        self.0.join("run")
+    }
+    /// vdbfs's log of the VDB: operations and hook output.
+    pub fn log(&self) -> PathBuf {
+        self.0.join("vdb.log")
+    }
+    pub fn postgres_log(&self) -> PathBuf {
+        self.0.join("postgres.log")
+    }
+    pub fn hba(&self) -> PathBuf {
+        self.0.join("pg_hba.conf")
+    }
+    pub fn ident(&self) -> PathBuf {
+        self.0.join("pg_ident.conf")
+    }
+    /// The postmaster PID, outside the data directory (readable when the mount is gone).
+    pub fn pid_file(&self) -> PathBuf {
+        self.0.join("postmaster.pid")
+    }
+
+    /// Appends a line to the VDB log.
+    pub fn log_line(&self, text: &str) {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+        {
+            let now = crate::daemon::api::rfc3339(now_unix());
+            for l in text.lines() {
+                let _ = writeln!(f, "{now} {l}");
+            }
+        }
+    }
+}
+
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl VdbRecord {
+    pub fn dir(&self, store: &Path) -> VdbDir {
+        VdbDir::new(store, &self.name)
+    }
+
+    pub fn cluster(&self, store: &Path) -> Cluster {
+        let dir = self.dir(store);
+        Cluster {
+            install: self.install.clone(),
+            data_dir: self.data_dir.clone(),
+            socket_dir: dir.socket_dir(),
+            port: self.port,
+            log: dir.postgres_log(),
+        }
+    }
+
+    /// libpq connection string over the unix socket (works as root or postgres at once).
+    pub fn conn(&self, store: &Path) -> String {
+        format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.dir(store).socket_dir().display(),
+            self.port
+        )
+    }
+
+    pub fn tcp_conn(&self) -> String {
+        let host = self
+            .settings
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "listen_addresses")
+            .map(|(_, v)| v.split(',').next().unwrap_or("").trim().to_string())
+            .filter(|h| !h.is_empty() && h != "*" && h != "0.0.0.0")
+            .unwrap_or_else(|| "127.0.0.1".into());
+        format!("postgresql://postgres@{host}:{}/postgres", self.port)
+    }
+
+    pub fn parent_dataset(&self) -> &str {
+        self.parent.split_once('@').map_or("", |(d, _)| d)
+    }
+
+    pub fn event(&mut self, what: String) {
+        self.events
+            .push((crate::daemon::api::rfc3339(now_unix()), what));
+    }
+}
+
+/// "KEY=VALUE" from `--set`; the key must look like a PostgreSQL parameter name. Whether the
+/// value is valid is for postgres to say (see [`check_config`]).
+pub fn parse_setting(s: &str) -> anyhow::Result<(String, String)> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--set {s:?} is not KEY=VALUE, e.g. --set shared_buffers=64MB"))?;
+    let k = k.trim().to_ascii_lowercase();
+    if k.is_empty()
+        || !k
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+    {
+        bail!("--set {s:?}: {k:?} is not a PostgreSQL parameter name");
+    }
+    if v.contains('\n') || v.contains('\0') {
+        bail!("--set {k}: the value must be one line");
+    }
+    if MANAGED.contains(&k.as_str()) {
+        bail!(
+            "--set {k}: vdbfs manages {k} for a VDB (use --port for the port; the socket \
+             directory and recovery settings are fixed)"
+        );
+    }
+    Ok((k, v.trim().to_string()))
+}
+
+/// Settings a user may not override: vdbfs needs them to reach and run the VDB.
+const MANAGED: [&str; 8] = [
+    "port",
+    "unix_socket_directories",
+    "primary_conninfo",
+    "primary_slot_name",
+    "restore_command",
+    "recovery_target_lsn",
+    "recovery_target_action",
+    "data_directory",
+];
+
+/// "LO-HI" -> the port range.
+pub fn parse_port_range(s: &str) -> anyhow::Result<(u16, u16)> {
+    let bad = || anyhow!("port range {s:?} is not LO-HI, e.g. 6000-6999");
+    let (lo, hi) = s.split_once('-').ok_or_else(bad)?;
+    let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+    let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+    if lo == 0 || lo > hi {
+        return Err(bad());
+    }
+    Ok((lo, hi))
+}
+
+/// The port of a new VDB: the one asked for if free, else the first free one of the pool.
+pub fn pick_port(asked: Option<u16>, pool: (u16, u16), taken: &[u16]) -> anyhow::Result<u16> {
+    let free = |p: u16| !taken.contains(&p) && pg::port_free(p);
+    match asked {
+        Some(p) if free(p) => Ok(p),
+        Some(p) => bail!(
+            "port {p} is in use (by another program, VDB or staging postgres); pick a free one \
+             with --port or leave it out to get one from the pool {}-{}",
+            pool.0,
+            pool.1
+        ),
+        None => (pool.0..=pool.1).find(|p| free(*p)).ok_or_else(|| {
+            anyhow!(
+                "no free port in the VDB pool {}-{}; pass --port or widen the pool \
+                 ('vdbfs serve --vdb-ports LO-HI')",
+                pool.0,
+                pool.1
+            )
+        }),
+    }
+}
+
+/// Creates `STORE/vdbs/NAME/` (owner postgres, 0700) with its socket dir, pg_hba and pg_ident.
+pub fn prepare_dir(dir: &VdbDir) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for d in [&dir.0, &dir.socket_dir()] {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+        pg::chown_postgres(d)?;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+    }
+    if let Some(parent) = dir.0.parent() {
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711))?;
+    }
+    conf::write_atomic(
+        &dir.hba(),
+        b"# vdbfs VDB access. The socket directory is 0700 (owner postgres): only root and the\n\
+          # postgres OS user reach it. Over loopback TCP the source's passwords apply.\n\
+          local all all trust\n\
+          host all all 127.0.0.1/32 scram-sha-256\n\
+          host all all ::1/128 scram-sha-256\n",
+        0o600,
+    )?;
+    if !dir.ident().exists() {
+        conf::write_atomic(&dir.ident(), b"", 0o600)?;
+    }
+    Ok(())
+}
+
+/// Recovery settings vdbfs may have written (removed once the VDB is a primary).
+const RECOVERY_KEYS: [&str; 6] = [
+    "recovery_target_lsn",
+    "recovery_target_inclusive",
+    "recovery_target_action",
+    "recovery_target_timeline",
+    "restore_command",
+    "hot_standby",
+];
+
+/// Makes a cloned data directory the VDB's primary: no standby or recovery state from its parent,
+/// no replication slots, the VDB's port, sockets, access files and name, then the user's
+/// settings. With `target_lsn`, the first start recovers exactly to that LSN and promotes (a
+/// staging snapshot holds WAL received past its replay position).
+pub fn configure(
+    rec: &VdbRecord,
+    store: &Path,
+    target_lsn: Option<&str>,
+    fresh_clone: bool,
+) -> anyhow::Result<()> {
+    let data = &rec.data_dir;
+    let dir = rec.dir(store);
+    if !data.join("PG_VERSION").exists() {
+        bail!(
+            "{} is not a PostgreSQL data directory (no PG_VERSION): the snapshot {} does not hold a database",
+            data.display(),
+            rec.parent
+        );
+    }
+    pg::remove_run_files(data);
+    for f in ["standby.signal", "recovery.signal"] {
+        let _ = std::fs::remove_file(data.join(f));
+    }
+    if fresh_clone {
+        // Slots copied with the data directory belong to the parent's replicas, not the VDB's;
+        // left in place they would hold WAL forever.
+        if let Ok(rd) = std::fs::read_dir(data.join("pg_replslot")) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    if !data.join("postgresql.conf").exists() {
+        conf::write_atomic(
+            &data.join("postgresql.conf"),
+            b"# created by vdbfs: the source kept its configuration outside the data directory\n",
+            0o600,
+        )?;
+    }
+    let s = |v: &str| Some(v.to_string());
+    let mut settings: Vec<(&str, Option<String>)> = vec![
+        ("port", Some(rec.port.to_string())),
+        ("listen_addresses", s("127.0.0.1")),
+        (
+            "unix_socket_directories",
+            Some(dir.socket_dir().to_string_lossy().to_string()),
+        ),
+        ("hba_file", Some(dir.hba().to_string_lossy().to_string())),
+        (
+            "ident_file",
+            Some(dir.ident().to_string_lossy().to_string()),
+        ),
+        ("cluster_name", Some(format!("vdbfs-{}", rec.name))),
+        ("primary_conninfo", None),
+        ("primary_slot_name", None),
+        ("hot_standby_feedback", None),
+        // A VDB must not archive into the source's archive, nor wait for the source's
+        // synchronous standbys.
+        ("archive_mode", s("off")),
+        ("archive_command", None),
+        ("synchronous_standby_names", s("")),
+        ("logging_collector", s("off")),
+        ("ssl", s("off")),
+        ("wal_receiver_status_interval", None),
+    ];
+    for k in RECOVERY_KEYS {
+        settings.push((k, None));
+    }
+    if let Some(lsn) = target_lsn {
+        // Archive recovery needs a restore_command; `false` makes it read pg_wal only.
+        // hot_standby off: pg_ctl -w returns once recovery ended and the VDB is promoted.
+        settings.extend([
+            ("recovery_target_lsn", Some(lsn.to_string())),
+            ("recovery_target_inclusive", s("off")),
+            ("recovery_target_action", s("promote")),
+            ("restore_command", s("false")),
+            ("hot_standby", s("off")),
+        ]);
+        conf::write_atomic(&data.join("recovery.signal"), b"", 0o600)?;
+    }
+    let user: Vec<(String, Option<String>)> = rec
+        .settings
+        .iter()
+        .map(|(k, v)| (k.clone(), Some(v.clone())))
+        .collect();
+    settings.extend(user.iter().map(|(k, v)| (k.as_str(), v.clone())));
+    conf::edit_auto_conf(data, &settings)
+}
+
+/// After a start with a recovery target: the VDB is a primary; its recovery settings go.
+pub fn clear_recovery(rec: &VdbRecord) -> anyhow::Result<()> {
+    let _ = std::fs::remove_file(rec.data_dir.join("recovery.signal"));
+    let settings: Vec<(&str, Option<String>)> = RECOVERY_KEYS.iter().map(|k| (*k, None)).collect();
+    conf::edit_auto_conf(&rec.data_dir, &settings)
+}
+
+/// Lets postgres check the configuration (`postgres -C port`): a bad `--set` value or an unknown
+/// parameter is refused here, with postgres's own words, before anything starts.
+pub fn check_config(rec: &VdbRecord) -> anyhow::Result<()> {
+    let out = pg::run_unchecked(
+        pg::as_postgres(&rec.install.bin("postgres"))
+            .arg("-D")
+            .arg(&rec.data_dir)
+            .args(["-C", "port"]),
+        Duration::from_secs(60),
+        |_| {},
+    )?;
+    if !out.status.success() {
+        let text = out.stderr_text();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                l.split_once("] ")
+                    .map_or(l, |(_, rest)| rest)
+                    .trim_start_matches("postgres: ")
+            })
+            .collect();
+        bail!(
+            "postgres refuses the VDB's configuration:\n{}",
+            pg::last_lines(&lines.join("\n"), 8)
+        );
+    }
+    Ok(())
+}
+
+/// The installation for a data directory's major version (`PG_VERSION`).
+pub fn install_for(data_dir: &Path) -> anyhow::Result<Install> {
+    let v = std::fs::read_to_string(data_dir.join("PG_VERSION"))
+        .with_context(|| format!("{} has no PG_VERSION", data_dir.display()))?;
+    let major: u32 = v
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("PG_VERSION in {} says {:?}", data_dir.display(), v.trim()))?;
+    Install::for_major(major)
+}
