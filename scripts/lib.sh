@@ -277,6 +277,15 @@ pg_stop() {
     return 1
 }
 
+# pid_running PID: the process exists and is not a zombie. A postmaster that pg_ctl started is
+# reparented to PID 1, and some inits (containers, microVMs) reap late: kill -0 alone would see
+# an exited postmaster as running for a second or more.
+pid_running() {
+    local state
+    state=$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null) || return 1
+    [[ -n "$state" && "$state" != Z ]]
+}
+
 _pg_emergency_stop() {
     local datadir=$1 pid="" waited=0
     as_postgres "$PGBIN/pg_ctl" -D "$datadir" -m immediate -w -t 20 stop >/dev/null 2>&1 && return 0
@@ -285,14 +294,14 @@ _pg_emergency_stop() {
     pid=${_PG_PIDS[$datadir]:-}
     [[ -n "$pid" ]] || pid=$(head -n1 "$datadir/postmaster.pid" 2>/dev/null || true)
     [[ "$pid" =~ ^[0-9]+$ ]] || pid=$(_pg_find_postmaster "$datadir" || true)
-    [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 0
+    [[ "$pid" =~ ^[0-9]+$ ]] && pid_running "$pid" || return 0
     warn "sending SIGQUIT (immediate shutdown) to postmaster $pid ($datadir)"
     kill -QUIT "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null && ((waited < 100)); do
+    while pid_running "$pid" && ((waited < 100)); do
         sleep 0.1
         waited=$((waited + 1))
     done
-    if kill -0 "$pid" 2>/dev/null; then
+    if pid_running "$pid"; then
         warn "sending SIGKILL to postmaster $pid ($datadir)"
         kill -KILL "$pid" 2>/dev/null || true
         sleep 1
@@ -466,11 +475,11 @@ _daemon_pg_down() {
     local key=$1 waited=0
     local pid=${_DAEMON_PG_PID[$1]:-} data=${_DAEMON_PG_DATA[$1]:-}
     [[ "$pid" =~ ^[0-9]+$ ]] || return 0
-    while kill -0 "$pid" 2>/dev/null && ((waited < 100)); do
+    while pid_running "$pid" && ((waited < 100)); do
         sleep 0.1
         waited=$((waited + 1))
     done
-    kill -0 "$pid" 2>/dev/null || return 0
+    pid_running "$pid" || return 0
     warn "postgres $pid of ${key/:/ } still runs 10 s after vdbfs stopped it; stopping it"
     _PG_PIDS[$data]=$pid
     _pg_emergency_stop "$data"
