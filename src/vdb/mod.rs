@@ -411,3 +411,91 @@ pub fn install_for(data_dir: &Path) -> anyhow::Result<Install> {
         .map_err(|_| anyhow!("PG_VERSION in {} says {:?}", data_dir.display(), v.trim()))?;
     Install::for_major(major)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_checked_for_shape_and_managed_keys() {
+        assert_eq!(
+            parse_setting("shared_buffers=64MB").unwrap(),
+            ("shared_buffers".into(), "64MB".into())
+        );
+        assert_eq!(
+            parse_setting("Log_Statement = all").unwrap(),
+            ("log_statement".into(), "all".into())
+        );
+        assert_eq!(
+            parse_setting("search_path=a,b").unwrap().1,
+            "a,b",
+            "values may contain commas and ="
+        );
+        for (bad, phrase) in [
+            ("shared_buffers", "KEY=VALUE"),
+            ("=1", "parameter name"),
+            ("a b=1", "parameter name"),
+            ("port=5432", "manages port"),
+            ("restore_command=cp", "manages restore_command"),
+            ("work_mem=1\n2", "one line"),
+        ] {
+            let e = parse_setting(bad).unwrap_err().to_string();
+            assert!(e.contains(phrase), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn port_ranges_parse_and_pick_skips_taken_ports() {
+        assert_eq!(parse_port_range("6000-6999").unwrap(), (6000, 6999));
+        for bad in ["6000", "7000-6000", "0-10", "a-b", "1-70000"] {
+            assert!(parse_port_range(bad).is_err(), "{bad}");
+        }
+        // A port bound here is not free; a taken one is skipped.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = l.local_addr().unwrap().port();
+        let e = pick_port(Some(busy), (busy, busy), &[]).unwrap_err();
+        assert!(e.to_string().contains(&format!("port {busy} is in use")));
+        assert!(
+            pick_port(None, (busy, busy), &[]).is_err(),
+            "pool exhausted"
+        );
+        let p = pick_port(None, (busy, busy.saturating_add(5)), &[busy + 1]).unwrap();
+        assert!(p != busy && p != busy + 1);
+    }
+
+    #[test]
+    fn tcp_conn_follows_listen_addresses() {
+        let mut rec = VdbRecord {
+            v: 1,
+            name: "dev1".into(),
+            parent: "prod@s1".into(),
+            port: 6001,
+            data_dir: "/s/mnt/dev1".into(),
+            settings: vec![],
+            hooks: None,
+            install: Install {
+                bin_dir: "/usr/lib/postgresql/15/bin".into(),
+                version: "15.0".into(),
+                major: 15,
+            },
+            running: true,
+            pending: None,
+            created: String::new(),
+            events: vec![],
+        };
+        assert_eq!(
+            rec.tcp_conn(),
+            "postgresql://postgres@127.0.0.1:6001/postgres"
+        );
+        assert_eq!(
+            rec.conn(Path::new("/s")),
+            "host=/s/vdbs/dev1/run port=6001 user=postgres dbname=postgres"
+        );
+        assert_eq!(rec.parent_dataset(), "prod");
+        rec.settings = vec![("listen_addresses".into(), "10.0.0.5,127.0.0.1".into())];
+        assert_eq!(
+            rec.tcp_conn(),
+            "postgresql://postgres@10.0.0.5:6001/postgres"
+        );
+    }
+}
