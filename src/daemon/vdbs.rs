@@ -216,18 +216,29 @@ impl Daemon {
             .map_err(|e| anyhow!("promoting VDB {} failed: {e:#}; {}", rec.name, log_tail()))
     }
 
+    /// Stops the VDB's postgres: ours with `pg_ctl stop` (fast, then immediate); one this daemon
+    /// did not start (left by a daemon that died: its files are on a dead mount, so pg_ctl could
+    /// never see it go) by its PID.
     fn stop_postgres(&self, rec: &VdbRecord, st: &VdbState) {
         let cluster = rec.cluster(&self.store_dir);
-        let pid = self.vdb_pid(rec, st);
-        if let Some(pid) = pid {
+        let ours = st.rt.lock().pid.take().filter(|p| pg::pid_alive(*p));
+        if let Some(pid) = ours {
             if let Err(e) = cluster.stop("fast", Duration::from_secs(60)) {
                 tracing::warn!(vdb = %rec.name, "fast stop failed ({e:#}); immediate stop");
                 if cluster.stop("immediate", Duration::from_secs(30)).is_err() {
                     pg::stop_leftover(pid, &rec.data_dir, &rec.name);
                 }
             }
+        } else {
+            let recorded = std::fs::read_to_string(rec.dir(&self.store_dir).pid_file())
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok());
+            for pid in recorded.into_iter().chain(cluster.postmaster_pid()) {
+                if pg::stop_leftover(pid, &rec.data_dir, &rec.name) {
+                    pg::wait_port_free(rec.port, Duration::from_secs(10));
+                }
+            }
         }
-        st.rt.lock().pid = None;
         let _ = std::fs::remove_file(rec.dir(&self.store_dir).pid_file());
     }
 
