@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 /// How long a VDB's postgres may take to start (crash recovery of what its snapshot holds).
 const START_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// What postgres logs when the WAL ends before a recovery target.
+const TARGET_NOT_REACHED: &str = "recovery ended before configured recovery target was reached";
 
 #[derive(Default)]
 pub struct Runtime {
@@ -145,11 +147,24 @@ impl Daemon {
             );
         }
         let provisioning = rec.data_dir.join(vdb::PROVISION_SIGNAL).exists();
-        let pid = cluster.start(START_TIMEOUT)?;
+        let mut pid = cluster.start(START_TIMEOUT)?;
         if provisioning {
             if let Err(e) = self.promote(rec, pid) {
                 let _ = cluster.stop("immediate", Duration::from_secs(30));
-                return Err(e);
+                if !format!("{e:#}").contains(TARGET_NOT_REACHED) {
+                    return Err(e);
+                }
+                // The WAL ends exactly at the target, so no record ever reaches it: recovering
+                // to the end of the WAL is the same state.
+                tracing::info!(vdb = %rec.name, "the WAL ends at the recovery target; promoting without it");
+                vdb::clear_recovery(rec)?;
+                vdb::write_provision_signal(&rec.data_dir)?;
+                pg::remove_run_files(&rec.data_dir);
+                pid = cluster.start(START_TIMEOUT)?;
+                if let Err(e) = self.promote(rec, pid) {
+                    let _ = cluster.stop("immediate", Duration::from_secs(30));
+                    return Err(e);
+                }
             }
             vdb::clear_recovery(rec)?;
         }
