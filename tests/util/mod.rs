@@ -432,6 +432,17 @@ pub struct Daemon {
     child: Option<Child>,
     /// Mount points made through this daemon (by [`Daemon::create_and_mount`] or [`Daemon::mount`]).
     mounts: Mutex<Vec<PathBuf>>,
+    /// This daemon's VDB port pool (`LO-HI`), apart from other tests' daemons running at once.
+    vdb_ports: String,
+}
+
+/// A 20-port window below the ephemeral range, different for each daemon of this run: two tests'
+/// daemons picking from one pool could both choose a port before either postgres binds it.
+fn vdb_port_window() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let lo = 12_000 + (std::process::id() as usize * 140 + n * 20) % 18_000;
+    format!("{lo}-{}", lo + 19)
 }
 
 impl Daemon {
@@ -461,6 +472,7 @@ impl Daemon {
             log_path,
             child: None,
             mounts: Mutex::new(Vec::new()),
+            vdb_ports: vdb_port_window(),
         };
         d.ok(&["init"]);
         d.spawn_serve();
@@ -502,6 +514,7 @@ impl Daemon {
             .arg("--store")
             .arg(&self.store)
             .env_remove("VDBFS_STORE")
+            .env("VDBFS_VDB_PORTS", &self.vdb_ports)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
