@@ -15,3 +15,4 @@ mod mounts;
 mod postgres;
 mod snapshots;
 mod sources;
+mod vdbs;
