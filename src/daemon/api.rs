@@ -111,7 +111,7 @@ pub struct VdbSpec {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VdbStatus {
     pub name: String,
-    /// creating | running | stopped | fault
+    /// creating | starting | running | stopped | fault
     pub state: String,
     pub port: u16,
     pub data_dir: PathBuf,

@@ -26,8 +26,6 @@ use std::time::{Duration, Instant};
 /// How long a VDB's postgres may take to start (crash recovery of what its snapshot holds).
 const START_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// What postgres logs when the WAL ends before a recovery target: nothing was past the LSN.
-const TARGET_NOT_REACHED: &str = "recovery ended before configured recovery target was reached";
 
 #[derive(Default)]
 pub struct Runtime {
@@ -146,18 +144,13 @@ impl Daemon {
                 rec.name
             );
         }
-        let targeted = rec.data_dir.join("recovery.signal").exists();
-        let pid = match cluster.start(START_TIMEOUT) {
-            Ok(pid) => pid,
-            Err(e) if targeted && format!("{e:#}").contains(TARGET_NOT_REACHED) => {
-                tracing::info!(vdb = %rec.name, "no WAL past the snapshot's LSN: plain crash recovery");
-                vdb::clear_recovery(rec)?;
-                pg::remove_run_files(&rec.data_dir);
-                cluster.start(START_TIMEOUT)?
+        let provisioning = rec.data_dir.join(vdb::PROVISION_SIGNAL).exists();
+        let pid = cluster.start(START_TIMEOUT)?;
+        if provisioning {
+            if let Err(e) = self.promote(rec, pid) {
+                let _ = cluster.stop("immediate", Duration::from_secs(30));
+                return Err(e);
             }
-            Err(e) => return Err(e),
-        };
-        if targeted {
             vdb::clear_recovery(rec)?;
         }
         std::fs::write(dir.pid_file(), format!("{pid}\n"))?;
@@ -168,6 +161,59 @@ impl Daemon {
         rt.next_try = None;
         tracing::info!(vdb = %rec.name, pid, port = rec.port, "VDB postgres running");
         Ok(pid)
+    }
+
+    /// The end of a provisioning start (see `vdb::configure`): `pg_ctl -w` returned once the
+    /// standby was consistent; wait until replay reached the recovery target (paused there) if
+    /// there is one, then promote. Promotion first replays whatever WAL is left in pg_wal.
+    fn promote(&self, rec: &VdbRecord, pid: i32) -> anyhow::Result<()> {
+        let cluster = rec.cluster(&self.store_dir);
+        let deadline = Instant::now() + START_TIMEOUT;
+        let target = vdb::pending_target(rec);
+        let log_tail = || {
+            format!(
+                "postgres log ({}):\n{}",
+                cluster.log.display(),
+                pg::log_tail(&cluster.log, 15)
+            )
+        };
+        if let Some(target) = target {
+            loop {
+                if !pg::pid_alive(pid) {
+                    bail!(
+                        "postgres of VDB {} stopped while recovering to {}; {}",
+                        rec.name,
+                        pg::lsn::format(target),
+                        log_tail()
+                    );
+                }
+                let rows = cluster.query(
+                    "SELECT pg_is_in_recovery(), pg_get_wal_replay_pause_state(), pg_last_wal_replay_lsn()",
+                    Duration::from_secs(10),
+                );
+                if let Some(r) = rows.ok().and_then(|r| r.into_iter().next()) {
+                    let get = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+                    let replayed = pg::lsn::parse(&get(2)).unwrap_or(0);
+                    // Paused at the target; or the WAL ends exactly there (nothing to pause on).
+                    if get(0) == "f" || get(1) == "paused" || replayed >= target {
+                        break;
+                    }
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "VDB {} did not reach {} within {} s; {}",
+                        rec.name,
+                        pg::lsn::format(target),
+                        START_TIMEOUT.as_secs(),
+                        log_tail()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        cluster
+            .promote(START_TIMEOUT)
+            .map_err(|e| anyhow!("promoting VDB {} failed: {e:#}; {}", rec.name, log_tail()))
     }
 
     fn stop_postgres(&self, rec: &VdbRecord, st: &VdbState) {
@@ -244,13 +290,14 @@ impl Daemon {
 
     /// The LSN a clone of this snapshot must recover to, when it holds WAL past it (a staging
     /// snapshot taken while WAL kept arriving).
-    fn recovery_target(&self, dataset: &str, snap: &str) -> Option<String> {
+    fn recovery_target(&self, dataset: &str, snap: &str) -> Option<vdb::Target> {
         let snaps = self.datasets.snapshots(Some(dataset)).ok()?;
         let s = snaps.iter().find(|s| s.rec.name == snap)?;
         let p = source_props(s)?;
-        let lsn = pg::lsn::parse(&p.lsn)?;
-        let received = pg::lsn::parse(p.receive_lsn.as_deref()?)?;
-        (received > lsn).then_some(p.lsn)
+        Some(vdb::Target {
+            lsn: pg::lsn::parse(&p.lsn)?,
+            timeline: p.timeline,
+        })
     }
 
     /// PG_VERSION of a snapshot, read from its tree, for the installation to run it with.
@@ -327,6 +374,9 @@ impl Daemon {
     ) -> anyhow::Result<VdbStatus> {
         let name = spec.name.clone();
         crate::tree::check_dataset_name(&name)?;
+        // Name checks, port choice and the record happen under one lock: two creates never
+        // take the same name or port.
+        let create_guard = self.vdbs.create.lock();
         if self.is_vdb(&name) {
             bail!("VDB {name} already exists; pick another name or 'vdbfs vdb delete {name}'");
         }
@@ -353,7 +403,6 @@ impl Daemon {
         let target = self.recovery_target(&pds, &psnap);
         let parent = format!("{pds}@{psnap}");
 
-        let create_guard = self.vdbs.create.lock();
         let mut taken: Vec<u16> = self.vdb_records()?.iter().map(|r| r.port).collect();
         taken.extend(self.source_records()?.iter().map(|r| r.staging_port));
         let port = vdb::pick_port(spec.port, self.vdb_ports, &taken)?;
@@ -391,13 +440,13 @@ impl Daemon {
             progress(format!("cloning {parent} into VDB {name}"));
             self.datasets.clone_snapshot(&pds, &psnap, &name)?;
             self.mount_vdb(&rec)?;
-            vdb::configure(&rec, &self.store_dir, target.as_deref(), true)?;
+            vdb::configure(&rec, &self.store_dir, target.as_ref(), true)?;
             vdb::check_config(&rec)?;
             progress(format!(
                 "starting postgres on port {port}{}",
                 target
-                    .as_deref()
-                    .map(|l| format!(" (recovering to {l})"))
+                    .as_ref()
+                    .map(|t| format!(" (recovering to {})", pg::lsn::format(t.lsn)))
                     .unwrap_or_default()
             ));
             self.start_with_hooks(&rec, &st, &|| {
@@ -733,7 +782,7 @@ impl Daemon {
                 rec.parent = format!("{ds}@{snap}");
             }
             self.mount_vdb(&rec)?;
-            vdb::configure(&rec, &store, target.as_deref(), refresh)?;
+            vdb::configure(&rec, &store, target.as_ref(), refresh)?;
             vdb::check_config(&rec)?;
             if refresh || was_running {
                 let configure_clone = || {
@@ -815,6 +864,7 @@ impl Daemon {
             ),
             (None, Some(_), _) => ("running", None),
             (None, None, false) => ("stopped", None),
+            (None, None, true) if last_error.is_none() => ("starting", None),
             (None, None, true) => (
                 "fault",
                 Some(format!(

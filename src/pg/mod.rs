@@ -356,6 +356,18 @@ impl Cluster {
         .map(|_| ())
     }
 
+    /// `pg_ctl promote -w`, bounded: returns once the server left recovery.
+    pub fn promote(&self, timeout: Duration) -> anyhow::Result<()> {
+        run(
+            as_postgres(&self.install.bin("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data_dir)
+                .args(["-w", "-t", &timeout.as_secs().to_string(), "promote"]),
+            timeout + Duration::from_secs(15),
+        )
+        .map(|_| ())
+    }
+
     /// PID in `postmaster.pid`, if that process runs.
     pub fn postmaster_pid(&self) -> Option<i32> {
         let s = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;

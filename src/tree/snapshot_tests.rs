@@ -235,7 +235,8 @@ fn snapshots_and_clones_match_a_full_copy_model() {
         let roll = rng.gen_range(0..1000);
         let op: &'static str = match roll {
             _ if names.is_empty() => "create",
-            0..=379 => "write",
+            0..=359 => "write",
+            360..=379 => "reset",
             380..=439 => "truncate",
             440..=489 => "rename",
             490..=529 => "unlink",
@@ -413,6 +414,37 @@ fn snapshots_and_clones_match_a_full_copy_model() {
                     },
                 );
             }
+            "reset" => {
+                // As `vdbfs vdb refresh/rewind`: the dataset (flushed, not in use) takes a
+                // snapshot's tree and keeps its id and snapshots.
+                if m.snapshots.is_empty() {
+                    continue;
+                }
+                let name = pick_ds(&mut rng);
+                let keys: Vec<(String, String)> = m.snapshots.keys().cloned().collect();
+                let (d, s) = keys[rng.gen_range(0..keys.len())].clone();
+                let id = dsr.record(&name).unwrap().unwrap().id;
+                dsr.checkpoint().unwrap();
+                m.all_durable();
+                let set_origin = rng.gen_bool(0.5);
+                dsr.reset_to_snapshot(&name, &d, &s, set_origin).unwrap();
+                assert_eq!(
+                    dsr.record(&name).unwrap().unwrap().id,
+                    id,
+                    "reset keeps the id"
+                );
+                if set_origin {
+                    assert_eq!(dsr.origin(id).unwrap(), Some(format!("{d}@{s}")));
+                }
+                let files = m.snapshots[&(d, s)].clone();
+                m.datasets.insert(
+                    name,
+                    DsModel {
+                        live: files.clone(),
+                        durable: files,
+                    },
+                );
+            }
             "delete_snapshot" => {
                 if m.snapshots.is_empty() {
                     continue;
@@ -487,6 +519,25 @@ fn snapshots_and_clones_match_a_full_copy_model() {
                     );
                 }
                 assert_eq!(u.roots.len(), m.datasets.len() + m.snapshots.len());
+                let per = dsr.dataset_usage().unwrap();
+                for (name, dm) in &m.datasets {
+                    let want: u64 = dm.live.values().map(|v| v.len() as u64).sum();
+                    assert_eq!(
+                        per[name].0, want,
+                        "seed {seed} step {step}: logical of {name}"
+                    );
+                    // Exclusive bytes never exceed what the dataset and its snapshots hold.
+                    let held: u64 = u
+                        .roots
+                        .iter()
+                        .filter(|r| r.name == *name || r.name.starts_with(&format!("{name}@")))
+                        .map(|r| r.unique_bytes + r.shared_bytes)
+                        .sum();
+                    assert!(
+                        per[name].1 <= held,
+                        "seed {seed} step {step}: unique of {name}"
+                    );
+                }
                 assert!(u.live_stored_bytes <= u.physical_bytes);
             }
             "reopen_clean" | "reopen_fsynced" | "reopen_crash" => {

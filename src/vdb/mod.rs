@@ -277,12 +277,17 @@ const RECOVERY_KEYS: [&str; 6] = [
 
 /// Makes a cloned data directory the VDB's primary: no standby or recovery state from its parent,
 /// no replication slots, the VDB's port, sockets, access files and name, then the user's
-/// settings. With `target_lsn`, the first start recovers exactly to that LSN and promotes (a
-/// staging snapshot holds WAL received past its replay position).
+/// settings.
+///
+/// The first start after this is a *provisioning start*: `standby.signal` with no upstream, so
+/// postgres replays the WAL the snapshot holds (up to `target_lsn` when given, where it pauses:
+/// a staging snapshot holds WAL received past its replay position), and the daemon then
+/// promotes it (`pg_ctl promote`). Promotion writes an end-of-recovery record and checkpoints in
+/// the background; plain crash recovery would wait for a full checkpoint first.
 pub fn configure(
     rec: &VdbRecord,
     store: &Path,
-    target_lsn: Option<&str>,
+    target: Option<&Target>,
     fresh_clone: bool,
 ) -> anyhow::Result<()> {
     let data = &rec.data_dir;
@@ -343,18 +348,26 @@ pub fn configure(
     for k in RECOVERY_KEYS {
         settings.push((k, None));
     }
-    if let Some(lsn) = target_lsn {
-        // Archive recovery needs a restore_command; `false` makes it read pg_wal only.
-        // hot_standby off: pg_ctl -w returns once recovery ended and the VDB is promoted.
+    let target = match target {
+        Some(t) => match truncate_wal(data, t) {
+            Ok(true) => None,
+            Ok(false) => Some(t),
+            Err(e) => {
+                tracing::warn!(vdb = %rec.name, "cannot cut the WAL at {}: {e:#}; recovering to it instead", pg::lsn::format(t.lsn));
+                Some(t)
+            }
+        },
+        None => None,
+    };
+    if let Some(t) = target {
+        // Stop before the first record at or past the LSN: exactly the snapshot's state.
         settings.extend([
-            ("recovery_target_lsn", Some(lsn.to_string())),
+            ("recovery_target_lsn", Some(pg::lsn::format(t.lsn))),
             ("recovery_target_inclusive", s("off")),
-            ("recovery_target_action", s("promote")),
-            ("restore_command", s("false")),
-            ("hot_standby", s("off")),
+            ("recovery_target_action", s("pause")),
         ]);
-        conf::write_atomic(&data.join("recovery.signal"), b"", 0o600)?;
     }
+    conf::write_atomic(&data.join(PROVISION_SIGNAL), b"", 0o600)?;
     let user: Vec<(String, Option<String>)> = rec
         .settings
         .iter()
@@ -364,9 +377,92 @@ pub fn configure(
     conf::edit_auto_conf(data, &settings)
 }
 
-/// After a start with a recovery target: the VDB is a primary; its recovery settings go.
+/// Where a clone of a staging snapshot must end its recovery: the standby's replay position
+/// when the snapshot was taken, on its timeline.
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    pub lsn: u64,
+    pub timeline: u32,
+}
+
+/// Cuts the WAL in a cloned data directory at `t.lsn`: zeroes the rest of the segment holding
+/// it and removes the later segments, so recovery ends exactly there (and promotion needs no
+/// wait at a recovery target). Safe because a standby never writes a page past what it
+/// replayed: no page in the snapshot is newer than `t.lsn`. Returns false, changing nothing,
+/// when the segment is not there.
+pub fn truncate_wal(data: &Path, t: &Target) -> anyhow::Result<bool> {
+    use std::io::{Seek, SeekFrom, Write};
+    let wal = data.join("pg_wal");
+    let mut segs: Vec<(u32, u64, PathBuf)> = std::fs::read_dir(&wal)
+        .with_context(|| format!("cannot list {}", wal.display()))?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let (tli, _) = pg::lsn::parse_segment(&name)?;
+            Some((tli, 0, e.path()))
+        })
+        .collect();
+    // The segment size of this cluster is the size of its segment files.
+    let Some(seg_size) = segs
+        .iter()
+        .find_map(|(_, _, p)| std::fs::metadata(p).ok().map(|m| m.len()))
+        .filter(|s| s.is_power_of_two() && *s >= 1 << 20)
+    else {
+        return Ok(false);
+    };
+    let per_xlogid = 0x1_0000_0000 / seg_size;
+    for s in segs.iter_mut() {
+        let name =
+            s.2.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string();
+        let log = u64::from_str_radix(&name[8..16], 16).unwrap_or(0);
+        let seg = u64::from_str_radix(&name[16..24], 16).unwrap_or(0);
+        s.1 = log * per_xlogid + seg;
+    }
+    let target_seg = t.lsn / seg_size;
+    let Some((_, _, path)) = segs
+        .iter()
+        .find(|(tli, no, _)| *tli == t.timeline && *no == target_seg)
+    else {
+        return Ok(false);
+    };
+    let offset = t.lsn % seg_size;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    f.seek(SeekFrom::Start(offset))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = seg_size - offset;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        f.write_all(&zeros[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    for (_, no, p) in &segs {
+        if *no > target_seg {
+            std::fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display()))?;
+        }
+    }
+    Ok(true)
+}
+
+/// The signal file of a provisioning start (see [`configure`]); postgres removes it when it is
+/// promoted.
+pub const PROVISION_SIGNAL: &str = "standby.signal";
+
+/// The recovery target of a pending provisioning start, if any.
+pub fn pending_target(rec: &VdbRecord) -> Option<u64> {
+    conf::read_auto_conf(&rec.data_dir)
+        .get("recovery_target_lsn")
+        .and_then(|v| pg::lsn::parse(v.trim_matches('\'')))
+}
+
+/// After the provisioning start: the VDB is a primary; its recovery settings go.
 pub fn clear_recovery(rec: &VdbRecord) -> anyhow::Result<()> {
-    let _ = std::fs::remove_file(rec.data_dir.join("recovery.signal"));
     let settings: Vec<(&str, Option<String>)> = RECOVERY_KEYS.iter().map(|k| (*k, None)).collect();
     conf::edit_auto_conf(&rec.data_dir, &settings)
 }
@@ -410,4 +506,131 @@ pub fn install_for(data_dir: &Path) -> anyhow::Result<Install> {
         .parse()
         .map_err(|_| anyhow!("PG_VERSION in {} says {:?}", data_dir.display(), v.trim()))?;
     Install::for_major(major)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_checked_for_shape_and_managed_keys() {
+        assert_eq!(
+            parse_setting("shared_buffers=64MB").unwrap(),
+            ("shared_buffers".into(), "64MB".into())
+        );
+        assert_eq!(
+            parse_setting("Log_Statement = all").unwrap(),
+            ("log_statement".into(), "all".into())
+        );
+        assert_eq!(
+            parse_setting("search_path=a,b").unwrap().1,
+            "a,b",
+            "values may contain commas and ="
+        );
+        for (bad, phrase) in [
+            ("shared_buffers", "KEY=VALUE"),
+            ("=1", "parameter name"),
+            ("a b=1", "parameter name"),
+            ("port=5432", "manages port"),
+            ("restore_command=cp", "manages restore_command"),
+            ("work_mem=1\n2", "one line"),
+        ] {
+            let e = parse_setting(bad).unwrap_err().to_string();
+            assert!(e.contains(phrase), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn port_ranges_parse_and_pick_skips_taken_ports() {
+        assert_eq!(parse_port_range("6000-6999").unwrap(), (6000, 6999));
+        for bad in ["6000", "7000-6000", "0-10", "a-b", "1-70000"] {
+            assert!(parse_port_range(bad).is_err(), "{bad}");
+        }
+        // A port bound here is not free; a taken one is skipped.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = l.local_addr().unwrap().port();
+        let e = pick_port(Some(busy), (busy, busy), &[]).unwrap_err();
+        assert!(e.to_string().contains(&format!("port {busy} is in use")));
+        assert!(
+            pick_port(None, (busy, busy), &[]).is_err(),
+            "pool exhausted"
+        );
+        let p = pick_port(None, (busy, busy.saturating_add(5)), &[busy + 1]).unwrap();
+        assert!(p != busy && p != busy + 1);
+    }
+
+    #[test]
+    fn wal_is_cut_exactly_at_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("pg_wal");
+        std::fs::create_dir(&wal).unwrap();
+        let seg = 1u64 << 20; // a cluster made with --wal-segsize=1
+        for (name, fill) in [
+            ("000000010000000000000001", 1u8),
+            ("000000010000000000000002", 2),
+            ("000000010000000000000003", 3),
+            ("00000001.history", 9),
+        ] {
+            let len = if name.ends_with("history") { 10 } else { seg };
+            std::fs::write(wal.join(name), vec![fill; len as usize]).unwrap();
+        }
+        let t = Target {
+            lsn: 2 * seg + 0x1238,
+            timeline: 1,
+        };
+        assert!(truncate_wal(dir.path(), &t).unwrap());
+        let two = std::fs::read(wal.join("000000010000000000000002")).unwrap();
+        assert_eq!(two.len() as u64, seg, "the segment keeps its size");
+        assert!(two[..0x1238].iter().all(|b| *b == 2), "WAL before the target is kept");
+        assert!(two[0x1238..].iter().all(|b| *b == 0), "WAL from the target on is zero");
+        assert!(std::fs::read(wal.join("000000010000000000000001"))
+            .unwrap()
+            .iter()
+            .all(|b| *b == 1));
+        assert!(!wal.join("000000010000000000000003").exists(), "later segments go");
+        assert!(wal.join("00000001.history").exists());
+        // Another timeline's segment is not touched: nothing to cut, nothing changed.
+        let other = Target {
+            lsn: 2 * seg,
+            timeline: 2,
+        };
+        assert!(!truncate_wal(dir.path(), &other).unwrap());
+        assert!(wal.join("000000010000000000000002").exists());
+    }
+
+    #[test]
+    fn tcp_conn_follows_listen_addresses() {
+        let mut rec = VdbRecord {
+            v: 1,
+            name: "dev1".into(),
+            parent: "prod@s1".into(),
+            port: 6001,
+            data_dir: "/s/mnt/dev1".into(),
+            settings: vec![],
+            hooks: None,
+            install: Install {
+                bin_dir: "/usr/lib/postgresql/15/bin".into(),
+                version: "15.0".into(),
+                major: 15,
+            },
+            running: true,
+            pending: None,
+            created: String::new(),
+            events: vec![],
+        };
+        assert_eq!(
+            rec.tcp_conn(),
+            "postgresql://postgres@127.0.0.1:6001/postgres"
+        );
+        assert_eq!(
+            rec.conn(Path::new("/s")),
+            "host=/s/vdbs/dev1/run port=6001 user=postgres dbname=postgres"
+        );
+        assert_eq!(rec.parent_dataset(), "prod");
+        rec.settings = vec![("listen_addresses".into(), "10.0.0.5,127.0.0.1".into())];
+        assert_eq!(
+            rec.tcp_conn(),
+            "postgresql://postgres@10.0.0.5:6001/postgres"
+        );
+    }
 }

@@ -357,6 +357,29 @@ pub fn processes_under(dir: &Path) -> Vec<i32> {
     processes_with_cwd(|cwd| cwd.starts_with(dir))
 }
 
+/// Processes (pid, command) with their working directory or an open file under `dir`.
+pub fn holders_of(dir: &Path) -> Vec<(i32, String)> {
+    let mut v = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return v;
+    };
+    for e in rd.flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let under = |l: std::io::Result<PathBuf>| l.is_ok_and(|t| t.starts_with(dir));
+        let holds = under(fs::read_link(format!("/proc/{p}/cwd")))
+            || fs::read_dir(format!("/proc/{p}/fd"))
+                .map(|fds| fds.flatten().any(|f| under(fs::read_link(f.path()))))
+                .unwrap_or(false);
+        if holds {
+            let cmd = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            v.push((p, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+        }
+    }
+    v
+}
+
 /// Live processes other than this one whose working directory satisfies `f`.
 fn processes_with_cwd(f: impl Fn(&Path) -> bool) -> Vec<i32> {
     let me = std::process::id() as i32;
@@ -733,9 +756,24 @@ impl Mount {
         )
     }
 
-    /// `vdbfs umount`, asserting success and that the mount point is gone from mountinfo.
+    /// `vdbfs umount`, asserting success and that the mount point is gone from mountinfo. A
+    /// busy mount is retried for a few seconds (on a loaded machine another test's short-lived
+    /// child can hold a descriptor a moment); if it stays busy, the holders are reported.
     pub fn umount(self) {
-        let out = self.try_umount();
+        let mut out = self.try_umount();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("is busy")
+            && Instant::now() < deadline
+        {
+            eprintln!(
+                "umount {}: busy; holders: {:?}; retrying",
+                self.path.display(),
+                holders_of(&self.path)
+            );
+            thread::sleep(Duration::from_millis(200));
+            out = self.try_umount();
+        }
         assert!(
             out.status.success(),
             "vdbfs umount {} failed\n{}",
