@@ -5,15 +5,18 @@
 //!
 //! Pinned here: two VDBs from one snapshot run at once on their own ports, each sees only its own
 //! writes, the source and the snapshot stay as they were, both pass pg_amcheck, and `vdb list` /
-//! `vdb status` tell state, port, parent, data dir and a connection string that works; refresh
+//! `vdb status` tell state, port, parent, data dir and a connection string that works; a VDB
+//! from the first snapshot of an idle source (its LSN at a WAL segment boundary) works; refresh
 //! brings rows committed on the source since the last snapshot and keeps port, data dir and
 //! `--set` values; rewind brings back a bookmark's state exactly; a child VDB from a VDB snapshot
 //! has the parent's changes; hooks run in the contract's order with the VDB's environment, a
-//! configure-clone hook can mask data, a failing pre-start hook leaves the VDB stopped (or the
-//! create undone) and shows its output; delete stops, unmounts and frees everything, and children
-//! of a deleted VDB keep working; bad input (unknown snapshot, port in use, name taken, bad
-//! `--set`, a dataset without snapshots) is a clear error that leaves nothing behind; running
-//! VDBs come back after a daemon restart and after a daemon crash (the old postmaster gone);
+//! configure-clone hook (run once postgres is up) can mask data, a failing pre-start hook leaves
+//! the VDB stopped, a failing configure-clone leaves a refreshed VDB as it was, on create either
+//! undoes the create, and the error shows the hook's output; delete stops, unmounts and frees
+//! everything, and children of a deleted VDB keep working; bad input (unknown snapshot, port in
+//! use, name taken, bad `--set`, a dataset without snapshots) is a clear error naming the VDB,
+//! the operation and the culprit, and leaves nothing behind; running VDBs come back after a
+//! daemon restart and after a daemon crash (the old postmaster gone), answering once `running`;
 //! `timeflow` draws source -> snapshot -> VDB -> snapshot/bookmark -> child.
 //!
 //! Every test cleans up through [`Vdbd`] (VDBs stopped, leftovers killed by PID), also when it
@@ -31,7 +34,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::util::source::{
-    before, cleanup_names, dataset_names, error_text, json, link_small, mounts_under,
+    before, cleanup_names, dataset_names, error_text, fmt_lsn, json, link_small, mounts_under,
     new_processes_on_store, parse_lsn, snapshot_list, source_snapshot, uid_of, wait_json,
     wait_replayed, wait_syncing, Before, SourceDb, Staged, REPL_PW, WAIT,
 };
@@ -87,12 +90,16 @@ impl Drop for Vdbd {
 }
 
 /// A daemon with source `prod` linked (backup-stream) from a source whose `marker` table holds
-/// rows 1..=rows, and the source's first snapshot. Field order: the daemon (VDBs, staging) goes
-/// before the source.
+/// rows 1..=rows, and two snapshots of it with those rows. Field order: the daemon (VDBs,
+/// staging) goes before the source.
 struct Setup {
     d: Vdbd,
     src: SourceDb,
-    /// `prod@...`: the first snapshot, taken by `source link`, with rows 1..=rows.
+    /// `prod@...`: the first snapshot, taken by `source link`. The source was idle, so its LSN
+    /// is at a WAL segment boundary (pg_basebackup ends with a segment switch).
+    first: String,
+    /// `prod@...`: the latest snapshot, taken after a little WAL more (no data change), so its
+    /// LSN is inside a segment, as for a source in use.
     snap: String,
 }
 
@@ -101,12 +108,43 @@ fn setup(rows: i64) -> Setup {
     src.insert_rows(1, rows, "from the source");
     let d = Vdbd { s: Staged::start() };
     let st = link_small(&d, &src, "prod");
-    let snap = st["last_snapshot"]["name"]
+    let first = st["last_snapshot"]["name"]
         .as_str()
         .unwrap_or_else(|| panic!("source status has no last_snapshot.name after link: {st}"))
         .to_string();
-    Setup { d, src, snap }
+    // Transactional: its commit is flushed, so pg_current_wal_lsn() is past it.
+    src.psql("SELECT pg_logical_emit_message(true, 'vdbfs-test', 'some WAL')");
+    wait_replayed(&d, "prod", src.lsn());
+    let snap = source_snapshot(&d, "prod");
+    let lsn = snapshot_lsn(&d, &snap);
+    assert!(
+        lsn & (WAL_SEGMENT - 1) != 0,
+        "test premise: the snapshot {snap} taken after more WAL should not be at a segment \
+         boundary, its LSN is {}",
+        fmt_lsn(lsn)
+    );
+    Setup {
+        d,
+        src,
+        first,
+        snap,
+    }
 }
+
+/// The LSN recorded with a snapshot (`snapshot list --json`).
+#[track_caller]
+fn snapshot_lsn(d: &Daemon, full: &str) -> u64 {
+    let ds = full.split_once('@').map(|p| p.0).unwrap_or(full);
+    let list = snapshot_list(d, ds);
+    list.iter()
+        .find(|e| e["name"] == full)
+        .and_then(|e| e["lsn"].as_str())
+        .map(parse_lsn)
+        .unwrap_or_else(|| panic!("snapshot list {ds} --json has no lsn for {full}: {list:?}"))
+}
+
+/// Bytes in a WAL segment (the initdb default the tests' sources use).
+const WAL_SEGMENT: u64 = 16 << 20;
 
 // ---------------------------------------------------------------------------------------------
 // VDB CLI helpers
@@ -678,6 +716,53 @@ fn two_vdbs_from_one_snapshot_are_isolated_and_pass_amcheck() {
     }
 }
 
+// What a user does first after linking: `vdb create dev1 --from prod` from the first snapshot of
+// an idle source, whose LSN sits at a WAL segment boundary; and a refresh right after a WAL
+// switch on the source (a snapshot at a segment boundary again). Each VDB starts, has exactly
+// the snapshot's rows and passes pg_amcheck.
+#[test]
+fn vdbs_from_snapshots_at_a_wal_segment_boundary() {
+    let s = setup(100);
+    let d = &s.d;
+    let lsn = snapshot_lsn(d, &s.first);
+    assert!(
+        lsn & (WAL_SEGMENT - 1) == 0,
+        "test premise: the first snapshot {} of an idle source should be at a WAL segment \
+         boundary, its LSN is {}",
+        s.first,
+        fmt_lsn(lsn)
+    );
+    let dev1 = create(
+        d,
+        "dev1",
+        &s.first,
+        &["--port", &util::free_port().to_string()],
+    );
+    assert_eq!(dev1.sql("SELECT count(*) FROM marker"), "100");
+    dev1.amcheck();
+
+    s.src.insert_rows(101, 110, "before a WAL switch");
+    let end = s.src.switch_wal();
+    wait_replayed(d, "prod", end);
+    vdb(d, &["refresh", "dev1"]);
+    let parent = status(d, "dev1")["parent"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let lsn = snapshot_lsn(d, &parent);
+    eprintln!(
+        "refresh onto {parent} at {} (segment boundary: {})",
+        fmt_lsn(lsn),
+        lsn & (WAL_SEGMENT - 1) == 0
+    );
+    assert_eq!(
+        dev1.sql("SELECT count(*) FROM marker"),
+        "110",
+        "after a refresh onto {parent} dev1 lacks rows committed before the WAL switch"
+    );
+    dev1.amcheck();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Refresh, rewind, bookmarks, children
 
@@ -864,9 +949,11 @@ const HOOKS: [&str; 11] = [
 
 /// A hooks directory whose every hook appends `HOOK VDB PORT DATA_DIR up|down` (whether the
 /// VDB's postgres accepts connections, asked with pg_isready through PGHOST/PGPORT) to a log,
-/// saves its environment and cwd, and prints a line to stdout (for the VDB log). Its pre-start
-/// fails (a line on stdout and one on stderr, exit 1) while `block-start-VDB` exists.
+/// saves its environment and cwd, and prints a line to stdout (for the VDB log). A hook fails
+/// instead (a line on stdout and one on stderr, exit 1, nothing logged) while
+/// [`Hooks::block`] is in force for it and the VDB.
 struct Hooks {
+    root: PathBuf,
     dir: PathBuf,
     log: PathBuf,
     envs: PathBuf,
@@ -881,9 +968,9 @@ impl Hooks {
         fs::create_dir_all(&envs).unwrap();
         let script = format!(
             "#!/bin/sh\n\
-             if [ \"$VDBFS_HOOK\" = pre-start ] && [ -e '{root}/block-start-'\"$VDBFS_VDB\" ]; then\n\
-             \techo \"refusing to start $VDBFS_VDB: maintenance window (stdout)\"\n\
-             \techo \"pre-start hook says no for $VDBFS_VDB (stderr)\" >&2\n\
+             if [ -e '{root}/block-'\"$VDBFS_HOOK-$VDBFS_VDB\" ]; then\n\
+             \techo \"refusing $VDBFS_HOOK of $VDBFS_VDB: maintenance window (stdout)\"\n\
+             \techo \"$VDBFS_HOOK hook says no for $VDBFS_VDB (stderr)\" >&2\n\
              \texit 1\n\
              fi\n\
              if {PG_BIN}/pg_isready -q -t 3; then st=up; else st=down; fi\n\
@@ -899,7 +986,30 @@ impl Hooks {
             fs::write(&p, &script).unwrap();
             fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
         }
-        Hooks { dir, log, envs }
+        Hooks {
+            root: root.to_path_buf(),
+            dir,
+            log,
+            envs,
+        }
+    }
+
+    /// Makes hook `hook` of VDB `vdb` fail (`on`) or work again.
+    fn block(&self, hook: &str, vdb: &str, on: bool) {
+        let f = self.root.join(format!("block-{hook}-{vdb}"));
+        if on {
+            fs::write(&f, "").unwrap();
+        } else {
+            fs::remove_file(&f).unwrap();
+        }
+    }
+
+    /// The phrases of the output of hook `hook` of `vdb` while blocked (stdout and stderr).
+    fn refusal(hook: &str, vdb: &str) -> [String; 2] {
+        [
+            format!("refusing {hook} of {vdb}: maintenance window (stdout)"),
+            format!("{hook} hook says no for {vdb} (stderr)"),
+        ]
     }
 
     /// The hook lines logged since the last call (the log is emptied).
@@ -970,12 +1080,13 @@ fn check_hooks(hooks: &Hooks, op: &str, v: &Vdb, expect: &[(&str, &str)]) -> Res
 }
 
 // Hooks (per VDB, --hooks DIR) run in the contract's order for create, stop, start, snapshot,
-// bookmark, refresh (running and stopped) and rewind, with postgres down before start / after
-// stop and up after start / before stop; they get VDBFS_* and PG* (PGHOST = socket dir) in the
-// environment, run in STORE/vdbs/NAME, and their output lands in the VDB log. A failing pre-start
-// hook leaves the VDB stopped (port free, no postmaster) and the CLI error shows its output; on
-// create, the create is undone. A configure-clone hook can mask data through psql with the PG*
-// environment, and the VDB comes up masked.
+// bookmark, refresh (of a running and of a stopped VDB: either runs afterwards) and rewind, with
+// postgres down before start / after stop and up after start / before stop (configure-clone runs
+// once postgres is up); they get VDBFS_* and PG* (PGHOST = socket dir) in the environment, run in
+// STORE/vdbs/NAME, and their output lands in the VDB log. A failing pre-start hook leaves the VDB
+// stopped (port free, no postmaster), a failing configure-clone leaves a refreshed VDB as it was
+// (parent, data, running), and on create either undoes the create; each error shows the hook's
+// output. A configure-clone hook can mask data through psql with the PG* environment.
 #[test]
 fn hooks_run_in_order_with_the_vdb_environment() {
     let s = setup(100);
@@ -990,16 +1101,14 @@ fn hooks_run_in_order_with_the_vdb_environment() {
         &s.snap,
         &["--port", &port.to_string(), "--hooks", hooks_dir],
     );
-    p.check(check_hooks(
-        &hooks,
-        "create",
-        &dev1,
-        &[
-            ("configure-clone", ""),
-            ("pre-start", "down"),
-            ("post-start", "up"),
-        ],
-    ));
+    let started = [("pre-start", "down"), ("post-start", "up")];
+    let stopped = [("pre-stop", "up"), ("post-stop", "down")];
+    let cc_started = [
+        ("pre-start", "down"),
+        ("configure-clone", "up"),
+        ("post-start", "up"),
+    ];
+    p.check(check_hooks(&hooks, "create", &dev1, &cc_started));
     let st = status(d, "dev1");
     assert_eq!(st["hooks"], hooks_dir, "status hooks: {st}");
     let env = hooks.env("dev1", "pre-start");
@@ -1032,98 +1141,58 @@ fn hooks_run_in_order_with_the_vdb_environment() {
     }
 
     vdb(d, &["stop", "dev1"]);
-    p.check(check_hooks(
-        &hooks,
-        "stop",
-        &dev1,
-        &[("pre-stop", "up"), ("post-stop", "down")],
-    ));
+    p.check(check_hooks(&hooks, "stop", &dev1, &stopped));
     vdb(d, &["start", "dev1"]);
-    p.check(check_hooks(
-        &hooks,
-        "start",
-        &dev1,
-        &[("pre-start", "down"), ("post-start", "up")],
-    ));
+    p.check(check_hooks(&hooks, "start", &dev1, &started));
+    let snapshotted = [("pre-snapshot", "up"), ("post-snapshot", "up")];
     vdb(d, &["snapshot", "dev1", "--name", "s1"]);
-    p.check(check_hooks(
-        &hooks,
-        "snapshot",
-        &dev1,
-        &[("pre-snapshot", "up"), ("post-snapshot", "up")],
-    ));
+    p.check(check_hooks(&hooks, "snapshot", &dev1, &snapshotted));
     vdb(d, &["bookmark", "dev1", "b1"]);
-    p.check(check_hooks(
-        &hooks,
-        "bookmark",
-        &dev1,
-        &[("pre-snapshot", "up"), ("post-snapshot", "up")],
-    ));
+    p.check(check_hooks(&hooks, "bookmark", &dev1, &snapshotted));
     vdb(d, &["refresh", "dev1"]);
-    p.check(check_hooks(
-        &hooks,
-        "refresh (running)",
-        &dev1,
-        &[
-            ("pre-refresh", "up"),
-            ("pre-stop", "up"),
-            ("post-stop", "down"),
-            ("configure-clone", ""),
-            ("pre-start", "down"),
-            ("post-start", "up"),
-            ("post-refresh", "up"),
-        ],
-    ));
+    let refreshed: Vec<(&str, &str)> = [("pre-refresh", "up")]
+        .into_iter()
+        .chain(stopped)
+        .chain(cc_started)
+        .chain([("post-refresh", "up")])
+        .collect();
+    p.check(check_hooks(&hooks, "refresh (running)", &dev1, &refreshed));
     vdb(d, &["rewind", "dev1", "--to", "b1"]);
-    p.check(check_hooks(
-        &hooks,
-        "rewind",
-        &dev1,
-        &[
-            ("pre-rewind", "up"),
-            ("pre-stop", "up"),
-            ("post-stop", "down"),
-            ("pre-start", "down"),
-            ("post-start", "up"),
-            ("post-rewind", "up"),
-        ],
-    ));
+    let rewound: Vec<(&str, &str)> = [("pre-rewind", "up")]
+        .into_iter()
+        .chain(stopped)
+        .chain(started)
+        .chain([("post-rewind", "up")])
+        .collect();
+    p.check(check_hooks(&hooks, "rewind", &dev1, &rewound));
     vdb(d, &["stop", "dev1"]);
     hooks.take();
     vdb(d, &["refresh", "dev1"]);
-    p.check(check_hooks(
-        &hooks,
-        "refresh (stopped)",
-        &dev1,
-        &[
-            ("pre-refresh", "down"),
-            ("configure-clone", ""),
-            ("post-refresh", "down"),
-        ],
-    ));
+    let refreshed: Vec<(&str, &str)> = [("pre-refresh", "down")]
+        .into_iter()
+        .chain(cc_started)
+        .chain([("post-refresh", "up")])
+        .collect();
+    p.check(check_hooks(&hooks, "refresh (stopped)", &dev1, &refreshed));
     let st = status(d, "dev1");
-    if st["state"] != "stopped" || !st["pid"].is_null() {
+    if !running(&st) {
         p.check::<()>(Err(format!(
-            "refresh of a stopped VDB should leave it stopped (the contract restarts it only if \
-             it was running); after `vdb refresh dev1` it is {} with pid {}",
+            "a refreshed VDB always runs afterwards (contract); after `vdb refresh dev1` of a \
+             stopped dev1 it is {} with pid {}",
             st["state"], st["pid"]
         )));
-        vdb(d, &["stop", "dev1"]);
+        vdb(d, &["start", "dev1"]);
         hooks.take();
     }
 
     // A failing pre-start hook: the VDB stays stopped, the error shows the hook's output.
-    let block = d.root().join("block-start-dev1");
-    fs::write(&block, "").unwrap();
+    vdb(d, &["stop", "dev1"]);
+    hooks.block("pre-start", "dev1", true);
+    let [out1, out2] = Hooks::refusal("pre-start", "dev1");
     p.check(vdb_error(
         d,
         &["start", "dev1"],
-        &[
-            "dev1",
-            "pre-start",
-            "refusing to start dev1: maintenance window (stdout)",
-            "pre-start hook says no for dev1 (stderr)",
-        ],
+        &["dev1", "pre-start", &out1, &out2],
     ));
     let st = status(d, "dev1");
     assert!(
@@ -1139,33 +1208,61 @@ fn hooks_run_in_order_with_the_vdb_environment() {
         !dev1.try_sql("SELECT 1").status.success(),
         "dev1 answers after its pre-start hook failed"
     );
-    fs::remove_file(&block).unwrap();
+    hooks.block("pre-start", "dev1", false);
     vdb(d, &["start", "dev1"]);
     assert_eq!(dev1.sql("SELECT count(*) FROM marker"), "100");
 
-    // On create, a failing pre-start hook undoes the create.
-    fs::write(d.root().join("block-start-dev9"), "").unwrap();
-    let was = was(d);
+    // A failing configure-clone on refresh: dev1 stays as it was.
+    dev1.sql("INSERT INTO marker VALUES (7777, 'dev1 before a failed refresh')");
+    s.src.insert_rows(101, 120, "for a refresh that fails");
+    let (fp, parent) = (dev1.fingerprint(), status(d, "dev1")["parent"].clone());
+    hooks.block("configure-clone", "dev1", true);
+    let [out1, out2] = Hooks::refusal("configure-clone", "dev1");
     p.check(vdb_error(
         d,
-        &[
-            "create",
-            "dev9",
-            "--from",
-            &s.snap,
-            "--port",
-            &util::free_port().to_string(),
-            "--hooks",
-            hooks_dir,
-        ],
-        &["dev9", "maintenance window"],
+        &["refresh", "dev1"],
+        &["dev1", "refresh", "configure-clone", &out1, &out2],
     ));
-    p.check(nothing_left(
-        d,
-        &was,
-        "dev9",
-        "create with a failing pre-start hook",
-    ));
+    hooks.block("configure-clone", "dev1", false);
+    let st = wait_vdb(d, "dev1", "running (as before the failed refresh)", |st| {
+        running(st) && dev1.try_sql("SELECT 1").status.success()
+    });
+    assert_eq!(
+        st["parent"], parent,
+        "a refresh whose configure-clone failed changed dev1's parent: {st}"
+    );
+    assert_eq!(
+        dev1.fingerprint(),
+        fp,
+        "a refresh whose configure-clone failed changed dev1's data"
+    );
+
+    // On create, a failing pre-start or configure-clone hook undoes the create.
+    for (hook, name) in [("pre-start", "dev9"), ("configure-clone", "dev8")] {
+        hooks.block(hook, name, true);
+        let was = was(d);
+        let [out1, out2] = Hooks::refusal(hook, name);
+        p.check(vdb_error(
+            d,
+            &[
+                "create",
+                name,
+                "--from",
+                &s.snap,
+                "--port",
+                &util::free_port().to_string(),
+                "--hooks",
+                hooks_dir,
+            ],
+            &[name, hook, &out1, &out2],
+        ));
+        p.check(nothing_left(
+            d,
+            &was,
+            name,
+            &format!("create with a failing {hook} hook"),
+        ));
+    }
 
     // Masking in configure-clone, through psql and the PG* environment.
     let mask = d.root().join("mask-hooks");
