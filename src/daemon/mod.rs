@@ -317,24 +317,42 @@ impl Daemon {
                 String::new(),
                 serde_json::to_value(self.vdb_status(&name)?)?,
             )),
-            Request::VdbStart { name } => Ok((self.vdb_start(&name)?, serde_json::Value::Null)),
-            Request::VdbStop { name } => Ok((self.vdb_stop(&name)?, serde_json::Value::Null)),
+            Request::VdbStart { name } => Ok((
+                self.vdb_start(&name)
+                    .context(format!("cannot start VDB {name}"))?,
+                serde_json::Value::Null,
+            )),
+            Request::VdbStop { name } => Ok((
+                self.vdb_stop(&name)
+                    .context(format!("cannot stop VDB {name}"))?,
+                serde_json::Value::Null,
+            )),
             Request::VdbSnapshot {
                 name,
                 snapshot,
                 bookmark,
             } => {
-                let s = self.vdb_snapshot(&name, snapshot.as_deref(), bookmark)?;
+                let what = if bookmark { "bookmark" } else { "snapshot" };
+                let s = self
+                    .vdb_snapshot(&name, snapshot.as_deref(), bookmark)
+                    .context(format!("cannot {what} VDB {name}"))?;
                 Ok((s.name.clone(), serde_json::to_value(&s)?))
             }
-            Request::VdbRewind { name, to } => {
-                Ok((self.vdb_rewind(&name, &to)?, serde_json::Value::Null))
-            }
-            Request::VdbRefresh { name, to } => Ok((
-                self.vdb_refresh(&name, to.as_deref(), progress)?,
+            Request::VdbRewind { name, to } => Ok((
+                self.vdb_rewind(&name, &to)
+                    .context(format!("cannot rewind VDB {name}"))?,
                 serde_json::Value::Null,
             )),
-            Request::VdbDelete { name } => Ok((self.vdb_delete(&name)?, serde_json::Value::Null)),
+            Request::VdbRefresh { name, to } => Ok((
+                self.vdb_refresh(&name, to.as_deref(), progress)
+                    .context(format!("cannot refresh VDB {name}"))?,
+                serde_json::Value::Null,
+            )),
+            Request::VdbDelete { name } => Ok((
+                self.vdb_delete(&name)
+                    .context(format!("cannot delete VDB {name}"))?,
+                serde_json::Value::Null,
+            )),
             Request::Timeflow { dataset } => Ok((
                 String::new(),
                 serde_json::to_value(self.timeflow(dataset.as_deref())?)?,

@@ -373,12 +373,24 @@ impl Daemon {
         progress: Progress,
     ) -> anyhow::Result<VdbStatus> {
         let name = spec.name.clone();
+        self.vdb_create_inner(spec, progress)
+            .map_err(|e| e.context(format!("cannot create VDB {name}")))
+    }
+
+    fn vdb_create_inner(
+        self: &Arc<Self>,
+        spec: VdbSpec,
+        progress: Progress,
+    ) -> anyhow::Result<VdbStatus> {
+        let name = spec.name.clone();
         crate::tree::check_dataset_name(&name)?;
         // Name checks, port choice and the record happen under one lock: two creates never
         // take the same name or port.
         let create_guard = self.vdbs.create.lock();
         if self.is_vdb(&name) {
-            bail!("VDB {name} already exists; pick another name or 'vdbfs vdb delete {name}'");
+            bail!(
+                "VDB {name} already exists; pick another name or 'vdbfs vdb delete {name}' first"
+            );
         }
         if self.source_records()?.iter().any(|r| r.name == name) {
             bail!("{name} is the name of a linked source; pick another name for the VDB");
@@ -473,7 +485,7 @@ impl Daemon {
                 self.remove_vdb_everything(&rec, &st);
                 self.vdbs.forget(&name);
                 Err(e.context(format!(
-                    "creating VDB {name} from {parent} failed; nothing was left behind"
+                    "provisioning from {parent} failed and was undone (nothing is left behind)"
                 )))
             }
         }
@@ -520,21 +532,18 @@ impl Daemon {
             ));
         }
         self.mount_vdb(&rec)?;
-        pg::remove_run_files(&rec.data_dir);
+        // A stale postmaster.pid is postgres's to judge: it refuses to start next to a live one.
         let r = self.start_with_hooks(&rec, &st, &|| Ok(()));
         if st.rt.lock().pid.is_some() {
             rec.running = true;
             self.save_vdb(&rec)?;
         }
         r.map_err(|e| {
-            e.context(format!(
-                "starting VDB {name} failed{}",
-                if rec.running {
-                    " after postgres started (it runs)"
-                } else {
-                    "; it stays stopped"
-                }
-            ))
+            e.context(if rec.running {
+                "postgres started (it runs), but"
+            } else {
+                "it stays stopped"
+            })
         })?;
         Ok(format!("started VDB {name} on port {}", rec.port))
     }
@@ -545,12 +554,11 @@ impl Daemon {
         let _g = st.op.lock();
         refuse_pending(&rec)?;
         hooks::run(&rec, &self.store_dir, "pre-stop")
-            .map_err(|e| e.context(format!("stopping VDB {name} was refused by its hook")))?;
+            .map_err(|e| e.context("refused by its pre-stop hook"))?;
         self.stop_postgres(&rec, &st);
         rec.running = false;
         self.save_vdb(&rec)?;
-        hooks::run(&rec, &self.store_dir, "post-stop")
-            .map_err(|e| e.context(format!("VDB {name} stopped, but")))?;
+        hooks::run(&rec, &self.store_dir, "post-stop").map_err(|e| e.context("it stopped, but"))?;
         Ok(format!("stopped VDB {name}"))
     }
 
@@ -606,7 +614,7 @@ impl Daemon {
             crate::tree::check_snapshot_name(s)?;
         }
         hooks::run(&rec, &self.store_dir, "pre-snapshot")
-            .map_err(|e| e.context(format!("{kind} of VDB {name} refused by its hook")))?;
+            .map_err(|e| e.context("refused by its pre-snapshot hook"))?;
         let s = self.take_vdb_snapshot(&rec, &st, snapshot, kind)?;
         hooks::run(&rec, &self.store_dir, "post-snapshot")
             .map_err(|e| e.context(format!("{} was taken, but", s.name)))?;
@@ -793,13 +801,17 @@ impl Daemon {
                     }
                 };
                 self.start_with_hooks(&rec, st, &configure_clone)?;
+                if !was_running {
+                    // configure-clone needed it up; it goes back to stopped, as it was.
+                    self.stop_with_hooks(&rec, st)?;
+                }
             }
             anyhow::Ok(())
         })();
         match r {
             Ok(()) => {
                 rec.pending = None;
-                rec.running = refresh || was_running;
+                rec.running = was_running;
                 rec.event(format!("{op} onto {ds}@{snap}"));
                 self.save_vdb(&rec)?;
                 dir.log_line(&format!("{op} done"));
@@ -854,6 +866,9 @@ impl Daemon {
 
     fn vdb_status_of(&self, rec: &VdbRecord, with_usage: bool) -> anyhow::Result<VdbStatus> {
         let st = self.vdbs.state(&rec.name);
+        // Running means this daemon's start finished (postgres accepts connections); a
+        // postmaster it has not finished starting (or one left by an earlier daemon) is starting.
+        let ours = st.rt.lock().pid.filter(|p| pg::pid_alive(*p));
         let pid = self.vdb_pid(rec, &st);
         let last_error = st.rt.lock().last_error.clone();
         let (state, fault) = match (&rec.pending, pid, rec.running) {
@@ -862,7 +877,8 @@ impl Daemon {
                 "fault",
                 Some(format!("a {} was cut short; the daemon undoes it", p.op)),
             ),
-            (None, Some(_), _) => ("running", None),
+            (None, Some(_), _) if ours.is_some() => ("running", None),
+            (None, Some(_), _) => ("starting", None),
             (None, None, false) => ("stopped", None),
             (None, None, true) if last_error.is_none() => ("starting", None),
             (None, None, true) => (

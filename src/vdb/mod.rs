@@ -581,13 +581,22 @@ mod tests {
         assert!(truncate_wal(dir.path(), &t).unwrap());
         let two = std::fs::read(wal.join("000000010000000000000002")).unwrap();
         assert_eq!(two.len() as u64, seg, "the segment keeps its size");
-        assert!(two[..0x1238].iter().all(|b| *b == 2), "WAL before the target is kept");
-        assert!(two[0x1238..].iter().all(|b| *b == 0), "WAL from the target on is zero");
+        assert!(
+            two[..0x1238].iter().all(|b| *b == 2),
+            "WAL before the target is kept"
+        );
+        assert!(
+            two[0x1238..].iter().all(|b| *b == 0),
+            "WAL from the target on is zero"
+        );
         assert!(std::fs::read(wal.join("000000010000000000000001"))
             .unwrap()
             .iter()
             .all(|b| *b == 1));
-        assert!(!wal.join("000000010000000000000003").exists(), "later segments go");
+        assert!(
+            !wal.join("000000010000000000000003").exists(),
+            "later segments go"
+        );
         assert!(wal.join("00000001.history").exists());
         // Another timeline's segment is not touched: nothing to cut, nothing changed.
         let other = Target {
