@@ -15,4 +15,5 @@ mod mounts;
 mod postgres;
 mod snapshots;
 mod sources;
+mod vdb_crash;
 mod vdbs;

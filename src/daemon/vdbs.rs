@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 /// How long a VDB's postgres may take to start (crash recovery of what its snapshot holds).
 const START_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// What postgres logs when the WAL ends before a recovery target.
+const TARGET_NOT_REACHED: &str = "recovery ended before configured recovery target was reached";
 
 #[derive(Default)]
 pub struct Runtime {
@@ -145,11 +147,24 @@ impl Daemon {
             );
         }
         let provisioning = rec.data_dir.join(vdb::PROVISION_SIGNAL).exists();
-        let pid = cluster.start(START_TIMEOUT)?;
+        let mut pid = cluster.start(START_TIMEOUT)?;
         if provisioning {
             if let Err(e) = self.promote(rec, pid) {
                 let _ = cluster.stop("immediate", Duration::from_secs(30));
-                return Err(e);
+                if !format!("{e:#}").contains(TARGET_NOT_REACHED) {
+                    return Err(e);
+                }
+                // The WAL ends exactly at the target, so no record ever reaches it: recovering
+                // to the end of the WAL is the same state.
+                tracing::info!(vdb = %rec.name, "the WAL ends at the recovery target; promoting without it");
+                vdb::clear_recovery(rec)?;
+                vdb::write_provision_signal(&rec.data_dir)?;
+                pg::remove_run_files(&rec.data_dir);
+                pid = cluster.start(START_TIMEOUT)?;
+                if let Err(e) = self.promote(rec, pid) {
+                    let _ = cluster.stop("immediate", Duration::from_secs(30));
+                    return Err(e);
+                }
             }
             vdb::clear_recovery(rec)?;
         }
@@ -216,18 +231,29 @@ impl Daemon {
             .map_err(|e| anyhow!("promoting VDB {} failed: {e:#}; {}", rec.name, log_tail()))
     }
 
+    /// Stops the VDB's postgres: ours with `pg_ctl stop` (fast, then immediate); one this daemon
+    /// did not start (left by a daemon that died: its files are on a dead mount, so pg_ctl could
+    /// never see it go) by its PID.
     fn stop_postgres(&self, rec: &VdbRecord, st: &VdbState) {
         let cluster = rec.cluster(&self.store_dir);
-        let pid = self.vdb_pid(rec, st);
-        if let Some(pid) = pid {
+        let ours = st.rt.lock().pid.take().filter(|p| pg::pid_alive(*p));
+        if let Some(pid) = ours {
             if let Err(e) = cluster.stop("fast", Duration::from_secs(60)) {
                 tracing::warn!(vdb = %rec.name, "fast stop failed ({e:#}); immediate stop");
                 if cluster.stop("immediate", Duration::from_secs(30)).is_err() {
                     pg::stop_leftover(pid, &rec.data_dir, &rec.name);
                 }
             }
+        } else {
+            let recorded = std::fs::read_to_string(rec.dir(&self.store_dir).pid_file())
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok());
+            for pid in recorded.into_iter().chain(cluster.postmaster_pid()) {
+                if pg::stop_leftover(pid, &rec.data_dir, &rec.name) {
+                    pg::wait_port_free(rec.port, Duration::from_secs(10));
+                }
+            }
         }
-        st.rt.lock().pid = None;
         let _ = std::fs::remove_file(rec.dir(&self.store_dir).pid_file());
     }
 

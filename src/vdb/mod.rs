@@ -266,13 +266,14 @@ pub fn prepare_dir(dir: &VdbDir) -> anyhow::Result<()> {
 }
 
 /// Recovery settings vdbfs may have written (removed once the VDB is a primary).
-const RECOVERY_KEYS: [&str; 6] = [
+const RECOVERY_KEYS: [&str; 7] = [
     "recovery_target_lsn",
     "recovery_target_inclusive",
     "recovery_target_action",
     "recovery_target_timeline",
     "restore_command",
     "hot_standby",
+    "recovery_init_sync_method",
 ];
 
 /// Makes a cloned data directory the VDB's primary: no standby or recovery state from its parent,
@@ -367,7 +368,11 @@ pub fn configure(
             ("recovery_target_action", s("pause")),
         ]);
     }
-    conf::write_atomic(&data.join(PROVISION_SIGNAL), b"", 0o600)?;
+    // postgres fsyncs every file of a data directory it finds not shut down cleanly (1000+
+    // FUSE fsyncs, half of a provision). A clone's files all come from a committed snapshot:
+    // nothing to make durable, so syncfs (cheap) for this start only.
+    settings.push(("recovery_init_sync_method", s("syncfs")));
+    write_provision_signal(data)?;
     let user: Vec<(String, Option<String>)> = rec
         .settings
         .iter()
@@ -422,13 +427,31 @@ pub fn truncate_wal(data: &Path, t: &Target) -> anyhow::Result<bool> {
         s.1 = log * per_xlogid + seg;
     }
     let target_seg = t.lsn / seg_size;
+    let offset = t.lsn % seg_size;
+    let remove_later = |segs: &[(u32, u64, PathBuf)]| -> anyhow::Result<()> {
+        for (_, no, p) in segs {
+            if *no > target_seg {
+                std::fs::remove_file(p)
+                    .with_context(|| format!("cannot remove {}", p.display()))?;
+            }
+        }
+        Ok(())
+    };
     let Some((_, _, path)) = segs
         .iter()
         .find(|(tli, no, _)| *tli == t.timeline && *no == target_seg)
     else {
+        // At a segment boundary the WAL may end with the previous segment (e.g. after the
+        // backup's XLOG_SWITCH): nothing to zero.
+        let prev = segs
+            .iter()
+            .any(|(tli, no, _)| *tli == t.timeline && *no + 1 == target_seg);
+        if offset == 0 && prev {
+            remove_later(&segs)?;
+            return Ok(true);
+        }
         return Ok(false);
     };
-    let offset = t.lsn % seg_size;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .open(path)
@@ -442,17 +465,17 @@ pub fn truncate_wal(data: &Path, t: &Target) -> anyhow::Result<bool> {
         left -= n as u64;
     }
     f.sync_all()?;
-    for (_, no, p) in &segs {
-        if *no > target_seg {
-            std::fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display()))?;
-        }
-    }
+    remove_later(&segs)?;
     Ok(true)
 }
 
 /// The signal file of a provisioning start (see [`configure`]); postgres removes it when it is
 /// promoted.
 pub const PROVISION_SIGNAL: &str = "standby.signal";
+
+pub fn write_provision_signal(data: &Path) -> anyhow::Result<()> {
+    conf::write_atomic(&data.join(PROVISION_SIGNAL), b"", 0o600)
+}
 
 /// The recovery target of a pending provisioning start, if any.
 pub fn pending_target(rec: &VdbRecord) -> Option<u64> {
@@ -463,7 +486,16 @@ pub fn pending_target(rec: &VdbRecord) -> Option<u64> {
 
 /// After the provisioning start: the VDB is a primary; its recovery settings go.
 pub fn clear_recovery(rec: &VdbRecord) -> anyhow::Result<()> {
-    let settings: Vec<(&str, Option<String>)> = RECOVERY_KEYS.iter().map(|k| (*k, None)).collect();
+    // A key the user set with --set keeps the user's value.
+    let user = |k: &str| {
+        rec.settings
+            .iter()
+            .rev()
+            .find(|(uk, _)| uk == k)
+            .map(|(_, v)| v.clone())
+    };
+    let settings: Vec<(&str, Option<String>)> =
+        RECOVERY_KEYS.iter().map(|k| (*k, user(k))).collect();
     conf::edit_auto_conf(&rec.data_dir, &settings)
 }
 
@@ -598,6 +630,13 @@ mod tests {
             "later segments go"
         );
         assert!(wal.join("00000001.history").exists());
+        // At a segment boundary whose segment was never written: nothing to zero, still cut.
+        let boundary = Target {
+            lsn: 3 * seg,
+            timeline: 1,
+        };
+        assert!(truncate_wal(dir.path(), &boundary).unwrap());
+        assert!(wal.join("000000010000000000000002").exists());
         // Another timeline's segment is not touched: nothing to cut, nothing changed.
         let other = Target {
             lsn: 2 * seg,
