@@ -186,7 +186,7 @@ fn try_vdb(d: &Daemon, args: &[&str]) -> Output {
 
 /// `vdb status NAME --json`.
 #[track_caller]
-fn status(d: &Daemon, name: &str) -> Value {
+pub(crate) fn status(d: &Daemon, name: &str) -> Value {
     json(&vdb(d, &["status", name, "--json"]), "vdb status --json")
 }
 
@@ -317,7 +317,7 @@ impl Vdb {
 }
 
 /// psql as root with a connection string, no psqlrc, unaligned tuples only, stop on error.
-fn try_psql(conn: &str, sql: &str) -> Output {
+pub(crate) fn try_psql(conn: &str, sql: &str) -> Output {
     run_timeout(
         clean_pg_env(&pg("psql"))
             .args(PSQL_FLAGS)
@@ -533,9 +533,10 @@ fn two_vdbs_from_one_snapshot_are_isolated_and_pass_amcheck() {
         dev1.conn,
         "the first stdout line of `vdb create` should be the connection string\n{out}"
     );
+    let (lo, hi) = d.vdb_ports();
     assert!(
-        (6000..=6999).contains(&dev1.port),
-        "without --port the port comes from the default pool 6000-6999: {st1}"
+        (lo..=hi).contains(&dev1.port),
+        "without --port the port comes from the daemon's pool {lo}-{hi}: {st1}"
     );
     assert!(
         out.contains(&format!(

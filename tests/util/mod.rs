@@ -481,6 +481,12 @@ impl Daemon {
         d
     }
 
+    /// The VDB port pool this daemon was started with (`vdbfs serve --vdb-ports`).
+    pub fn vdb_ports(&self) -> (u16, u16) {
+        let (lo, hi) = self.vdb_ports.split_once('-').expect("LO-HI");
+        (lo.parse().unwrap(), hi.parse().unwrap())
+    }
+
     /// The temporary directory holding the store, mount points and logs.
     pub fn root(&self) -> &Path {
         self.root.path()
