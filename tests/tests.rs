@@ -16,3 +16,4 @@ mod postgres;
 mod snapshots;
 mod sources;
 mod vdb_crash;
+mod vdbs;

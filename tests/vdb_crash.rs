@@ -9,15 +9,15 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use serde_json::Value;
-
+use crate::util::source::{cleanup_names, dataset_names};
 use crate::util::{
-    self, chmod, describe, kill_processes_under, pg, pid_alive, run_timeout, wait_child,
-    wait_until, Daemon, Postgres,
+    self, chmod, describe, kill_processes_under, pid_alive, wait_child, wait_until, Daemon,
+    Postgres,
 };
+use crate::vdbs::{status, try_psql};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -27,13 +27,8 @@ struct VdbCleanup<'a>(&'a Daemon);
 
 impl Drop for VdbCleanup<'_> {
     fn drop(&mut self) {
-        let out = self.0.vdbfs(&["vdb", "list", "--json"]);
-        if let Ok(Value::Array(list)) = serde_json::from_slice::<Value>(&out.stdout) {
-            for v in list {
-                if let Some(n) = v["name"].as_str() {
-                    let _ = self.0.vdbfs(&["vdb", "delete", n]);
-                }
-            }
+        for n in cleanup_names(self.0, &["vdb", "list", "--json"], |_| true) {
+            let _ = self.0.vdbfs(&["vdb", "delete", &n]);
         }
         let killed = kill_processes_under(self.0.root());
         if !killed.is_empty() {
@@ -44,13 +39,7 @@ impl Drop for VdbCleanup<'_> {
 
 /// Dataset `base` holding a stopped cluster with `t` = 1..=rows, snapshotted as `base@NAME`.
 fn base_snapshot(d: &Daemon, snap: &str, rows: i64) {
-    let names: Vec<String> = json(&d.ok(&["dataset", "list", "--json"]))
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_string())
-        .collect();
-    if !names.iter().any(|n| n == "base") {
+    if !dataset_names(d).iter().any(|n| n == "base") {
         d.create_dataset("base");
     }
     let mp = d.new_mountpoint("base");
@@ -71,31 +60,10 @@ fn base_snapshot(d: &Daemon, snap: &str, rows: i64) {
     m.umount();
 }
 
-fn json(s: &str) -> Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
-}
-
-fn status(d: &Daemon, name: &str) -> Value {
-    json(&d.ok(&["vdb", "status", name, "--json"]))
-}
-
 /// SQL on a VDB through its connection string (root over its private socket).
 fn vdb_sql(d: &Daemon, name: &str, sql: &str) -> String {
     let conn = status(d, name)["conn"].as_str().unwrap().to_string();
-    let out = run_timeout(
-        Command::new(pg("psql")).args([
-            "-X",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            &conn,
-            "-c",
-            sql,
-        ]),
-        Duration::from_secs(60),
-    );
+    let out = try_psql(&conn, sql);
     assert!(
         out.status.success(),
         "psql on VDB {name}: {sql}\n{}\n{}",
@@ -182,8 +150,7 @@ fn kill9_during_create_leaves_no_half_made_vdb() {
 
     // The next daemon undoes the create: no VDB, dataset, files, mount or postgres.
     let gone = wait_until(WAIT, || {
-        let list = json(&d.ok(&["vdb", "list", "--json"]));
-        list.as_array().unwrap().is_empty()
+        cleanup_names(&d, &["vdb", "list", "--json"], |_| true).is_empty()
     });
     assert!(
         gone,

@@ -33,6 +33,9 @@ const CHECKPOINT_BLOCKS: usize = 65_536;
 /// Garbage collection runs by itself this often.
 const GC_INTERVAL: Duration = Duration::from_secs(600);
 
+/// The control-path tables of JSON records (`sources`, `vdbs`).
+type JsonTable = redb::TableDefinition<'static, &'static str, &'static [u8]>;
+
 fn snapshot_info(s: &crate::tree::SnapshotInfo) -> api::SnapshotInfo {
     let props = sources::snapshot_props(s);
     api::SnapshotInfo {
@@ -105,6 +108,60 @@ impl Daemon {
             vdb_ports,
             stopping: AtomicBool::new(false),
         })
+    }
+
+    // ---- control-path records (JSON values in a `&str`-keyed table) ----------------------
+
+    fn json_records<T: serde::de::DeserializeOwned>(
+        &self,
+        table: JsonTable,
+        what: &str,
+    ) -> anyhow::Result<Vec<T>> {
+        let txn = self.datasets.store().db().begin_read()?;
+        let t = txn.open_table(table)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push(
+                serde_json::from_slice(v.value())
+                    .with_context(|| format!("unreadable {what} record {}", k.value()))?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn json_record<T: serde::de::DeserializeOwned>(
+        &self,
+        table: JsonTable,
+        name: &str,
+    ) -> anyhow::Result<Option<T>> {
+        let txn = self.datasets.store().db().begin_read()?;
+        let t = txn.open_table(table)?;
+        let v = t.get(name)?;
+        Ok(match v {
+            Some(v) => Some(serde_json::from_slice(v.value())?),
+            None => None,
+        })
+    }
+
+    fn save_json<T: serde::Serialize>(
+        &self,
+        table: JsonTable,
+        name: &str,
+        rec: &T,
+    ) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec(rec)?;
+        let txn = self.datasets.store().db().begin_write()?;
+        txn.open_table(table)?.insert(name, bytes.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn remove_json(&self, table: JsonTable, name: &str) -> anyhow::Result<()> {
+        let txn = self.datasets.store().db().begin_write()?;
+        txn.open_table(table)?.remove(name)?;
+        txn.commit()?;
+        Ok(())
     }
 
     fn persist_mount(&self, mountpoint: &Path, dataset: Option<&str>) -> anyhow::Result<()> {

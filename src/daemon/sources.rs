@@ -15,7 +15,6 @@ use crate::source::{
 use crate::store::SOURCES;
 use anyhow::{anyhow, bail, Context};
 use parking_lot::Mutex;
-use redb::{ReadableDatabase, ReadableTable};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -74,39 +73,21 @@ impl Daemon {
     // ---- records -------------------------------------------------------------------------
 
     pub(super) fn source_records(&self) -> anyhow::Result<Vec<SourceRecord>> {
-        let txn = self.datasets.store().db().begin_read()?;
-        let t = txn.open_table(SOURCES)?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (_, v) = row?;
-            out.push(serde_json::from_slice(v.value()).context("unreadable source record")?);
-        }
-        Ok(out)
+        self.json_records(SOURCES, "source")
     }
 
     fn source_record(&self, name: &str) -> anyhow::Result<SourceRecord> {
-        let txn = self.datasets.store().db().begin_read()?;
-        let t = txn.open_table(SOURCES)?;
-        let v = t.get(name)?.ok_or_else(|| {
+        self.json_record(SOURCES, name)?.ok_or_else(|| {
             anyhow!("no source {name}; 'vdbfs source list' shows the linked sources")
-        })?;
-        Ok(serde_json::from_slice(v.value())?)
+        })
     }
 
     fn save_source(&self, rec: &SourceRecord) -> anyhow::Result<()> {
-        let bytes = serde_json::to_vec(rec)?;
-        let txn = self.datasets.store().db().begin_write()?;
-        txn.open_table(SOURCES)?
-            .insert(rec.name.as_str(), bytes.as_slice())?;
-        txn.commit()?;
-        Ok(())
+        self.save_json(SOURCES, &rec.name, rec)
     }
 
     fn remove_source(&self, name: &str) -> anyhow::Result<()> {
-        let txn = self.datasets.store().db().begin_write()?;
-        txn.open_table(SOURCES)?.remove(name)?;
-        txn.commit()?;
-        Ok(())
+        self.remove_json(SOURCES, name)
     }
 
     fn pid_file(&self, rec: &SourceRecord) -> PathBuf {

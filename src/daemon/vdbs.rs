@@ -11,13 +11,13 @@ use super::api::{self, TimeflowNode, VdbSnapshot, VdbSpec, VdbStatus};
 use super::sources::Progress;
 use super::Daemon;
 use crate::pg;
+use crate::pg::RunFiles;
 use crate::source::SnapshotProps;
 use crate::store::VDBS;
 use crate::tree::{dataset::ROOT_INO, NameError};
 use crate::vdb::{self, hooks, Pending, VdbDir, VdbRecord, VdbSnapshotProps};
 use anyhow::{anyhow, bail, Context};
 use parking_lot::Mutex;
-use redb::{ReadableDatabase, ReadableTable};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -71,39 +71,20 @@ impl Daemon {
     // ---- records -------------------------------------------------------------------------
 
     pub(super) fn vdb_records(&self) -> anyhow::Result<Vec<VdbRecord>> {
-        let txn = self.datasets.store().db().begin_read()?;
-        let t = txn.open_table(VDBS)?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (_, v) = row?;
-            out.push(serde_json::from_slice(v.value()).context("unreadable VDB record")?);
-        }
-        Ok(out)
+        self.json_records(VDBS, "VDB")
     }
 
     fn vdb_record(&self, name: &str) -> anyhow::Result<VdbRecord> {
-        let txn = self.datasets.store().db().begin_read()?;
-        let t = txn.open_table(VDBS)?;
-        let v = t
-            .get(name)?
-            .ok_or_else(|| anyhow!("no VDB {name}; 'vdbfs vdb list' shows the VDBs"))?;
-        Ok(serde_json::from_slice(v.value())?)
+        self.json_record(VDBS, name)?
+            .ok_or_else(|| anyhow!("no VDB {name}; 'vdbfs vdb list' shows the VDBs"))
     }
 
     fn save_vdb(&self, rec: &VdbRecord) -> anyhow::Result<()> {
-        let bytes = serde_json::to_vec(rec)?;
-        let txn = self.datasets.store().db().begin_write()?;
-        txn.open_table(VDBS)?
-            .insert(rec.name.as_str(), bytes.as_slice())?;
-        txn.commit()?;
-        Ok(())
+        self.save_json(VDBS, &rec.name, rec)
     }
 
     fn remove_vdb(&self, name: &str) -> anyhow::Result<()> {
-        let txn = self.datasets.store().db().begin_write()?;
-        txn.open_table(VDBS)?.remove(name)?;
-        txn.commit()?;
-        Ok(())
+        self.remove_json(VDBS, name)
     }
 
     pub(super) fn is_vdb(&self, name: &str) -> bool {

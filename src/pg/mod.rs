@@ -298,6 +298,69 @@ pub fn log_tail(path: &Path, n: usize) -> String {
         .unwrap_or_default()
 }
 
+/// The files of a cluster vdbfs runs that live outside its data directory (so a snapshot or
+/// clone of the data never carries them): `run/` (its unix socket), `postgres.log`,
+/// `pg_hba.conf`, `pg_ident.conf`.
+pub trait RunFiles {
+    fn root(&self) -> &Path;
+    fn socket_dir(&self) -> PathBuf {
+        self.root().join("run")
+    }
+    fn postgres_log(&self) -> PathBuf {
+        self.root().join("postgres.log")
+    }
+    fn hba(&self) -> PathBuf {
+        self.root().join("pg_hba.conf")
+    }
+    fn ident(&self) -> PathBuf {
+        self.root().join("pg_ident.conf")
+    }
+
+    /// A handle on the cluster of `data_dir` run with these files.
+    fn cluster(&self, install: &Install, data_dir: &Path, port: u16) -> Cluster {
+        Cluster {
+            install: install.clone(),
+            data_dir: data_dir.to_path_buf(),
+            socket_dir: self.socket_dir(),
+            port,
+            log: self.postgres_log(),
+        }
+    }
+
+    /// Creates the directory and `run/` (owner postgres, 0700; the parent 0711, so postgres can
+    /// only pass through), `pg_hba.conf` with `hba` and an empty `pg_ident.conf`.
+    fn create(&self, hba: &str) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        for d in [self.root().to_path_buf(), self.socket_dir()] {
+            std::fs::create_dir_all(&d)
+                .with_context(|| format!("cannot create {}", d.display()))?;
+            chown_postgres(&d)?;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
+        }
+        if let Some(parent) = self.root().parent() {
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711))?;
+        }
+        conf::write_atomic(&self.hba(), hba.as_bytes(), 0o600)?;
+        conf::write_atomic(&self.ident(), b"", 0o600)
+    }
+
+    /// The `postgresql.auto.conf` settings that make a cluster vdbfs's own: its port on
+    /// loopback, these files, and a cluster name.
+    fn own_settings(&self, port: u16, cluster_name: String) -> Vec<(&'static str, Option<String>)> {
+        let path = |p: PathBuf| Some(p.to_string_lossy().to_string());
+        vec![
+            ("port", Some(port.to_string())),
+            ("listen_addresses", Some("127.0.0.1".into())),
+            ("unix_socket_directories", path(self.socket_dir())),
+            ("hba_file", path(self.hba())),
+            ("ident_file", path(self.ident())),
+            ("cluster_name", Some(cluster_name)),
+            ("logging_collector", Some("off".into())),
+            ("ssl", Some("off".into())),
+        ]
+    }
+}
+
 /// A cluster this host runs for vdbfs: data directory, binaries, port, socket and log places.
 #[derive(Debug, Clone)]
 pub struct Cluster {

@@ -2,6 +2,7 @@
 //! faults (a broken stream, a gap in the archive) stated, never hidden.
 
 use super::{Mode, SourceRecord};
+use crate::pg::RunFiles;
 use crate::pg::{self, lsn, Cluster};
 use std::path::Path;
 use std::time::Duration;
@@ -99,7 +100,7 @@ pub fn assess(rec: &SourceRecord, store: &Path, r: &Replay, streaming_grace: boo
                 (a, b) => a.or(b),
             };
             if r.receiver.as_deref() != Some("streaming") && !streaming_grace {
-                let why = last_problem(&rec.dir(store).log())
+                let why = last_problem(&rec.dir(store).postgres_log())
                     .map(|l| format!("; staging log: {l}"))
                     .unwrap_or_default();
                 s.fault = Some(format!(
@@ -154,7 +155,7 @@ pub fn fmt(l: Option<u64>) -> Option<String> {
 
 /// The staging log tail, for error messages.
 pub fn log_tail(rec: &SourceRecord, store: &Path) -> String {
-    pg::log_tail(&rec.dir(store).log(), 15)
+    pg::log_tail(&rec.dir(store).postgres_log(), 15)
 }
 
 #[cfg(test)]

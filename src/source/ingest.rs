@@ -2,6 +2,7 @@
 //! backup), and the configuration that makes that copy a hot standby run by vdbfs.
 
 use super::{SourceDir, SourceRecord};
+use crate::pg::RunFiles;
 use crate::pg::{self, conf, Install};
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
@@ -202,25 +203,13 @@ fn write_postgres_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()>
 /// Creates `STORE/sources/NAME/` (owner postgres, 0700) with the passfile, socket dir and the
 /// staging cluster's pg_hba/pg_ident (local connections of the postgres user only).
 pub fn prepare_source_dir(dir: &SourceDir, password_file: Option<&str>) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    for d in [&dir.0, &dir.socket_dir()] {
-        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-        pg::chown_postgres(d)?;
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
-    }
-    if let Some(parent) = dir.0.parent() {
-        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711))?;
-    }
+    dir.create(
+        "# vdbfs staging: only the postgres OS user, over the private socket directory\n\
+         local all postgres trust\n",
+    )?;
     if let Some(text) = password_file {
         write_postgres_file(&dir.passfile(), text, 0o600)?;
     }
-    write_postgres_file(
-        &dir.hba(),
-        "# vdbfs staging: only the postgres OS user, over the private socket directory\n\
-         local all postgres trust\n",
-        0o600,
-    )?;
-    write_postgres_file(&dir.ident(), "", 0o600)?;
     Ok(())
 }
 
@@ -266,24 +255,11 @@ pub fn configure_staging(rec: &SourceRecord, store: &Path) -> anyhow::Result<()>
         format!("cp '{a}/%f' '%p'")
     });
     let s = |v: &str| Some(v.to_string());
+    settings.extend(dir.own_settings(rec.staging_port, format!("vdbfs-staging-{}", rec.name)));
     settings.extend([
-        ("port", Some(rec.staging_port.to_string())),
-        ("listen_addresses", s("127.0.0.1")),
-        (
-            "unix_socket_directories",
-            Some(dir.socket_dir().to_string_lossy().to_string()),
-        ),
-        ("hba_file", Some(dir.hba().to_string_lossy().to_string())),
-        (
-            "ident_file",
-            Some(dir.ident().to_string_lossy().to_string()),
-        ),
-        ("cluster_name", Some(format!("vdbfs-staging-{}", rec.name))),
         ("hot_standby", s("on")),
         ("hot_standby_feedback", s("off")),
         ("archive_mode", s("off")),
-        ("logging_collector", s("off")),
-        ("ssl", s("off")),
         ("shared_buffers", s("128MB")),
         ("recovery_target_timeline", s("latest")),
         ("primary_conninfo", primary_conninfo),

@@ -19,7 +19,7 @@ pub mod ingest;
 pub mod preflight;
 
 use crate::pg::conninfo::Conn;
-use crate::pg::{Cluster, Install};
+use crate::pg::{Cluster, Install, RunFiles};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -126,17 +126,11 @@ impl SourceDir {
     pub fn passfile(&self) -> PathBuf {
         self.0.join("pgpass")
     }
-    pub fn socket_dir(&self) -> PathBuf {
-        self.0.join("run")
-    }
-    pub fn log(&self) -> PathBuf {
-        self.0.join("postgres.log")
-    }
-    pub fn hba(&self) -> PathBuf {
-        self.0.join("pg_hba.conf")
-    }
-    pub fn ident(&self) -> PathBuf {
-        self.0.join("pg_ident.conf")
+}
+
+impl RunFiles for SourceDir {
+    fn root(&self) -> &Path {
+        &self.0
     }
 }
 
@@ -146,14 +140,8 @@ impl SourceRecord {
     }
 
     pub fn cluster(&self, store: &Path) -> Cluster {
-        let dir = self.dir(store);
-        Cluster {
-            install: self.install.clone(),
-            data_dir: self.data_dir.clone(),
-            socket_dir: dir.socket_dir(),
-            port: self.staging_port,
-            log: dir.log(),
-        }
+        self.dir(store)
+            .cluster(&self.install, &self.data_dir, self.staging_port)
     }
 
     /// The passfile to hand libpq, when there is a password.

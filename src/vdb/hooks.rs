@@ -7,6 +7,7 @@
 
 use super::{VdbDir, VdbRecord};
 use crate::pg;
+use crate::pg::RunFiles;
 use anyhow::bail;
 use std::path::{Path, PathBuf};
 use std::process::Command;

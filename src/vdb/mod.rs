@@ -14,7 +14,7 @@
 
 pub mod hooks;
 
-use crate::pg::{self, conf, Cluster, Install};
+use crate::pg::{self, conf, Cluster, Install, RunFiles};
 use anyhow::{anyhow, bail, Context};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -76,21 +76,9 @@ impl VdbDir {
     pub fn new(store: &Path, name: &str) -> VdbDir {
         VdbDir(store.join("vdbs").join(name))
     }
-    pub fn socket_dir(&self) -> PathBuf {
-        self.0.join("run")
-    }
     /// vdbfs's log of the VDB: operations and hook output.
     pub fn log(&self) -> PathBuf {
         self.0.join("vdb.log")
-    }
-    pub fn postgres_log(&self) -> PathBuf {
-        self.0.join("postgres.log")
-    }
-    pub fn hba(&self) -> PathBuf {
-        self.0.join("pg_hba.conf")
-    }
-    pub fn ident(&self) -> PathBuf {
-        self.0.join("pg_ident.conf")
     }
     /// The postmaster PID, outside the data directory (readable when the mount is gone).
     pub fn pid_file(&self) -> PathBuf {
@@ -120,20 +108,20 @@ pub fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+impl RunFiles for VdbDir {
+    fn root(&self) -> &Path {
+        &self.0
+    }
+}
+
 impl VdbRecord {
     pub fn dir(&self, store: &Path) -> VdbDir {
         VdbDir::new(store, &self.name)
     }
 
     pub fn cluster(&self, store: &Path) -> Cluster {
-        let dir = self.dir(store);
-        Cluster {
-            install: self.install.clone(),
-            data_dir: self.data_dir.clone(),
-            socket_dir: dir.socket_dir(),
-            port: self.port,
-            log: dir.postgres_log(),
-        }
+        self.dir(store)
+            .cluster(&self.install, &self.data_dir, self.port)
     }
 
     /// libpq connection string over the unix socket (works as root or postgres at once).
@@ -241,28 +229,13 @@ pub fn pick_port(asked: Option<u16>, pool: (u16, u16), taken: &[u16]) -> anyhow:
 
 /// Creates `STORE/vdbs/NAME/` (owner postgres, 0700) with its socket dir, pg_hba and pg_ident.
 pub fn prepare_dir(dir: &VdbDir) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    for d in [&dir.0, &dir.socket_dir()] {
-        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-        pg::chown_postgres(d)?;
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
-    }
-    if let Some(parent) = dir.0.parent() {
-        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711))?;
-    }
-    conf::write_atomic(
-        &dir.hba(),
-        b"# vdbfs VDB access. The socket directory is 0700 (owner postgres): only root and the\n\
-          # postgres OS user reach it. Over loopback TCP the source's passwords apply.\n\
-          local all all trust\n\
-          host all all 127.0.0.1/32 scram-sha-256\n\
-          host all all ::1/128 scram-sha-256\n",
-        0o600,
-    )?;
-    if !dir.ident().exists() {
-        conf::write_atomic(&dir.ident(), b"", 0o600)?;
-    }
-    Ok(())
+    dir.create(
+        "# vdbfs VDB access. The socket directory is 0700 (owner postgres): only root and the\n\
+         # postgres OS user reach it. Over loopback TCP the source's passwords apply.\n\
+         local all all trust\n\
+         host all all 127.0.0.1/32 scram-sha-256\n\
+         host all all ::1/128 scram-sha-256\n",
+    )
 }
 
 /// Recovery settings vdbfs may have written (removed once the VDB is a primary).
@@ -321,19 +294,8 @@ pub fn configure(
         )?;
     }
     let s = |v: &str| Some(v.to_string());
-    let mut settings: Vec<(&str, Option<String>)> = vec![
-        ("port", Some(rec.port.to_string())),
-        ("listen_addresses", s("127.0.0.1")),
-        (
-            "unix_socket_directories",
-            Some(dir.socket_dir().to_string_lossy().to_string()),
-        ),
-        ("hba_file", Some(dir.hba().to_string_lossy().to_string())),
-        (
-            "ident_file",
-            Some(dir.ident().to_string_lossy().to_string()),
-        ),
-        ("cluster_name", Some(format!("vdbfs-{}", rec.name))),
+    let mut settings = dir.own_settings(rec.port, format!("vdbfs-{}", rec.name));
+    settings.extend([
         ("primary_conninfo", None),
         ("primary_slot_name", None),
         ("hot_standby_feedback", None),
@@ -342,10 +304,8 @@ pub fn configure(
         ("archive_mode", s("off")),
         ("archive_command", None),
         ("synchronous_standby_names", s("")),
-        ("logging_collector", s("off")),
-        ("ssl", s("off")),
         ("wal_receiver_status_interval", None),
-    ];
+    ]);
     for k in RECOVERY_KEYS {
         settings.push((k, None));
     }

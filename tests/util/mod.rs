@@ -23,6 +23,8 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod source;
+
 /// Directory of the PostgreSQL 15 binaries.
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -432,6 +434,17 @@ pub struct Daemon {
     child: Option<Child>,
     /// Mount points made through this daemon (by [`Daemon::create_and_mount`] or [`Daemon::mount`]).
     mounts: Mutex<Vec<PathBuf>>,
+    /// This daemon's VDB port pool (`LO-HI`), apart from other tests' daemons running at once.
+    vdb_ports: String,
+}
+
+/// A 20-port window below the ephemeral range, different for each daemon of this run: two tests'
+/// daemons picking from one pool could both choose a port before either postgres binds it.
+fn vdb_port_window() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let lo = 12_000 + (std::process::id() as usize * 140 + n * 20) % 18_000;
+    format!("{lo}-{}", lo + 19)
 }
 
 impl Daemon {
@@ -461,10 +474,17 @@ impl Daemon {
             log_path,
             child: None,
             mounts: Mutex::new(Vec::new()),
+            vdb_ports: vdb_port_window(),
         };
         d.ok(&["init"]);
         d.spawn_serve();
         d
+    }
+
+    /// The VDB port pool this daemon was started with (`vdbfs serve --vdb-ports`).
+    pub fn vdb_ports(&self) -> (u16, u16) {
+        let (lo, hi) = self.vdb_ports.split_once('-').expect("LO-HI");
+        (lo.parse().unwrap(), hi.parse().unwrap())
     }
 
     /// The temporary directory holding the store, mount points and logs.
@@ -502,6 +522,7 @@ impl Daemon {
             .arg("--store")
             .arg(&self.store)
             .env_remove("VDBFS_STORE")
+            .env("VDBFS_VDB_PORTS", &self.vdb_ports)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -897,12 +918,14 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-/// `runuser -u postgres -- PROGRAM ARGS...`, with a clean environment for libpq.
-/// A command run as the postgres OS user with a clean PG* environment.
-pub fn as_postgres(program: &str) -> Command {
-    let mut c = Command::new("runuser");
-    c.args(["-u", "postgres", "--", program])
-        .env_remove("PGHOST")
+/// psql flags the tests use: no psqlrc, quiet, unaligned tuples only, stop at the first error.
+pub const PSQL_FLAGS: [&str; 6] = ["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"];
+
+/// A command with a clean environment for libpq (no PGHOST, PGPORT, PGDATA, PGUSER, PGDATABASE;
+/// `LC_ALL=C`), run in `/`.
+pub fn clean_pg_env(program: &str) -> Command {
+    let mut c = Command::new(program);
+    c.env_remove("PGHOST")
         .env_remove("PGPORT")
         .env_remove("PGDATA")
         .env_remove("PGUSER")
@@ -910,6 +933,39 @@ pub fn as_postgres(program: &str) -> Command {
         .env("LC_ALL", "C")
         .current_dir("/");
     c
+}
+
+/// `runuser -u postgres -- PROGRAM ARGS...`: a command run as the postgres OS user with a clean
+/// PG* environment.
+pub fn as_postgres(program: &str) -> Command {
+    let mut c = clean_pg_env("runuser");
+    c.args(["-u", "postgres", "--", program]);
+    c
+}
+
+/// `pg_amcheck --all --install-missing --heapallindexed` (heap + btree) as the postgres user
+/// against the server with unix socket directory `host` and `port`. `Err` with its output when
+/// it reports anything.
+pub fn run_amcheck(host: &Path, port: u16) -> Result<(), String> {
+    let out = run_timeout(
+        as_postgres(&pg("pg_amcheck")).args([
+            "--all",
+            "--install-missing",
+            "--heapallindexed",
+            "-h",
+            host.to_str().unwrap(),
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+        ]),
+        Duration::from_secs(600),
+    );
+    if out.status.success() && out.stdout.is_empty() {
+        Ok(())
+    } else {
+        Err(describe(&out))
+    }
 }
 
 impl Postgres {
@@ -1109,13 +1165,7 @@ impl Postgres {
     /// A psql command line for this server (database `postgres`, no psqlrc, unaligned tuples).
     pub fn psql_command(&self) -> Command {
         let mut c = as_postgres(&pg("psql"));
-        c.args([
-            "-X",
-            "-q",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
+        c.args(PSQL_FLAGS).args([
             "-h",
             self.rundir.path().to_str().unwrap(),
             "-p",
@@ -1174,27 +1224,13 @@ impl Postgres {
 
     /// `pg_amcheck --all` (heap + btree, with heapallindexed); panics on any finding.
     pub fn amcheck(&self) {
-        let out = run_timeout(
-            as_postgres(&pg("pg_amcheck")).args([
-                "--all",
-                "--install-missing",
-                "--heapallindexed",
-                "-h",
-                self.rundir.path().to_str().unwrap(),
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ]),
-            Duration::from_secs(600),
-        );
-        assert!(
-            out.status.success() && out.stdout.is_empty(),
-            "pg_amcheck --all reported problems on {}\n{}\npostgres log tail:\n{}",
-            self.datadir.display(),
-            describe(&out),
-            self.log_tail(40)
-        );
+        if let Err(e) = run_amcheck(self.rundir.path(), self.port) {
+            panic!(
+                "pg_amcheck --all reported problems on {}\n{e}\npostgres log tail:\n{}",
+                self.datadir.display(),
+                self.log_tail(40)
+            );
+        }
     }
 }
 
