@@ -357,6 +357,10 @@ pub trait RunFiles {
             ("cluster_name", Some(cluster_name)),
             ("logging_collector", Some("off".into())),
             ("ssl", Some("off".into())),
+            // PostgreSQL's advice for copy-on-write filesystems: a zero-filled or recycled WAL
+            // segment is rewritten anyway, so preparing one is wasted work.
+            ("wal_init_zero", Some("off".into())),
+            ("wal_recycle", Some("off".into())),
         ]
     }
 }
