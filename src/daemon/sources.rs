@@ -99,16 +99,7 @@ impl Daemon {
     /// Starts the staging standby (stopping a leftover of an earlier daemon first).
     fn start_staging(&self, rec: &SourceRecord, st: &SourceState) -> anyhow::Result<i32> {
         let cluster = rec.cluster(&self.store_dir);
-        let recorded = std::fs::read_to_string(self.pid_file(rec))
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok());
-        let mut stopped = false;
-        for pid in recorded.into_iter().chain(cluster.postmaster_pid()) {
-            stopped |= pg::stop_leftover(pid, &rec.data_dir, &rec.name);
-        }
-        if stopped {
-            pg::wait_port_free(rec.staging_port, Duration::from_secs(10));
-        }
+        cluster.stop_any(None, pg::read_pid(&self.pid_file(rec)), &rec.name);
         if !rec.data_dir.join("PG_VERSION").exists() {
             bail!(
                 "the staging data directory {} is not mounted or empty",
@@ -128,16 +119,9 @@ impl Daemon {
     }
 
     fn stop_staging(&self, rec: &SourceRecord, st: &SourceState) {
-        let cluster = rec.cluster(&self.store_dir);
-        let pid = st.rt.lock().pid.take().or_else(|| cluster.postmaster_pid());
-        if let Some(pid) = pid.filter(|p| pg::pid_alive(*p)) {
-            if let Err(e) = cluster.stop("fast", Duration::from_secs(60)) {
-                tracing::warn!(source = %rec.name, "fast stop failed ({e:#}); immediate stop");
-                if cluster.stop("immediate", Duration::from_secs(30)).is_err() {
-                    pg::stop_leftover(pid, &rec.data_dir, &rec.name);
-                }
-            }
-        }
+        let ours = st.rt.lock().pid.take();
+        rec.cluster(&self.store_dir)
+            .stop_any(ours, pg::read_pid(&self.pid_file(rec)), &rec.name);
         let _ = std::fs::remove_file(self.pid_file(rec));
         st.rt.lock().started = None;
     }

@@ -108,17 +108,8 @@ impl Daemon {
     fn start_postgres(&self, rec: &VdbRecord, st: &VdbState) -> anyhow::Result<i32> {
         let dir = rec.dir(&self.store_dir);
         let cluster = rec.cluster(&self.store_dir);
-        let recorded = std::fs::read_to_string(dir.pid_file())
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok());
         if st.rt.lock().pid.is_none() {
-            let mut stopped = false;
-            for pid in recorded.into_iter().chain(cluster.postmaster_pid()) {
-                stopped |= pg::stop_leftover(pid, &rec.data_dir, &rec.name);
-            }
-            if stopped {
-                pg::wait_port_free(rec.port, Duration::from_secs(10));
-            }
+            cluster.stop_any(None, pg::read_pid(&dir.pid_file()), &rec.name);
         }
         if !rec.data_dir.join("PG_VERSION").exists() {
             bail!(
@@ -212,29 +203,12 @@ impl Daemon {
             .map_err(|e| anyhow!("promoting VDB {} failed: {e:#}; {}", rec.name, log_tail()))
     }
 
-    /// Stops the VDB's postgres: ours with `pg_ctl stop` (fast, then immediate); one this daemon
-    /// did not start (left by a daemon that died: its files are on a dead mount, so pg_ctl could
-    /// never see it go) by its PID.
+    /// Stops the VDB's postgres (see [`pg::Cluster::stop_any`]).
     fn stop_postgres(&self, rec: &VdbRecord, st: &VdbState) {
-        let cluster = rec.cluster(&self.store_dir);
-        let ours = st.rt.lock().pid.take().filter(|p| pg::pid_alive(*p));
-        if let Some(pid) = ours {
-            if let Err(e) = cluster.stop("fast", Duration::from_secs(60)) {
-                tracing::warn!(vdb = %rec.name, "fast stop failed ({e:#}); immediate stop");
-                if cluster.stop("immediate", Duration::from_secs(30)).is_err() {
-                    pg::stop_leftover(pid, &rec.data_dir, &rec.name);
-                }
-            }
-        } else {
-            let recorded = std::fs::read_to_string(rec.dir(&self.store_dir).pid_file())
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok());
-            for pid in recorded.into_iter().chain(cluster.postmaster_pid()) {
-                if pg::stop_leftover(pid, &rec.data_dir, &rec.name) {
-                    pg::wait_port_free(rec.port, Duration::from_secs(10));
-                }
-            }
-        }
+        let ours = st.rt.lock().pid.take();
+        let recorded = pg::read_pid(&rec.dir(&self.store_dir).pid_file());
+        rec.cluster(&self.store_dir)
+            .stop_any(ours, recorded, &rec.name);
         let _ = std::fs::remove_file(rec.dir(&self.store_dir).pid_file());
     }
 

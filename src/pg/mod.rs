@@ -435,6 +435,27 @@ impl Cluster {
         .map(|_| ())
     }
 
+    /// Stops this cluster's postgres. `ours` (started by this daemon) goes with `pg_ctl stop`
+    /// (fast, then immediate, then by PID). Otherwise a postmaster found by the `recorded` PID
+    /// or `postmaster.pid` was left by a daemon that died: its files are on a dead mount where
+    /// pg_ctl could never see it go, so it is stopped by its verified PID and its port awaited.
+    pub fn stop_any(&self, ours: Option<i32>, recorded: Option<i32>, what: &str) {
+        if let Some(pid) = ours.filter(|p| pid_alive(*p)) {
+            if let Err(e) = self.stop("fast", Duration::from_secs(60)) {
+                tracing::warn!(what, "fast stop failed ({e:#}); immediate stop");
+                if self.stop("immediate", Duration::from_secs(30)).is_err() {
+                    stop_leftover(pid, &self.data_dir, what);
+                }
+            }
+            return;
+        }
+        for pid in recorded.into_iter().chain(self.postmaster_pid()) {
+            if stop_leftover(pid, &self.data_dir, what) {
+                wait_port_free(self.port, Duration::from_secs(10));
+            }
+        }
+    }
+
     /// PID in `postmaster.pid`, if that process runs.
     pub fn postmaster_pid(&self) -> Option<i32> {
         let s = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
@@ -502,6 +523,13 @@ pub fn stop_leftover(pid: i32, data_dir: &Path, what: &str) -> bool {
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     true
+}
+
+/// The PID in a pid file vdbfs keeps (first line), if readable.
+pub fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.lines().next()?.trim().parse().ok())
 }
 
 /// Whether a process runs (a zombie does not count).
