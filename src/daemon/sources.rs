@@ -740,7 +740,7 @@ impl Daemon {
         };
         let Some(target) = target else { return };
         let cluster = rec.cluster(&self.store_dir);
-        let deadline = Instant::now() + CATCH_UP_WAIT;
+        let start = Instant::now();
         let mut told = false;
         loop {
             let replay = health::query_replay(&cluster)
@@ -750,7 +750,7 @@ impl Daemon {
             if replay >= target {
                 return;
             }
-            if Instant::now() > deadline {
+            if start.elapsed() > CATCH_UP_WAIT {
                 progress(format!(
                     "staging of {} is still {} bytes behind the source after {} s; the snapshot \
                      holds what it replayed",
@@ -760,7 +760,7 @@ impl Daemon {
                 ));
                 return;
             }
-            if !told && Instant::now() + CATCH_UP_WAIT - deadline > Duration::from_secs(1) {
+            if !told && start.elapsed() > Duration::from_secs(1) {
                 progress(format!(
                     "waiting for staging to replay up to the source's {}",
                     pg::lsn::format(target)
