@@ -442,9 +442,41 @@ impl Daemon {
                     .map(|t| format!(" (recovering to {})", pg::lsn::format(t.lsn)))
                     .unwrap_or_default()
             ));
-            self.start_with_hooks(&rec, &st, &|| {
-                hooks::run(&rec, &self.store_dir, "configure-clone")
-            })?;
+            let mut tries = 0;
+            loop {
+                let rec_now = rec.clone();
+                let started = self.start_with_hooks(&rec_now, &st, &|| {
+                    hooks::run(&rec_now, &self.store_dir, "configure-clone")
+                });
+                match started {
+                    // A pool port another program bound between our check and postgres's
+                    // bind: take the next free one (a port the user gave is an error).
+                    Err(e)
+                        if spec.port.is_none()
+                            && tries < 3
+                            && format!("{e:#}").contains("Address already in use") =>
+                    {
+                        tries += 1;
+                        let _g = self.vdbs.create.lock();
+                        let mut taken: Vec<u16> =
+                            self.vdb_records()?.iter().map(|r| r.port).collect();
+                        taken.extend(self.source_records()?.iter().map(|r| r.staging_port));
+                        let port = vdb::pick_port(None, self.vdb_ports, &taken)?;
+                        dir.log_line(&format!(
+                            "port {} was taken meanwhile; trying {port}",
+                            rec.port
+                        ));
+                        rec.port = port;
+                        self.save_vdb(&rec)?;
+                        pg::conf::edit_auto_conf(
+                            &rec.data_dir,
+                            &[("port", Some(port.to_string()))],
+                        )?;
+                        pg::remove_run_files(&rec.data_dir);
+                    }
+                    r => break r,
+                }
+            }?;
             anyhow::Ok(())
         })();
         match r {
@@ -457,7 +489,7 @@ impl Daemon {
                     "VDB {name} is running ({:.2} s)",
                     t.elapsed().as_secs_f64()
                 ));
-                tracing::info!(vdb = %name, parent = %parent, port, ms = t.elapsed().as_millis() as u64, "VDB created");
+                tracing::info!(vdb = %name, parent = %parent, port = rec.port, ms = t.elapsed().as_millis() as u64, "VDB created");
                 self.vdb_status_of(&rec, false)
             }
             Err(e) => {
