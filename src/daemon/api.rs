@@ -314,6 +314,14 @@ pub fn socket_path(store: &Path) -> PathBuf {
     store.join("vdbfs.sock")
 }
 
+/// Seconds since the Unix epoch, now.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 /// RFC 3339 UTC time from Unix seconds (no time-zone database needed).
 pub fn rfc3339(secs: i64) -> String {
     let days = secs.div_euclid(86_400);

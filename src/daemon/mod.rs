@@ -8,6 +8,7 @@
 pub mod api;
 pub mod mounts;
 pub mod sources;
+pub mod supervision;
 pub mod vdbs;
 
 use crate::store::{Store, MOUNTS};
@@ -56,8 +57,10 @@ pub struct Daemon {
     store_dir: PathBuf,
     datasets: Datasets,
     mounts: Mutex<BTreeMap<PathBuf, Mounted>>,
-    sources: sources::Sources,
-    vdbs: vdbs::Vdbs,
+    sources: supervision::Registry,
+    vdbs: supervision::Registry,
+    /// Serializes VDB name checks, port choice and record creation.
+    vdb_create_lock: Mutex<()>,
     /// The pool new VDBs take a port from when none is given.
     vdb_ports: (u16, u16),
     stopping: AtomicBool,
@@ -105,6 +108,7 @@ impl Daemon {
             mounts: Mutex::new(BTreeMap::new()),
             sources: Default::default(),
             vdbs: Default::default(),
+            vdb_create_lock: Mutex::new(()),
             vdb_ports,
             stopping: AtomicBool::new(false),
         })

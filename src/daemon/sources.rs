@@ -2,11 +2,12 @@
 //! unlink, and the supervisor that keeps every enabled staging standby running, takes policy
 //! snapshots and prunes by retention.
 //!
-//! Invariants: one operation at a time per source (`SourceState::op`; the supervisor only
+//! Invariants: one operation at a time per source (`Slot::op`; the supervisor only
 //! try-locks it); a source record with `linking = true` found at start is rolled back; the
 //! staging postgres is stopped before its mount goes away.
 
 use super::api::{self, SourceStatus};
+use super::supervision::Slot;
 use super::Daemon;
 use crate::pg::{self, conninfo::Conn};
 use crate::source::{
@@ -14,8 +15,6 @@ use crate::source::{
 };
 use crate::store::SOURCES;
 use anyhow::{anyhow, bail, Context};
-use parking_lot::Mutex;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,50 +23,11 @@ use std::time::{Duration, Instant};
 const START_TIMEOUT: Duration = Duration::from_secs(600);
 /// A freshly started standby is not reported as broken for this long.
 const STREAM_GRACE: Duration = Duration::from_secs(20);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long an on-demand snapshot waits for staging to replay the source's current position.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
 
-/// What the daemon knows of a running staging standby (not persisted).
-#[derive(Default)]
-pub struct Runtime {
-    pub pid: Option<i32>,
-    pub started: Option<Instant>,
-    pub restarts: u32,
-    pub last_error: Option<String>,
-    pub next_try: Option<Instant>,
-    pub backoff: Duration,
-}
-
-#[derive(Default)]
-pub struct SourceState {
-    pub op: Mutex<()>,
-    pub rt: Mutex<Runtime>,
-}
-
-#[derive(Default)]
-pub struct Sources {
-    map: Mutex<BTreeMap<String, Arc<SourceState>>>,
-}
-
-impl Sources {
-    fn state(&self, name: &str) -> Arc<SourceState> {
-        self.map.lock().entry(name.to_string()).or_default().clone()
-    }
-    fn forget(&self, name: &str) {
-        self.map.lock().remove(name);
-    }
-}
-
 /// Progress lines for the CLI (stderr).
 pub type Progress<'a> = &'a dyn Fn(String);
-
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
 
 impl Daemon {
     // ---- records -------------------------------------------------------------------------
@@ -97,7 +57,7 @@ impl Daemon {
     // ---- staging postgres ----------------------------------------------------------------
 
     /// Starts the staging standby (stopping a leftover of an earlier daemon first).
-    fn start_staging(&self, rec: &SourceRecord, st: &SourceState) -> anyhow::Result<i32> {
+    fn start_staging(&self, rec: &SourceRecord, st: &Slot) -> anyhow::Result<i32> {
         let cluster = rec.cluster(&self.store_dir);
         cluster.stop_any(None, pg::read_pid(&self.pid_file(rec)), &rec.name);
         if !rec.data_dir.join("PG_VERSION").exists() {
@@ -108,17 +68,12 @@ impl Daemon {
         }
         let pid = cluster.start(START_TIMEOUT)?;
         std::fs::write(self.pid_file(rec), format!("{pid}\n"))?;
-        let mut rt = st.rt.lock();
-        rt.pid = Some(pid);
-        rt.started = Some(Instant::now());
-        rt.last_error = None;
-        rt.backoff = Duration::ZERO;
-        rt.next_try = None;
+        st.rt.lock().running(pid);
         tracing::info!(source = %rec.name, pid, port = rec.staging_port, "staging postgres running");
         Ok(pid)
     }
 
-    fn stop_staging(&self, rec: &SourceRecord, st: &SourceState) {
+    fn stop_staging(&self, rec: &SourceRecord, st: &Slot) {
         let ours = st.rt.lock().pid.take();
         rec.cluster(&self.store_dir)
             .stop_any(ours, pg::read_pid(&self.pid_file(rec)), &rec.name);
@@ -272,7 +227,7 @@ impl Daemon {
             enabled: true,
             linking: true,
             system_identifier: facts.as_ref().map(|f| f.system_identifier.clone()),
-            created: api::rfc3339(now_unix()),
+            created: api::rfc3339(api::now_unix()),
         };
         let st = self.sources.state(&name);
         let _g = st.op.lock();
@@ -305,7 +260,7 @@ impl Daemon {
     fn link_steps(
         self: &Arc<Self>,
         rec: &SourceRecord,
-        st: &SourceState,
+        st: &Slot,
         backup: Option<&Path>,
         slot_created: &mut bool,
         progress: Progress,
@@ -418,7 +373,7 @@ impl Daemon {
     fn unlink_inner(
         &self,
         rec: &SourceRecord,
-        st: &SourceState,
+        st: &Slot,
         drop_slot: bool,
         delete_data: bool,
         quiet: bool,
@@ -560,7 +515,7 @@ impl Daemon {
             .map(|s| (s.rec.name.clone(), s.rec.created.secs))
             .collect();
         let keep_for = rec.keep_for_secs.map(Duration::from_secs);
-        for name in crate::source::to_prune(&list, rec.keep, keep_for, now_unix()) {
+        for name in crate::source::to_prune(&list, rec.keep, keep_for, api::now_unix()) {
             let full = format!("{}@{name}", rec.name);
             if self.mounted_at(&full).is_some() {
                 continue;
@@ -884,7 +839,7 @@ impl Daemon {
             let Some(_g) = st.op.try_lock() else { continue };
             let (pid, due) = {
                 let rt = st.rt.lock();
-                (rt.pid, rt.next_try.is_none_or(|t| Instant::now() >= t))
+                (rt.pid, rt.due())
             };
             let alive = pid.is_some_and(pg::pid_alive);
             if !alive {
@@ -902,17 +857,14 @@ impl Daemon {
                     }
                 }
                 if let Err(e) = self.start_staging(&rec, &st) {
-                    let mut rt = st.rt.lock();
-                    rt.backoff = (rt.backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
-                    rt.next_try = Some(Instant::now() + rt.backoff);
-                    rt.last_error = Some(format!("{e:#}"));
-                    tracing::error!(source = %rec.name, "staging postgres did not start (next try in {:?}): {e:#}", rt.backoff);
+                    let wait = st.rt.lock().failed(format!("{e:#}"));
+                    tracing::error!(source = %rec.name, "staging postgres did not start (next try in {wait:?}): {e:#}");
                 }
                 continue;
             }
             if let Some(every) = rec.snapshot_every_secs {
                 let (_, last) = self.last_snapshot(&rec.name);
-                if last.is_none_or(|(_, t)| now_unix() - t >= every as i64) {
+                if last.is_none_or(|(_, t)| api::now_unix() - t >= every as i64) {
                     if let Err(e) = self.validated_snapshot(&rec) {
                         tracing::error!(source = %rec.name, "policy snapshot failed: {e:#}");
                     }

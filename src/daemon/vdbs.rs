@@ -1,69 +1,34 @@
 //! The daemon's side of VDBs: create, start, stop, snapshot and bookmark, rewind, refresh,
 //! delete, status, the TimeFlow view, and the supervisor that keeps wanted VDBs running.
 //!
-//! Invariants: one operation at a time per VDB (`VdbState::op`; the supervisor only try-locks
-//! it); port choice and record creation are serialized (`Vdbs::create`); a record with
+//! Invariants: one operation at a time per VDB (`Slot::op`; the supervisor only try-locks
+//! it); port choice and record creation are serialized (`Daemon::vdb_create_lock`); a record with
 //! `pending` is written before the first step that changes a VDB's data and cleared after the
 //! last, so a daemon that dies in between leaves what the next daemon undoes (see `vdb`); a
 //! VDB's postgres is stopped before its mount goes away.
 
 use super::api::{self, TimeflowNode, VdbSnapshot, VdbSpec, VdbStatus};
 use super::sources::Progress;
+use super::supervision::Slot;
 use super::Daemon;
 use crate::pg;
 use crate::pg::RunFiles;
-use crate::source::SnapshotProps;
 use crate::store::VDBS;
 use crate::tree::{dataset::ROOT_INO, NameError};
 use crate::vdb::{self, hooks, Pending, VdbDir, VdbRecord, VdbSnapshotProps};
 use anyhow::{anyhow, bail, Context};
-use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a VDB's postgres may take to start (crash recovery of what its snapshot holds).
 const START_TIMEOUT: Duration = Duration::from_secs(300);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// What postgres logs when the WAL ends before a recovery target.
 const TARGET_NOT_REACHED: &str = "recovery ended before configured recovery target was reached";
 
-#[derive(Default)]
-pub struct Runtime {
-    pub pid: Option<i32>,
-    pub last_error: Option<String>,
-    pub next_try: Option<Instant>,
-    pub backoff: Duration,
-}
-
-#[derive(Default)]
-pub struct VdbState {
-    pub op: Mutex<()>,
-    pub rt: Mutex<Runtime>,
-}
-
-#[derive(Default)]
-pub struct Vdbs {
-    map: Mutex<BTreeMap<String, Arc<VdbState>>>,
-    create: Mutex<()>,
-}
-
-impl Vdbs {
-    fn state(&self, name: &str) -> Arc<VdbState> {
-        self.map.lock().entry(name.to_string()).or_default().clone()
-    }
-    fn forget(&self, name: &str) {
-        self.map.lock().remove(name);
-    }
-}
-
 /// The VDB properties of a snapshot, if it is a VDB's.
 pub fn vdb_props(s: &crate::tree::SnapshotInfo) -> Option<VdbSnapshotProps> {
-    serde_json::from_slice(s.props.as_ref()?).ok()
-}
-
-fn source_props(s: &crate::tree::SnapshotInfo) -> Option<SnapshotProps> {
     serde_json::from_slice(s.props.as_ref()?).ok()
 }
 
@@ -95,7 +60,7 @@ impl Daemon {
 
     // ---- postgres of a VDB ---------------------------------------------------------------
 
-    fn vdb_pid(&self, rec: &VdbRecord, st: &VdbState) -> Option<i32> {
+    fn vdb_pid(&self, rec: &VdbRecord, st: &Slot) -> Option<i32> {
         st.rt
             .lock()
             .pid
@@ -105,7 +70,7 @@ impl Daemon {
 
     /// Starts postgres (stopping a leftover of an earlier daemon first). With a recovery target
     /// that the WAL does not reach (nothing was written past it), it starts again without.
-    fn start_postgres(&self, rec: &VdbRecord, st: &VdbState) -> anyhow::Result<i32> {
+    fn start_postgres(&self, rec: &VdbRecord, st: &Slot) -> anyhow::Result<i32> {
         let dir = rec.dir(&self.store_dir);
         let cluster = rec.cluster(&self.store_dir);
         if st.rt.lock().pid.is_none() {
@@ -141,11 +106,7 @@ impl Daemon {
             vdb::clear_recovery(rec)?;
         }
         std::fs::write(dir.pid_file(), format!("{pid}\n"))?;
-        let mut rt = st.rt.lock();
-        rt.pid = Some(pid);
-        rt.last_error = None;
-        rt.backoff = Duration::ZERO;
-        rt.next_try = None;
+        st.rt.lock().running(pid);
         tracing::info!(vdb = %rec.name, pid, port = rec.port, "VDB postgres running");
         Ok(pid)
     }
@@ -204,7 +165,7 @@ impl Daemon {
     }
 
     /// Stops the VDB's postgres (see [`pg::Cluster::stop_any`]).
-    fn stop_postgres(&self, rec: &VdbRecord, st: &VdbState) {
+    fn stop_postgres(&self, rec: &VdbRecord, st: &Slot) {
         let ours = st.rt.lock().pid.take();
         let recorded = pg::read_pid(&rec.dir(&self.store_dir).pid_file());
         rec.cluster(&self.store_dir)
@@ -216,7 +177,7 @@ impl Daemon {
     fn start_with_hooks(
         &self,
         rec: &VdbRecord,
-        st: &VdbState,
+        st: &Slot,
         between: &dyn Fn() -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         hooks::run(rec, &self.store_dir, "pre-start")?;
@@ -225,7 +186,7 @@ impl Daemon {
         hooks::run(rec, &self.store_dir, "post-start")
     }
 
-    fn stop_with_hooks(&self, rec: &VdbRecord, st: &VdbState) -> anyhow::Result<()> {
+    fn stop_with_hooks(&self, rec: &VdbRecord, st: &Slot) -> anyhow::Result<()> {
         hooks::run(rec, &self.store_dir, "pre-stop")?;
         self.stop_postgres(rec, st);
         hooks::run(rec, &self.store_dir, "post-stop")
@@ -274,7 +235,7 @@ impl Daemon {
     fn recovery_target(&self, dataset: &str, snap: &str) -> Option<vdb::Target> {
         let snaps = self.datasets.snapshots(Some(dataset)).ok()?;
         let s = snaps.iter().find(|s| s.rec.name == snap)?;
-        let p = source_props(s)?;
+        let p = super::sources::snapshot_props(s)?;
         Some(vdb::Target {
             lsn: pg::lsn::parse(&p.lsn)?,
             timeline: p.timeline,
@@ -367,7 +328,7 @@ impl Daemon {
         crate::tree::check_dataset_name(&name)?;
         // Name checks, port choice and the record happen under one lock: two creates never
         // take the same name or port.
-        let create_guard = self.vdbs.create.lock();
+        let create_guard = self.vdb_create_lock.lock();
         if self.is_vdb(&name) {
             bail!(
                 "VDB {name} already exists; pick another name or 'vdbfs vdb delete {name}' first"
@@ -415,7 +376,7 @@ impl Daemon {
                 parent: parent.clone(),
                 was_running: false,
             }),
-            created: api::rfc3339(vdb::now_unix()),
+            created: api::rfc3339(api::now_unix()),
             events: Vec::new(),
         };
         let dir = rec.dir(&self.store_dir);
@@ -457,7 +418,7 @@ impl Daemon {
                             && format!("{e:#}").contains("Address already in use") =>
                     {
                         tries += 1;
-                        let _g = self.vdbs.create.lock();
+                        let _g = self.vdb_create_lock.lock();
                         let mut taken: Vec<u16> =
                             self.vdb_records()?.iter().map(|r| r.port).collect();
                         taken.extend(self.source_records()?.iter().map(|r| r.staging_port));
@@ -506,7 +467,7 @@ impl Daemon {
 
     /// Stops, unmounts and deletes a VDB with its snapshots, files and record. Best effort:
     /// logs what it cannot undo.
-    fn remove_vdb_everything(&self, rec: &VdbRecord, st: &VdbState) {
+    fn remove_vdb_everything(&self, rec: &VdbRecord, st: &Slot) {
         self.stop_postgres(rec, st);
         if self.mounted_at(&rec.name).is_some() {
             if let Err(e) = self.umount(&rec.data_dir) {
@@ -637,7 +598,7 @@ impl Daemon {
     fn take_vdb_snapshot(
         &self,
         rec: &VdbRecord,
-        st: &VdbState,
+        st: &Slot,
         snapshot: Option<&str>,
         kind: &str,
     ) -> anyhow::Result<VdbSnapshot> {
@@ -761,7 +722,7 @@ impl Daemon {
     fn switch(
         self: &Arc<Self>,
         mut rec: VdbRecord,
-        st: &VdbState,
+        st: &Slot,
         op: &str,
         ds: &str,
         snap: &str,
@@ -854,7 +815,7 @@ impl Daemon {
     fn undo_switch(
         self: &Arc<Self>,
         rec: &mut VdbRecord,
-        st: &VdbState,
+        st: &Slot,
         p: &Pending,
     ) -> anyhow::Result<()> {
         self.stop_postgres(rec, st);
@@ -1063,10 +1024,7 @@ impl Daemon {
             let Some(_g) = st.op.try_lock() else { continue };
             let (ours, due) = {
                 let rt = st.rt.lock();
-                (
-                    rt.pid.filter(|p| pg::pid_alive(*p)),
-                    rt.next_try.is_none_or(|t| Instant::now() >= t),
-                )
+                (rt.pid.filter(|p| pg::pid_alive(*p)), rt.due())
             };
             if ours.is_some() || !due {
                 continue;
@@ -1079,11 +1037,8 @@ impl Daemon {
                 self.start_with_hooks(&rec, &st, &|| Ok(()))
             })();
             if let Err(e) = r {
-                let mut rt = st.rt.lock();
-                rt.backoff = (rt.backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
-                rt.next_try = Some(Instant::now() + rt.backoff);
-                rt.last_error = Some(format!("{e:#}"));
-                tracing::error!(vdb = %rec.name, "VDB did not start (next try in {:?}): {e:#}", rt.backoff);
+                let wait = st.rt.lock().failed(format!("{e:#}"));
+                tracing::error!(vdb = %rec.name, "VDB did not start (next try in {wait:?}): {e:#}");
             }
         }
     }
@@ -1160,7 +1115,7 @@ impl FlowCtx<'_> {
                 note: None,
                 children: Vec::new(),
             };
-            if let Some(p) = source_props(s) {
+            if let Some(p) = super::sources::snapshot_props(s) {
                 sn.lsn = Some(p.lsn);
                 sn.timeline = Some(p.timeline);
                 sn.note = Some("validated sync".into());

@@ -14,13 +14,18 @@ pub const SEGMENT_SIZE: u64 = 16 << 20;
 
 /// A WAL segment file name `TTTTTTTTLLLLLLLLSSSSSSSS` -> (timeline, segment number).
 pub fn parse_segment(name: &str) -> Option<(u32, u64)> {
+    parse_segment_sized(name, SEGMENT_SIZE)
+}
+
+/// [`parse_segment`] for a cluster made with another `--wal-segsize`.
+pub fn parse_segment_sized(name: &str, seg_size: u64) -> Option<(u32, u64)> {
     if name.len() != 24 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let tli = u32::from_str_radix(&name[..8], 16).ok()?;
     let log = u64::from_str_radix(&name[8..16], 16).ok()?;
     let seg = u64::from_str_radix(&name[16..], 16).ok()?;
-    Some((tli, log * (0x1_0000_0000 / SEGMENT_SIZE) + seg))
+    Some((tli, log * (0x1_0000_0000 / seg_size) + seg))
 }
 
 pub fn segment_name(tli: u32, segno: u64) -> String {

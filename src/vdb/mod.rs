@@ -93,19 +93,12 @@ impl VdbDir {
             .append(true)
             .open(self.log())
         {
-            let now = crate::daemon::api::rfc3339(now_unix());
+            let now = crate::daemon::api::rfc3339(crate::daemon::api::now_unix());
             for l in text.lines() {
                 let _ = writeln!(f, "{now} {l}");
             }
         }
     }
-}
-
-pub fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 impl RunFiles for VdbDir {
@@ -150,8 +143,10 @@ impl VdbRecord {
     }
 
     pub fn event(&mut self, what: String) {
-        self.events
-            .push((crate::daemon::api::rfc3339(now_unix()), what));
+        self.events.push((
+            crate::daemon::api::rfc3339(crate::daemon::api::now_unix()),
+            what,
+        ));
     }
 }
 
@@ -358,34 +353,27 @@ pub struct Target {
 pub fn truncate_wal(data: &Path, t: &Target) -> anyhow::Result<bool> {
     use std::io::{Seek, SeekFrom, Write};
     let wal = data.join("pg_wal");
-    let mut segs: Vec<(u32, u64, PathBuf)> = std::fs::read_dir(&wal)
+    let files: Vec<(String, PathBuf)> = std::fs::read_dir(&wal)
         .with_context(|| format!("cannot list {}", wal.display()))?
         .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let (tli, _) = pg::lsn::parse_segment(&name)?;
-            Some((tli, 0, e.path()))
-        })
+        .map(|e| (e.file_name().to_string_lossy().to_string(), e.path()))
+        .filter(|(name, _)| pg::lsn::parse_segment(name).is_some())
         .collect();
     // The segment size of this cluster is the size of its segment files.
-    let Some(seg_size) = segs
+    let Some(seg_size) = files
         .iter()
-        .find_map(|(_, _, p)| std::fs::metadata(p).ok().map(|m| m.len()))
+        .find_map(|(_, p)| std::fs::metadata(p).ok().map(|m| m.len()))
         .filter(|s| s.is_power_of_two() && *s >= 1 << 20)
     else {
         return Ok(false);
     };
-    let per_xlogid = 0x1_0000_0000 / seg_size;
-    for s in segs.iter_mut() {
-        let name =
-            s.2.file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .to_string();
-        let log = u64::from_str_radix(&name[8..16], 16).unwrap_or(0);
-        let seg = u64::from_str_radix(&name[16..24], 16).unwrap_or(0);
-        s.1 = log * per_xlogid + seg;
-    }
+    let segs: Vec<(u32, u64, PathBuf)> = files
+        .into_iter()
+        .filter_map(|(name, p)| {
+            let (tli, no) = pg::lsn::parse_segment_sized(&name, seg_size)?;
+            Some((tli, no, p))
+        })
+        .collect();
     let target_seg = t.lsn / seg_size;
     let offset = t.lsn % seg_size;
     let remove_later = |segs: &[(u32, u64, PathBuf)]| -> anyhow::Result<()> {
