@@ -96,11 +96,29 @@ impl SourceDb {
             "host replication all 127.0.0.1/32 scram-sha-256",
         ]);
         pg.start();
-        pg.psql(&format!(
-            "CREATE ROLE replicator LOGIN REPLICATION PASSWORD '{REPL_PW}'; \
-             CREATE ROLE plain LOGIN PASSWORD '{PLAIN_PW}'; \
-             CREATE TABLE marker (id int PRIMARY KEY, note text NOT NULL)"
-        ));
+        // From a file, not `-c`: the passwords must never be on a command line, where a test
+        // running at the same time checks that no process listing shows them.
+        let setup = dir.path().join("setup.sql");
+        fs::write(
+            &setup,
+            format!(
+                "CREATE ROLE replicator LOGIN REPLICATION PASSWORD '{REPL_PW}';\n\
+                 CREATE ROLE plain LOGIN PASSWORD '{PLAIN_PW}';\n\
+                 CREATE TABLE marker (id int PRIMARY KEY, note text NOT NULL);\n"
+            ),
+        )
+        .unwrap();
+        chown_postgres(&setup);
+        chmod(&setup, 0o600);
+        let out = util::run_timeout(
+            pg.psql_command().arg("-f").arg(&setup),
+            Duration::from_secs(60),
+        );
+        assert!(
+            out.status.success(),
+            "source setup failed\n{}",
+            describe(&out)
+        );
         SourceDb { pg, dir, archive }
     }
 
