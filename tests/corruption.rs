@@ -18,7 +18,7 @@ const BAD_BLOCK: usize = 40;
 /// 32 bytes that random data does not contain, at the start of the block to corrupt.
 const MARKER: &[u8; 32] = b"<<vdbfs corruption test marker>>";
 
-use vdbfs_format::pack::{decode_record_header, RecordKind, RECORD_HEADER_LEN};
+use vdbfs_format::pack::{decode_record_header, RecordFormat, RecordKind, RECORD_HEADER_LEN};
 
 fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in fs::read_dir(dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())) {
@@ -73,7 +73,7 @@ fn flipped_byte_in_pack_reads_as_eio() {
             // The block is stored as is (incompressible), so its payload starts with the marker
             // right after the record header.
             let is_block_record = pos >= RECORD_HEADER_LEN
-                && decode_record_header(&bytes[pos - RECORD_HEADER_LEN..pos])
+                && decode_record_header(&bytes[pos - RECORD_HEADER_LEN..pos], RecordFormat::V2)
                     .is_ok_and(|h| h.kind == RecordKind::Block && h.raw_len as usize == BLOCK);
             if is_block_record {
                 bytes[pos + 1000] ^= 0x40;

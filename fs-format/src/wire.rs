@@ -109,24 +109,3 @@ impl<'a> Reader<'a> {
         }
     }
 }
-
-/// A magic + u32 version header check used by every file kind and object.
-pub(crate) fn check_header(
-    r: &mut Reader<'_>,
-    magic: &[u8],
-    version: u32,
-    what: &'static str,
-) -> Result<(), FormatError> {
-    if r.take(magic.len())? != magic {
-        return Err(FormatError::BadMagic(what));
-    }
-    let found = r.u32()?;
-    if found != version {
-        return Err(FormatError::BadVersion {
-            what,
-            found,
-            supported: version,
-        });
-    }
-    Ok(())
-}

@@ -1,120 +1,72 @@
 //! The block store: content-addressed blocks in append-only pack files, located through a redb
 //! index. Bottom of the data path (FUSE op -> tree layer -> block store -> packs and index).
 //!
+//! Modules: `log` (the active pack, appends and group commit), `recovery` (reading the log
+//! back), `index` (redb), `space` (the reserve), `gc` (the store side of collection), `io` (the
+//! seam to the disk, `sim` its crash-test double).
+//!
 //! Invariants (see fs-format/FORMAT.md, "Commit protocol"):
-//! - Pack files are append-only and never rewritten in place; after open, appends always go to a
-//!   new pack, so a torn tail left by a crash is never followed by live records in the same pack.
+//! - Pack files are append-only and never rewritten in place (the log's last partial block is
+//!   rewritten with the same leading bytes until it is full); after open, appends always go to a
+//!   new pack, so a torn tail left by a crash is never followed by live records in the same
+//!   pack.
 //! - A block enters the redb index only in a checkpoint commit, after the pack bytes holding it
-//!   were fdatasynced. Blocks appended since the last checkpoint live in `recent` and are found
-//!   again by the recovery scan.
-//! - A journal record is appended after every block it references, and the fsync that made it
+//!   were synced. Blocks appended since the last checkpoint live in `recent` and are found again
+//!   by the recovery scan.
+//! - A journal record is appended after every block it references, and the sync that made it
 //!   durable synced the whole log up to its end.
 //! - Every read verifies the record crc and the block's blake3; a mismatch is `Error::Corrupt`,
 //!   never wrong bytes.
-//! - After a failed fdatasync the store is poisoned: every later write or sync fails, so a lost
-//!   write is never reported as durable by a later, successful fsync.
-//! - Garbage collection: a collection starts (under the exclusive `dedup_guard`, which writers
-//!   hold from their dedup decision until the reference is installed) by recording `gc_start`,
-//!   the log end. Until it ends, `put` deduplicates only against blocks appended after
-//!   `gc_start`, so every reference created during the collection points at such a block, and
-//!   the sweep never removes those. Everything referenced before is in the trees the collector
-//!   checkpoints and marks. The sweep runs under `gc_guard` (readers resolve ids under its read
-//!   side), and a pack file is deleted only after every live record in it was copied and the
-//!   copies committed.
+//! - After a failed sync the store is poisoned: every later write or sync fails, so a lost write
+//!   is never reported as durable by a later, successful fsync.
 
 pub mod error;
+mod gc;
+pub mod index;
 pub mod io;
+mod log;
+pub mod recovery;
 #[cfg(test)]
 pub mod sim;
+mod space;
 
 use parking_lot::{Mutex, RwLock};
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use vdbfs_format::index::{BlockLoc, DatasetRecord, LogPos, INDEX_VERSION};
+use vdbfs_format::index::{BlockLoc, DatasetRecord, LogPos};
 use vdbfs_format::journal::JournalRecord;
-use vdbfs_format::pack::{self, RecordKind, PACK_HEADER_LEN, RECORD_HEADER_LEN};
+use vdbfs_format::pack::{self, RecordFormat, RecordKind, MAX_RECORD_HEADER_LEN};
 use vdbfs_format::{codec, BlockId};
 
 pub use error::{Error, Result};
+pub use index::{
+    index_path, BLOCKS, DATASETS, META, MOUNTS, NAMES, ORIGINS, SNAPSHOTS, SNAPSHOT_PROPS, SOURCES,
+    VDBS,
+};
+pub use recovery::{Damage, Damaged};
+
+use index::Index;
 use io::{OsIo, PackFile, PackIo};
+use log::Log;
+use space::Space;
 
-pub const BLOCKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blocks");
-pub const DATASETS: TableDefinition<u64, &[u8]> = TableDefinition::new("datasets");
-pub const NAMES: TableDefinition<&str, u64> = TableDefinition::new("dataset_names");
-pub const MOUNTS: TableDefinition<&str, &str> = TableDefinition::new("mounts");
-pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-/// (dataset id, snapshot name) -> SnapshotRecord
-pub const SNAPSHOTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("snapshots");
-/// clone dataset id -> CloneOrigin
-pub const ORIGINS: TableDefinition<u64, &[u8]> = TableDefinition::new("origins");
-/// (dataset id, snapshot name) -> JSON properties recorded with a snapshot (e.g. a staging
-/// snapshot's LSN and timeline); written in the snapshot's own commit, removed with it.
-pub const SNAPSHOT_PROPS: TableDefinition<(u64, &str), &[u8]> =
-    TableDefinition::new("snapshot_props");
-/// source name -> JSON source record (control path; see FORMAT.md "Control-path tables").
-pub const SOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("sources");
-/// VDB name -> JSON VDB record (control path; see FORMAT.md "Control-path tables").
-pub const VDBS: TableDefinition<&str, &[u8]> = TableDefinition::new("vdbs");
-
-/// Opens every table once, so that readers never meet a missing one (stores created by an
-/// older build gain the tables added since).
-fn create_tables(txn: &redb::WriteTransaction) -> std::result::Result<(), redb::TableError> {
-    txn.open_table(BLOCKS)?;
-    txn.open_table(DATASETS)?;
-    txn.open_table(NAMES)?;
-    txn.open_table(MOUNTS)?;
-    txn.open_table(SNAPSHOTS)?;
-    txn.open_table(ORIGINS)?;
-    txn.open_table(SNAPSHOT_PROPS)?;
-    txn.open_table(SOURCES)?;
-    txn.open_table(VDBS)?;
-    Ok(())
-}
-
-thread_local! {
-    /// Set while this thread checkpoints: its appends may use the space reserve.
-    static RESERVE_OK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// The space reserve: 1/8 of the store's filesystem, at most 256 MiB.
-fn reserve_for(total: u64) -> u64 {
-    (total / 8).min(256 << 20)
-}
-
-/// A pack is closed and a new one started once it grows past this size.
-const PACK_TARGET_SIZE: u64 = 256 << 20;
-/// After an fdatasync the active pack is zero-filled this far ahead of the log end (when less
-/// than half of it is left): an fdatasync that only overwrites allocated blocks needs no
-/// filesystem metadata commit, about half the latency of an appending one on ext4. Only
-/// fsync-heavy logs pay for it; bulk writes outrun the window and append plainly. Recovery
-/// stops at the zeros.
-const PREFILL_WINDOW: u64 = 2 << 20;
-
-struct ActivePack {
-    no: u32,
+/// One pack file and the record format its header declares.
+#[derive(Clone)]
+struct Pack {
     file: Arc<dyn PackFile>,
-    len: u64,
-    /// Bytes of the file that exist (zero-filled beyond `len`).
-    allocated: u64,
+    format: RecordFormat,
 }
 
 pub struct Store {
     dir: PathBuf,
     io: Arc<dyn PackIo>,
-    db: redb::Database,
-    active: Mutex<ActivePack>,
-    /// Everything before this position is durable. Held while syncing (group commit).
-    synced: Mutex<LogPos>,
-    packs: RwLock<HashMap<u32, Arc<dyn PackFile>>>,
+    index: Index,
+    log: Log,
+    packs: RwLock<HashMap<u32, Pack>>,
     recent: RwLock<HashMap<BlockId, BlockLoc>>,
-    poisoned: AtomicBool,
-    /// Bytes of the store's filesystem kept free for checkpoints (see `check_space`).
-    reserve: u64,
-    free_estimate: AtomicU64,
-    appended_since_check: AtomicU64,
+    space: Space,
     gc_active: AtomicBool,
     gc_start: Mutex<LogPos>,
     dedup_guard: RwLock<()>,
@@ -126,10 +78,8 @@ pub struct Store {
 /// What recovery found in the log after the last checkpoint, for the tree layer to replay.
 pub struct Replay {
     pub journal: Vec<(LogPos, JournalRecord)>,
-}
-
-pub fn index_path(dir: &Path) -> PathBuf {
-    dir.join("index.redb")
+    /// Acknowledged log bytes that no longer verify (see `recovery`).
+    pub damage: Vec<Damage>,
 }
 
 fn pack_path(dir: &Path, no: u32) -> PathBuf {
@@ -145,16 +95,7 @@ impl Store {
         // that the postgres user reaches the mount points and source files inside it.
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
         std::fs::set_permissions(dir.join("packs"), std::fs::Permissions::from_mode(0o700))?;
-        let db = index_builder().create(index_path(dir))?;
-        std::fs::set_permissions(index_path(dir), std::fs::Permissions::from_mode(0o600))?;
-        let txn = db.begin_write()?;
-        {
-            let mut meta = txn.open_table(META)?;
-            meta.insert("format_version", INDEX_VERSION.to_le_bytes().as_slice())?;
-            meta.insert("next_dataset_id", 1u64.to_le_bytes().as_slice())?;
-        }
-        create_tables(&txn)?;
-        txn.commit()?;
+        Index::create(dir)?;
         OsIo.sync_dir(dir)?;
         Ok(())
     }
@@ -165,37 +106,7 @@ impl Store {
 
     /// Opens the store, scans the log written since the last checkpoint and starts a new pack.
     pub fn open_with(dir: &Path, io: Arc<dyn PackIo>) -> Result<(Store, Replay)> {
-        let db = index_builder().open(index_path(dir))?;
-        {
-            let txn = db.begin_write()?;
-            create_tables(&txn)?;
-            txn.commit()?;
-        }
-        let (indexed_upto, replay_from) = {
-            let txn = db.begin_read()?;
-            let meta = txn.open_table(META)?;
-            let version = meta
-                .get("format_version")?
-                .map(|v| v.value().to_vec())
-                .ok_or_else(|| Error::CorruptMeta("index has no format_version".into()))?;
-            if version != INDEX_VERSION.to_le_bytes() {
-                return Err(Error::CorruptMeta(format!(
-                    "index format version {version:?} is not supported by this build ({INDEX_VERSION})"
-                )));
-            }
-            let indexed_upto = match meta.get("indexed_upto")? {
-                Some(v) => decode_pos(v.value())?,
-                None => LogPos::default(),
-            };
-            // Only datasets loaded at a checkpoint can have journal records after it, and every
-            // checkpoint records their oldest replay position here.
-            let replay_from = match meta.get("replay_start")? {
-                Some(v) => decode_pos(v.value())?.min(indexed_upto),
-                None => LogPos::default(),
-            };
-            (indexed_upto, replay_from)
-        };
-
+        let (index, pos) = Index::open(dir)?;
         let mut numbers = Vec::new();
         for name in io.list(&dir.join("packs"))? {
             if let Some(no) = name
@@ -208,62 +119,46 @@ impl Store {
         numbers.sort_unstable();
 
         let mut packs = HashMap::new();
-        let mut recent = HashMap::new();
-        let mut journal = Vec::new();
+        let mut found = recovery::Recovered::default();
+        let last = numbers.last().copied();
         for &no in &numbers {
             let file = io.open(&pack_path(dir, no))?;
-            if no >= replay_from.pack {
-                let start = if no == replay_from.pack {
-                    replay_from.offset.max(PACK_HEADER_LEN as u64)
+            let Some(format) = recovery::pack_format(&*file, no)? else {
+                continue;
+            };
+            if no >= pos.replay_start.pack {
+                let start = if no == pos.replay_start.pack {
+                    pos.replay_start.offset.max(pack::PACK_HEADER_LEN as u64)
                 } else {
-                    PACK_HEADER_LEN as u64
+                    pack::PACK_HEADER_LEN as u64
                 };
-                scan_pack(&*file, no, start, |pos, hdr, payload| {
-                    match hdr.kind {
-                        RecordKind::Block if pos >= indexed_upto => {
-                            recent.insert(
-                                hdr.id,
-                                BlockLoc {
-                                    pack: no,
-                                    offset: pos.offset,
-                                    len: hdr.record_len() as u32,
-                                },
-                            );
-                        }
-                        RecordKind::Block => {}
-                        RecordKind::Journal => match JournalRecord::decode(payload) {
-                            Ok(rec) => journal.push((pos, rec)),
-                            Err(e) => {
-                                tracing::error!(
-                                    pack = no,
-                                    offset = pos.offset,
-                                    "undecodable journal record with a valid crc: {e}"
-                                );
-                                return Err(Error::CorruptMeta(format!(
-                                    "journal record at pack {no} offset {}: {e}",
-                                    pos.offset
-                                )));
-                            }
-                        },
-                    }
-                    Ok(())
-                })?;
+                let closed = Some(no) != last;
+                recovery::scan_pack(
+                    &*file,
+                    no,
+                    format,
+                    start,
+                    pos.indexed_upto,
+                    closed,
+                    &mut found,
+                )?;
             }
-            packs.insert(no, file);
+            packs.insert(no, Pack { file, format });
         }
 
-        let reserve = reserve_for(statvfs_of(dir).map(|(_, total)| total).unwrap_or(0));
-        let next_no = numbers.last().map_or(1, |n| n + 1);
-        let file = new_pack(&*io, dir, next_no)?;
-        packs.insert(next_no, file.clone());
-        let start = LogPos {
-            pack: next_no,
-            offset: PACK_HEADER_LEN as u64,
-        };
-        if !recent.is_empty() || !journal.is_empty() {
+        let next_no = last.map_or(1, |n| n + 1);
+        let (log, file) = Log::start(dir, io.clone(), next_no)?;
+        packs.insert(
+            next_no,
+            Pack {
+                file,
+                format: RecordFormat::V2,
+            },
+        );
+        if !found.recent.is_empty() || !found.journal.is_empty() {
             tracing::info!(
-                blocks = recent.len(),
-                journal_records = journal.len(),
+                blocks = found.recent.len(),
+                journal_records = found.journal.len(),
                 "recovery: replaying the log written after the last checkpoint"
             );
         }
@@ -271,26 +166,20 @@ impl Store {
             Store {
                 dir: dir.to_path_buf(),
                 io,
-                db,
-                active: Mutex::new(ActivePack {
-                    no: next_no,
-                    file,
-                    len: PACK_HEADER_LEN as u64,
-                    allocated: PACK_HEADER_LEN as u64,
-                }),
-                synced: Mutex::new(start),
+                index,
+                log,
                 packs: RwLock::new(packs),
-                recent: RwLock::new(recent),
-                poisoned: AtomicBool::new(false),
-                reserve,
-                free_estimate: AtomicU64::new(0),
-                appended_since_check: AtomicU64::new(u64::MAX / 2),
+                recent: RwLock::new(found.recent),
+                space: Space::new(dir),
                 gc_active: AtomicBool::new(false),
                 gc_start: Mutex::new(LogPos::default()),
                 dedup_guard: RwLock::new(()),
                 gc_guard: RwLock::new(()),
             },
-            Replay { journal },
+            Replay {
+                journal: found.journal,
+                damage: found.damage,
+            },
         ))
     }
 
@@ -299,168 +188,43 @@ impl Store {
     }
 
     pub fn db(&self) -> &redb::Database {
-        &self.db
-    }
-
-    /// Refuses ordinary appends that would eat into the space reserved for checkpoints (tree
-    /// objects and the index commit): a full disk must fail the writer, never the index, which
-    /// cannot commit again after a failed write until it is reopened.
-    fn check_space(&self, len: u64) -> Result<()> {
-        if RESERVE_OK.with(|r| r.get()) {
-            return Ok(());
-        }
-        let since = self.appended_since_check.fetch_add(len, Ordering::Relaxed);
-        let free = self.free_estimate.load(Ordering::Relaxed);
-        if since + len < free.saturating_sub(self.reserve) / 2 {
-            return Ok(());
-        }
-        let (free, _) = self.statvfs()?;
-        self.free_estimate.store(free, Ordering::Relaxed);
-        self.appended_since_check.store(0, Ordering::Relaxed);
-        if free < self.reserve + len {
-            return Err(Error::NoSpace);
-        }
-        Ok(())
-    }
-
-    /// Runs `f` with permission to use the space reserve (checkpoints, snapshots, GC copies).
-    pub fn with_reserve<R>(&self, f: impl FnOnce() -> R) -> R {
-        RESERVE_OK.with(|r| {
-            let old = r.replace(true);
-            let out = f();
-            r.set(old);
-            out
-        })
-    }
-
-    fn check_poisoned(&self) -> Result<()> {
-        if self.poisoned.load(Ordering::Relaxed) {
-            Err(Error::Poisoned)
-        } else {
-            Ok(())
-        }
+        self.index.db()
     }
 
     /// The position the next append will take.
     pub fn end(&self) -> LogPos {
-        let a = self.active.lock();
-        LogPos {
-            pack: a.no,
-            offset: a.len,
-        }
+        self.log.end()
     }
 
-    /// Appends one encoded record; returns its location. On failure nothing is appended.
-    fn append(&self, rec: &[u8]) -> Result<BlockLoc> {
-        self.check_poisoned()?;
-        self.check_space(rec.len() as u64)?;
-        let mut a = self.active.lock();
-        if a.len >= PACK_TARGET_SIZE {
-            self.roll(&mut a)?;
-        }
-        let offset = a.len;
-        if let Err(e) = a.file.write_all_at(rec, offset) {
-            // Cut off whatever part of the record reached the file, so the log stays parseable.
-            if let Err(e2) = a.file.set_len(offset) {
-                tracing::error!(
-                    pack = a.no,
-                    "cannot cut a failed append: {e2}; poisoning the store"
-                );
-                self.poisoned.store(true, Ordering::Relaxed);
-            }
-            return Err(e.into());
-        }
-        a.len += rec.len() as u64;
-        a.allocated = a.allocated.max(a.len);
+    /// Appends encoded records after checking the space they need; returns where they start.
+    fn append(&self, recs: &[u8]) -> Result<BlockLoc> {
+        self.log.check_poisoned()?;
+        self.space.check(recs.len() as u64)?;
+        let at = self.log.append(recs, &mut |no, file| {
+            self.packs.write().insert(
+                no,
+                Pack {
+                    file,
+                    format: RecordFormat::V2,
+                },
+            );
+        })?;
         Ok(BlockLoc {
-            pack: a.no,
-            offset,
-            len: rec.len() as u32,
+            pack: at.pack,
+            offset: at.offset,
+            len: recs.len() as u32,
         })
     }
 
-    /// Closes the active pack if it holds more than `min` bytes, so that a collection can
-    /// rewrite it.
-    pub fn roll_if_larger(&self, min: u64) -> Result<()> {
-        let mut a = self.active.lock();
-        if a.len > min {
-            self.roll(&mut a)?;
-        }
-        Ok(())
-    }
-
-    /// Closes the active pack (durably) and starts the next one.
-    fn roll(&self, a: &mut ActivePack) -> Result<()> {
-        a.file.set_len(a.len)?;
-        self.sync_file(&*a.file)?;
-        let no = a.no + 1;
-        let file = new_pack(&*self.io, &self.dir, no)?;
-        self.packs.write().insert(no, file.clone());
-        *a = ActivePack {
-            no,
-            file,
-            len: PACK_HEADER_LEN as u64,
-            allocated: PACK_HEADER_LEN as u64,
-        };
-        Ok(())
-    }
-
-    fn sync_file(&self, f: &dyn PackFile) -> Result<()> {
-        if let Err(e) = f.sync_data() {
-            tracing::error!(
-                "fdatasync of a pack failed: {e}; the store is read-only until restart"
-            );
-            self.poisoned.store(true, Ordering::Relaxed);
-            return Err(e.into());
-        }
-        Ok(())
-    }
-
-    /// Zero-fills the active pack ahead of the log end (see `PREFILL_WINDOW`). Best effort: a
-    /// full disk only means the next fdatasync is slower.
-    fn prefill(&self) {
-        let mut a = self.active.lock();
-        if a.allocated >= a.len + PREFILL_WINDOW / 2 {
-            return;
-        }
-        let upto = a.len + PREFILL_WINDOW;
-        let zeros = vec![0u8; (upto - a.allocated) as usize];
-        match a.file.write_all_at(&zeros, a.allocated) {
-            Ok(()) => a.allocated = upto,
-            Err(_) => {
-                let _ = a.file.set_len(a.allocated);
-            }
-        }
-    }
-
-    /// Makes everything appended before `upto` durable (group commit: one fdatasync covers
-    /// every caller that appended before it started).
+    /// Makes everything appended before `upto` durable (group commit: one sync covers every
+    /// caller that appended before it started).
     pub fn sync_to(&self, upto: LogPos) -> Result<LogPos> {
-        self.check_poisoned()?;
-        let mut synced = self.synced.lock();
-        if *synced >= upto {
-            return Ok(*synced);
-        }
-        let (file, end) = {
-            let a = self.active.lock();
-            (
-                a.file.clone(),
-                LogPos {
-                    pack: a.no,
-                    offset: a.len,
-                },
-            )
-        };
-        // Packs before the active one were synced when they were closed.
-        self.sync_file(&*file)?;
-        *synced = end;
-        self.prefill();
-        Ok(end)
+        self.log.sync_to(upto)
     }
 
     /// Syncs everything appended so far.
     pub fn sync_all(&self) -> Result<LogPos> {
-        self.sync_to(self.end())
+        self.log.sync_all()
     }
 
     /// Resolves many ids with one index transaction.
@@ -476,15 +240,7 @@ impl Store {
                 }
             }
         }
-        if !missing.is_empty() {
-            let txn = self.db.begin_read()?;
-            let table = txn.open_table(BLOCKS)?;
-            for i in missing {
-                if let Some(v) = table.get(ids[i].0.as_slice())? {
-                    out[i] = Some(BlockLoc::decode(v.value())?);
-                }
-            }
-        }
+        self.index.lookup(ids, &missing, &mut out)?;
         Ok(out)
     }
 
@@ -504,35 +260,72 @@ impl Store {
         if todo.is_empty() {
             return Ok(ids);
         }
-        let records: Vec<Vec<u8>> = par_map(&todo, |&i| {
-            let (codec, payload) = codec::compress(blocks[i]);
-            pack::encode_record(
+        let payloads: Vec<(codec::Codec, Vec<u8>, crc32fast::Hasher)> = par_map(&todo, |&i| {
+            let (c, p) = codec::compress(blocks[i]);
+            let crc = pack::payload_crc(&p);
+            (c, p, crc)
+        });
+        let durable = self.log.durable();
+        let mut buf = Vec::with_capacity(
+            payloads
+                .iter()
+                .map(|(_, p, _)| p.len() + MAX_RECORD_HEADER_LEN)
+                .sum(),
+        );
+        let mut lens = Vec::with_capacity(todo.len());
+        for ((codec, payload, crc), &i) in payloads.iter().zip(&todo) {
+            let before = buf.len();
+            pack::encode_record_into(
+                &mut buf,
                 RecordKind::Block,
-                codec,
+                *codec,
                 blocks[i].len() as u32,
                 &ids[i],
-                &payload,
-            )
-        });
-        let buf = records.concat();
+                payload,
+                crc,
+                durable,
+            );
+            lens.push((buf.len() - before) as u32);
+        }
         let at = self.append(&buf)?;
         let mut recent = self.recent.write();
         let mut offset = at.offset;
-        for (rec, &i) in records.iter().zip(&todo) {
+        for (len, &i) in lens.into_iter().zip(&todo) {
             recent.insert(
                 ids[i],
                 BlockLoc {
                     pack: at.pack,
                     offset,
-                    len: rec.len() as u32,
+                    len,
                 },
             );
-            offset += rec.len() as u64;
+            offset += len as u64;
         }
         Ok(ids)
     }
 
-    /// Reads and verifies many blocks: one index transaction, one pread per run of adjacent
+    /// The bytes of `len` at `offset` of pack `no`: from the log's memory for the active pack's
+    /// unwritten part, from the file otherwise.
+    fn read_at(&self, id: &BlockId, loc: &BlockLoc, buf: &mut [u8]) -> Result<RecordFormat> {
+        let pack = self
+            .packs
+            .read()
+            .get(&loc.pack)
+            .cloned()
+            .ok_or_else(|| corrupt(id, loc, "pack file is missing".into()))?;
+        let r = match self.log.read_active(loc.pack, loc.offset, buf) {
+            Ok(true) => Ok(()),
+            Ok(false) => pack
+                .file
+                .read_exact_at(buf, loc.offset)
+                .map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        r.map_err(|e| corrupt(id, loc, format!("read failed: {e}")))?;
+        Ok(pack.format)
+    }
+
+    /// Reads and verifies many blocks: one index transaction, one read per run of adjacent
     /// records, verification spread over two threads for large batches.
     pub fn get_many(&self, ids: &[BlockId]) -> Result<Vec<Vec<u8>>> {
         let locs = self.lookup_many(ids)?;
@@ -554,34 +347,32 @@ impl Store {
                 _ => runs.push((i, i + 1)),
             }
         }
-        let mut raw: Vec<(usize, Vec<u8>)> = Vec::with_capacity(ids.len());
+        let mut raw: Vec<(usize, RecordFormat, Vec<u8>)> = Vec::with_capacity(ids.len());
         for (start, end) in runs {
             let first = locs2[start];
             let len: u64 = locs2[start..end].iter().map(|l| l.len as u64).sum();
             let mut buf = vec![0u8; len as usize];
-            self.pack_file(&ids[start], &first)?
-                .read_exact_at(&mut buf, first.offset)
-                .map_err(|e| corrupt(&ids[start], &first, format!("read failed: {e}")))?;
+            let format = self.read_at(
+                &ids[start],
+                &BlockLoc {
+                    pack: first.pack,
+                    offset: first.offset,
+                    len: len as u32,
+                },
+                &mut buf,
+            )?;
             let mut at = 0usize;
             for (i, loc) in locs2.iter().enumerate().take(end).skip(start) {
                 let n = loc.len as usize;
-                raw.push((i, buf[at..at + n].to_vec()));
+                raw.push((i, format, buf[at..at + n].to_vec()));
                 at += n;
             }
         }
-        par_map(&raw, |(i, buf)| {
-            open_block_record(&ids[*i], &locs2[*i], buf)
+        par_map(&raw, |(i, format, buf)| {
+            open_block_record(&ids[*i], &locs2[*i], *format, buf)
         })
         .into_iter()
         .collect()
-    }
-
-    fn pack_file(&self, id: &BlockId, loc: &BlockLoc) -> Result<Arc<dyn PackFile>> {
-        self.packs
-            .read()
-            .get(&loc.pack)
-            .cloned()
-            .ok_or_else(|| corrupt(id, loc, "pack file is missing".into()))
     }
 
     /// Stores `content` (deduplicated by its blake3) and returns its id.
@@ -602,166 +393,35 @@ impl Store {
     }
 
     /// Held by a writer from `put`/`put_many` until the returned ids are installed in its
-    /// file map (see the module invariants).
+    /// file map (see the GC invariants in `gc`).
     pub fn dedup_guard(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
         self.dedup_guard.read()
     }
 
-    /// Starts or ends a collection (see the module invariants).
-    pub fn set_gc_active(&self, on: bool) {
-        let _w = self.dedup_guard.write();
-        *self.gc_start.lock() = self.end();
-        self.gc_active.store(on, Ordering::SeqCst);
-    }
-
-    /// Whether `put` may reuse a block: during a collection only blocks appended after it began.
-    fn reusable(&self, loc: Option<BlockLoc>) -> bool {
-        match loc {
-            None => false,
-            Some(l) if self.gc_active.load(Ordering::SeqCst) => {
-                LogPos {
-                    pack: l.pack,
-                    offset: l.offset,
-                } >= *self.gc_start.lock()
-            }
-            Some(_) => true,
-        }
-    }
-
-    /// Every indexed block with its location.
-    pub fn indexed_blocks(&self) -> Result<Vec<(BlockId, BlockLoc)>> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(BLOCKS)?;
-        let mut out = Vec::new();
-        for row in table.iter()? {
-            let (k, v) = row?;
-            let arr: [u8; 32] = k
-                .value()
-                .try_into()
-                .map_err(|_| Error::CorruptMeta("index key length".into()))?;
-            out.push((BlockId(arr), BlockLoc::decode(v.value())?));
-        }
-        Ok(out)
-    }
-
-    /// Removes unreferenced blocks from the index (the collector's sweep). Blocks appended
-    /// since the collection started are kept whatever the list says. Returns (blocks, bytes).
-    pub fn sweep(&self, garbage: &[BlockId]) -> Result<(u64, u64)> {
-        let (mut n, mut bytes) = (0u64, 0u64);
-        let start = *self.gc_start.lock();
-        // Small batches: readers wait for one batch at most, not for the whole sweep.
-        for batch in garbage.chunks(1024) {
-            let _g = self.gc_guard.write();
-            let recent = self.recent.read();
-            let mut txn = self.db.begin_write()?;
-            txn.set_durability(redb::Durability::None)
-                .map_err(|e| Error::Index(e.to_string()))?;
-            {
-                let mut blocks = txn.open_table(BLOCKS)?;
-                for id in batch {
-                    if recent.contains_key(id) {
-                        continue;
-                    }
-                    let loc = match blocks.get(id.0.as_slice())? {
-                        Some(v) => BlockLoc::decode(v.value())?,
-                        None => continue,
-                    };
-                    let appended = LogPos {
-                        pack: loc.pack,
-                        offset: loc.offset,
-                    };
-                    if appended >= start {
-                        continue; // a copy made during this collection
-                    }
-                    blocks.remove(id.0.as_slice())?;
-                    n += 1;
-                    bytes += loc.len as u64;
-                }
-            }
-            txn.commit()?;
-        }
-        // Made durable by the next checkpoint's commit; losing it to a crash only leaves
-        // garbage that the next collection finds again.
-        Ok((n, bytes))
-    }
-
-    /// Pack numbers that may be rewritten: closed, and wholly before what recovery replays.
-    pub fn closed_packs(&self) -> Result<Vec<u32>> {
-        let start = {
-            let txn = self.db.begin_read()?;
-            let meta = txn.open_table(META)?;
-            let rs = match meta.get("replay_start")? {
-                Some(v) => decode_pos(v.value())?,
-                None => LogPos::default(),
-            };
-            let iu = match meta.get("indexed_upto")? {
-                Some(v) => decode_pos(v.value())?,
-                None => LogPos::default(),
-            };
-            rs.min(iu)
-        };
-        let active = self.active.lock().no;
-        let mut out: Vec<u32> = self
-            .packs
-            .read()
-            .keys()
-            .copied()
-            .filter(|&p| p < start.pack && p != active)
-            .collect();
-        out.sort_unstable();
-        Ok(out)
-    }
-
-    pub fn pack_len(&self, no: u32) -> Result<u64> {
-        match self.packs.read().get(&no) {
-            Some(f) => Ok(f.len()?),
-            None => Ok(0),
-        }
-    }
-
-    /// Copies a live record to the log end (compaction); the copy is indexed at the next
-    /// checkpoint and read from its new place at once.
-    pub fn relocate(&self, id: &BlockId, loc: &BlockLoc) -> Result<()> {
-        if self.recent.read().contains_key(id) {
-            return Ok(());
-        }
-        let mut buf = vec![0u8; loc.len as usize];
-        self.pack_file(id, loc)?
-            .read_exact_at(&mut buf, loc.offset)
-            .map_err(|e| corrupt(id, loc, format!("read failed: {e}")))?;
-        open_block_record(id, loc, &buf)?;
-        let new = self.append(&buf)?;
-        self.recent.write().insert(*id, new);
-        Ok(())
-    }
-
-    /// Deletes pack files whose live records were all relocated and committed elsewhere.
-    pub fn delete_packs(&self, nos: &[u32]) -> Result<()> {
-        let _g = self.gc_guard.write();
-        for no in nos {
-            self.packs.write().remove(no);
-            match std::fs::remove_file(pack_path(&self.dir, *no)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        self.io.sync_dir(&self.dir.join("packs"))?;
-        Ok(())
-    }
-
     /// Raw (uncompressed) length of a stored block, from its record header.
     pub fn raw_len(&self, loc: &BlockLoc) -> Result<u32> {
-        let file = self.packs.read().get(&loc.pack).cloned();
-        let Some(file) = file else { return Ok(0) };
-        let mut h = [0u8; RECORD_HEADER_LEN];
-        file.read_exact_at(&mut h, loc.offset)?;
-        Ok(pack::decode_record_header(&h)?.raw_len)
+        let Some(pack) = self.packs.read().get(&loc.pack).cloned() else {
+            return Ok(0);
+        };
+        let hlen = pack.format.header_len();
+        let mut h = [0u8; MAX_RECORD_HEADER_LEN];
+        let id = BlockId([0; 32]);
+        self.read_at(
+            &id,
+            &BlockLoc {
+                pack: loc.pack,
+                offset: loc.offset,
+                len: hlen as u32,
+            },
+            &mut h[..hlen],
+        )?;
+        Ok(pack::decode_record_header(&h[..hlen], pack.format)?.raw_len)
     }
 
     /// Physical bytes of all pack files.
     pub fn physical_bytes(&self) -> Result<u64> {
-        let files: Vec<Arc<dyn PackFile>> = self.packs.read().values().cloned().collect();
+        let files: Vec<Arc<dyn PackFile>> =
+            self.packs.read().values().map(|p| p.file.clone()).collect();
         let mut total = 0;
         for f in files {
             total += f.len()?;
@@ -774,10 +434,11 @@ impl Store {
         let payload = rec.encode();
         let bytes = pack::encode_record(
             RecordKind::Journal,
-            vdbfs_format::Codec::Raw,
+            codec::Codec::Raw,
             payload.len() as u32,
-            &BlockId([0; 32]),
+            &pack::journal_record_id(rec.dataset),
             &payload,
+            self.log.durable(),
         );
         let loc = self.append(&bytes)?;
         Ok(LogPos {
@@ -814,26 +475,8 @@ impl Store {
             })
             .map(|(k, v)| (*k, *v))
             .collect();
-        let txn = self.db.begin_write()?;
-        {
-            let mut blocks = txn.open_table(BLOCKS)?;
-            for (id, loc) in &batch {
-                blocks.insert(id.0.as_slice(), loc.encode().as_slice())?;
-            }
-            let mut table = txn.open_table(DATASETS)?;
-            for rec in datasets {
-                table.insert(rec.id, rec.encode().as_slice())?;
-            }
-            let replay_start = datasets
-                .iter()
-                .map(|d| d.replay_from)
-                .fold(upto, LogPos::min);
-            let mut meta = txn.open_table(META)?;
-            meta.insert("indexed_upto", encode_pos(upto).as_slice())?;
-            meta.insert("replay_start", encode_pos(replay_start).as_slice())?;
-        }
-        extra(&txn)?;
-        txn.commit()?;
+        self.index
+            .commit_checkpoint(&batch, datasets, upto, extra)?;
         let mut recent = self.recent.write();
         for (id, loc) in batch {
             if recent.get(&id) == Some(&loc) {
@@ -848,24 +491,15 @@ impl Store {
         self.recent.read().len()
     }
 
+    /// Runs `f` with permission to use the space reserve (checkpoints, snapshots, GC copies).
+    pub fn with_reserve<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.space.with_reserve(f)
+    }
+
     /// Free and total bytes of the filesystem under the store.
     pub fn statvfs(&self) -> Result<(u64, u64)> {
-        statvfs_of(&self.dir)
+        self.space.statvfs()
     }
-}
-
-fn statvfs_of(dir: &Path) -> Result<(u64, u64)> {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::Invalid("store path"))?;
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c is a valid NUL-terminated path and s a valid out pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    Ok((
-        s.f_bavail as u64 * s.f_frsize as u64,
-        s.f_blocks as u64 * s.f_frsize as u64,
-    ))
 }
 
 /// Maps `f` over `items`, on rayon's pool when the batch is large enough to pay for it (no
@@ -894,110 +528,18 @@ fn corrupt(id: &BlockId, loc: &BlockLoc, why: String) -> Error {
 
 /// Verifies one block record read from `loc` (crc, kind, id, content hash) and returns the
 /// block's content.
-fn open_block_record(id: &BlockId, loc: &BlockLoc, buf: &[u8]) -> Result<Vec<u8>> {
-    let (hdr, payload) = pack::decode_record(buf).map_err(|e| corrupt(id, loc, e.to_string()))?;
+fn open_block_record(
+    id: &BlockId,
+    loc: &BlockLoc,
+    format: RecordFormat,
+    buf: &[u8],
+) -> Result<Vec<u8>> {
+    let (hdr, payload) =
+        pack::decode_record(buf, format).map_err(|e| corrupt(id, loc, e.to_string()))?;
     if hdr.kind != RecordKind::Block || hdr.id != *id {
         return Err(corrupt(id, loc, "record holds another block".into()));
     }
     pack::open_block(&hdr, payload).map_err(|e| corrupt(id, loc, e.to_string()))
-}
-
-/// redb caches up to 1 GiB of index pages by default, which became most of the daemon's memory
-/// on a 2 GB store; 128 MiB holds the hot part of the index of about a million blocks.
-fn index_builder() -> redb::Builder {
-    let mut b = redb::Builder::new();
-    b.set_cache_size(128 << 20);
-    b
-}
-
-fn new_pack(io: &dyn PackIo, dir: &Path, no: u32) -> Result<Arc<dyn PackFile>> {
-    let file = io.create(&pack_path(dir, no))?;
-    file.write_all_at(&pack::encode_pack_header(no), 0)?;
-    file.sync_data()?;
-    io.sync_dir(&dir.join("packs"))?;
-    Ok(file)
-}
-
-fn encode_pos(p: LogPos) -> [u8; 12] {
-    let mut b = [0u8; 12];
-    b[..4].copy_from_slice(&p.pack.to_le_bytes());
-    b[4..].copy_from_slice(&p.offset.to_le_bytes());
-    b
-}
-
-fn decode_pos(b: &[u8]) -> Result<LogPos> {
-    if b.len() != 12 {
-        return Err(Error::CorruptMeta("log position".into()));
-    }
-    Ok(LogPos {
-        pack: u32::from_le_bytes(b[..4].try_into().unwrap_or_default()),
-        offset: u64::from_le_bytes(b[4..].try_into().unwrap_or_default()),
-    })
-}
-
-/// Reads records of one pack from `start` until its end or the first record that does not verify
-/// (a torn tail from a crash): everything after that point was never acknowledged as durable.
-fn scan_pack(
-    file: &dyn PackFile,
-    no: u32,
-    start: u64,
-    mut f: impl FnMut(LogPos, &pack::RecordHeader, &[u8]) -> Result<()>,
-) -> Result<()> {
-    let len = file.len()?;
-    let mut head = vec![0u8; PACK_HEADER_LEN];
-    if len < PACK_HEADER_LEN as u64 {
-        tracing::warn!(
-            pack = no,
-            "pack shorter than its header (torn creation); ignored"
-        );
-        return Ok(());
-    }
-    file.read_exact_at(&mut head, 0)?;
-    let found = pack::decode_pack_header(&head)?;
-    if found != no {
-        return Err(Error::CorruptMeta(format!(
-            "pack file {no} says it is pack {found}"
-        )));
-    }
-    let mut pos = start;
-    let mut hdr_buf = [0u8; RECORD_HEADER_LEN];
-    while pos + RECORD_HEADER_LEN as u64 <= len {
-        file.read_exact_at(&mut hdr_buf, pos)?;
-        let Ok(hdr) = pack::decode_record_header(&hdr_buf) else {
-            break;
-        };
-        let total = hdr.record_len();
-        if pos + total > len {
-            break;
-        }
-        let mut buf = vec![0u8; total as usize];
-        file.read_exact_at(&mut buf, pos)?;
-        let Ok((hdr, payload)) = pack::decode_record(&buf) else {
-            break;
-        };
-        f(
-            LogPos {
-                pack: no,
-                offset: pos,
-            },
-            &hdr,
-            payload,
-        )?;
-        pos += total;
-    }
-    if pos < len {
-        let mut probe = vec![0u8; (len - pos).min(64 << 10) as usize];
-        file.read_exact_at(&mut probe, pos)?;
-        if probe.iter().any(|&b| b != 0) {
-            tracing::warn!(
-                pack = no,
-                offset = pos,
-                bytes = len - pos,
-                "ignoring a torn tail after the last complete record"
-            );
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,8 +1,10 @@
 //! A simulated disk for crash tests: every file remembers what was written and what was made
-//! durable by `sync_data`; `crash()` gives the disk as a power cut would leave it (only durable
-//! bytes), and faults (ENOSPC, failing fdatasync) can be injected by countdown.
+//! durable (by `sync_data`, or by a `write_log_at` with `dsync` for the bytes it wrote);
+//! `crash()` gives the disk as a power cut would leave it (only durable bytes), and faults
+//! (ENOSPC, failing syncs) can be injected by countdown. Log writes count as direct: reads of
+//! the active pack go through `read_log_at`, as on a real filesystem with O_DIRECT.
 
-use super::io::{PackFile, PackIo};
+use super::io::{PackFile, PackIo, ALIGN};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::io;
@@ -91,6 +93,37 @@ impl PackFile for SimFile {
         self.data.lock().resize(len as usize, 0);
         Ok(())
     }
+    fn write_log_at(&self, buf: &[u8], offset: u64, dsync: bool) -> io::Result<()> {
+        assert!(
+            offset.is_multiple_of(ALIGN as u64) && buf.len().is_multiple_of(ALIGN),
+            "unaligned log write at {offset} of {} bytes",
+            buf.len()
+        );
+        self.write_all_at(buf, offset)?;
+        if dsync {
+            if !countdown(&self.faults.syncs_left, 1) {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            let end = offset as usize + buf.len();
+            let mut durable = self.durable.lock();
+            if durable.len() < end {
+                durable.resize(end, 0);
+            }
+            durable[offset as usize..end].copy_from_slice(buf);
+        }
+        Ok(())
+    }
+    fn read_log_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        assert!(
+            offset.is_multiple_of(ALIGN as u64) && buf.len().is_multiple_of(ALIGN),
+            "unaligned log read at {offset} of {} bytes",
+            buf.len()
+        );
+        self.read_exact_at(buf, offset)
+    }
+    fn direct(&self) -> bool {
+        true
+    }
 }
 
 pub struct SimIo {
@@ -146,6 +179,12 @@ impl SimIo {
 impl SimFile {
     pub fn corrupt(&self, offset: usize) {
         let mut d = self.data.lock();
+        d[offset] ^= 0xff;
+    }
+    /// Flips a byte on the disk itself (what a reopened store reads), e.g. after `crash`.
+    pub fn corrupt_durable(&self, offset: usize) {
+        self.corrupt(offset);
+        let mut d = self.durable.lock();
         d[offset] ^= 0xff;
     }
 }

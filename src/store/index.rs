@@ -1,0 +1,260 @@
+//! The redb index (`index.redb`): where committed blocks live, the committed dataset records
+//! and the store's meta values. See FORMAT.md, "Index".
+//!
+//! Invariants: a block enters `blocks` only in a checkpoint commit, after the log bytes holding
+//! it were synced; `meta.indexed_upto` and `meta.replay_start` move in the same commit.
+
+use super::{Error, Result};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::{Path, PathBuf};
+use vdbfs_format::index::{BlockLoc, DatasetRecord, LogPos, INDEX_VERSION};
+use vdbfs_format::BlockId;
+
+pub const BLOCKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blocks");
+pub const DATASETS: TableDefinition<u64, &[u8]> = TableDefinition::new("datasets");
+pub const NAMES: TableDefinition<&str, u64> = TableDefinition::new("dataset_names");
+pub const MOUNTS: TableDefinition<&str, &str> = TableDefinition::new("mounts");
+pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// (dataset id, snapshot name) -> SnapshotRecord
+pub const SNAPSHOTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("snapshots");
+/// clone dataset id -> CloneOrigin
+pub const ORIGINS: TableDefinition<u64, &[u8]> = TableDefinition::new("origins");
+/// (dataset id, snapshot name) -> JSON properties recorded with a snapshot (e.g. a staging
+/// snapshot's LSN and timeline); written in the snapshot's own commit, removed with it.
+pub const SNAPSHOT_PROPS: TableDefinition<(u64, &str), &[u8]> =
+    TableDefinition::new("snapshot_props");
+/// source name -> JSON source record (control path; see FORMAT.md "Control-path tables").
+pub const SOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("sources");
+/// VDB name -> JSON VDB record (control path; see FORMAT.md "Control-path tables").
+pub const VDBS: TableDefinition<&str, &[u8]> = TableDefinition::new("vdbs");
+
+/// Opens every table once, so that readers never meet a missing one (stores created by an
+/// older build gain the tables added since).
+fn create_tables(txn: &redb::WriteTransaction) -> std::result::Result<(), redb::TableError> {
+    txn.open_table(BLOCKS)?;
+    txn.open_table(DATASETS)?;
+    txn.open_table(NAMES)?;
+    txn.open_table(MOUNTS)?;
+    txn.open_table(SNAPSHOTS)?;
+    txn.open_table(ORIGINS)?;
+    txn.open_table(SNAPSHOT_PROPS)?;
+    txn.open_table(SOURCES)?;
+    txn.open_table(VDBS)?;
+    Ok(())
+}
+
+pub fn index_path(dir: &Path) -> PathBuf {
+    dir.join("index.redb")
+}
+
+/// redb caches up to 1 GiB of index pages by default, which became most of the daemon's memory
+/// on a 2 GB store; 128 MiB holds the hot part of the index of about a million blocks.
+fn builder() -> redb::Builder {
+    let mut b = redb::Builder::new();
+    b.set_cache_size(128 << 20);
+    b
+}
+
+pub struct Index {
+    db: redb::Database,
+}
+
+/// Where recovery starts and what is indexed, as of the last checkpoint.
+pub struct Positions {
+    pub indexed_upto: LogPos,
+    pub replay_start: LogPos,
+}
+
+impl Index {
+    /// Creates `index.redb` with every table and the format version.
+    pub fn create(dir: &Path) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let db = builder().create(index_path(dir))?;
+        std::fs::set_permissions(index_path(dir), std::fs::Permissions::from_mode(0o600))?;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            meta.insert("format_version", INDEX_VERSION.to_le_bytes().as_slice())?;
+            meta.insert("next_dataset_id", 1u64.to_le_bytes().as_slice())?;
+        }
+        create_tables(&txn)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Opens the index and checks its format version.
+    pub fn open(dir: &Path) -> Result<(Index, Positions)> {
+        let db = builder().open(index_path(dir))?;
+        {
+            let txn = db.begin_write()?;
+            create_tables(&txn)?;
+            txn.commit()?;
+        }
+        let idx = Index { db };
+        let pos = {
+            let txn = idx.db.begin_read()?;
+            let meta = txn.open_table(META)?;
+            let version = meta
+                .get("format_version")?
+                .map(|v| v.value().to_vec())
+                .ok_or_else(|| Error::CorruptMeta("index has no format_version".into()))?;
+            if version != INDEX_VERSION.to_le_bytes() {
+                return Err(Error::CorruptMeta(format!(
+                    "index format version {version:?} is not supported by this build ({INDEX_VERSION})"
+                )));
+            }
+            let indexed_upto = match meta.get("indexed_upto")? {
+                Some(v) => decode_pos(v.value())?,
+                None => LogPos::default(),
+            };
+            // Only datasets loaded at a checkpoint can have journal records after it, and every
+            // checkpoint records their oldest replay position here.
+            let replay_start = match meta.get("replay_start")? {
+                Some(v) => decode_pos(v.value())?.min(indexed_upto),
+                None => LogPos::default(),
+            };
+            Positions {
+                indexed_upto,
+                replay_start,
+            }
+        };
+        Ok((idx, pos))
+    }
+
+    pub fn db(&self) -> &redb::Database {
+        &self.db
+    }
+
+    /// The committed replay position (the oldest log position recovery would read).
+    pub fn replay_start(&self) -> Result<LogPos> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let rs = match meta.get("replay_start")? {
+            Some(v) => decode_pos(v.value())?,
+            None => LogPos::default(),
+        };
+        let iu = match meta.get("indexed_upto")? {
+            Some(v) => decode_pos(v.value())?,
+            None => LogPos::default(),
+        };
+        Ok(rs.min(iu))
+    }
+
+    /// Looks up the ids at `which` positions of `ids`, filling `out`.
+    pub fn lookup(
+        &self,
+        ids: &[BlockId],
+        which: &[usize],
+        out: &mut [Option<BlockLoc>],
+    ) -> Result<()> {
+        if which.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(BLOCKS)?;
+        for &i in which {
+            if let Some(v) = table.get(ids[i].0.as_slice())? {
+                out[i] = Some(BlockLoc::decode(v.value())?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every indexed block with its location.
+    pub fn blocks(&self) -> Result<Vec<(BlockId, BlockLoc)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(BLOCKS)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            out.push((block_id(k.value())?, BlockLoc::decode(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Removes the entries of `ids` for which `keep(id, loc)` is false; one transaction, not
+    /// durable by itself (the next checkpoint's commit is). Returns (entries, record bytes).
+    pub fn remove_unless(
+        &self,
+        ids: &[BlockId],
+        keep: impl Fn(&BlockId, &BlockLoc) -> bool,
+    ) -> Result<(u64, u64)> {
+        let (mut n, mut bytes) = (0u64, 0u64);
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| Error::Index(e.to_string()))?;
+        {
+            let mut blocks = txn.open_table(BLOCKS)?;
+            for id in ids {
+                let loc = match blocks.get(id.0.as_slice())? {
+                    Some(v) => BlockLoc::decode(v.value())?,
+                    None => continue,
+                };
+                if keep(id, &loc) {
+                    continue;
+                }
+                blocks.remove(id.0.as_slice())?;
+                n += 1;
+                bytes += loc.len as u64;
+            }
+        }
+        txn.commit()?;
+        Ok((n, bytes))
+    }
+
+    /// The checkpoint commit (FORMAT.md, "Commit protocol", step 3): index entries, dataset
+    /// records and positions, plus `extra` writes, in one durable transaction.
+    pub fn commit_checkpoint(
+        &self,
+        blocks: &[(BlockId, BlockLoc)],
+        datasets: &[DatasetRecord],
+        upto: LogPos,
+        extra: impl FnOnce(&redb::WriteTransaction) -> Result<()>,
+    ) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(BLOCKS)?;
+            for (id, loc) in blocks {
+                table.insert(id.0.as_slice(), loc.encode().as_slice())?;
+            }
+            let mut table = txn.open_table(DATASETS)?;
+            for rec in datasets {
+                table.insert(rec.id, rec.encode().as_slice())?;
+            }
+            let replay_start = datasets
+                .iter()
+                .map(|d| d.replay_from)
+                .fold(upto, LogPos::min);
+            let mut meta = txn.open_table(META)?;
+            meta.insert("indexed_upto", encode_pos(upto).as_slice())?;
+            meta.insert("replay_start", encode_pos(replay_start).as_slice())?;
+        }
+        extra(&txn)?;
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+fn block_id(b: &[u8]) -> Result<BlockId> {
+    let arr: [u8; 32] = b
+        .try_into()
+        .map_err(|_| Error::CorruptMeta("index key length".into()))?;
+    Ok(BlockId(arr))
+}
+
+fn encode_pos(p: LogPos) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[..4].copy_from_slice(&p.pack.to_le_bytes());
+    b[4..].copy_from_slice(&p.offset.to_le_bytes());
+    b
+}
+
+fn decode_pos(b: &[u8]) -> Result<LogPos> {
+    if b.len() != 12 {
+        return Err(Error::CorruptMeta("log position".into()));
+    }
+    Ok(LogPos {
+        pack: u32::from_le_bytes(b[..4].try_into().unwrap_or_default()),
+        offset: u64::from_le_bytes(b[4..].try_into().unwrap_or_default()),
+    })
+}
