@@ -166,8 +166,12 @@ pub fn mount(
     let mut cfg = Config::default();
     cfg.n_threads = Some(4);
     cfg.clone_fd = true;
+    if !read_only {
+        let mp = mountpoint.to_path_buf();
+        ds.set_cache_flush(Some(Arc::new(move || crate::fs::flush_kernel_cache(&mp))));
+    }
     let session = fuser::Session::from_fd(
-        VdbFs::new(ds, read_only),
+        VdbFs::new(ds.clone(), read_only),
         OwnedFd::from(dev),
         SessionACL::All,
         cfg,
@@ -193,6 +197,7 @@ pub fn mount(
                 if let Err(e) = bg.join() {
                     tracing::warn!(mountpoint = %mp.display(), "FUSE session ended with: {e}");
                 }
+                ds.set_cache_flush(None);
                 if !by_us.load(Ordering::SeqCst) {
                     on_end();
                 }

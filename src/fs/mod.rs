@@ -4,6 +4,19 @@
 //! Kernel cache policy: every change to a dataset goes through this mount (a dataset is mounted
 //! at most once), so attributes, entries and file pages cached by the kernel can never be stale;
 //! we let the kernel keep them (long TTLs, FOPEN_KEEP_CACHE).
+//!
+//! Writes go through the kernel's writeback cache (FUSE_WRITEBACK_CACHE) when the kernel offers
+//! it: `write(2)` fills the page cache, and the kernel sends the dirty pages in large WRITE
+//! requests later, and always before it sends the FSYNC that must make them durable. So:
+//! - fsync keeps its meaning: the kernel flushes the file's dirty pages (and waits) before it
+//!   sends FSYNC, and a WRITE that failed is reported by the next fsync of the file;
+//! - the kernel owns a file's size and mtime while it has dirty pages (it sends them with
+//!   SETATTR), and may read a page before a partial write or on a write-only handle;
+//! - data written but not yet sent is not in the dataset: whoever freezes a mounted dataset
+//!   (a snapshot) first pushes the mount's dirty pages with [`flush_kernel_cache`].
+//!
+//! `VDBFS_WRITEBACK_CACHE=0` in the daemon's environment turns the cache off (every write is a
+//! round trip), for comparisons.
 
 pub mod errno;
 
@@ -117,6 +130,37 @@ fn time_or_now(t: Option<TimeOrNow>) -> Option<Timestamp> {
     })
 }
 
+/// Whether mounts use the kernel's writeback cache (default yes; `VDBFS_WRITEBACK_CACHE=0`
+/// turns it off).
+fn writeback_cache_wanted() -> bool {
+    !matches!(
+        std::env::var("VDBFS_WRITEBACK_CACHE").as_deref(),
+        Ok("0") | Ok("off") | Ok("no")
+    )
+}
+
+/// Makes the kernel send every dirty page it caches for the filesystem mounted at `mountpoint`
+/// (syncfs(2) on it), and waits until they are written to the daemon. Must not be called with
+/// any lock the FUSE workers take.
+pub fn flush_kernel_cache(mountpoint: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let with_path = |e: std::io::Error| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "flushing the kernel's cache of {}: {e}",
+                mountpoint.display()
+            ),
+        )
+    };
+    let dir = std::fs::File::open(mountpoint).map_err(with_path)?;
+    // SAFETY: syncfs takes a valid open file descriptor, which `dir` holds for the call.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(with_path(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 impl VdbFs {
     pub fn new(ds: Arc<Dataset>, read_only: bool) -> VdbFs {
         VdbFs {
@@ -186,11 +230,27 @@ impl Filesystem for VdbFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        if !self.read_only && writeback_cache_wanted() {
+            if let Err(missing) = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE) {
+                tracing::info!(
+                    dataset = %self.ds.name,
+                    "the kernel does not offer {missing:?}: every write is a round trip"
+                );
+            }
+        }
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
         Ok(())
+    }
+
+    fn destroy(&mut self) {
+        self.ds.forget_all();
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+        self.ds.forget(ino.0);
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

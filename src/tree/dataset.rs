@@ -9,7 +9,10 @@
 //! - Bytes of a file's last block beyond its size are zero (truncate rewrites that block), so a
 //!   read-modify-write never resurrects old data.
 //! - An inode whose link count drops to 0 is journaled as removed at once; while handles are
-//!   open it lives on in memory only (`removed` guards it from being journaled again).
+//!   open it lives on in memory only (`removed` guards it from being journaled again). Once its
+//!   last handle is closed its attributes stay as a tombstone until the kernel forgets the inode:
+//!   with the writeback cache the kernel may still send its dirty pages and times, which are
+//!   accepted and dropped (inode numbers are never reused, so a tombstone never hides a file).
 //! - Lock order: an inode's `wlock` (serializes writes and truncates of one file) before `st`.
 
 use crate::store::{Error, Result, Store};
@@ -107,6 +110,8 @@ struct State {
     jremoved: BTreeSet<u64>,
     jnext_ino: bool,
     journal_end: LogPos,
+    /// Removed inodes no longer open, until the kernel forgets them (see the module docs).
+    tombstones: HashMap<u64, InodeMeta>,
 }
 
 /// Attributes changed by `setattr`.
@@ -120,6 +125,9 @@ pub struct SetAttr {
     pub mtime: Option<Timestamp>,
 }
 
+/// Pushes what the kernel still caches for a mounted dataset into it (see `fs`).
+pub type CacheFlush = Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>;
+
 pub struct Dataset {
     pub id: u64,
     pub name: String,
@@ -127,6 +135,8 @@ pub struct Dataset {
     store: Arc<Store>,
     cache: Arc<NodeCache>,
     st: Mutex<State>,
+    /// Set while the dataset is mounted: flushes the kernel's dirty pages of the mount.
+    cache_flush: Mutex<Option<CacheFlush>>,
 }
 
 struct Ctx<'a> {
@@ -230,7 +240,9 @@ impl State {
         if let Some(i) = self.inodes.get_mut(&ino) {
             i.meta.nlink = 0;
             if i.open == 0 {
-                self.inodes.remove(&ino);
+                if let Some(i) = self.inodes.remove(&ino) {
+                    self.tombstones.insert(ino, i.meta);
+                }
             }
         }
     }
@@ -395,6 +407,7 @@ impl Dataset {
             jremoved: BTreeSet::new(),
             jnext_ino: false,
             journal_end: LogPos::default(),
+            tombstones: HashMap::new(),
         };
         if rec.root.is_none() {
             let t = now();
@@ -424,6 +437,22 @@ impl Dataset {
             store,
             cache,
             st: Mutex::new(st),
+            cache_flush: Mutex::new(None),
+        }
+    }
+
+    /// Installs (mount) or removes (unmount) the flush of the kernel's cache of this dataset.
+    pub fn set_cache_flush(&self, f: Option<CacheFlush>) {
+        *self.cache_flush.lock() = f;
+    }
+
+    /// Makes everything written to this dataset through its mount visible here (data the
+    /// kernel's writeback cache still holds); a no-op when it is not mounted.
+    pub fn flush_cache(&self) -> Result<()> {
+        let f = self.cache_flush.lock().clone();
+        match f {
+            Some(f) => f().map_err(Error::from),
+            None => Ok(()),
         }
     }
 
@@ -446,7 +475,30 @@ impl Dataset {
 
     pub fn getattr(&self, ino: u64) -> Result<InodeMeta> {
         let cx = self.cx();
-        Ok(self.st.lock().inode(&cx, ino)?.meta.clone())
+        let mut st = self.st.lock();
+        match st.inode(&cx, ino) {
+            Ok(i) => Ok(i.meta.clone()),
+            Err(Error::NotFound) => st.tombstones.get(&ino).cloned().ok_or(Error::NotFound),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The kernel forgot inode `ino`: no request names it any more.
+    pub fn forget(&self, ino: u64) {
+        self.st.lock().tombstones.remove(&ino);
+    }
+
+    /// The mount ended: the kernel holds no inode of it any more.
+    pub fn forget_all(&self) {
+        self.st.lock().tombstones.clear();
+    }
+
+    /// Applies `f` to the tombstone of a removed inode, if it has one.
+    fn tombstone(&self, ino: u64, f: impl FnOnce(&mut InodeMeta)) -> Option<InodeMeta> {
+        let mut st = self.st.lock();
+        let m = st.tombstones.get_mut(&ino)?;
+        f(m);
+        Some(m.clone())
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<(u64, InodeMeta)> {
@@ -669,11 +721,32 @@ impl Dataset {
             None => false,
         };
         if drop_it {
-            st.inodes.remove(&ino);
+            if let Some(i) = st.inodes.remove(&ino) {
+                st.tombstones.insert(ino, i.meta);
+            }
         }
     }
 
     pub fn setattr(&self, ino: u64, a: SetAttr) -> Result<InodeMeta> {
+        match self.setattr_live(ino, &a) {
+            Err(Error::NotFound) => self
+                .tombstone(ino, |m| {
+                    if let Some(size) = a.size {
+                        m.size = size;
+                    }
+                    if let Some(t) = a.mtime {
+                        m.mtime = t;
+                    }
+                    if let Some(t) = a.atime {
+                        m.atime = t;
+                    }
+                })
+                .ok_or(Error::NotFound),
+            r => r,
+        }
+    }
+
+    fn setattr_live(&self, ino: u64, a: &SetAttr) -> Result<InodeMeta> {
         if let Some(size) = a.size {
             self.truncate(ino, size)?;
         }
@@ -836,7 +909,11 @@ impl Dataset {
     }
 
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<u32> {
-        self.write_range(ino, offset, data.len() as u64, Some(data), true)?;
+        match self.write_range(ino, offset, data.len() as u64, Some(data), true) {
+            // Dirty pages of a removed file, sent after its last close: nothing to keep.
+            Err(Error::NotFound) if self.tombstone(ino, |_| {}).is_some() => {}
+            r => r?,
+        }
         Ok(data.len() as u32)
     }
 

@@ -418,6 +418,11 @@ impl Datasets {
         let rec = self
             .record(dataset)?
             .ok_or_else(|| NameError::NotFound(dataset.to_string()))?;
+        // Writes the kernel still caches for the mount belong in the snapshot.
+        let live = self.loaded.lock().get(&rec.id).cloned();
+        if let Some(ds) = live {
+            ds.flush_cache()?;
+        }
         let _g = self.checkpoint_lock.lock();
         {
             let txn = self.store.db().begin_read().map_err(Error::from)?;
