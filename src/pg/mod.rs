@@ -10,6 +10,8 @@ pub mod conf;
 pub mod conninfo;
 pub mod discover;
 pub mod lsn;
+pub mod managed;
+pub mod ports;
 
 use anyhow::{anyhow, bail, Context};
 use std::io::Read;
@@ -375,6 +377,15 @@ pub struct Cluster {
     pub log: PathBuf,
 }
 
+/// `pg_ctl start` failed; the message carries the server log tail.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct StartError {
+    /// The port was bound by another program when postgres tried (it exited because of it).
+    pub port_in_use: bool,
+    message: String,
+}
+
 /// Rows of a simple query, every value as text (NULL = None).
 pub type Rows = Vec<Vec<Option<String>>>;
 
@@ -382,6 +393,7 @@ impl Cluster {
     /// `pg_ctl start -w` as the postgres user, bounded by `timeout`; returns the postmaster PID.
     /// On failure the error carries the server log tail.
     /// postgres itself replaces a stale `postmaster.pid` and refuses to start next to a live one.
+    /// A failed start is a [`StartError`] (in the error's chain).
     pub fn start(&self, timeout: Duration) -> anyhow::Result<i32> {
         let r = run(
             as_postgres(&self.install.bin("pg_ctl"))
@@ -393,15 +405,41 @@ impl Cluster {
             timeout + Duration::from_secs(15),
         );
         if let Err(e) = r {
-            bail!(
-                "postgres on {} did not start: {e:#}\npostgres log ({}):\n{}",
-                self.data_dir.display(),
-                self.log.display(),
-                log_tail(&self.log, 15)
-            );
+            // postgres exits when it cannot bind its port; one that still runs (pg_ctl gave up
+            // waiting) holds the port itself.
+            let port_in_use = !port_free(self.port) && self.postmaster_pid().is_none();
+            return Err(StartError {
+                port_in_use,
+                message: format!(
+                    "postgres on {} did not start: {e:#}\npostgres log ({}):\n{}",
+                    self.data_dir.display(),
+                    self.log.display(),
+                    log_tail(&self.log, 15)
+                ),
+            }
+            .into());
         }
         self.postmaster_pid()
             .ok_or_else(|| anyhow!("postgres started but wrote no postmaster.pid"))
+    }
+
+    /// Whether the server log, from byte `from` on, has a line containing `what`: for the few
+    /// conditions postgres states only in its log (a FATAL without an error code of its own).
+    pub fn log_says(&self, from: u64, what: &str) -> bool {
+        use std::io::{Seek, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(&self.log) else {
+            return false;
+        };
+        let mut text = String::new();
+        f.seek(SeekFrom::Start(from))
+            .and_then(|_| f.read_to_string(&mut text))
+            .is_ok()
+            && text.lines().any(|l| l.contains(what))
+    }
+
+    /// The server log's length now (where [`Cluster::log_says`] may start reading).
+    pub fn log_len(&self) -> u64 {
+        std::fs::metadata(&self.log).map_or(0, |m| m.len())
     }
 
     /// `pg_ctl stop -m MODE -w`, bounded.

@@ -24,6 +24,7 @@
 
 pub mod error;
 pub mod io;
+pub mod records;
 #[cfg(test)]
 pub mod sim;
 
