@@ -387,7 +387,9 @@ impl Mode {
             "log-shipping" => Ok(Mode::LogShipping),
             _ => Err(Refusal::new(
                 ErrorKind::Invalid,
-                format!("unknown --mode {s:?}; use backup-stream (default), stream or log-shipping"),
+                format!(
+                    "unknown --mode {s:?}; use backup-stream (default), stream or log-shipping"
+                ),
             )),
         }
     }

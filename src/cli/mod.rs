@@ -355,9 +355,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot create a store in {}", store.display()))?;
             println!("initialized an empty vdbfs store in {}", store.display());
         }
-        Cmd::Serve { vdb_ports } => {
-            crate::daemon::serve(&store, &vdb_ports)?
-        }
+        Cmd::Serve { vdb_ports } => crate::daemon::serve(&store, &vdb_ports)?,
         Cmd::Status { json } => {
             let r = run_req(&store, Request::Status)?;
             if json {

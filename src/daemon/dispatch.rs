@@ -216,16 +216,18 @@ impl Daemon {
                     .map_err(|e| e.context(ctx(what, &name)))?;
                 Ok((s.name.clone(), serde_json::to_value(&s)?))
             }
-            Request::VdbRewind { name, to } => {
-                said(v.rewind(&name, &to).map_err(|e| e.context(ctx("rewind", &name)))?)
-            }
+            Request::VdbRewind { name, to } => said(
+                v.rewind(&name, &to)
+                    .map_err(|e| e.context(ctx("rewind", &name)))?,
+            ),
             Request::VdbRefresh { name, to } => said(
                 v.refresh(&name, to.as_deref(), progress)
                     .map_err(|e| e.context(ctx("refresh", &name)))?,
             ),
-            Request::VdbDelete { name } => {
-                said(v.delete(&name).map_err(|e| e.context(ctx("delete", &name)))?)
-            }
+            Request::VdbDelete { name } => said(
+                v.delete(&name)
+                    .map_err(|e| e.context(ctx("delete", &name)))?,
+            ),
             Request::Timeflow { dataset } => data(self.timeflow(dataset.as_deref())?),
             _ => refuse!(Internal, "not a VDB request"),
         }

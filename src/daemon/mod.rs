@@ -99,8 +99,7 @@ impl Daemon {
         let (store, replay) = Store::open(store_dir)
             .with_context(|| format!("cannot open the store {}", store_dir.display()))?;
         let store = Arc::new(store);
-        let datasets =
-            Arc::new(Datasets::open(store.clone(), replay).context("recovery failed")?);
+        let datasets = Arc::new(Datasets::open(store.clone(), replay).context("recovery failed")?);
         let mounts = MountTable::new(datasets.clone(), MountRecords::new(store.clone()));
         let sources = Arc::new(SourceService::new(
             store_dir.to_path_buf(),

@@ -15,8 +15,8 @@ use tokio::net::{UnixListener, UnixStream};
 /// Serves until SIGTERM or SIGINT; the socket is removed on the way out.
 pub(super) async fn run(d: Arc<Daemon>) -> anyhow::Result<()> {
     let sock = socket_path(&d.store_dir);
-    let listener =
-        UnixListener::bind(&sock).with_context(|| format!("cannot listen on {}", sock.display()))?;
+    let listener = UnixListener::bind(&sock)
+        .with_context(|| format!("cannot listen on {}", sock.display()))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
     tracing::info!(store = %d.store_dir.display(), pid = std::process::id(), "vdbfs daemon ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -129,9 +129,7 @@ impl FlowCtx<'_> {
                 sn.timeline = p.timeline;
                 match p.kind {
                     crate::api::SnapshotKind::Bookmark => sn.kind = NodeKind::Bookmark,
-                    crate::api::SnapshotKind::Auto => {
-                        sn.note = Some("automatic undo point".into())
-                    }
+                    crate::api::SnapshotKind::Auto => sn.note = Some("automatic undo point".into()),
                     crate::api::SnapshotKind::Snapshot => {}
                 }
             }

@@ -4,9 +4,9 @@
 //! Invariant: a mount is of type `fuse.vdbfs`, so umount(8) and the mount helpers know it; a
 //! session that ends without [`Mounted::unmount`] (someone ran umount(8)) calls its `on_end`.
 
+use crate::api::{refusal, ErrorKind};
 use crate::fs::VdbFs;
 use crate::tree::dataset::Dataset;
-use crate::api::{refusal, ErrorKind};
 use anyhow::{anyhow, Context};
 use fuser::{Config, SessionACL};
 use std::ffi::CString;
@@ -75,6 +75,7 @@ pub fn is_mounted(path: &Path) -> bool {
 
 fn statfs(path: &Path) -> std::io::Result<()> {
     let c = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: statfs is plain old data: all-zero bytes are a valid value.
     let mut s: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: c is a valid NUL-terminated path and s a valid out pointer.
     if unsafe { libc::statfs(c.as_ptr(), &mut s) } == 0 {

@@ -109,9 +109,9 @@ pub fn installations() -> Vec<Install> {
 
 /// uid and gid of the `postgres` OS user.
 pub fn postgres_ids() -> anyhow::Result<(u32, u32)> {
-    let name = std::ffi::CString::new("postgres").expect("no NUL");
-    // SAFETY: getpwnam returns NULL or a pointer to a static struct we read at once.
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    // SAFETY: getpwnam gets a NUL-terminated name and returns NULL or a pointer to a static
+    // struct we read at once.
+    let pw = unsafe { libc::getpwnam(c"postgres".as_ptr()) };
     if pw.is_null() {
         bail!("there is no 'postgres' OS user; install the postgresql package (it creates it)");
     }
@@ -202,14 +202,17 @@ pub fn run_unchecked(
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run {what}"))?;
-    let mut out = child.stdout.take().expect("piped");
+    let (Some(mut out), Some(mut err)) = (child.stdout.take(), child.stderr.take()) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("{what} started without its output pipes");
+    };
     let reader = std::thread::spawn(move || {
         let mut v = Vec::new();
         let _ = out.read_to_end(&mut v);
         v
     });
     let (tx, rx) = crossbeam::channel::unbounded::<Vec<u8>>();
-    let mut err = child.stderr.take().expect("piped");
     let err_reader = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         let mut line = Vec::new();

@@ -2,9 +2,9 @@
 //! backup), and the configuration that makes that copy a hot standby run by vdbfs.
 
 use super::{SourceDir, SourceRecord};
+use crate::api::Progress;
 use crate::pg::RunFiles;
 use crate::pg::{self, conf, Install};
-use crate::api::Progress;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,7 +32,8 @@ fn find_tar(dir: &Path, stem: &str) -> Option<PathBuf> {
 impl BackupFormat {
     pub fn detect(dir: &Path) -> anyhow::Result<BackupFormat> {
         if !dir.is_dir() {
-            crate::refuse!(Invalid, 
+            crate::refuse!(
+                Invalid,
                 "backup directory {} does not exist; pass the directory pg_basebackup wrote",
                 dir.display()
             );
@@ -42,7 +43,8 @@ impl BackupFormat {
                 .map(|r| r.count())
                 .unwrap_or(0);
             if tblspc > 0 {
-                crate::refuse!(Invalid, 
+                crate::refuse!(
+                    Invalid,
                     "backup {} has tablespaces outside the data directory; vdbfs links sources \
                      without extra tablespaces only",
                     dir.display()
@@ -59,7 +61,8 @@ impl BackupFormat {
                 })
                 .count();
             if others > 0 {
-                crate::refuse!(Invalid, 
+                crate::refuse!(
+                    Invalid,
                     "backup {} has tablespace archives; vdbfs links sources without extra \
                      tablespaces only",
                     dir.display()
@@ -70,7 +73,8 @@ impl BackupFormat {
                 wal: find_tar(dir, "pg_wal"),
             });
         }
-        crate::refuse!(Invalid, 
+        crate::refuse!(
+            Invalid,
             "{} is not a base backup: expected a data directory (PG_VERSION, global/pg_control) \
              or pg_basebackup's tar format (base.tar or base.tar.gz)",
             dir.display()

@@ -59,7 +59,10 @@ impl SourceService {
             }
             (true, None) => Some(super::default_slot(&name)),
             (false, Some(_)) => {
-                refuse!(Invalid, "--slot is for the streaming modes, not log-shipping")
+                refuse!(
+                    Invalid,
+                    "--slot is for the streaming modes, not log-shipping"
+                )
             }
             (false, None) => None,
         };
@@ -256,7 +259,10 @@ impl SourceService {
                 )?;
             }
             (Mode::BackupStream, ..) => {
-                refuse!(Internal, "a backup-stream source needs a connection and a slot")
+                refuse!(
+                    Internal,
+                    "a backup-stream source needs a connection and a slot"
+                )
             }
             (_, Some(b), ..) => ingest::import_backup(&rec.install, b, &rec.data_dir, progress)?,
             (_, None, ..) => refuse!(Invalid, "no backup to import"),

@@ -4,14 +4,14 @@
 //! exactly as they will matter.
 
 use super::Mode;
+use crate::api::{refusal, ErrorKind};
 use crate::pg::conninfo::Conn;
 use crate::pg::{self, Install};
-use crate::api::{refusal, ErrorKind};
 use crate::refuse;
 use anyhow::Context;
-use tokio_postgres::error::SqlState;
 use std::path::Path;
 use std::time::Duration;
+use tokio_postgres::error::SqlState;
 
 /// What the source said over a replication connection.
 #[derive(Debug, Clone)]
@@ -267,7 +267,10 @@ pub fn probe_source(
         }
     };
     if lines.len() < 6 {
-        refuse!(Internal, "unexpected answer from the source to IDENTIFY_SYSTEM/SHOW: {lines:?}");
+        refuse!(
+            Internal,
+            "unexpected answer from the source to IDENTIFY_SYSTEM/SHOW: {lines:?}"
+        );
     }
     let ident: Vec<&str> = lines[0].split('|').collect();
     let num: u32 = lines[2].trim().parse().unwrap_or(0);
@@ -314,7 +317,8 @@ pub fn staging_install(
         })?,
     };
     if install.major != major {
-        refuse!(Invalid, 
+        refuse!(
+            Invalid,
             "version mismatch: the source runs PostgreSQL {version} but the staging binaries in \
              {} are PostgreSQL {}; a standby needs the same major version: install \
              postgresql-{major} or pass --pg-bin with PostgreSQL {major} binaries",
@@ -357,7 +361,8 @@ pub fn check_backup_identity(
     )?;
     let control = pg::conf::parse_controldata(&out.stdout_text());
     match control.get("Database system identifier") {
-        Some(id) if id != source_id => refuse!(Invalid, 
+        Some(id) if id != source_id => refuse!(
+            Invalid,
             "the backup {} was not taken from this source: its system identifier is {id}, the \
              source's is {source_id}; take a new pg_basebackup of the source",
             backup.display()
@@ -386,11 +391,13 @@ pub fn staging_port(asked: Option<u16>, taken: &[u16]) -> anyhow::Result<u16> {
 /// The mode's required directories exist and look right.
 pub fn check_dirs(mode: Mode, backup: Option<&Path>, archive: Option<&Path>) -> anyhow::Result<()> {
     match (mode, backup) {
-        (Mode::BackupStream, Some(_)) => refuse!(Invalid, 
+        (Mode::BackupStream, Some(_)) => refuse!(
+            Invalid,
             "--backup is for --mode stream or --mode log-shipping; in backup-stream mode vdbfs \
              takes the backup itself"
         ),
-        (Mode::Stream | Mode::LogShipping, None) => refuse!(Invalid, 
+        (Mode::Stream | Mode::LogShipping, None) => refuse!(
+            Invalid,
             "--mode {} needs --backup DIR: a pg_basebackup of the source (plain or tar format)",
             mode.as_str()
         ),
@@ -400,13 +407,15 @@ pub fn check_dirs(mode: Mode, backup: Option<&Path>, archive: Option<&Path>) -> 
         _ => {}
     }
     match (mode, archive) {
-        (Mode::LogShipping, None) => refuse!(Invalid, 
+        (Mode::LogShipping, None) => refuse!(
+            Invalid,
             "--mode log-shipping needs --archive DIR: the directory the source's archive_command \
              copies WAL files to"
         ),
         (Mode::LogShipping, Some(a)) => {
             if !a.is_dir() {
-                refuse!(Invalid, 
+                refuse!(
+                    Invalid,
                     "archive directory {} does not exist; point --archive at the directory the \
                      source's archive_command writes to",
                     a.display()
@@ -417,7 +426,8 @@ pub fn check_dirs(mode: Mode, backup: Option<&Path>, archive: Option<&Path>) -> 
                 .filter(|e| pg::lsn::parse_segment(&e.file_name().to_string_lossy()).is_some())
                 .count();
             if segments == 0 {
-                refuse!(Invalid, 
+                refuse!(
+                    Invalid,
                     "archive directory {} holds no WAL segment files; check archive_mode = on and \
                      archive_command on the source, and that WAL was archived (SELECT \
                      pg_switch_wal() forces one)",
@@ -434,7 +444,8 @@ pub fn check_dirs(mode: Mode, backup: Option<&Path>, archive: Option<&Path>) -> 
             )
             .is_ok();
             if !readable {
-                refuse!(Invalid, 
+                refuse!(
+                    Invalid,
                     "archive directory {} is not readable by the postgres OS user, which runs \
                      restore_command; give it read access (chmod/chgrp)",
                     a.display()
@@ -465,7 +476,10 @@ mod tests {
         assert_eq!(code, Some(SqlState::DUPLICATE_OBJECT));
         assert_eq!(text, "psql: ERROR:  replication slot \"s\" already exists");
         let (code, text) = split_sqlstate("psql: error: connection refused");
-        assert_eq!((code, text.as_str()), (None, "psql: error: connection refused"));
+        assert_eq!(
+            (code, text.as_str()),
+            (None, "psql: error: connection refused")
+        );
     }
 
     #[test]

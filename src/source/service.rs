@@ -151,7 +151,12 @@ impl SourceService {
         }
     }
 
-    pub fn unlink(&self, name: &str, delete_snapshots: bool, force: bool) -> anyhow::Result<String> {
+    pub fn unlink(
+        &self,
+        name: &str,
+        delete_snapshots: bool,
+        force: bool,
+    ) -> anyhow::Result<String> {
         let mut rec = self.record(name)?;
         let st = self.slots.state(name);
         let _g = st.op.lock();

@@ -133,7 +133,13 @@ impl SourceService {
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {
             let s = q("SELECT pg_get_wal_replay_pause_state()", 10)?;
-            if s.first().and_then(|r| r.first()).cloned().flatten().as_deref() == Some("paused") {
+            if s.first()
+                .and_then(|r| r.first())
+                .cloned()
+                .flatten()
+                .as_deref()
+                == Some("paused")
+            {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -8,7 +8,6 @@
 use super::{VdbDir, VdbRecord};
 use crate::pg;
 use crate::pg::RunFiles;
-use super::VdbOp;
 use crate::refuse;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -64,15 +63,6 @@ impl Hook {
             Hook::PostRewind => "post-rewind",
         }
     }
-
-    /// The hooks around a refresh or rewind (a create has none of its own).
-    pub fn around(op: VdbOp) -> Option<(Hook, Hook)> {
-        match op {
-            VdbOp::Refresh => Some((Hook::PreRefresh, Hook::PostRefresh)),
-            VdbOp::Rewind => Some((Hook::PreRewind, Hook::PostRewind)),
-            VdbOp::Create => None,
-        }
-    }
 }
 
 impl std::fmt::Display for Hook {
@@ -92,7 +82,8 @@ pub fn hooks_dir(rec: &VdbRecord, store: &Path) -> Option<PathBuf> {
 pub fn check_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if !dir.is_dir() {
-        refuse!(Invalid, 
+        refuse!(
+            Invalid,
             "--hooks {}: no such directory; create it with executables named after hooks ({})",
             dir.display(),
             HOOKS.map(Hook::as_str).join(", ")
@@ -103,7 +94,11 @@ pub fn check_dir(dir: &Path) -> anyhow::Result<()> {
         if HOOKS.iter().any(|h| h.as_str() == name) {
             let mode = e.metadata()?.permissions().mode();
             if mode & 0o111 == 0 {
-                refuse!(Invalid, "hook {} is not executable; chmod +x it", e.path().display());
+                refuse!(
+                    Invalid,
+                    "hook {} is not executable; chmod +x it",
+                    e.path().display()
+                );
             }
         }
     }
@@ -143,7 +138,11 @@ pub fn run(rec: &VdbRecord, store: &Path, hook: Hook) -> anyhow::Result<()> {
         Ok(o) => o,
         Err(e) => {
             vdir.log_line(&format!("hook {name}: {e:#}"));
-            refuse!(Conflict, "the {name} hook of VDB {} failed: {e:#}", rec.name);
+            refuse!(
+                Conflict,
+                "the {name} hook of VDB {} failed: {e:#}",
+                rec.name
+            );
         }
     };
     let text = format!("{}\n{}", out.stdout_text(), out.stderr_text());
@@ -153,7 +152,8 @@ pub fn run(rec: &VdbRecord, store: &Path, hook: Hook) -> anyhow::Result<()> {
     }
     if !out.status.success() {
         vdir.log_line(&format!("hook {name}: failed ({})", out.status));
-        refuse!(Conflict, 
+        refuse!(
+            Conflict,
             "the {name} hook of VDB {} failed ({}); its output:\n{}",
             rec.name,
             out.status,

@@ -199,7 +199,6 @@ impl VdbService {
         rec.pending = None;
         rec.running = p.was_running;
         rec.event(format!("{} undone", p.op));
-        self.records.put(rec)
-            .map_err(Into::into)
+        self.records.put(rec).map_err(Into::into)
     }
 }

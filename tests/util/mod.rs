@@ -67,6 +67,7 @@ pub fn require_root_fuse_postgres() {
 /// Panics loudly unless we are root and /dev/fuse exists.
 pub fn require_root_fuse() {
     assert!(
+        // SAFETY: geteuid has no preconditions.
         unsafe { libc::geteuid() } == 0,
         "PREREQUISITE MISSING: these tests must run as root (FUSE mounts with allow_other, runuser postgres)"
     );
@@ -79,10 +80,12 @@ pub fn require_root_fuse() {
 /// uid and gid of the `postgres` OS user.
 pub fn postgres_ids() -> Option<(u32, u32)> {
     let name = CString::new("postgres").unwrap();
+    // SAFETY: getpwnam gets a NUL-terminated name; the result is read at once below.
     let pw = unsafe { libc::getpwnam(name.as_ptr()) };
     if pw.is_null() {
         None
     } else {
+        // SAFETY: pw is non-null here, pointing to getpwnam's static struct.
         Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
     }
 }
@@ -216,7 +219,7 @@ pub struct MountEntry {
     pub source: String,
 }
 
-use vdbfs::daemon::mounts::unescape_mountinfo;
+use vdbfs::mounts::kernel::unescape_mountinfo;
 
 pub fn mountinfo() -> Vec<MountEntry> {
     let s = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
@@ -260,7 +263,9 @@ pub fn is_stale(path: &Path) -> bool {
 /// statfs(2) of a path.
 pub fn statfs(path: &Path) -> std::io::Result<libc::statfs> {
     let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statfs is plain old data: all-zero bytes are a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a NUL-terminated path and st a valid out pointer.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 {
         Ok(st)
     } else {
@@ -288,11 +293,13 @@ pub fn stat_says(path: &Path) -> String {
 /// Lazy unmount (umount2 MNT_DETACH); returns whether the call succeeded.
 pub fn lazy_umount(path: &Path) -> bool {
     let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: c is a NUL-terminated path that outlives the call.
     unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) == 0 }
 }
 
 /// Sends a signal to a pid; returns whether the call succeeded.
 pub fn signal(pid: i32, sig: i32) -> bool {
+    // SAFETY: kill(2) takes plain integers; no memory is involved.
     unsafe { libc::kill(pid, sig) == 0 }
 }
 
