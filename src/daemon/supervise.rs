@@ -14,10 +14,16 @@ impl Daemon {
     pub(super) fn supervisor(self: Arc<Self>) {
         self.sources.recover();
         self.vdbs.recover();
-        tracing::debug!("supervisor: recovery done");
+        let mut first = true;
         while !self.stopping.load(Ordering::Relaxed) {
             self.sources.supervise();
             self.vdbs.supervise();
+            if first {
+                // Tests (and operators) wait for this line: what a restart brings back has
+                // been started (or tried) by now.
+                tracing::info!("supervisor: first round done");
+                first = false;
+            }
             std::thread::sleep(Duration::from_secs(1));
         }
     }

@@ -141,3 +141,13 @@ impl Managed {
         super::log_tail(&self.cluster.log, n)
     }
 }
+
+/// Stops every one of these postgres servers, each under its slot's operation lock (daemon
+/// shutdown: the next daemon starts the wanted ones again).
+pub fn stop_all(slots: &Registry, servers: impl IntoIterator<Item = Managed>) {
+    for m in servers {
+        let st = slots.state(&m.name);
+        let _g = st.op.lock();
+        m.stop(&st);
+    }
+}

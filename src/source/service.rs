@@ -103,14 +103,8 @@ impl SourceService {
 
     /// Stops every staging standby (daemon shutdown); they start again with the next daemon.
     pub fn stop_all(&self) {
-        let Ok(recs) = self.records() else {
-            return;
-        };
-        for rec in recs {
-            let st = self.slots.state(&rec.name);
-            let _g = st.op.lock();
-            self.stop_staging(&rec, &st);
-        }
+        let recs = self.records().unwrap_or_default();
+        crate::pg::managed::stop_all(&self.slots, recs.iter().map(|r| r.staging(&self.store_dir)));
     }
 
     // ---- disable / enable / unlink -------------------------------------------------------

@@ -152,9 +152,7 @@ impl VdbService {
         })();
         match r {
             Ok(()) => {
-                rec.pending = None;
-                rec.running = true;
-                rec.event(format!("created from {parent}"));
+                rec.settle(true, format!("created from {parent}"));
                 self.records.put(&rec)?;
                 dir.log_line(&format!(
                     "VDB {name} is running ({:.2} s)",

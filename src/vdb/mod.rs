@@ -191,6 +191,13 @@ impl VdbRecord {
         self.parent.split_once('@').map_or("", |(d, _)| d)
     }
 
+    /// The end of an operation: nothing pending, postgres wanted `running`, `what` recorded.
+    pub fn settle(&mut self, running: bool, what: String) {
+        self.pending = None;
+        self.running = running;
+        self.event(what);
+    }
+
     pub fn event(&mut self, what: String) {
         self.events.push((crate::time::rfc3339_now(), what));
     }

@@ -220,14 +220,11 @@ impl VdbService {
 
     /// Stops every VDB postgres (daemon shutdown); the next daemon starts the wanted ones.
     pub fn stop_all(&self) {
-        let Ok(recs) = self.records() else {
-            return;
-        };
-        for rec in recs {
-            let st = self.slots.state(&rec.name);
-            let _g = st.op.lock();
-            self.stop_postgres(&rec, &st);
-        }
+        let recs = self.records().unwrap_or_default();
+        pg::managed::stop_all(
+            &self.slots,
+            recs.iter().map(|r| r.postgres(&self.store_dir)),
+        );
     }
 
     /// Checkpoints and unmounts the VDB's dataset (before its tree is switched).

@@ -151,9 +151,7 @@ impl VdbService {
         })();
         match r {
             Ok(()) => {
-                rec.pending = None;
-                rec.running = was_running;
-                rec.event(format!("{op} onto {ds}@{snap}"));
+                rec.settle(was_running, format!("{op} onto {ds}@{snap}"));
                 self.records.put(&rec)?;
                 dir.log_line(&format!("{op} done"));
                 hooks::run(&rec, &store, post)
@@ -196,9 +194,7 @@ impl VdbService {
         if p.was_running {
             self.start_postgres(rec, st)?;
         }
-        rec.pending = None;
-        rec.running = p.was_running;
-        rec.event(format!("{} undone", p.op));
-        self.records.put(rec).map_err(Into::into)
+        rec.settle(p.was_running, format!("{} undone", p.op));
+        Ok(self.records.put(rec)?)
     }
 }
