@@ -371,3 +371,32 @@ impl Daemon {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::refusal;
+
+    #[test]
+    fn the_first_error_in_the_chain_that_knows_its_kind_decides() {
+        let e = anyhow::Error::from(NameError::NotFound("x".into())).context("cannot start VDB x");
+        assert_eq!(kind_of(&e), ErrorKind::NotFound);
+        let e = refusal(ErrorKind::Busy, "in use").context("cannot stop VDB x");
+        assert_eq!(kind_of(&e), ErrorKind::Busy);
+        assert_eq!(
+            format!("{e:#}"),
+            "cannot stop VDB x: in use",
+            "a kind never changes the message"
+        );
+        let e = anyhow::Error::from(crate::store::Error::NoSpace);
+        assert_eq!(kind_of(&e), ErrorKind::Unavailable);
+        let e = anyhow::Error::from(crate::time::parse_interval("1x", "--keep-for").unwrap_err());
+        assert_eq!(kind_of(&e), ErrorKind::Invalid);
+        assert_eq!(
+            kind_of(&anyhow::anyhow!("something else")),
+            ErrorKind::Internal
+        );
+        assert_eq!(ErrorKind::NotFound.http_status(), 404);
+        assert_eq!(ErrorKind::Internal.exit_code(), 1);
+    }
+}
