@@ -1,6 +1,9 @@
 //! PostgreSQL orchestration (control path): local installations, programs run as the `postgres`
 //! OS user with bounded waits, `pg_ctl` start/stop, SQL over the cluster's unix socket, and
-//! configuration files.
+//! configuration files. `managed` is the one lifecycle of a postgres the daemon runs (staging
+//! standbys and VDBs alike: start, stop, PID file, leftovers, restart backoff), `ports` the one
+//! port picker, `conninfo` connection strings (tokio_postgres parses them; passwords are kept
+//! out), `discover` the host's installations and clusters.
 //!
 //! Invariants: every external program runs with a deadline and a cleaned `PG*` environment;
 //! passwords never appear on a command line (libpq reads them from a passfile); every failure
@@ -79,7 +82,8 @@ impl Install {
     pub fn for_major(major: u32) -> anyhow::Result<Install> {
         let dir = Path::new(DEBIAN_ROOT).join(major.to_string()).join("bin");
         if !dir.join("postgres").exists() {
-            bail!(
+            crate::refuse!(
+                Unavailable,
                 "no PostgreSQL {major} binaries here (looked for {}); install postgresql-{major} \
                  (apt-get install postgresql-{major}) or pass --pg-bin DIR",
                 dir.display()
@@ -113,7 +117,10 @@ pub fn postgres_ids() -> anyhow::Result<(u32, u32)> {
     // struct we read at once.
     let pw = unsafe { libc::getpwnam(c"postgres".as_ptr()) };
     if pw.is_null() {
-        bail!("there is no 'postgres' OS user; install the postgresql package (it creates it)");
+        crate::refuse!(
+            Unavailable,
+            "there is no 'postgres' OS user; install the postgresql package (it creates it)"
+        );
     }
     // SAFETY: non-null pointer from getpwnam.
     Ok(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })

@@ -288,7 +288,7 @@ impl SourceService {
                     refuse!(
                         Unavailable,
                         "the staging standby does not stream from the source after 60 s; staging log:\n{}",
-                        health::log_tail(rec, store)
+                        rec.staging(store).log_tail(15)
                     );
                 }
                 std::thread::sleep(Duration::from_millis(250));

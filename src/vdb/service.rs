@@ -140,14 +140,15 @@ impl VdbService {
     /// the standby was consistent; wait until replay reached the recovery target (paused there)
     /// if there is one, then promote. Promotion first replays whatever WAL is left in pg_wal.
     fn promote(&self, rec: &VdbRecord, pid: i32) -> anyhow::Result<()> {
-        let cluster = rec.cluster(&self.store_dir);
+        let postgres = rec.postgres(&self.store_dir);
+        let cluster = &postgres.cluster;
         let deadline = Instant::now() + START_TIMEOUT;
         let target = configure::pending_target(rec);
         let log_tail = || {
             format!(
                 "postgres log ({}):\n{}",
                 cluster.log.display(),
-                pg::log_tail(&cluster.log, 15)
+                postgres.log_tail(15)
             )
         };
         if let Some(target) = target {
