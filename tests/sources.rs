@@ -661,6 +661,25 @@ impl<'a> Refused<'a> {
     }
 }
 
+/// `--conn CONN --passfile FILE --staging-port PORT EXTRA...`
+fn link_args<'a>(
+    conn: &'a str,
+    passfile: &'a str,
+    port: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut v = vec![
+        "--conn",
+        conn,
+        "--passfile",
+        passfile,
+        "--staging-port",
+        port,
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
 /// Runs each case: the link fails with an error containing its phrase and leaves nothing behind.
 /// Returns each case's stderr, in order.
 #[track_caller]
@@ -700,10 +719,14 @@ fn preflight_refuses_bad_sources_and_leaves_nothing_behind() {
     let mpass = minimal.passfile("replicator", REPL_PW);
     let minimal_conn = minimal.conn("replicator");
 
+    let wrong = wrong.to_str().unwrap();
+    let plain = plain.to_str().unwrap();
+    let fake = fake.path().to_str().unwrap();
+    let mpass = mpass.to_str().unwrap();
     let mut taken = Refused::new(
         &src,
         "a name already taken",
-        vec!["--conn", &conn, "--passfile", good, "--staging-port", &port],
+        link_args(&conn, good, &port, &[]),
         "already exists",
     );
     taken.name = "taken";
@@ -712,14 +735,7 @@ fn preflight_refuses_bad_sources_and_leaves_nothing_behind() {
         Refused::new(
             &src,
             "a wrong password (passfile)",
-            vec![
-                "--conn",
-                &conn,
-                "--passfile",
-                wrong.to_str().unwrap(),
-                "--staging-port",
-                &port,
-            ],
+            link_args(&conn, wrong, &port, &[]),
             "password authentication failed",
         ),
         Refused::new(
@@ -731,56 +747,26 @@ fn preflight_refuses_bad_sources_and_leaves_nothing_behind() {
         Refused::new(
             &src,
             "a user without REPLICATION",
-            vec![
-                "--conn",
-                &plain_conn,
-                "--passfile",
-                plain.to_str().unwrap(),
-                "--staging-port",
-                &port,
-            ],
+            link_args(&plain_conn, plain, &port, &[]),
             "replication privilege",
         ),
         Refused::new(
             &src,
             "a version mismatch",
-            vec![
-                "--conn",
-                &conn,
-                "--passfile",
-                good,
-                "--staging-port",
-                &port,
-                "--pg-bin",
-                fake.path().to_str().unwrap(),
-            ],
+            link_args(&conn, good, &port, &["--pg-bin", fake]),
             "version",
         ),
         Refused::new(
             &src,
             "a busy staging port",
-            vec![
-                "--conn",
-                &conn,
-                "--passfile",
-                good,
-                "--staging-port",
-                &busy_port,
-            ],
+            link_args(&conn, good, &busy_port, &[]),
             &format!("port {busy_port} is in use"),
         ),
         taken,
         Refused::new(
             &minimal,
             "wal_level=minimal",
-            vec![
-                "--conn",
-                &minimal_conn,
-                "--passfile",
-                mpass.to_str().unwrap(),
-                "--staging-port",
-                &port,
-            ],
+            link_args(&minimal_conn, mpass, &port, &[]),
             "wal_level = minimal",
         ),
     ];
@@ -826,58 +812,46 @@ fn preflight_refuses_bad_archives_and_backups() {
     let port = util::free_port().to_string();
     let conn = src.conn("replicator");
     let pass = src.passfile("replicator", REPL_PW);
-    let common = [
-        "--conn",
-        conn.as_str(),
-        "--passfile",
-        pass.to_str().unwrap(),
-        "--staging-port",
-        port.as_str(),
-    ];
-    let with = |extra: &[&'static str], more: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = common.iter().map(|s| s.to_string()).collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v.extend(more.iter().map(|s| s.to_string()));
-        v
-    };
+    let pass = pass.to_str().unwrap();
     let missing = d.root().join("no-such-archive");
     let empty = tempdir("vdbfs-empty-archive-");
     let other = SourceDb::start(false, &[]);
     let foreign = other.basebackup("backup", false);
-    let backup = backup.to_str().unwrap();
-    let shipping = ["--mode", "log-shipping", "--backup"];
-    let args = [
-        with(&shipping, &[backup, "--archive", missing.to_str().unwrap()]),
-        with(
-            &shipping,
-            &[backup, "--archive", empty.path().to_str().unwrap()],
+    let (backup, foreign) = (backup.to_str().unwrap(), foreign.to_str().unwrap());
+    let (missing, empty) = (missing.to_str().unwrap(), empty.path().to_str().unwrap());
+    let ship = ["--mode", "log-shipping", "--backup", backup, "--archive"];
+    let cases = [
+        (
+            "a missing archive dir",
+            link_args(&conn, pass, &port, &[&ship[..], &[missing]].concat()),
+            "archive",
         ),
-        with(&["--mode", "stream"], &[]),
-        with(
-            &["--mode", "stream", "--backup"],
-            &[foreign.to_str().unwrap()],
+        (
+            "an empty archive dir",
+            link_args(&conn, pass, &port, &[&ship[..], &[empty]].concat()),
+            "archive",
         ),
-    ];
-    let case = |i: usize, what: &'static str, error: &str| {
-        let mut c = Refused::new(
-            &src,
-            what,
-            args[i].iter().map(String::as_str).collect(),
-            error,
-        );
-        c.name = "ship";
-        c
-    };
-    assert_refused(
-        &d,
-        &before,
-        &[
-            case(0, "a missing archive dir", "archive"),
-            case(1, "an empty archive dir", "archive"),
-            case(2, "stream mode without --backup", "backup"),
-            case(3, "a backup of another cluster", "backup"),
-        ],
-    );
+        (
+            "stream mode without --backup",
+            link_args(&conn, pass, &port, &["--mode", "stream"]),
+            "backup",
+        ),
+        (
+            "a backup of another cluster",
+            link_args(
+                &conn,
+                pass,
+                &port,
+                &["--mode", "stream", "--backup", foreign],
+            ),
+            "backup",
+        ),
+    ]
+    .map(|(what, args, error)| Refused {
+        name: "ship",
+        ..Refused::new(&src, what, args, error)
+    });
+    assert_refused(&d, &before, &cases);
 }
 
 // Like a plain one, a tar-format backup (base.tar.gz) of another cluster is refused before
@@ -896,18 +870,17 @@ fn preflight_refuses_a_tar_backup_of_another_cluster() {
     let mut case = Refused::new(
         &src,
         "a tar backup of another cluster",
-        vec![
-            "--conn",
+        link_args(
             &conn,
-            "--passfile",
             pass.to_str().unwrap(),
-            "--staging-port",
             &port,
-            "--mode",
-            "stream",
-            "--backup",
-            foreign_tar.to_str().unwrap(),
-        ],
+            &[
+                "--mode",
+                "stream",
+                "--backup",
+                foreign_tar.to_str().unwrap(),
+            ],
+        ),
         "backup",
     );
     case.name = "foreign";
