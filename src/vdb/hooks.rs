@@ -15,20 +15,21 @@ use std::time::Duration;
 
 pub const HOOK_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// A hook: the event it is named after.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hook {
-    ConfigureClone,
-    PreStart,
-    PostStart,
-    PreStop,
-    PostStop,
-    PreSnapshot,
-    PostSnapshot,
-    PreRefresh,
-    PostRefresh,
-    PreRewind,
-    PostRewind,
+crate::api::words! {
+    /// A hook: the event it is named after (the executable's file name).
+    pub enum Hook {
+        ConfigureClone = "configure-clone",
+        PreStart = "pre-start",
+        PostStart = "post-start",
+        PreStop = "pre-stop",
+        PostStop = "post-stop",
+        PreSnapshot = "pre-snapshot",
+        PostSnapshot = "post-snapshot",
+        PreRefresh = "pre-refresh",
+        PostRefresh = "post-refresh",
+        PreRewind = "pre-rewind",
+        PostRewind = "post-rewind",
+    }
 }
 
 /// Every hook vdbfs runs, in no particular order.
@@ -45,31 +46,6 @@ pub const HOOKS: [Hook; 11] = [
     Hook::PreRewind,
     Hook::PostRewind,
 ];
-
-impl Hook {
-    /// The executable's file name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Hook::ConfigureClone => "configure-clone",
-            Hook::PreStart => "pre-start",
-            Hook::PostStart => "post-start",
-            Hook::PreStop => "pre-stop",
-            Hook::PostStop => "post-stop",
-            Hook::PreSnapshot => "pre-snapshot",
-            Hook::PostSnapshot => "post-snapshot",
-            Hook::PreRefresh => "pre-refresh",
-            Hook::PostRefresh => "post-refresh",
-            Hook::PreRewind => "pre-rewind",
-            Hook::PostRewind => "post-rewind",
-        }
-    }
-}
-
-impl std::fmt::Display for Hook {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// The hooks directory in effect for a VDB.
 pub fn hooks_dir(rec: &VdbRecord, store: &Path) -> Option<PathBuf> {

@@ -50,28 +50,12 @@ pub struct Pending {
     pub was_running: bool,
 }
 
-/// An operation that changes a VDB's data (recorded while it runs, see [`Pending`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VdbOp {
-    Create,
-    Refresh,
-    Rewind,
-}
-
-impl VdbOp {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VdbOp::Create => "create",
-            VdbOp::Refresh => "refresh",
-            VdbOp::Rewind => "rewind",
-        }
-    }
-}
-
-impl std::fmt::Display for VdbOp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+crate::api::words! {
+    /// An operation that changes a VDB's data (recorded while it runs, see [`Pending`]).
+    pub enum VdbOp {
+        Create = "create",
+        Refresh = "refresh",
+        Rewind = "rewind",
     }
 }
 
@@ -349,6 +333,23 @@ mod tests {
         );
         let p = pick_port(None, (busy, busy.saturating_add(5)), &[busy + 1]).unwrap();
         assert!(p != busy && p != busy + 1);
+    }
+
+    #[test]
+    fn records_written_before_the_enums_still_read() {
+        let p: Pending = serde_json::from_str(
+            r#"{"op":"refresh","rollback":"auto-before-refresh-x","parent":"prod@s1","was_running":true}"#,
+        )
+        .unwrap();
+        assert_eq!(p.op, VdbOp::Refresh);
+        assert!(serde_json::to_string(&p)
+            .unwrap()
+            .contains(r#""op":"refresh""#));
+        let props: VdbSnapshotProps =
+            serde_json::from_str(r#"{"vdb":"dev1","kind":"bookmark","lsn":null,"timeline":null}"#)
+                .unwrap();
+        assert_eq!(props.kind, SnapshotKind::Bookmark);
+        assert_eq!(hooks::Hook::ConfigureClone.to_string(), "configure-clone");
     }
 
     #[test]
