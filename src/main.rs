@@ -20,6 +20,6 @@ fn main() {
     }
     if let Err(e) = vdbfs::cli::run(cli) {
         eprintln!("vdbfs: error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(vdbfs::cli::exit_code(&e));
     }
 }

@@ -393,3 +393,70 @@ fn store_option_position_and_env() {
     let out = run(vdbfs().args(["--store", store, "no-such-command"]));
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
 }
+
+/// Sends one raw request line to the control socket; returns the reply (the last line).
+fn raw_request(d: &Daemon, line: &str) -> serde_json::Value {
+    use std::io::{BufRead, BufReader};
+    let mut s = std::os::unix::net::UnixStream::connect(d.store().join("vdbfs.sock")).unwrap();
+    s.set_read_timeout(Some(util::COMMAND_TIMEOUT)).unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let last = BufReader::new(s)
+        .lines()
+        .map_while(Result::ok)
+        .last()
+        .unwrap_or_default();
+    serde_json::from_str(&last).unwrap_or_else(|e| panic!("reply {last:?}: {e}"))
+}
+
+// Every failed control reply says what kind of failure it is (not_found, conflict, invalid, ...),
+// for the CLI's exit code now and HTTP status codes later; a success carries no kind. The CLI
+// still exits 1 for each.
+#[test]
+fn failed_replies_carry_an_error_kind() {
+    let d = Daemon::start();
+    d.create_dataset("one");
+    let cases = [
+        (r#"{"op":"vdb_status","name":"nope"}"#, "not_found"),
+        (r#"{"op":"dataset_create","name":"one"}"#, "conflict"),
+        (r#"{"op":"dataset_create","name":"-bad"}"#, "invalid"),
+        (r#"{"op":"no_such_op"}"#, "invalid"),
+        (
+            r#"{"op":"snapshot_delete","name":"one@never"}"#,
+            "not_found",
+        ),
+    ];
+    for (req, kind) in cases {
+        let r = raw_request(&d, req);
+        assert!(
+            r["ok"] == false
+                && r["kind"] == kind
+                && r["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{req} should fail with kind {kind}: {r}"
+        );
+    }
+    let r = raw_request(&d, r#"{"op":"dataset_list"}"#);
+    assert!(r["ok"] == true && r.get("kind").is_none(), "{r}");
+    let out = d.vdbfs(&["vdb", "status", "nope"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+}
+
+// One daemon per store: a second `vdbfs serve` on a served store exits 1 at once, saying so,
+// and the first keeps serving.
+#[test]
+fn a_second_daemon_on_a_store_is_refused() {
+    let d = Daemon::start();
+    let out = util::run_timeout(
+        Command::new(util::bin())
+            .args(["serve", "--store"])
+            .arg(d.store())
+            .env_remove("VDBFS_STORE"),
+        util::COMMAND_TIMEOUT,
+    );
+    assert_error(&out, "a second daemon");
+    assert!(
+        stderr(&out).contains("another vdbfs daemon already serves the store"),
+        "{}",
+        describe(&out)
+    );
+    d.ok(&["status"]);
+}

@@ -100,6 +100,7 @@ fn flipped_byte_in_pack_reads_as_eio() {
     let f = fs::File::open(m.join("data.bin")).unwrap();
     assert_eq!(f.metadata().unwrap().len(), content.len() as u64);
     // One block per read request: no readahead pulls the corrupt block into a good block's read.
+    // SAFETY: the fd belongs to f, which is open for the whole call.
     let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
     assert_eq!(rc, 0, "posix_fadvise");
 

@@ -49,6 +49,7 @@ impl SmallTmpfs {
 impl Drop for SmallTmpfs {
     fn drop(&mut self) {
         let c = CString::new(self.path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: c is a NUL-terminated path that outlives the call.
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     }
 }

@@ -25,6 +25,9 @@
 //! - `VDBFS_MODEL_SKIP` (default none): comma-separated store/daemon steps not to generate, of
 //!   `snapshot` (a checkpoint with handles open), `gc`, `restart` (SIGTERM + serve), `crash`
 //!   (fsync, kill -9 + serve), e.g. to look for other bugs while one is known.
+//!
+//! Long file (about 1,100 lines), on purpose: the model, the operation generator and the
+//! comparison are one unit that only makes sense read together.
 
 use std::collections::BTreeMap;
 use std::fmt;

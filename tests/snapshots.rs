@@ -3,6 +3,9 @@
 //! origin, its siblings and its snapshot, deleting a snapshot never breaks its clones, `vdbfs gc`
 //! frees only what nothing references (also while writers, snapshots and clones run, and across
 //! a `kill -9`), `vdbfs df` accounts for it, and names are checked.
+//!
+//! Long file (about 1,150 lines), on purpose: the snapshot/clone/gc contract in one place, each
+//! test a scenario on real mounts; the fixtures live in `util`.
 
 use std::collections::BTreeMap;
 use std::fs;

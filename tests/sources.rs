@@ -10,6 +10,9 @@
 //! faults; the source sees one walsender and no transaction; a password (URL or PGPASSWORD)
 //! never reaches status, logs, process listings or the staging configuration; and `vdbfs env
 //! discover` finds the installation, the source and the staging cluster.
+//!
+//! Long file (about 1,500 lines), on purpose: it is the contract of `vdbfs source` in one
+//! place, each test a scenario against real servers; the fixtures it shares live in `util`.
 
 use std::fs;
 use std::net::TcpListener;
@@ -29,7 +32,7 @@ use crate::util::source::{
 };
 use crate::util::{
     self, chmod, chown_postgres, describe, pid_alive, postgres_ids, run_timeout, signal, tempdir,
-    Daemon, Mount, Postgres, PG_BIN,
+    Daemon, Mount, Postgres, PG_BIN, SUPERVISED,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -490,10 +493,26 @@ fn snapshots_taken_during_pgbench_start_and_pass_amcheck() {
 
     let run = Background::start(&src, &["-c", "4", "-j", "2", "-T", "20", "-n"]);
     let mut snaps = Vec::new();
-    thread::sleep(Duration::from_secs(4));
+    // Each snapshot is taken once pgbench committed more since the last one (observed on the
+    // source), so each holds more history than the one before.
+    let history = || {
+        src.psql("SELECT count(*) FROM pgbench_history")
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
+    let mut seen = 0;
     for _ in 0..3 {
+        let mut now = seen;
+        assert!(
+            util::wait_until(WAIT, || {
+                now = history();
+                now >= seen + 500
+            }),
+            "pgbench on the source did not commit 500 more transactions within {WAIT:?} \
+             (history rows: {now})"
+        );
+        seen = now;
         snaps.push(source_snapshot(&d, "busy"));
-        thread::sleep(Duration::from_secs(5));
     }
     let (st, out) = run.finish(Duration::from_secs(90));
     assert!(
@@ -617,6 +636,64 @@ fn fake_pg14_bin() -> tempfile::TempDir {
     dir
 }
 
+/// One link preflight must refuse: the name and arguments, a phrase its error contains, the
+/// source whose slots are checked afterwards, whether dataset NAME existed before, and what the
+/// case is (for messages).
+struct Refused<'a> {
+    name: &'a str,
+    args: Vec<&'a str>,
+    error: String,
+    src: &'a Postgres,
+    dataset_existed: bool,
+    what: &'a str,
+}
+
+impl<'a> Refused<'a> {
+    fn new(src: &'a Postgres, what: &'a str, args: Vec<&'a str>, error: &str) -> Refused<'a> {
+        Refused {
+            name: "prod",
+            args,
+            error: error.to_string(),
+            src,
+            dataset_existed: false,
+            what,
+        }
+    }
+}
+
+/// `--conn CONN --passfile FILE --staging-port PORT EXTRA...`
+fn link_args<'a>(
+    conn: &'a str,
+    passfile: &'a str,
+    port: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut v = vec![
+        "--conn",
+        conn,
+        "--passfile",
+        passfile,
+        "--staging-port",
+        port,
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+/// Runs each case: the link fails with an error containing its phrase and leaves nothing behind.
+/// Returns each case's stderr, in order.
+#[track_caller]
+fn assert_refused(d: &Daemon, before: &Before, cases: &[Refused]) -> Vec<String> {
+    cases
+        .iter()
+        .map(|c| {
+            let err = expect_link_error(d, c.name, &c.args, &c.error);
+            assert_nothing_left(d, c.src, c.name, before, c.dataset_existed, c.what);
+            err
+        })
+        .collect()
+}
+
 // Preflight refuses a source it cannot use, before copying anything, with an error naming the
 // problem: wrong password (passfile and URL; the URL's password is not echoed), a user without
 // REPLICATION, wal_level=minimal, a server major other than the local binaries', a staging port
@@ -631,127 +708,77 @@ fn preflight_refuses_bad_sources_and_leaves_nothing_behind() {
     let conn = src.conn("replicator");
     let good = src.passfile("replicator", REPL_PW);
     let good = good.to_str().unwrap();
-
     let wrong = src.passfile("replicator", "not-the-password");
-    expect_link_error(
-        &d,
-        "prod",
-        &[
-            "--conn",
-            &conn,
-            "--passfile",
-            wrong.to_str().unwrap(),
-            "--staging-port",
-            &port,
-        ],
-        "password authentication failed",
-    );
-    assert_nothing_left(
-        &d,
-        &src,
-        "prod",
-        &before,
-        false,
-        "a wrong password (passfile)",
-    );
-
     let wrong_url = src.url("replicator", "Wrong-Url-Pw-93c1");
-    let err = expect_link_error(
-        &d,
-        "prod",
-        &["--conn", &wrong_url, "--staging-port", &port],
-        "password authentication failed",
-    );
-    assert!(
-        !err.contains("Wrong-Url-Pw-93c1"),
-        "the error echoes the URL's password: {err}"
-    );
-    assert_nothing_left(&d, &src, "prod", &before, false, "a wrong password (URL)");
-
     let plain = src.passfile("plain", PLAIN_PW);
-    expect_link_error(
-        &d,
-        "prod",
-        &[
-            "--conn",
-            &src.conn("plain"),
-            "--passfile",
-            plain.to_str().unwrap(),
-            "--staging-port",
-            &port,
-        ],
-        "replication privilege",
-    );
-    assert_nothing_left(
-        &d,
-        &src,
-        "prod",
-        &before,
-        false,
-        "a user without REPLICATION",
-    );
-
+    let plain_conn = src.conn("plain");
     let fake = fake_pg14_bin();
-    expect_link_error(
-        &d,
-        "prod",
-        &[
-            "--conn",
-            &conn,
-            "--passfile",
-            good,
-            "--staging-port",
-            &port,
-            "--pg-bin",
-            fake.path().to_str().unwrap(),
-        ],
-        "version",
-    );
-    assert_nothing_left(&d, &src, "prod", &before, false, "a version mismatch");
-
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
-    let busy_port = busy.local_addr().unwrap().port();
-    expect_link_error(
-        &d,
-        "prod",
-        &[
-            "--conn",
-            &conn,
-            "--passfile",
-            good,
-            "--staging-port",
-            &busy_port.to_string(),
-        ],
-        &format!("port {busy_port} is in use"),
-    );
-    drop(busy);
-    assert_nothing_left(&d, &src, "prod", &before, false, "a busy staging port");
-
-    d.create_dataset("taken");
-    expect_link_error(
-        &d,
-        "taken",
-        &["--conn", &conn, "--passfile", good, "--staging-port", &port],
-        "already exists",
-    );
-    assert_nothing_left(&d, &src, "taken", &before, true, "a name already taken");
-
+    let busy_port = busy.local_addr().unwrap().port().to_string();
     let minimal = SourceDb::start(false, &["wal_level = minimal", "max_wal_senders = 0"]);
     let mpass = minimal.passfile("replicator", REPL_PW);
-    expect_link_error(
-        &d,
-        "prod",
-        &[
-            "--conn",
-            &minimal.conn("replicator"),
-            "--passfile",
-            mpass.to_str().unwrap(),
-            "--staging-port",
-            &port,
-        ],
-        "wal_level = minimal",
+    let minimal_conn = minimal.conn("replicator");
+
+    let wrong = wrong.to_str().unwrap();
+    let plain = plain.to_str().unwrap();
+    let fake = fake.path().to_str().unwrap();
+    let mpass = mpass.to_str().unwrap();
+    let mut taken = Refused::new(
+        &src,
+        "a name already taken",
+        link_args(&conn, good, &port, &[]),
+        "already exists",
     );
-    assert_nothing_left(&d, &minimal, "prod", &before, false, "wal_level=minimal");
+    taken.name = "taken";
+    taken.dataset_existed = true;
+    let cases = [
+        Refused::new(
+            &src,
+            "a wrong password (passfile)",
+            link_args(&conn, wrong, &port, &[]),
+            "password authentication failed",
+        ),
+        Refused::new(
+            &src,
+            "a wrong password (URL)",
+            vec!["--conn", &wrong_url, "--staging-port", &port],
+            "password authentication failed",
+        ),
+        Refused::new(
+            &src,
+            "a user without REPLICATION",
+            link_args(&plain_conn, plain, &port, &[]),
+            "replication privilege",
+        ),
+        Refused::new(
+            &src,
+            "a version mismatch",
+            link_args(&conn, good, &port, &["--pg-bin", fake]),
+            "version",
+        ),
+        Refused::new(
+            &src,
+            "a busy staging port",
+            link_args(&conn, good, &busy_port, &[]),
+            &format!("port {busy_port} is in use"),
+        ),
+        taken,
+        Refused::new(
+            &minimal,
+            "wal_level=minimal",
+            link_args(&minimal_conn, mpass, &port, &[]),
+            "wal_level = minimal",
+        ),
+    ];
+    d.create_dataset("taken");
+    let errors = assert_refused(&d, &before, &cases);
+    assert!(
+        !errors[1].contains("Wrong-Url-Pw-93c1"),
+        "the error echoes the URL's password: {}",
+        errors[1]
+    );
+    drop(cases);
+    drop(busy);
     drop(minimal);
 
     // Nothing left behind blocks the name: a good link (default staging port) works.
@@ -785,64 +812,46 @@ fn preflight_refuses_bad_archives_and_backups() {
     let port = util::free_port().to_string();
     let conn = src.conn("replicator");
     let pass = src.passfile("replicator", REPL_PW);
-    let common = [
-        "--conn",
-        conn.as_str(),
-        "--passfile",
-        pass.to_str().unwrap(),
-        "--staging-port",
-        port.as_str(),
-    ];
-
+    let pass = pass.to_str().unwrap();
     let missing = d.root().join("no-such-archive");
-    let mut args = common.to_vec();
-    args.extend([
-        "--mode",
-        "log-shipping",
-        "--backup",
-        backup.to_str().unwrap(),
-    ]);
-    args.extend(["--archive", missing.to_str().unwrap()]);
-    expect_link_error(&d, "ship", &args, "archive");
-    assert_nothing_left(&d, &src, "ship", &before, false, "a missing archive dir");
-
     let empty = tempdir("vdbfs-empty-archive-");
-    let mut args = common.to_vec();
-    args.extend([
-        "--mode",
-        "log-shipping",
-        "--backup",
-        backup.to_str().unwrap(),
-    ]);
-    args.extend(["--archive", empty.path().to_str().unwrap()]);
-    expect_link_error(&d, "ship", &args, "archive");
-    assert_nothing_left(&d, &src, "ship", &before, false, "an empty archive dir");
-
-    let mut args = common.to_vec();
-    args.extend(["--mode", "stream"]);
-    expect_link_error(&d, "ship", &args, "backup");
-    assert_nothing_left(
-        &d,
-        &src,
-        "ship",
-        &before,
-        false,
-        "stream mode without --backup",
-    );
-
     let other = SourceDb::start(false, &[]);
     let foreign = other.basebackup("backup", false);
-    let mut args = common.to_vec();
-    args.extend(["--mode", "stream", "--backup", foreign.to_str().unwrap()]);
-    expect_link_error(&d, "ship", &args, "backup");
-    assert_nothing_left(
-        &d,
-        &src,
-        "ship",
-        &before,
-        false,
-        "a backup of another cluster",
-    );
+    let (backup, foreign) = (backup.to_str().unwrap(), foreign.to_str().unwrap());
+    let (missing, empty) = (missing.to_str().unwrap(), empty.path().to_str().unwrap());
+    let ship = ["--mode", "log-shipping", "--backup", backup, "--archive"];
+    let cases = [
+        (
+            "a missing archive dir",
+            link_args(&conn, pass, &port, &[&ship[..], &[missing]].concat()),
+            "archive",
+        ),
+        (
+            "an empty archive dir",
+            link_args(&conn, pass, &port, &[&ship[..], &[empty]].concat()),
+            "archive",
+        ),
+        (
+            "stream mode without --backup",
+            link_args(&conn, pass, &port, &["--mode", "stream"]),
+            "backup",
+        ),
+        (
+            "a backup of another cluster",
+            link_args(
+                &conn,
+                pass,
+                &port,
+                &["--mode", "stream", "--backup", foreign],
+            ),
+            "backup",
+        ),
+    ]
+    .map(|(what, args, error)| Refused {
+        name: "ship",
+        ..Refused::new(&src, what, args, error)
+    });
+    assert_refused(&d, &before, &cases);
 }
 
 // Like a plain one, a tar-format backup (base.tar.gz) of another cluster is refused before
@@ -857,24 +866,26 @@ fn preflight_refuses_a_tar_backup_of_another_cluster() {
     let before = before(&d);
     let port = util::free_port().to_string();
     let pass = src.passfile("replicator", REPL_PW);
-    let t0 = Instant::now();
-    let err = expect_link_error(
-        &d,
-        "foreign",
-        &[
-            "--conn",
-            &src.conn("replicator"),
-            "--passfile",
+    let conn = src.conn("replicator");
+    let mut case = Refused::new(
+        &src,
+        "a tar backup of another cluster",
+        link_args(
+            &conn,
             pass.to_str().unwrap(),
-            "--staging-port",
             &port,
-            "--mode",
-            "stream",
-            "--backup",
-            foreign_tar.to_str().unwrap(),
-        ],
+            &[
+                "--mode",
+                "stream",
+                "--backup",
+                foreign_tar.to_str().unwrap(),
+            ],
+        ),
         "backup",
     );
+    case.name = "foreign";
+    let t0 = Instant::now();
+    let err = expect_link_error(&d, case.name, &case.args, &case.error);
     assert!(
         !err.contains("extracting") && t0.elapsed() < Duration::from_secs(30),
         "a foreign tar backup should be refused before it is copied (took {:?})\n{err}",
@@ -882,11 +893,11 @@ fn preflight_refuses_a_tar_backup_of_another_cluster() {
     );
     assert_nothing_left(
         &d,
-        &src,
-        "foreign",
+        case.src,
+        case.name,
         &before,
-        false,
-        "a tar backup of another cluster",
+        case.dataset_existed,
+        case.what,
     );
 }
 
@@ -1039,7 +1050,8 @@ fn disable_enable_and_unlink_keep_or_delete_what_they_say() {
 
     // Disabled stays disabled across a daemon restart.
     d.restart();
-    thread::sleep(Duration::from_secs(3));
+    // The supervisor's first round after the restart is when it would start staging.
+    d.wait_log_since_start(SUPERVISED, WAIT);
     let st = status(&d, "keep");
     assert!(
         st["state"] == "disabled" && st["staging_pid"].is_null(),
@@ -1209,7 +1221,13 @@ fn log_shipping_archive_gap_is_a_fault_until_filled() {
         hold.display()
     ));
     src.psql("SELECT pg_reload_conf()");
-    thread::sleep(Duration::from_secs(2));
+    // A new session sees the setting once the postmaster reloaded and signalled its children;
+    // the archiver reloads before it archives again.
+    let hold_cmd = format!("test ! -f {0}/%f && cp %p {0}/%f", hold.display());
+    assert!(
+        util::wait_until(WAIT, || src.psql("SHOW archive_command") == hold_cmd),
+        "the source did not reload archive_command within {WAIT:?}"
+    );
     // Names taken after the inserts: on a segment boundary pg_walfile_name names the previous.
     src.insert_rows(1, 30, "segment a");
     let seg_a = walfile(&src, &src.psql("SELECT pg_current_wal_lsn()"));

@@ -4,6 +4,10 @@
 //! Most tests need root, /dev/fuse and PostgreSQL 15: they fail loudly when those are missing.
 //! Run them one at a time: `cargo test --release --test tests -- --test-threads=1`.
 
+// Test helpers outside #[test] functions unwrap too: a panic there fails the test that called
+// them, with its location (clippy.toml allows it inside the tests themselves).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod util;
 
 mod cli;

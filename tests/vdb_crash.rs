@@ -13,11 +13,11 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use crate::util::source::{cleanup_names, dataset_names};
+use crate::util::vdb::{status, try_psql};
 use crate::util::{
     self, chmod, describe, kill_processes_under, pid_alive, wait_child, wait_until, Daemon,
     Postgres,
 };
-use crate::vdbs::{status, try_psql};
 
 const WAIT: Duration = Duration::from_secs(90);
 

@@ -1,6 +1,6 @@
 //! The `vdbfs` command line: parses arguments, talks to the daemon over its socket, prints.
 
-use crate::daemon::api::{self, DatasetInfo, Request, Response, Status};
+use crate::api::{self, DatasetInfo, ErrorKind, ProgressLine, Refusal, Request, Response, Status};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use std::io::{BufRead, BufReader, Write};
@@ -8,6 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod progress;
 mod vdb;
 
 #[derive(Parser)]
@@ -246,10 +247,13 @@ pub(crate) fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
 pub fn call(store: &Path, req: &Request) -> anyhow::Result<Response> {
     let sock = api::socket_path(store);
     let mut s = UnixStream::connect(&sock).map_err(|_| {
-        anyhow::anyhow!(
-            "no vdbfs daemon answers at {}; start one with 'vdbfs serve --store {}'",
-            sock.display(),
-            store.display()
+        api::refusal(
+            ErrorKind::Unavailable,
+            format!(
+                "no vdbfs daemon answers at {}; start one with 'vdbfs serve --store {}'",
+                sock.display(),
+                store.display()
+            ),
         )
     })?;
     s.set_read_timeout(Some(Duration::from_secs(600)))?;
@@ -257,6 +261,7 @@ pub fn call(store: &Path, req: &Request) -> anyhow::Result<Response> {
     line.push('\n');
     s.write_all(line.as_bytes())?;
     let mut r = BufReader::new(s);
+    let mut shown = progress::Shown::new();
     loop {
         let mut resp = String::new();
         let n = r
@@ -265,10 +270,11 @@ pub fn call(store: &Path, req: &Request) -> anyhow::Result<Response> {
         if n == 0 {
             bail!("the daemon closed the connection without answering");
         }
-        if let Ok(p) = serde_json::from_str::<api::ProgressLine>(&resp) {
-            eprintln!("{}", p.progress);
+        if let Ok(p) = serde_json::from_str::<ProgressLine>(&resp) {
+            shown.show(&p);
             continue;
         }
+        shown.done();
         return serde_json::from_str(&resp).context("malformed answer from the daemon");
     }
 }
@@ -321,10 +327,19 @@ fn print_source(s: &api::SourceStatus) {
     }
 }
 
+/// The exit status of a failed command: its kind's (see [`ErrorKind::exit_code`]); 1 for a
+/// failure the CLI met itself.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<Refusal>())
+        .map_or(1, |r| r.kind.exit_code())
+}
+
+/// Sends a request; a failure is a [`Refusal`] with the daemon's kind and message.
 pub(crate) fn run_req(store: &Path, req: Request) -> anyhow::Result<Response> {
     let r = call(store, &req)?;
     if !r.ok {
-        bail!("{}", r.message);
+        return Err(Refusal::new(r.kind.unwrap_or(ErrorKind::Internal), r.message).into());
     }
     Ok(r)
 }
@@ -340,9 +355,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot create a store in {}", store.display()))?;
             println!("initialized an empty vdbfs store in {}", store.display());
         }
-        Cmd::Serve { vdb_ports } => {
-            crate::daemon::serve(&store, crate::vdb::parse_port_range(&vdb_ports)?)?
-        }
+        Cmd::Serve { vdb_ports } => crate::daemon::serve(&store, &vdb_ports)?,
         Cmd::Status { json } => {
             let r = run_req(&store, Request::Status)?;
             if json {
@@ -523,7 +536,7 @@ fn run_source(store: &Path, cmd: SourceCmd) -> anyhow::Result<()> {
             passfile,
             pg_bin,
         } => {
-            let spec = crate::source::LinkSpec {
+            let spec = api::LinkSpec {
                 name,
                 conn,
                 password: std::env::var("PGPASSWORD").ok(),

@@ -1,7 +1,7 @@
 //! `vdbfs vdb ...` and `vdbfs timeflow`: virtual databases and the tree they live in.
 
 use super::{absolute, human, run_req};
-use crate::daemon::api::{self, Request, TimeflowNode, VdbSpec};
+use crate::api::{self, NodeKind, Request, TimeflowNode, VdbSpec};
 use clap::Subcommand;
 use std::path::{Path, PathBuf};
 
@@ -268,9 +268,9 @@ fn render_children(n: &TimeflowNode, prefix: &str, out: &mut String) {
 
 fn label(n: &TimeflowNode) -> String {
     let mut parts = vec![n.name.clone()];
-    match n.kind.as_str() {
-        "source" | "vdb" | "dataset" => {
-            let mut what = n.kind.clone();
+    match n.kind {
+        NodeKind::Source | NodeKind::Vdb | NodeKind::Dataset => {
+            let mut what = n.kind.to_string();
             if let Some(s) = &n.state {
                 what.push_str(&format!(" {s}"));
             }
@@ -283,7 +283,7 @@ fn label(n: &TimeflowNode) -> String {
             parts.push(format!("[{what}]"));
         }
         kind => {
-            if kind == "bookmark" {
+            if kind == NodeKind::Bookmark {
                 parts.push("[bookmark]".into());
             }
             if let Some(l) = &n.lsn {

@@ -1,6 +1,9 @@
 //! PostgreSQL orchestration (control path): local installations, programs run as the `postgres`
 //! OS user with bounded waits, `pg_ctl` start/stop, SQL over the cluster's unix socket, and
-//! configuration files.
+//! configuration files. `managed` is the one lifecycle of a postgres the daemon runs (staging
+//! standbys and VDBs alike: start, stop, PID file, leftovers, restart backoff), `ports` the one
+//! port picker, `conninfo` connection strings (tokio_postgres parses them; passwords are kept
+//! out), `discover` the host's installations and clusters.
 //!
 //! Invariants: every external program runs with a deadline and a cleaned `PG*` environment;
 //! passwords never appear on a command line (libpq reads them from a passfile); every failure
@@ -10,6 +13,8 @@ pub mod conf;
 pub mod conninfo;
 pub mod discover;
 pub mod lsn;
+pub mod managed;
+pub mod ports;
 
 use anyhow::{anyhow, bail, Context};
 use std::io::Read;
@@ -77,7 +82,8 @@ impl Install {
     pub fn for_major(major: u32) -> anyhow::Result<Install> {
         let dir = Path::new(DEBIAN_ROOT).join(major.to_string()).join("bin");
         if !dir.join("postgres").exists() {
-            bail!(
+            crate::refuse!(
+                Unavailable,
                 "no PostgreSQL {major} binaries here (looked for {}); install postgresql-{major} \
                  (apt-get install postgresql-{major}) or pass --pg-bin DIR",
                 dir.display()
@@ -107,11 +113,14 @@ pub fn installations() -> Vec<Install> {
 
 /// uid and gid of the `postgres` OS user.
 pub fn postgres_ids() -> anyhow::Result<(u32, u32)> {
-    let name = std::ffi::CString::new("postgres").expect("no NUL");
-    // SAFETY: getpwnam returns NULL or a pointer to a static struct we read at once.
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    // SAFETY: getpwnam gets a NUL-terminated name and returns NULL or a pointer to a static
+    // struct we read at once.
+    let pw = unsafe { libc::getpwnam(c"postgres".as_ptr()) };
     if pw.is_null() {
-        bail!("there is no 'postgres' OS user; install the postgresql package (it creates it)");
+        crate::refuse!(
+            Unavailable,
+            "there is no 'postgres' OS user; install the postgresql package (it creates it)"
+        );
     }
     // SAFETY: non-null pointer from getpwnam.
     Ok(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
@@ -200,14 +209,17 @@ pub fn run_unchecked(
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run {what}"))?;
-    let mut out = child.stdout.take().expect("piped");
+    let (Some(mut out), Some(mut err)) = (child.stdout.take(), child.stderr.take()) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("{what} started without its output pipes");
+    };
     let reader = std::thread::spawn(move || {
         let mut v = Vec::new();
         let _ = out.read_to_end(&mut v);
         v
     });
     let (tx, rx) = crossbeam::channel::unbounded::<Vec<u8>>();
-    let mut err = child.stderr.take().expect("piped");
     let err_reader = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         let mut line = Vec::new();
@@ -375,6 +387,15 @@ pub struct Cluster {
     pub log: PathBuf,
 }
 
+/// `pg_ctl start` failed; the message carries the server log tail.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct StartError {
+    /// The port was bound by another program when postgres tried (it exited because of it).
+    pub port_in_use: bool,
+    message: String,
+}
+
 /// Rows of a simple query, every value as text (NULL = None).
 pub type Rows = Vec<Vec<Option<String>>>;
 
@@ -382,6 +403,7 @@ impl Cluster {
     /// `pg_ctl start -w` as the postgres user, bounded by `timeout`; returns the postmaster PID.
     /// On failure the error carries the server log tail.
     /// postgres itself replaces a stale `postmaster.pid` and refuses to start next to a live one.
+    /// A failed start is a [`StartError`] (in the error's chain).
     pub fn start(&self, timeout: Duration) -> anyhow::Result<i32> {
         let r = run(
             as_postgres(&self.install.bin("pg_ctl"))
@@ -393,15 +415,41 @@ impl Cluster {
             timeout + Duration::from_secs(15),
         );
         if let Err(e) = r {
-            bail!(
-                "postgres on {} did not start: {e:#}\npostgres log ({}):\n{}",
-                self.data_dir.display(),
-                self.log.display(),
-                log_tail(&self.log, 15)
-            );
+            // postgres exits when it cannot bind its port; one that still runs (pg_ctl gave up
+            // waiting) holds the port itself.
+            let port_in_use = !port_free(self.port) && self.postmaster_pid().is_none();
+            return Err(StartError {
+                port_in_use,
+                message: format!(
+                    "postgres on {} did not start: {e:#}\npostgres log ({}):\n{}",
+                    self.data_dir.display(),
+                    self.log.display(),
+                    log_tail(&self.log, 15)
+                ),
+            }
+            .into());
         }
         self.postmaster_pid()
             .ok_or_else(|| anyhow!("postgres started but wrote no postmaster.pid"))
+    }
+
+    /// Whether the server log, from byte `from` on, has a line containing `what`: for the few
+    /// conditions postgres states only in its log (a FATAL without an error code of its own).
+    pub fn log_says(&self, from: u64, what: &str) -> bool {
+        use std::io::{Seek, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(&self.log) else {
+            return false;
+        };
+        let mut text = String::new();
+        f.seek(SeekFrom::Start(from))
+            .and_then(|_| f.read_to_string(&mut text))
+            .is_ok()
+            && text.lines().any(|l| l.contains(what))
+    }
+
+    /// The server log's length now (where [`Cluster::log_says`] may start reading).
+    pub fn log_len(&self) -> u64 {
+        std::fs::metadata(&self.log).map_or(0, |m| m.len())
     }
 
     /// `pg_ctl stop -m MODE -w`, bounded.

@@ -3,7 +3,7 @@
 
 use super::{Mode, SourceRecord};
 use crate::pg::RunFiles;
-use crate::pg::{self, lsn, Cluster};
+use crate::pg::{lsn, Cluster};
 use std::path::Path;
 use std::time::Duration;
 
@@ -151,11 +151,6 @@ pub fn assess(rec: &SourceRecord, store: &Path, r: &Replay, streaming_grace: boo
 /// Formats an optional LSN for the API.
 pub fn fmt(l: Option<u64>) -> Option<String> {
     l.map(lsn::format)
-}
-
-/// The staging log tail, for error messages.
-pub fn log_tail(rec: &SourceRecord, store: &Path) -> String {
-    pg::log_tail(&rec.dir(store).postgres_log(), 15)
 }
 
 #[cfg(test)]

@@ -2,9 +2,10 @@
 //! backup), and the configuration that makes that copy a hot standby run by vdbfs.
 
 use super::{SourceDir, SourceRecord};
+use crate::api::Progress;
 use crate::pg::RunFiles;
 use crate::pg::{self, conf, Install};
-use anyhow::{bail, Context};
+use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -31,7 +32,8 @@ fn find_tar(dir: &Path, stem: &str) -> Option<PathBuf> {
 impl BackupFormat {
     pub fn detect(dir: &Path) -> anyhow::Result<BackupFormat> {
         if !dir.is_dir() {
-            bail!(
+            crate::refuse!(
+                Invalid,
                 "backup directory {} does not exist; pass the directory pg_basebackup wrote",
                 dir.display()
             );
@@ -41,7 +43,8 @@ impl BackupFormat {
                 .map(|r| r.count())
                 .unwrap_or(0);
             if tblspc > 0 {
-                bail!(
+                crate::refuse!(
+                    Invalid,
                     "backup {} has tablespaces outside the data directory; vdbfs links sources \
                      without extra tablespaces only",
                     dir.display()
@@ -58,7 +61,8 @@ impl BackupFormat {
                 })
                 .count();
             if others > 0 {
-                bail!(
+                crate::refuse!(
+                    Invalid,
                     "backup {} has tablespace archives; vdbfs links sources without extra \
                      tablespaces only",
                     dir.display()
@@ -69,7 +73,8 @@ impl BackupFormat {
                 wal: find_tar(dir, "pg_wal"),
             });
         }
-        bail!(
+        crate::refuse!(
+            Invalid,
             "{} is not a base backup: expected a data directory (PG_VERSION, global/pg_control) \
              or pg_basebackup's tar format (base.tar or base.tar.gz)",
             dir.display()
@@ -102,9 +107,9 @@ pub fn basebackup(
     slot: &str,
     data_dir: &Path,
     label: &str,
-    progress: &dyn Fn(String),
+    progress: Progress,
 ) -> anyhow::Result<()> {
-    let mut last = std::time::Instant::now() - Duration::from_secs(10);
+    let mut last: Option<std::time::Instant> = None;
     pg::run_with(
         pg::as_postgres(&install.bin("pg_basebackup"))
             .arg("-D")
@@ -115,10 +120,12 @@ pub fn basebackup(
             .arg(conninfo),
         COPY_TIMEOUT,
         |line| {
-            // "123456/234567 kB (52%), 0/1 tablespace": at most one progress line a second.
-            if line.contains(" kB (") && last.elapsed() >= Duration::from_secs(1) {
-                last = std::time::Instant::now();
-                progress(format!("pg_basebackup: {}", line.trim()));
+            // At most one progress line a second.
+            if let Some((done, total)) = copy_progress(line) {
+                if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    last = Some(std::time::Instant::now());
+                    progress.copied(format!("pg_basebackup: {}", line.trim()), done, total);
+                }
             }
         },
     )
@@ -126,18 +133,25 @@ pub fn basebackup(
     .map_err(|e| anyhow::anyhow!("pg_basebackup from the source failed: {e:#}"))
 }
 
+/// pg_basebackup's `-P` line "123456/234567 kB (52%), 0/1 tablespace" -> (done, total) kB.
+fn copy_progress(line: &str) -> Option<(u64, u64)> {
+    let (counts, _) = line.trim().split_once(" kB (")?;
+    let (done, total) = counts.split_once('/')?;
+    Some((done.trim().parse().ok()?, total.trim().parse().ok()?))
+}
+
 /// Copies a user's backup into `data_dir` (owned by postgres afterwards).
 pub fn import_backup(
     install: &Install,
     backup: &Path,
     data_dir: &Path,
-    progress: &dyn Fn(String),
+    progress: Progress,
 ) -> anyhow::Result<()> {
     let format = BackupFormat::detect(backup)?;
     match &format {
         BackupFormat::Plain => {
             if backup.join("backup_manifest").is_file() {
-                progress(format!(
+                progress.say(format!(
                     "verifying {} against its backup_manifest",
                     backup.display()
                 ));
@@ -154,7 +168,7 @@ pub fn import_backup(
                     )
                 })?;
             }
-            progress(format!("copying the backup {}", backup.display()));
+            progress.say(format!("copying the backup {}", backup.display()));
             let mut src = backup.as_os_str().to_owned();
             src.push("/.");
             pg::run(
@@ -163,7 +177,7 @@ pub fn import_backup(
             )?;
         }
         BackupFormat::Tar { base, wal } => {
-            progress(format!("extracting {}", base.display()));
+            progress.say(format!("extracting {}", base.display()));
             pg::run(
                 Command::new("tar")
                     .arg("-xf")
@@ -271,4 +285,20 @@ pub fn configure_staging(rec: &SourceRecord, store: &Path) -> anyhow::Result<()>
         ("wal_receiver_status_interval", s("1s")),
     ]);
     conf::edit_auto_conf(data, &settings)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn basebackup_progress_lines_give_kilobytes() {
+        assert_eq!(
+            super::copy_progress("123456/234567 kB (52%), 0/1 tablespace"),
+            Some((123_456, 234_567))
+        );
+        assert_eq!(
+            super::copy_progress("  5/10 kB (50%), 1/1 tablespace (/x/base)"),
+            Some((5, 10))
+        );
+        assert_eq!(super::copy_progress("waiting for checkpoint"), None);
+    }
 }

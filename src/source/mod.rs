@@ -1,9 +1,12 @@
 //! dSources: a source PostgreSQL copied once into a *staging* dataset and kept in sync by a
 //! staging standby (streaming replication or WAL log shipping), frozen by validated-sync
-//! snapshots. This module holds the pieces that do not need the daemon: the persistent source
-//! record, preflight checks, ingestion of the first copy, the staging configuration, the
-//! standby's health, and snapshot retention. `daemon::sources` wires them to datasets, mounts
-//! and the supervisor.
+//! snapshots. [`SourceService`] owns the workflows (link, sync supervision, snapshot,
+//! disable/enable, unlink) and works through narrow handles: the dataset catalog, the mount
+//! table and its own record table. Below it: the record ([`SourceRecord`]), `preflight`, the
+//! first copy (`ingest`), the staging configuration, the standby's `health`, and retention.
+//!
+//! Module map: `service` (the service, staging lifecycle, enable/disable/unlink, supervision),
+//! `link` (link and its rollback), `snapshot` (validated sync, catch-up, retention), `status`.
 //!
 //! Invariants:
 //! - A source's staging dataset and its snapshots carry the source's name (`prod@SNAP`).
@@ -16,65 +19,21 @@
 
 pub mod health;
 pub mod ingest;
+mod link;
 pub mod preflight;
+mod service;
+mod snapshot;
+mod status;
+
+pub use crate::api::{LinkSpec, Mode};
+pub use service::SourceService;
 
 use crate::pg::conninfo::Conn;
+use crate::pg::managed::Managed;
 use crate::pg::{Cluster, Install, RunFiles};
+use crate::store::records::{Record, RecordTable};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// vdbfs runs pg_basebackup, then the standby streams from the source.
-    BackupStream,
-    /// The user's base backup, then streaming.
-    Stream,
-    /// The user's base backup, then WAL files from an archive directory.
-    LogShipping,
-}
-
-impl Mode {
-    pub fn parse(s: &str) -> anyhow::Result<Mode> {
-        match s {
-            "backup-stream" => Ok(Mode::BackupStream),
-            "stream" => Ok(Mode::Stream),
-            "log-shipping" => Ok(Mode::LogShipping),
-            _ => anyhow::bail!(
-                "unknown --mode {s:?}; use backup-stream (default), stream or log-shipping"
-            ),
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::BackupStream => "backup-stream",
-            Mode::Stream => "stream",
-            Mode::LogShipping => "log-shipping",
-        }
-    }
-    pub fn streams(self) -> bool {
-        self != Mode::LogShipping
-    }
-}
-
-/// What the user asked `vdbfs source link` for (the API request body).
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct LinkSpec {
-    pub name: String,
-    pub conn: Option<String>,
-    /// From PGPASSWORD in the CLI's environment.
-    pub password: Option<String>,
-    pub passfile: Option<PathBuf>,
-    pub mode: Option<String>,
-    pub backup: Option<PathBuf>,
-    pub archive: Option<PathBuf>,
-    pub staging_port: Option<u16>,
-    pub slot: Option<String>,
-    pub snapshot_every: Option<String>,
-    pub keep: Option<u32>,
-    pub keep_for: Option<String>,
-    pub pg_bin: Option<PathBuf>,
-}
 
 /// A linked source, as persisted in the index (`sources` table, JSON).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -100,6 +59,14 @@ pub struct SourceRecord {
     pub linking: bool,
     pub system_identifier: Option<String>,
     pub created: String,
+}
+
+impl Record for SourceRecord {
+    const TABLE: RecordTable = RecordTable::Sources;
+    const WHAT: &'static str = "source";
+    fn key(&self) -> &str {
+        &self.name
+    }
 }
 
 /// Properties recorded with each validated-sync snapshot (`snapshot_props`, JSON).
@@ -144,30 +111,24 @@ impl SourceRecord {
             .cluster(&self.install, &self.data_dir, self.staging_port)
     }
 
+    /// The staging postgres, as the daemon runs it.
+    pub fn staging(&self, store: &Path) -> Managed {
+        Managed {
+            cluster: self.cluster(store),
+            pid_file: self.dir(store).0.join("staging.pid"),
+            name: self.name.clone(),
+        }
+    }
+
     /// The passfile to hand libpq, when there is a password.
     pub fn passfile(&self, store: &Path) -> Option<PathBuf> {
         self.has_passfile.then(|| self.dir(store).passfile())
     }
 }
 
-/// "30s", "15m", "2h", "7d" (or plain seconds).
-pub fn parse_duration(s: &str, what: &str) -> anyhow::Result<Duration> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| {
-        anyhow::anyhow!("{what} {s:?} is not a duration; write e.g. 30s, 15m, 2h or 7d")
-    })?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => anyhow::bail!("{what} {s:?}: unknown unit {unit:?}; use s, m, h or d"),
-    };
-    if n == 0 {
-        anyhow::bail!("{what} must be more than zero");
-    }
-    Ok(Duration::from_secs(n * mult))
+/// The validated-sync snapshot properties of a snapshot, if it is a source's.
+pub fn snapshot_props(s: &crate::tree::SnapshotInfo) -> Option<SnapshotProps> {
+    serde_json::from_slice(s.props.as_ref()?).ok()
 }
 
 /// A physical replication slot name from a source name: `vdbfs_` + [a-z0-9_].
@@ -193,7 +154,8 @@ pub fn check_slot_name(s: &str) -> anyhow::Result<()> {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     {
-        anyhow::bail!(
+        crate::refuse!(
+            Invalid,
             "--slot {s:?} is not a valid replication slot name: use 1 to 63 of a-z, 0-9 and _"
         );
     }
@@ -228,6 +190,7 @@ mod tests {
 
     #[test]
     fn durations_slots_and_retention() {
+        use crate::time::parse_interval as parse_duration;
         assert_eq!(parse_duration("15m", "x").unwrap().as_secs(), 900);
         assert_eq!(parse_duration("7d", "x").unwrap().as_secs(), 604_800);
         assert!(parse_duration("15x", "x").is_err());

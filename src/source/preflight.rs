@@ -4,11 +4,14 @@
 //! exactly as they will matter.
 
 use super::Mode;
+use crate::api::{refusal, ErrorKind};
 use crate::pg::conninfo::Conn;
 use crate::pg::{self, Install};
-use anyhow::{anyhow, bail, Context};
+use crate::refuse;
+use anyhow::Context;
 use std::path::Path;
 use std::time::Duration;
+use tokio_postgres::error::SqlState;
 
 /// What the source said over a replication connection.
 #[derive(Debug, Clone)]
@@ -26,58 +29,168 @@ pub struct SourceFacts {
 /// The newest local installation, for client programs (psql speaks to any server version).
 pub fn client_install() -> anyhow::Result<Install> {
     pg::installations().into_iter().next().ok_or_else(|| {
-        anyhow!(
-            "no PostgreSQL installation found under {}; install postgresql-15 (apt-get install postgresql-15)",
-            pg::DEBIAN_ROOT
+        refusal(
+            ErrorKind::Unavailable,
+            format!(
+                "no PostgreSQL installation found under {}; install postgresql-15 (apt-get install postgresql-15)",
+                pg::DEBIAN_ROOT
+            ),
         )
     })
 }
 
-/// Turns libpq's connection errors into what the user must change.
+/// What went wrong talking to the source, as far as vdbfs tells cases apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Problem {
+    Password,
+    NoPassword,
+    NoReplicationPrivilege,
+    NoHbaEntry,
+    WalSenders,
+    Refused,
+    NoRole,
+    /// Anything else (the server's or libpq's words are in the message).
+    Other,
+}
+
+/// A failure talking to the source: the case, the server's error code when it sent one (psql
+/// prints it), and the message saying what to change.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct SourceError {
+    pub problem: Problem,
+    pub sqlstate: Option<SqlState>,
+    message: String,
+}
+
+impl SourceError {
+    pub fn kind(&self) -> ErrorKind {
+        match self.problem {
+            Problem::Refused | Problem::WalSenders => ErrorKind::Unavailable,
+            Problem::Other => ErrorKind::Unavailable,
+            _ => ErrorKind::Invalid,
+        }
+    }
+}
+
+/// Whether an error's chain holds a [`SourceError`] with this SQLSTATE.
+pub fn has_sqlstate(e: &anyhow::Error, code: &SqlState) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<SourceError>())
+        .any(|s| s.sqlstate.as_ref() == Some(code))
+}
+
+/// Whether an error's chain holds a [`SourceError`] of this case.
+pub fn has_problem(e: &anyhow::Error, problem: Problem) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<SourceError>())
+        .any(|s| s.problem == problem)
+}
+
+/// Turns libpq's connection errors into what the user must change. libpq reports a failed
+/// connection only as text (no error code reaches psql's caller), so this is the one place
+/// that reads it.
 pub fn explain_connect_error(err: &str, conn: &Conn) -> anyhow::Error {
+    explain(err, conn, None).into()
+}
+
+fn explain(err: &str, conn: &Conn, sqlstate: Option<SqlState>) -> SourceError {
     let e = err.to_ascii_lowercase();
     let at = format!("{}:{}", conn.host, conn.port);
     let user = &conn.user;
-    if e.contains("password authentication failed") {
-        anyhow!(
-            "cannot connect to the source {at} as {user}: password authentication failed; \
-             check the password (in --conn, PGPASSWORD or the --passfile)"
+    let (problem, message) = if e.contains("password authentication failed") {
+        (
+            Problem::Password,
+            format!(
+                "cannot connect to the source {at} as {user}: password authentication failed; \
+                 check the password (in --conn, PGPASSWORD or the --passfile)"
+            ),
         )
     } else if e.contains("no password supplied") || e.contains("fe_sendauth") {
-        anyhow!(
-            "the source {at} asks for a password for {user} and none was given; pass --passfile \
-             FILE (mode 0600, lines host:port:db:user:password) or set PGPASSWORD"
+        (
+            Problem::NoPassword,
+            format!(
+                "the source {at} asks for a password for {user} and none was given; pass --passfile \
+                 FILE (mode 0600, lines host:port:db:user:password) or set PGPASSWORD"
+            ),
         )
     } else if e.contains("must be superuser or replication role")
         || e.contains("permission denied to start wal sender")
         || e.contains("replication privilege")
     {
-        anyhow!(
-            "role {user} lacks the replication privilege on the source {at}; run there: \
-             ALTER ROLE {user} REPLICATION;"
+        (
+            Problem::NoReplicationPrivilege,
+            format!(
+                "role {user} lacks the replication privilege on the source {at}; run there: \
+                 ALTER ROLE {user} REPLICATION;"
+            ),
         )
     } else if e.contains("no pg_hba.conf entry") {
-        anyhow!(
-            "the source {at} refuses replication connections from this host for {user} \
-             (no pg_hba.conf entry); add a line like \
-             'host replication {user} 127.0.0.1/32 scram-sha-256' to its pg_hba.conf and reload"
+        (
+            Problem::NoHbaEntry,
+            format!(
+                "the source {at} refuses replication connections from this host for {user} \
+                 (no pg_hba.conf entry); add a line like \
+                 'host replication {user} 127.0.0.1/32 scram-sha-256' to its pg_hba.conf and reload"
+            ),
         )
     } else if e.contains("exceeds max_wal_senders") || e.contains("max_wal_senders") {
-        anyhow!(
-            "the source {at} accepts no replication connection: max_wal_senders is 0 or all WAL \
-             senders are busy; a standby needs wal_level = replica and max_wal_senders >= 2 on \
-             the source (then restart it)"
+        (
+            Problem::WalSenders,
+            format!(
+                "the source {at} accepts no replication connection: max_wal_senders is 0 or all WAL \
+                 senders are busy; a standby needs wal_level = replica and max_wal_senders >= 2 on \
+                 the source (then restart it)"
+            ),
         )
     } else if e.contains("connection refused") || e.contains("no such file or directory") {
-        anyhow!("cannot reach the source at {at}: connection refused; is it running and listening there?")
-    } else if e.contains("does not exist") && e.contains("role") {
-        anyhow!("the source {at} has no role {user}; create it: CREATE ROLE {user} LOGIN REPLICATION PASSWORD '...'")
-    } else {
-        anyhow!(
-            "cannot connect to the source {at} as {user}: {}",
-            pg::last_lines(err, 3)
+        (
+            Problem::Refused,
+            format!("cannot reach the source at {at}: connection refused; is it running and listening there?"),
         )
+    } else if e.contains("does not exist") && e.contains("role") {
+        (
+            Problem::NoRole,
+            format!("the source {at} has no role {user}; create it: CREATE ROLE {user} LOGIN REPLICATION PASSWORD '...'"),
+        )
+    } else {
+        (
+            Problem::Other,
+            format!(
+                "cannot connect to the source {at} as {user}: {}",
+                pg::last_lines(err, 3)
+            ),
+        )
+    };
+    SourceError {
+        problem,
+        sqlstate,
+        message,
     }
+}
+
+/// psql's output with `VERBOSITY=verbose`: the SQLSTATE of an error (`ERROR:  42710: ...`),
+/// and the text as psql prints it without verbosity (the code and the LOCATION lines dropped).
+fn split_sqlstate(stderr: &str) -> (Option<SqlState>, String) {
+    let mut code = None;
+    let mut lines = Vec::new();
+    for l in stderr.lines() {
+        if l.trim_start().starts_with("LOCATION:") {
+            continue;
+        }
+        let mut line = l.to_string();
+        if let Some(i) = l.find("ERROR:  ") {
+            let rest = &l[i + 8..];
+            if let Some((c, msg)) = rest.split_once(": ") {
+                if c.len() == 5 && c.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                    code.get_or_insert_with(|| SqlState::from_code(c));
+                    line = format!("{}{msg}", &l[..i + 8]);
+                }
+            }
+        }
+        lines.push(line);
+    }
+    (code, lines.join("\n"))
 }
 
 /// psql on a replication connection to the source, running `commands`; returns stdout lines.
@@ -107,14 +220,16 @@ fn source_psql(
     }
     let conninfo = conn.libpq(passfile, &extra);
     let mut cmd = pg::as_postgres(&client.bin("psql"));
-    cmd.args(["-X", "-A", "-t", "-q", "-w", "-v", "ON_ERROR_STOP=1", "-d"])
+    cmd.args(["-X", "-A", "-t", "-q", "-w", "-v", "ON_ERROR_STOP=1"])
+        .args(["-v", "VERBOSITY=verbose", "-d"])
         .arg(&conninfo);
     for c in commands {
         cmd.arg("-c").arg(c);
     }
     let out = pg::run_unchecked(&mut cmd, Duration::from_secs(60), |_| {})?;
     if !out.status.success() {
-        return Err(explain_connect_error(&out.stderr_text(), conn));
+        let (sqlstate, text) = split_sqlstate(&out.stderr_text());
+        return Err(explain(&text, conn, sqlstate).into());
     }
     Ok(out.stdout_text().lines().map(str::to_string).collect())
 }
@@ -142,7 +257,7 @@ pub fn probe_source(
         Err(e) => {
             // With wal_level = minimal, max_wal_senders must be 0, so the replication
             // connection fails first; a plain connection can tell the real cause.
-            if format!("{e:#}").contains("max_wal_senders") {
+            if has_problem(&e, Problem::WalSenders) {
                 let plain = source_psql(client, conn, passfile, false, &["SHOW wal_level"]);
                 if plain.is_ok_and(|l| l.first().is_some_and(|v| v.trim() == "minimal")) {
                     return Err(wal_level_minimal(conn));
@@ -152,7 +267,10 @@ pub fn probe_source(
         }
     };
     if lines.len() < 6 {
-        bail!("unexpected answer from the source to IDENTIFY_SYSTEM/SHOW: {lines:?}");
+        refuse!(
+            Internal,
+            "unexpected answer from the source to IDENTIFY_SYSTEM/SHOW: {lines:?}"
+        );
     }
     let ident: Vec<&str> = lines[0].split('|').collect();
     let num: u32 = lines[2].trim().parse().unwrap_or(0);
@@ -173,11 +291,13 @@ pub fn probe_source(
 }
 
 fn wal_level_minimal(conn: &Conn) -> anyhow::Error {
-    anyhow!(
-        "the source {}:{} runs with wal_level = minimal, which a standby cannot follow; set \
-         wal_level = replica and max_wal_senders = 10 on the source and restart it",
-        conn.host,
-        conn.port
+    refusal(
+        ErrorKind::Invalid,
+        format!(
+            "the source {}:{} runs with wal_level = minimal, which a standby cannot follow; set \
+             wal_level = replica and max_wal_senders = 10 on the source and restart it",
+            conn.host, conn.port
+        ),
     )
 }
 
@@ -190,11 +310,15 @@ pub fn staging_install(
     let install = match pg_bin {
         Some(dir) => Install::probe(dir)?,
         None => Install::for_major(major).map_err(|e| {
-            anyhow!("the source runs PostgreSQL {version} (version {major}): {e:#}")
+            refusal(
+                ErrorKind::Unavailable,
+                format!("the source runs PostgreSQL {version} (version {major}): {e:#}"),
+            )
         })?,
     };
     if install.major != major {
-        bail!(
+        refuse!(
+            Invalid,
             "version mismatch: the source runs PostgreSQL {version} but the staging binaries in \
              {} are PostgreSQL {}; a standby needs the same major version: install \
              postgresql-{major} or pass --pg-bin with PostgreSQL {major} binaries",
@@ -237,7 +361,8 @@ pub fn check_backup_identity(
     )?;
     let control = pg::conf::parse_controldata(&out.stdout_text());
     match control.get("Database system identifier") {
-        Some(id) if id != source_id => bail!(
+        Some(id) if id != source_id => refuse!(
+            Invalid,
             "the backup {} was not taken from this source: its system identifier is {id}, the \
              source's is {source_id}; take a new pg_basebackup of the source",
             backup.display()
@@ -248,27 +373,31 @@ pub fn check_backup_identity(
 
 /// The staging port: the one asked for if free, else the first free one from 5433 up.
 pub fn staging_port(asked: Option<u16>, taken: &[u16]) -> anyhow::Result<u16> {
-    let free = |p: u16| !taken.contains(&p) && pg::port_free(p);
-    match asked {
-        Some(p) if free(p) => Ok(p),
-        Some(p) => bail!(
-            "port {p} is in use (by another program or another vdbfs source); pick a free one \
-             with --staging-port or leave it out to get one"
+    pg::ports::pick(asked, 5433..=6432, taken).map_err(|e| match e {
+        pg::ports::PortError::InUse(p) => refusal(
+            ErrorKind::Busy,
+            format!(
+                "port {p} is in use (by another program or another vdbfs source); pick a free one \
+                 with --staging-port or leave it out to get one"
+            ),
         ),
-        None => (5433..6433)
-            .find(|p| free(*p))
-            .ok_or_else(|| anyhow!("no free port between 5433 and 6432; pass --staging-port")),
-    }
+        pg::ports::PortError::NoneFree(_) => refusal(
+            ErrorKind::Unavailable,
+            "no free port between 5433 and 6432; pass --staging-port",
+        ),
+    })
 }
 
 /// The mode's required directories exist and look right.
 pub fn check_dirs(mode: Mode, backup: Option<&Path>, archive: Option<&Path>) -> anyhow::Result<()> {
     match (mode, backup) {
-        (Mode::BackupStream, Some(_)) => bail!(
+        (Mode::BackupStream, Some(_)) => refuse!(
+            Invalid,
             "--backup is for --mode stream or --mode log-shipping; in backup-stream mode vdbfs \
              takes the backup itself"
         ),
-        (Mode::Stream | Mode::LogShipping, None) => bail!(
+        (Mode::Stream | Mode::LogShipping, None) => refuse!(
+            Invalid,
             "--mode {} needs --backup DIR: a pg_basebackup of the source (plain or tar format)",
             mode.as_str()
         ),
@@ -278,13 +407,15 @@ pub fn check_dirs(mode: Mode, backup: Option<&Path>, archive: Option<&Path>) -> 
         _ => {}
     }
     match (mode, archive) {
-        (Mode::LogShipping, None) => bail!(
+        (Mode::LogShipping, None) => refuse!(
+            Invalid,
             "--mode log-shipping needs --archive DIR: the directory the source's archive_command \
              copies WAL files to"
         ),
         (Mode::LogShipping, Some(a)) => {
             if !a.is_dir() {
-                bail!(
+                refuse!(
+                    Invalid,
                     "archive directory {} does not exist; point --archive at the directory the \
                      source's archive_command writes to",
                     a.display()
@@ -295,7 +426,8 @@ pub fn check_dirs(mode: Mode, backup: Option<&Path>, archive: Option<&Path>) -> 
                 .filter(|e| pg::lsn::parse_segment(&e.file_name().to_string_lossy()).is_some())
                 .count();
             if segments == 0 {
-                bail!(
+                refuse!(
+                    Invalid,
                     "archive directory {} holds no WAL segment files; check archive_mode = on and \
                      archive_command on the source, and that WAL was archived (SELECT \
                      pg_switch_wal() forces one)",
@@ -312,14 +444,15 @@ pub fn check_dirs(mode: Mode, backup: Option<&Path>, archive: Option<&Path>) -> 
             )
             .is_ok();
             if !readable {
-                bail!(
+                refuse!(
+                    Invalid,
                     "archive directory {} is not readable by the postgres OS user, which runs \
                      restore_command; give it read access (chmod/chgrp)",
                     a.display()
                 );
             }
         }
-        (_, Some(_)) => bail!("--archive is only for --mode log-shipping"),
+        (_, Some(_)) => refuse!(Invalid, "--archive is only for --mode log-shipping"),
         _ => {}
     }
     Ok(())
@@ -333,6 +466,20 @@ mod tests {
         Conn::parse("host=127.0.0.1 port=5432 user=rep")
             .unwrap()
             .conn
+    }
+
+    #[test]
+    fn psql_verbose_errors_give_their_sqlstate_and_the_plain_text() {
+        let (code, text) = split_sqlstate(
+            "psql: ERROR:  42710: replication slot \"s\" already exists\nLOCATION:  ReplicationSlotCreate, slot.c:289",
+        );
+        assert_eq!(code, Some(SqlState::DUPLICATE_OBJECT));
+        assert_eq!(text, "psql: ERROR:  replication slot \"s\" already exists");
+        let (code, text) = split_sqlstate("psql: error: connection refused");
+        assert_eq!(
+            (code, text.as_str()),
+            (None, "psql: error: connection refused")
+        );
     }
 
     #[test]

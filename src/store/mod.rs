@@ -25,6 +25,7 @@ mod gc;
 pub mod index;
 pub mod io;
 mod log;
+pub mod records;
 pub mod recovery;
 #[cfg(test)]
 pub mod sim;

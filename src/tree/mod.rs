@@ -128,7 +128,7 @@ pub struct Datasets {
 
 /// A sortable name for an unnamed snapshot, from its creation time (UTC, milliseconds).
 pub fn snapshot_name_for(t: vdbfs_format::tree::Timestamp) -> String {
-    let s = crate::daemon::api::rfc3339(t.secs); // 2026-11-26T08:52:05Z
+    let s = crate::time::rfc3339(t.secs); // 2026-11-26T08:52:05Z
     let compact: String = s.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
     // 20261126T085205Z -> 20261126T085205.123Z
     format!(

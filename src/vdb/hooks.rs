@@ -8,26 +8,43 @@
 use super::{VdbDir, VdbRecord};
 use crate::pg;
 use crate::pg::RunFiles;
-use anyhow::bail;
+use crate::refuse;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 pub const HOOK_TIMEOUT: Duration = Duration::from_secs(600);
 
+crate::api::words! {
+    /// A hook: the event it is named after (the executable's file name).
+    pub enum Hook {
+        ConfigureClone = "configure-clone",
+        PreStart = "pre-start",
+        PostStart = "post-start",
+        PreStop = "pre-stop",
+        PostStop = "post-stop",
+        PreSnapshot = "pre-snapshot",
+        PostSnapshot = "post-snapshot",
+        PreRefresh = "pre-refresh",
+        PostRefresh = "post-refresh",
+        PreRewind = "pre-rewind",
+        PostRewind = "post-rewind",
+    }
+}
+
 /// Every hook vdbfs runs, in no particular order.
-pub const HOOKS: [&str; 11] = [
-    "configure-clone",
-    "pre-start",
-    "post-start",
-    "pre-stop",
-    "post-stop",
-    "pre-snapshot",
-    "post-snapshot",
-    "pre-refresh",
-    "post-refresh",
-    "pre-rewind",
-    "post-rewind",
+pub const HOOKS: [Hook; 11] = [
+    Hook::ConfigureClone,
+    Hook::PreStart,
+    Hook::PostStart,
+    Hook::PreStop,
+    Hook::PostStop,
+    Hook::PreSnapshot,
+    Hook::PostSnapshot,
+    Hook::PreRefresh,
+    Hook::PostRefresh,
+    Hook::PreRewind,
+    Hook::PostRewind,
 ];
 
 /// The hooks directory in effect for a VDB.
@@ -41,18 +58,23 @@ pub fn hooks_dir(rec: &VdbRecord, store: &Path) -> Option<PathBuf> {
 pub fn check_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if !dir.is_dir() {
-        bail!(
+        refuse!(
+            Invalid,
             "--hooks {}: no such directory; create it with executables named after hooks ({})",
             dir.display(),
-            HOOKS.join(", ")
+            HOOKS.map(Hook::as_str).join(", ")
         );
     }
     for e in std::fs::read_dir(dir)?.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if HOOKS.contains(&name.as_str()) {
+        if HOOKS.iter().any(|h| h.as_str() == name) {
             let mode = e.metadata()?.permissions().mode();
             if mode & 0o111 == 0 {
-                bail!("hook {} is not executable; chmod +x it", e.path().display());
+                refuse!(
+                    Invalid,
+                    "hook {} is not executable; chmod +x it",
+                    e.path().display()
+                );
             }
         }
     }
@@ -61,8 +83,8 @@ pub fn check_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// Runs hook `name` of the VDB if it exists. Ok(()) when it is absent or succeeded; an error
 /// with its output when it failed or ran too long.
-pub fn run(rec: &VdbRecord, store: &Path, name: &str) -> anyhow::Result<()> {
-    debug_assert!(HOOKS.contains(&name));
+pub fn run(rec: &VdbRecord, store: &Path, hook: Hook) -> anyhow::Result<()> {
+    let name = hook.as_str();
     let Some(dir) = hooks_dir(rec, store) else {
         return Ok(());
     };
@@ -92,7 +114,11 @@ pub fn run(rec: &VdbRecord, store: &Path, name: &str) -> anyhow::Result<()> {
         Ok(o) => o,
         Err(e) => {
             vdir.log_line(&format!("hook {name}: {e:#}"));
-            bail!("the {name} hook of VDB {} failed: {e:#}", rec.name);
+            refuse!(
+                Conflict,
+                "the {name} hook of VDB {} failed: {e:#}",
+                rec.name
+            );
         }
     };
     let text = format!("{}\n{}", out.stdout_text(), out.stderr_text());
@@ -102,7 +128,8 @@ pub fn run(rec: &VdbRecord, store: &Path, name: &str) -> anyhow::Result<()> {
     }
     if !out.status.success() {
         vdir.log_line(&format!("hook {name}: failed ({})", out.status));
-        bail!(
+        refuse!(
+            Conflict,
             "the {name} hook of VDB {} failed ({}); its output:\n{}",
             rec.name,
             out.status,

@@ -1,12 +1,13 @@
-//! FUSE mounts served by the daemon: mount, unmount, stale-mount cleanup.
+//! One FUSE mount in the kernel: mount(2) of a dataset with its session threads, unmount,
+//! and the stale mounts a daemon that died leaves behind (they answer ENOTCONN).
 //!
-//! Invariants: a dataset is mounted at most once (so the kernel caches of one mount are the only
-//! caches of it); the `mounts` table of the index lists the mounts to re-establish at start, and
-//! only `vdbfs umount` removes an entry from it.
+//! Invariant: a mount is of type `fuse.vdbfs`, so umount(8) and the mount helpers know it; a
+//! session that ends without [`Mounted::unmount`] (someone ran umount(8)) calls its `on_end`.
 
+use crate::api::{refusal, ErrorKind};
 use crate::fs::VdbFs;
 use crate::tree::dataset::Dataset;
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use fuser::{Config, SessionACL};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -74,6 +75,7 @@ pub fn is_mounted(path: &Path) -> bool {
 
 fn statfs(path: &Path) -> std::io::Result<()> {
     let c = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: statfs is plain old data: all-zero bytes are a valid value.
     let mut s: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: c is a valid NUL-terminated path and s a valid out pointer.
     if unsafe { libc::statfs(c.as_ptr(), &mut s) } == 0 {
@@ -105,10 +107,13 @@ pub fn clear_stale(path: &Path) -> anyhow::Result<()> {
             umount2(path, libc::MNT_DETACH)
                 .with_context(|| format!("cannot detach the stale mount at {}", path.display()))
         }
-        _ => bail!(
-            "{} is already a mount point of something else; unmount it first or choose another directory",
-            path.display()
-        ),
+        _ => Err(refusal(
+            ErrorKind::Conflict,
+            format!(
+                "{} is already a mount point of something else; unmount it first or choose another directory",
+                path.display()
+            ),
+        )),
     }
 }
 
@@ -222,9 +227,12 @@ impl Mounted {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 self.by_us.store(false, Ordering::SeqCst);
-                return Err(anyhow!(
-                    "{} is busy: files are open there (is postgres still running on it? stop it first)",
-                    self.mountpoint.display()
+                return Err(refusal(
+                    ErrorKind::Busy,
+                    format!(
+                        "{} is busy: files are open there (is postgres still running on it? stop it first)",
+                        self.mountpoint.display()
+                    ),
                 ));
             }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // already gone

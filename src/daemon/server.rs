@@ -1,0 +1,68 @@
+//! The control server: the unix socket `STORE/vdbfs.sock` (mode 0600), one request per
+//! connection (see `crate::api`). A request runs on a blocking thread; its progress lines are
+//! written as they come, then the response.
+//!
+//! Invariant: a client that hangs up never stops the daemon or the request it sent.
+
+use super::Daemon;
+use crate::api::{socket_path, ErrorKind, Progress, ProgressLine, Response};
+use anyhow::Context;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Serves until SIGTERM or SIGINT; the socket is removed on the way out.
+pub(super) async fn run(d: Arc<Daemon>) -> anyhow::Result<()> {
+    let sock = socket_path(&d.store_dir);
+    let listener = UnixListener::bind(&sock)
+        .with_context(|| format!("cannot listen on {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+    tracing::info!(store = %d.store_dir.display(), pid = std::process::id(), "vdbfs daemon ready");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            conn = listener.accept() => match conn {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_one(d.clone(), stream));
+                }
+                Err(e) => tracing::warn!("accept failed: {e}"),
+            },
+        }
+    }
+    tracing::info!("stopping: flushing and unmounting");
+    let _ = std::fs::remove_file(&sock);
+    Ok(())
+}
+
+async fn write_line<T: serde::Serialize>(w: &mut tokio::net::unix::OwnedWriteHalf, v: &T) {
+    if let Ok(mut s) = serde_json::to_string(v) {
+        s.push('\n');
+        let _ = w.write_all(s.as_bytes()).await;
+    }
+}
+
+async fn serve_one(d: Arc<Daemon>, stream: UnixStream) {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    if BufReader::new(r).read_line(&mut line).await.is_err() {
+        return;
+    }
+    // Long operations send progress lines before their answer.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ProgressLine>();
+    let task = tokio::task::spawn_blocking(move || {
+        let send = move |p: ProgressLine| {
+            let _ = tx.send(p);
+        };
+        d.respond(&line, Progress(&send))
+    });
+    while let Some(p) = rx.recv().await {
+        write_line(&mut w, &p).await;
+    }
+    let resp = task
+        .await
+        .unwrap_or_else(|e| Response::failed(ErrorKind::Internal, format!("internal error: {e}")));
+    write_line(&mut w, &resp).await;
+}

@@ -1,0 +1,493 @@
+//! [`VdbService`]: the VDB workflows that are one step (start, stop, snapshot and bookmark,
+//! delete), a VDB's postgres lifecycle with its hooks and the provisioning start, and recovery
+//! and supervision. Create, refresh/rewind and status have their own modules.
+//!
+//! Invariants: one operation at a time per VDB (its slot's `op` lock; the supervisor only
+//! try-locks it); port choice and record creation are serialized (`create_lock`); a record with
+//! `pending` is written before the first step that changes a VDB's data and cleared after the
+//! last, so a daemon that dies in between leaves what the next daemon undoes; a VDB's postgres
+//! is stopped before its mount goes away.
+
+use super::configure::{self, PROVISION_SIGNAL};
+use super::hooks::{self, Hook};
+use super::{VdbOp, VdbRecord, VdbSnapshotProps};
+use crate::api::{refusal, ErrorKind, SnapshotKind, VdbSnapshot};
+use crate::mounts::MountTable;
+use crate::pg::managed::{Registry, Slot};
+use crate::pg::{self, RunFiles};
+use crate::refuse;
+use crate::source::SourceService;
+use crate::store::records::Records;
+use crate::tree::Datasets;
+use parking_lot::Mutex;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a VDB's postgres may take to start (crash recovery of what its snapshot holds).
+pub(super) const START_TIMEOUT: Duration = Duration::from_secs(300);
+/// What postgres logs when the WAL ends before a recovery target (a FATAL with no error code
+/// of its own: its log is the only place that says it).
+const TARGET_NOT_REACHED: &str = "recovery ended before configured recovery target was reached";
+
+pub struct VdbService {
+    pub(super) store_dir: PathBuf,
+    pub(super) datasets: Arc<Datasets>,
+    pub(super) mounts: Arc<MountTable>,
+    pub(super) records: Records<VdbRecord>,
+    pub(super) sources: Arc<SourceService>,
+    pub(super) slots: Registry,
+    /// Serializes VDB name checks, port choice and record creation.
+    pub(super) create_lock: Mutex<()>,
+    /// The pool new VDBs take a port from when none is given.
+    pub(super) ports: (u16, u16),
+}
+
+impl VdbService {
+    pub fn new(
+        store_dir: PathBuf,
+        datasets: Arc<Datasets>,
+        mounts: Arc<MountTable>,
+        records: Records<VdbRecord>,
+        sources: Arc<SourceService>,
+        ports: (u16, u16),
+    ) -> VdbService {
+        VdbService {
+            store_dir,
+            datasets,
+            mounts,
+            records,
+            sources,
+            slots: Registry::default(),
+            create_lock: Mutex::new(()),
+            ports,
+        }
+    }
+
+    // ---- records -------------------------------------------------------------------------
+
+    /// Every VDB's record.
+    pub fn records(&self) -> anyhow::Result<Vec<VdbRecord>> {
+        Ok(self.records.list()?)
+    }
+
+    pub(super) fn record(&self, name: &str) -> anyhow::Result<VdbRecord> {
+        self.records.get(name)?.ok_or_else(|| {
+            refusal(
+                ErrorKind::NotFound,
+                format!("no VDB {name}; 'vdbfs vdb list' shows the VDBs"),
+            )
+        })
+    }
+
+    pub fn is_vdb(&self, name: &str) -> bool {
+        self.records.contains(name).unwrap_or(false)
+    }
+
+    // ---- postgres of a VDB ---------------------------------------------------------------
+
+    pub(super) fn pid(&self, rec: &VdbRecord, st: &Slot) -> Option<i32> {
+        rec.postgres(&self.store_dir).pid(st)
+    }
+
+    /// Starts postgres (stopping a leftover of an earlier daemon first). A provisioning start
+    /// is promoted; with a recovery target that the WAL does not reach (nothing was written
+    /// past it), it starts again without.
+    pub(super) fn start_postgres(&self, rec: &VdbRecord, st: &Slot) -> anyhow::Result<i32> {
+        let postgres = rec.postgres(&self.store_dir);
+        let cluster = &postgres.cluster;
+        let provisioning = rec.data_dir.join(PROVISION_SIGNAL).exists();
+        let log_from = cluster.log_len();
+        let missing = || {
+            refusal(
+                ErrorKind::Unavailable,
+                format!(
+                    "the data directory {} of VDB {} is not mounted or empty",
+                    rec.data_dir.display(),
+                    rec.name
+                ),
+            )
+        };
+        let pid = postgres.start(st, START_TIMEOUT, missing, |mut pid| {
+            if !provisioning {
+                return Ok(pid);
+            }
+            if let Err(e) = self.promote(rec, pid) {
+                let _ = cluster.stop("immediate", Duration::from_secs(30));
+                if !cluster.log_says(log_from, TARGET_NOT_REACHED) {
+                    return Err(e);
+                }
+                // The WAL ends exactly at the target, so no record ever reaches it: recovering
+                // to the end of the WAL is the same state.
+                tracing::info!(vdb = %rec.name, "the WAL ends at the recovery target; promoting without it");
+                configure::clear_recovery(rec)?;
+                configure::write_provision_signal(&rec.data_dir)?;
+                pg::remove_run_files(&rec.data_dir);
+                pid = cluster.start(START_TIMEOUT)?;
+                if let Err(e) = self.promote(rec, pid) {
+                    let _ = cluster.stop("immediate", Duration::from_secs(30));
+                    return Err(e);
+                }
+            }
+            configure::clear_recovery(rec)?;
+            Ok(pid)
+        })?;
+        tracing::info!(vdb = %rec.name, pid, port = rec.port, "VDB postgres running");
+        Ok(pid)
+    }
+
+    /// The end of a provisioning start (see [`configure::configure`]): `pg_ctl -w` returned once
+    /// the standby was consistent; wait until replay reached the recovery target (paused there)
+    /// if there is one, then promote. Promotion first replays whatever WAL is left in pg_wal.
+    fn promote(&self, rec: &VdbRecord, pid: i32) -> anyhow::Result<()> {
+        let postgres = rec.postgres(&self.store_dir);
+        let cluster = &postgres.cluster;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let target = configure::pending_target(rec);
+        let log_tail = || {
+            format!(
+                "postgres log ({}):\n{}",
+                cluster.log.display(),
+                postgres.log_tail(15)
+            )
+        };
+        if let Some(target) = target {
+            loop {
+                if !pg::pid_alive(pid) {
+                    refuse!(
+                        Internal,
+                        "postgres of VDB {} stopped while recovering to {}; {}",
+                        rec.name,
+                        pg::lsn::format(target),
+                        log_tail()
+                    );
+                }
+                let rows = cluster.query(
+                    "SELECT pg_is_in_recovery(), pg_get_wal_replay_pause_state(), pg_last_wal_replay_lsn()",
+                    Duration::from_secs(10),
+                );
+                if let Some(r) = rows.ok().and_then(|r| r.into_iter().next()) {
+                    let get = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+                    let replayed = pg::lsn::parse(&get(2)).unwrap_or(0);
+                    // Paused at the target; or the WAL ends exactly there (nothing to pause on).
+                    if get(0) == "f" || get(1) == "paused" || replayed >= target {
+                        break;
+                    }
+                }
+                if Instant::now() > deadline {
+                    refuse!(
+                        Unavailable,
+                        "VDB {} did not reach {} within {} s; {}",
+                        rec.name,
+                        pg::lsn::format(target),
+                        START_TIMEOUT.as_secs(),
+                        log_tail()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        cluster.promote(START_TIMEOUT).map_err(|e| {
+            refusal(
+                ErrorKind::Internal,
+                format!("promoting VDB {} failed: {e:#}; {}", rec.name, log_tail()),
+            )
+        })
+    }
+
+    /// Stops the VDB's postgres (see [`pg::Cluster::stop_any`]).
+    pub(super) fn stop_postgres(&self, rec: &VdbRecord, st: &Slot) {
+        rec.postgres(&self.store_dir).stop(st);
+    }
+
+    /// pre-start hook, start, then (after `between`) the post-start hook.
+    pub(super) fn start_with_hooks(
+        &self,
+        rec: &VdbRecord,
+        st: &Slot,
+        between: &dyn Fn() -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        hooks::run(rec, &self.store_dir, Hook::PreStart)?;
+        self.start_postgres(rec, st)?;
+        between()?;
+        hooks::run(rec, &self.store_dir, Hook::PostStart)
+    }
+
+    pub(super) fn stop_with_hooks(&self, rec: &VdbRecord, st: &Slot) -> anyhow::Result<()> {
+        hooks::run(rec, &self.store_dir, Hook::PreStop)?;
+        self.stop_postgres(rec, st);
+        hooks::run(rec, &self.store_dir, Hook::PostStop)
+    }
+
+    /// Stops every VDB postgres (daemon shutdown); the next daemon starts the wanted ones.
+    pub fn stop_all(&self) {
+        let recs = self.records().unwrap_or_default();
+        pg::managed::stop_all(
+            &self.slots,
+            recs.iter().map(|r| r.postgres(&self.store_dir)),
+        );
+    }
+
+    /// Checkpoints and unmounts the VDB's dataset (before its tree is switched).
+    pub(super) fn checkpoint_and_unmount(&self, rec: &VdbRecord) -> anyhow::Result<()> {
+        self.mounts
+            .release(&rec.name, &rec.data_dir)
+            .map_err(|e| e.context(format!("cannot unmount VDB {}", rec.name)))?;
+        self.datasets.checkpoint()?;
+        Ok(())
+    }
+
+    pub(super) fn mount(&self, rec: &VdbRecord) -> anyhow::Result<()> {
+        self.mounts.ensure(&rec.name, &rec.data_dir)
+    }
+
+    /// Stops, unmounts and deletes a VDB with its snapshots, files and record. Best effort:
+    /// logs what it cannot undo.
+    pub(super) fn teardown(&self, rec: &VdbRecord, st: &Slot) {
+        self.stop_postgres(rec, st);
+        if let Err(e) = self.mounts.release(&rec.name, &rec.data_dir) {
+            tracing::error!(vdb = %rec.name, "cannot unmount: {e:#}");
+        }
+        let _ = std::fs::remove_dir(&rec.data_dir);
+        if let Err(e) = crate::catalog::delete_dataset(&self.datasets, &rec.name) {
+            tracing::error!(vdb = %rec.name, "cannot delete the dataset: {e:#}");
+        }
+        if let Err(e) = self.records.remove(&rec.name) {
+            tracing::error!(vdb = %rec.name, "cannot remove the VDB record: {e:#}");
+        }
+        let _ = std::fs::remove_dir_all(&rec.dir(&self.store_dir).0);
+    }
+
+    // ---- start / stop / delete -----------------------------------------------------------
+
+    pub fn start(&self, name: &str) -> anyhow::Result<String> {
+        let mut rec = self.record(name)?;
+        let st = self.slots.state(name);
+        let _g = st.op.lock();
+        refuse_pending(&rec)?;
+        if self.pid(&rec, &st).is_some() && st.rt.lock().pid.is_some() {
+            return Ok(format!(
+                "VDB {name} is already running on port {}",
+                rec.port
+            ));
+        }
+        self.mount(&rec)?;
+        // A stale postmaster.pid is postgres's to judge: it refuses to start next to a live one.
+        let r = self.start_with_hooks(&rec, &st, &|| Ok(()));
+        if st.rt.lock().pid.is_some() {
+            rec.running = true;
+            self.records.put(&rec)?;
+        }
+        r.map_err(|e| {
+            e.context(if rec.running {
+                "postgres started (it runs), but"
+            } else {
+                "it stays stopped"
+            })
+        })?;
+        Ok(format!("started VDB {name} on port {}", rec.port))
+    }
+
+    pub fn stop(&self, name: &str) -> anyhow::Result<String> {
+        let mut rec = self.record(name)?;
+        let st = self.slots.state(name);
+        let _g = st.op.lock();
+        refuse_pending(&rec)?;
+        hooks::run(&rec, &self.store_dir, Hook::PreStop)
+            .map_err(|e| e.context("refused by its pre-stop hook"))?;
+        self.stop_postgres(&rec, &st);
+        rec.running = false;
+        self.records.put(&rec)?;
+        hooks::run(&rec, &self.store_dir, Hook::PostStop)
+            .map_err(|e| e.context("it stopped, but"))?;
+        Ok(format!("stopped VDB {name}"))
+    }
+
+    pub fn delete(&self, name: &str) -> anyhow::Result<String> {
+        let rec = self.record(name)?;
+        let st = self.slots.state(name);
+        let _g = st.op.lock();
+        for s in self.datasets.snapshots(Some(name))? {
+            if let Some(mp) = self.mounts.mounted_at(&s.full_name()) {
+                refuse!(
+                    Conflict,
+                    "snapshot {} of VDB {name} is mounted at {}; unmount it first ('vdbfs umount {}')",
+                    s.full_name(),
+                    mp.display(),
+                    mp.display()
+                );
+            }
+        }
+        let children: Vec<String> = self
+            .records()?
+            .into_iter()
+            .filter(|r| r.parent_dataset() == name)
+            .map(|r| r.name)
+            .collect();
+        self.teardown(&rec, &st);
+        if self.datasets.record(name)?.is_some() || self.is_vdb(name) {
+            refuse!(
+                Internal,
+                "deleting VDB {name} did not finish; the daemon log says why"
+            );
+        }
+        self.slots.forget(name);
+        Ok(if children.is_empty() {
+            format!("deleted VDB {name}")
+        } else {
+            format!(
+                "deleted VDB {name}; its children ({}) keep their data",
+                children.join(", ")
+            )
+        })
+    }
+
+    // ---- snapshots and bookmarks ---------------------------------------------------------
+
+    pub fn snapshot(
+        &self,
+        name: &str,
+        snapshot: Option<&str>,
+        bookmark: bool,
+    ) -> anyhow::Result<VdbSnapshot> {
+        let rec = self.record(name)?;
+        let st = self.slots.state(name);
+        let _g = st.op.lock();
+        refuse_pending(&rec)?;
+        let kind = if bookmark {
+            SnapshotKind::Bookmark
+        } else {
+            SnapshotKind::Snapshot
+        };
+        if let Some(s) = snapshot {
+            crate::tree::check_snapshot_name(s)?;
+        }
+        hooks::run(&rec, &self.store_dir, Hook::PreSnapshot)
+            .map_err(|e| e.context("refused by its pre-snapshot hook"))?;
+        let s = self.take_snapshot(&rec, &st, snapshot, kind)?;
+        hooks::run(&rec, &self.store_dir, Hook::PostSnapshot)
+            .map_err(|e| e.context(format!("{} was taken, but", s.name)))?;
+        Ok(s)
+    }
+
+    pub(super) fn take_snapshot(
+        &self,
+        rec: &VdbRecord,
+        st: &Slot,
+        snapshot: Option<&str>,
+        kind: SnapshotKind,
+    ) -> anyhow::Result<VdbSnapshot> {
+        let (mut lsn, mut timeline) = (None, None);
+        if self.pid(rec, st).is_some() {
+            // Not needed for consistency (the snapshot is atomic: a clone of it recovers like
+            // after a crash), but it makes that recovery short.
+            let cluster = rec.cluster(&self.store_dir);
+            if let Ok(rows) = cluster
+                .query("CHECKPOINT", Duration::from_secs(600))
+                .and_then(|_| {
+                    cluster.query(
+                        "SELECT pg_current_wal_lsn(), (SELECT timeline_id FROM pg_control_checkpoint())",
+                        Duration::from_secs(30),
+                    )
+                })
+            {
+                let r = rows.into_iter().next().unwrap_or_default();
+                lsn = r.first().cloned().flatten();
+                timeline = r.get(1).cloned().flatten().and_then(|t| t.parse().ok());
+            }
+        }
+        let props = VdbSnapshotProps {
+            vdb: rec.name.clone(),
+            kind,
+            lsn,
+            timeline,
+        };
+        let s = self.datasets.snapshot_with_props(
+            &rec.name,
+            snapshot,
+            Some(serde_json::to_vec(&props)?),
+        )?;
+        rec.dir(&self.store_dir)
+            .log_line(&format!("{kind} {}", s.full_name()));
+        Ok(VdbSnapshot {
+            name: s.full_name(),
+            kind,
+            lsn: props.lsn,
+            timeline: props.timeline,
+            created: crate::time::rfc3339(s.rec.created.secs),
+        })
+    }
+
+    // ---- recovery and supervision --------------------------------------------------------
+
+    /// Undoes VDB operations a dead daemon cut short.
+    pub fn recover(&self) {
+        let Ok(recs) = self.records() else {
+            return;
+        };
+        for mut rec in recs {
+            let Some(p) = rec.pending.clone() else {
+                continue;
+            };
+            let st = self.slots.state(&rec.name);
+            let _g = st.op.lock();
+            tracing::warn!(vdb = %rec.name, op = %p.op, "undoing an operation cut short by a daemon stop");
+            if p.op == VdbOp::Create {
+                self.teardown(&rec, &st);
+                self.slots.forget(&rec.name);
+            } else if let Err(e) = self.undo_switch(&mut rec, &st, &p) {
+                tracing::error!(vdb = %rec.name, "cannot undo the cut-short {}: {e:#}", p.op);
+            }
+        }
+    }
+
+    /// One supervisor round: start wanted VDBs whose postgres is not running (after a daemon
+    /// restart, or when it died), with backoff.
+    pub fn supervise(&self) {
+        let Ok(recs) = self.records() else {
+            return;
+        };
+        for rec in recs
+            .into_iter()
+            .filter(|r| r.running && r.pending.is_none())
+        {
+            let st = self.slots.state(&rec.name);
+            let Some(_g) = st.op.try_lock() else { continue };
+            let (ours, due) = {
+                let rt = st.rt.lock();
+                (rt.pid.filter(|p| pg::pid_alive(*p)), rt.due())
+            };
+            if ours.is_some() || !due {
+                continue;
+            }
+            if st.rt.lock().pid.take().is_some() {
+                tracing::error!(vdb = %rec.name, "the VDB's postgres died; starting it again");
+            }
+            let r = self
+                .mount(&rec)
+                .and_then(|()| self.start_with_hooks(&rec, &st, &|| Ok(())));
+            if let Err(e) = r {
+                let wait = st.rt.lock().failed(format!("{e:#}"));
+                tracing::error!(vdb = %rec.name, "VDB did not start (next try in {wait:?}): {e:#}");
+            }
+        }
+    }
+
+    /// The socket directory of a VDB's files, for status.
+    pub(super) fn socket_dir(&self, rec: &VdbRecord) -> PathBuf {
+        rec.dir(&self.store_dir).socket_dir()
+    }
+}
+
+/// A VDB in the middle of an operation takes no other.
+pub(super) fn refuse_pending(rec: &VdbRecord) -> anyhow::Result<()> {
+    match &rec.pending {
+        Some(p) => refuse!(
+            Busy,
+            "VDB {} is in the middle of a {}; wait for it to finish",
+            rec.name,
+            p.op
+        ),
+        None => Ok(()),
+    }
+}
