@@ -200,6 +200,90 @@ pub fn run_with(
 pub fn run_unchecked(
     cmd: &mut Command,
     timeout: Duration,
+    on_stderr: impl FnMut(&str),
+) -> anyhow::Result<Output> {
+    run_inner(cmd, timeout, |_| Ok(()), on_stderr)
+}
+
+/// Like [`run_with`], for a long-running program that must not outlive a daemon crash unnoticed:
+/// it runs in a process group of its own, whose id is kept in `pid_file` while it runs, so the
+/// next daemon can stop it ([`stop_recorded`]).
+pub fn run_recorded(
+    cmd: &mut Command,
+    timeout: Duration,
+    pid_file: &Path,
+    on_stderr: impl FnMut(&str),
+) -> anyhow::Result<Output> {
+    use std::os::unix::process::CommandExt;
+    let what = describe(cmd);
+    cmd.process_group(0);
+    let out = run_inner(
+        cmd,
+        timeout,
+        |pid| {
+            std::fs::write(pid_file, format!("{pid}\n"))
+                .with_context(|| format!("cannot write {}", pid_file.display()))
+        },
+        on_stderr,
+    );
+    let _ = std::fs::remove_file(pid_file);
+    let out = out?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            last_lines(&out.stderr_text(), 10)
+        );
+    }
+    Ok(out)
+}
+
+/// Stops (SIGKILL to its whole process group) a program that [`run_recorded`] started under a
+/// daemon that died, if any process of that group still runs and its command line contains
+/// `marker` (the group leader, e.g. `runuser`, may be gone while the program itself runs on; a
+/// process group id is not reused while any member lives). Waits up to 10 s for them to go.
+pub fn stop_recorded(pid_file: &Path, marker: &str) {
+    let Ok(text) = std::fs::read_to_string(pid_file) else {
+        return;
+    };
+    let pgid = text
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse::<i32>().ok())
+        .unwrap_or(0);
+    let members = || -> Vec<i32> {
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&pid| {
+                pid_alive(pid)
+                    && proc_stat(pid).and_then(|f| f.get(2)?.parse::<i32>().ok()) == Some(pgid)
+            })
+            .collect()
+    };
+    let ours = members().into_iter().any(|pid| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        String::from_utf8_lossy(&cmdline).contains(marker)
+    });
+    if pgid > 1 && ours {
+        tracing::warn!(pgid, "stopping a leftover {marker} of a daemon that died");
+        // SAFETY: kill(2) of the process group we started, verified to still run `marker`.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !members().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let _ = std::fs::remove_file(pid_file);
+}
+
+fn run_inner(
+    cmd: &mut Command,
+    timeout: Duration,
+    on_spawn: impl FnOnce(u32) -> anyhow::Result<()>,
     mut on_stderr: impl FnMut(&str),
 ) -> anyhow::Result<Output> {
     let what = describe(cmd);
@@ -209,6 +293,11 @@ pub fn run_unchecked(
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run {what}"))?;
+    if let Err(e) = on_spawn(child.id()) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
     let (Some(mut out), Some(mut err)) = (child.stdout.take(), child.stderr.take()) else {
         let _ = child.kill();
         let _ = child.wait();

@@ -100,17 +100,19 @@ impl BackupFormat {
     }
 }
 
-/// `pg_basebackup` from the source into `data_dir`, WAL streamed over `slot`.
+/// `pg_basebackup` from the source into `data_dir`, WAL streamed over `slot`. While it runs its
+/// PID is kept in `pid_file` (see [`stop_leftover_copy`]).
 pub fn basebackup(
     install: &Install,
     conninfo: &str,
     slot: &str,
     data_dir: &Path,
     label: &str,
+    pid_file: &Path,
     progress: Progress,
 ) -> anyhow::Result<()> {
     let mut last: Option<std::time::Instant> = None;
-    pg::run_with(
+    pg::run_recorded(
         pg::as_postgres(&install.bin("pg_basebackup"))
             .arg("-D")
             .arg(data_dir)
@@ -119,6 +121,7 @@ pub fn basebackup(
             ])
             .arg(conninfo),
         COPY_TIMEOUT,
+        pid_file,
         |line| {
             // At most one progress line a second.
             if let Some((done, total)) = copy_progress(line) {
@@ -131,6 +134,12 @@ pub fn basebackup(
     )
     .map(|_| ())
     .map_err(|e| anyhow::anyhow!("pg_basebackup from the source failed: {e:#}"))
+}
+
+/// Stops a `pg_basebackup` that a daemon which died left running (it would hold the replication
+/// slot, and keep writing into a mount that is gone, until it ends by itself).
+pub fn stop_leftover_copy(pid_file: &Path) {
+    pg::stop_recorded(pid_file, "pg_basebackup");
 }
 
 /// pg_basebackup's `-P` line "123456/234567 kB (52%), 0/1 tablespace" -> (done, total) kB.

@@ -255,6 +255,7 @@ impl SourceService {
                     slot,
                     &rec.data_dir,
                     &format!("vdbfs link {}", rec.name),
+                    &copy_pid_file(rec, &self.store_dir),
                     progress,
                 )?;
             }
@@ -313,6 +314,7 @@ impl SourceService {
         delete_data: bool,
         quiet: bool,
     ) {
+        ingest::stop_leftover_copy(&copy_pid_file(rec, &self.store_dir));
         self.stop_staging(rec, st);
         if drop_slot {
             if let Err(e) = self.drop_slot(rec) {
@@ -358,4 +360,9 @@ impl SourceService {
             }
         })
     }
+}
+
+/// Where the PID of a running first copy (pg_basebackup) is kept.
+fn copy_pid_file(rec: &SourceRecord, store_dir: &std::path::Path) -> std::path::PathBuf {
+    rec.dir(store_dir).0.join("copy.pid")
 }
