@@ -58,6 +58,12 @@ pub enum Request {
     SourceEnable {
         name: String,
     },
+    /// `vdbfs source set NAME --verify on|off`
+    SourceSet {
+        name: String,
+        #[serde(default)]
+        verify: Option<bool>,
+    },
     SourceDisable {
         name: String,
     },
@@ -87,11 +93,21 @@ pub enum Request {
     },
     VdbRewind {
         name: String,
-        to: String,
+        /// One of its own snapshots or bookmarks...
+        #[serde(default)]
+        to: Option<String>,
+        /// ...or a moment of its own history (a time).
+        #[serde(default)]
+        at: Option<String>,
     },
     VdbRefresh {
         name: String,
         to: Option<String>,
+        /// A moment of the parent source: a time, or an LSN.
+        #[serde(default)]
+        at: Option<String>,
+        #[serde(default)]
+        at_lsn: Option<String>,
     },
     VdbDelete {
         name: String,
@@ -112,6 +128,15 @@ pub struct VdbSpec {
     /// KEY=VALUE
     pub settings: Vec<String>,
     pub hooks: Option<PathBuf>,
+    /// A moment of the source `from` names: a time (`--at`)...
+    #[serde(default)]
+    pub at: Option<String>,
+    /// ...or an LSN (`--at-lsn`).
+    #[serde(default)]
+    pub at_lsn: Option<String>,
+    /// The newest snapshot of `from` that passed verification (`--verified`).
+    #[serde(default)]
+    pub verified: bool,
 }
 
 /// A VDB as `vdb list/status` show it.
@@ -138,6 +163,10 @@ pub struct VdbStatus {
     pub created: String,
     pub fault: Option<String>,
     pub events: Vec<(String, String)>,
+    /// The moments `vdb rewind NAME --at` can go back to (its history since its last create
+    /// or refresh).
+    #[serde(default)]
+    pub history: Option<Range>,
 }
 
 /// A snapshot or bookmark of a VDB.
@@ -170,6 +199,17 @@ pub struct TimeflowNode {
     /// For snapshots: automatic, bookmark, validated-sync ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// For a source's snapshots: its prepared image and its verification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<PrepState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<VerifyState>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify_failures: Vec<String>,
+    /// For sources: the moments a VDB can be provisioned at; for VDBs: the moments of their own
+    /// history `vdb rewind --at` can go back to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<Range>,
     #[serde(default)]
     pub children: Vec<TimeflowNode>,
 }
@@ -235,6 +275,17 @@ pub struct SourceStatus {
     pub snapshot_every_secs: Option<u64>,
     pub keep: Option<u32>,
     pub keep_for_secs: Option<u64>,
+    /// Whether each prepared snapshot is checked with pg_amcheck (`--verify`).
+    #[serde(default)]
+    pub verify: bool,
+    /// The moments a VDB can be provisioned at (`vdb create --at`).
+    #[serde(default)]
+    pub ranges: Vec<Range>,
+    /// The WAL kept in the store for this source: files and bytes (logical).
+    #[serde(default)]
+    pub wal_archive_files: usize,
+    #[serde(default)]
+    pub wal_archive_bytes: u64,
 }
 
 /// A validated-sync snapshot of a source.
@@ -247,6 +298,44 @@ pub struct SourceSnapshot {
     pub replay_time: Option<String>,
     pub mode: Mode,
     pub created: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<PrepState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<VerifyState>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify_failures: Vec<String>,
+}
+
+/// A stretch of WAL a VDB can be provisioned (or rewound) at any moment of: from a snapshot to
+/// the last WAL received, on one timeline. Times are RFC 3339 with microseconds (UTC).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Range {
+    pub timeline: u32,
+    pub from_lsn: String,
+    pub from_time: String,
+    pub to_lsn: String,
+    pub to_time: String,
+    /// The snapshot the range starts at (for a VDB: its history's base).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
+}
+
+impl std::fmt::Display for Range {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "from {} (LSN {}{}) to {} (LSN {}), timeline {}",
+            self.from_time,
+            self.from_lsn,
+            self.from_snapshot
+                .as_ref()
+                .map(|s| format!(", {s}"))
+                .unwrap_or_default(),
+            self.to_time,
+            self.to_lsn,
+            self.timeline
+        )
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -323,6 +412,16 @@ pub struct SnapshotInfo {
     /// For a VDB's snapshots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<SnapshotKind>,
+    /// For a source's snapshots: its prepared image (a VDB of a ready one starts without
+    /// redo), why its preparation failed, and its verification with pg_amcheck.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<PrepState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepare_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<VerifyState>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify_failures: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -365,6 +464,9 @@ pub struct LinkSpec {
     pub keep: Option<u32>,
     pub keep_for: Option<String>,
     pub pg_bin: Option<PathBuf>,
+    /// Check each prepared snapshot with pg_amcheck.
+    #[serde(default)]
+    pub verify: bool,
 }
 
 /// How a source is ingested and kept in sync.
@@ -469,6 +571,32 @@ words! {
         Bookmark = "bookmark",
         /// The undo point taken before a refresh or rewind.
         Auto = "auto",
+        /// The tree a VDB's history starts from (its create, refresh or rewind), kept for
+        /// `vdb rewind --at`; not listed with its snapshots.
+        Base = "base",
+    }
+}
+
+words! {
+    /// The prepared image of a source's snapshot.
+    pub enum PrepState {
+        /// Replayed to the snapshot's LSN, promoted and shut down cleanly: a VDB starts
+        /// without redo.
+        Ready = "ready",
+        /// Not prepared yet (VDBs take the path with WAL replay meanwhile).
+        Pending = "pending",
+        Failed = "failed",
+    }
+}
+
+words! {
+    /// The verification (pg_amcheck --heapallindexed) of a source's snapshot.
+    pub enum VerifyState {
+        Ok = "ok",
+        Failed = "failed",
+        Pending = "pending",
+        /// The source does not verify its snapshots.
+        Off = "off",
     }
 }
 

@@ -6,12 +6,14 @@
 //! Control path: `cli` -> `api` (request and response types, error kinds) over the control
 //! socket -> `daemon` (server, dispatch, supervision, TimeFlow view) -> the services
 //! `source::SourceService` and `vdb::VdbService` -> their handles: `catalog` (the datasets of
-//! `tree`), `mounts` (the FUSE mounts), `store::records` (typed record tables) and `pg` (one
-//! managed-postgres lifecycle, SQL, configuration, ports). `time` is at the bottom.
+//! `tree`), `mounts` (the FUSE mounts), `store::records` (typed record tables), `archive` (the WAL kept in the store,
+//! in an internal dataset) and `pg` (one managed-postgres lifecycle, provisioning starts, SQL,
+//! configuration, ports). `time` is at the bottom.
 //!
 //! Every arrow points down: no module imports from a module above it.
 
 pub mod api;
+pub mod archive;
 pub mod catalog;
 pub mod cli;
 pub mod daemon;

@@ -28,6 +28,51 @@ pub fn rfc3339_now() -> String {
 }
 
 /// Why an interval was refused; the text is what the CLI prints after `vdbfs: error: `.
+/// A time in Unix microseconds as RFC 3339 with microseconds, UTC.
+pub fn rfc3339_us(us: i64) -> String {
+    match Timestamp::from_microsecond(us) {
+        Ok(t) => t.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+        Err(_) => format!("@{us}"),
+    }
+}
+
+/// Now, in Unix microseconds.
+pub fn now_us() -> i64 {
+    Timestamp::now().as_microsecond()
+}
+
+/// A moment the user wrote (`--at`): RFC 3339 or PostgreSQL's `2026-11-30 14:22:49.123+00`,
+/// with its UTC offset; returns Unix microseconds.
+pub fn parse_moment(s: &str, what: &str) -> Result<i64, MomentError> {
+    let t = s.trim();
+    // PostgreSQL prints offsets as +HH; RFC 3339 wants +HH:MM.
+    let fixed = match t.rfind(['+', '-']) {
+        Some(i)
+            if i > 10
+                && t[i + 1..].len() == 2
+                && t[i + 1..].bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            format!("{t}:00")
+        }
+        _ => t.to_string(),
+    };
+    fixed
+        .replacen(' ', "T", 1)
+        .parse::<Timestamp>()
+        .map(|t| t.as_microsecond())
+        .map_err(|_| {
+            MomentError(format!(
+                "{what} {s:?} is not a time with its UTC offset; write e.g. \
+                 '2026-11-30 14:22:49+00' or 2026-11-30T14:22:49.5Z"
+            ))
+        })
+}
+
+/// A moment the user wrote that is not a time (see [`parse_moment`]).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct MomentError(pub String);
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IntervalError {
     #[error("{what} {input:?} is not a duration; write e.g. 30s, 15m, 2h or 7d")]
@@ -97,6 +142,27 @@ mod tests {
         let now = rfc3339_now();
         assert_eq!(now.len(), 20, "{now}");
         assert!(now.ends_with('Z') && now.as_bytes()[10] == b'T', "{now}");
+    }
+
+    #[test]
+    fn moments_parse_with_their_offset_to_microseconds() {
+        let us = |s: &str| parse_moment(s, "--at");
+        let base = 1_795_683_125_000_000; // 2026-11-26T08:52:05Z
+        assert_eq!(us("2026-11-26 08:52:05+00"), Ok(base));
+        assert_eq!(us("2026-11-26T08:52:05Z"), Ok(base));
+        assert_eq!(us("2026-11-26 09:52:05.25+01"), Ok(base + 250_000));
+        assert_eq!(us("2026-11-26T08:52:05.000001+00:00"), Ok(base + 1));
+        assert_eq!(rfc3339_us(base + 1), "2026-11-26T08:52:05.000001Z");
+        assert_eq!(us(&rfc3339_us(base + 7)), Ok(base + 7));
+        for bad in [
+            "2026-11-26 08:52:05",
+            "yesterday",
+            "",
+            "2026-13-01 00:00:00+00",
+        ] {
+            let e = us(bad).unwrap_err();
+            assert!(e.0.contains("UTC offset"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

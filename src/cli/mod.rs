@@ -152,6 +152,17 @@ pub enum SourceCmd {
         /// under /usr/lib/postgresql).
         #[arg(long, hide = true)]
         pg_bin: Option<PathBuf>,
+        /// Check each snapshot's prepared image with pg_amcheck --heapallindexed in the
+        /// background ('vdb create --verified' takes the newest that passed).
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Change a source's settings.
+    Set {
+        name: String,
+        /// Verify each prepared snapshot with pg_amcheck (on|off).
+        #[arg(long, value_parser = ["on", "off"])]
+        verify: Option<String>,
     },
     /// Sources with their state and lag.
     List {
@@ -317,11 +328,29 @@ fn print_source(s: &api::SourceStatus) {
     );
     match &s.last_snapshot {
         Some(l) => println!(
-            "  {} snapshot(s); last {} at LSN {} (timeline {}), {}",
-            s.snapshots, l.name, l.lsn, l.timeline, l.created
+            "  {} snapshot(s); last {} at LSN {} (timeline {}), {}; prepared {}, verified {}{}",
+            s.snapshots,
+            l.name,
+            l.lsn,
+            l.timeline,
+            l.created,
+            opt(&l.prepared),
+            opt(&l.verified),
+            l.verify_failures
+                .first()
+                .map(|f| format!(" ({f})"))
+                .unwrap_or_default()
         ),
         None => println!("  {} snapshot(s)", s.snapshots),
     }
+    for r in &s.ranges {
+        println!("  provisionable (vdb create --at): {r}");
+    }
+    println!(
+        "  WAL kept in the store: {} file(s), {}",
+        s.wal_archive_files,
+        human(s.wal_archive_bytes)
+    );
     if s.restarts > 0 {
         println!("  staging restarted {} time(s) after a crash", s.restarts);
     }
@@ -439,9 +468,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("{}", r.data);
                 } else {
                     let list: Vec<api::SnapshotInfo> = serde_json::from_value(r.data)?;
-                    println!("{:<48} {:<21}", "NAME", "CREATED");
+                    println!(
+                        "{:<48} {:<21} {:<14} {:<9} VERIFIED",
+                        "NAME", "CREATED", "LSN", "PREPARED"
+                    );
                     for s in list {
-                        println!("{:<48} {:<21}", s.name, s.created);
+                        println!(
+                            "{:<48} {:<21} {:<14} {:<9} {}{}",
+                            s.name,
+                            s.created,
+                            opt(&s.lsn),
+                            opt(&s.prepared),
+                            opt(&s.verified),
+                            s.verify_failures
+                                .first()
+                                .map(|f| format!(" ({f})"))
+                                .unwrap_or_default()
+                        );
                     }
                 }
             }
@@ -535,6 +578,7 @@ fn run_source(store: &Path, cmd: SourceCmd) -> anyhow::Result<()> {
             keep_for,
             passfile,
             pg_bin,
+            verify,
         } => {
             let spec = api::LinkSpec {
                 name,
@@ -550,6 +594,7 @@ fn run_source(store: &Path, cmd: SourceCmd) -> anyhow::Result<()> {
                 keep,
                 keep_for,
                 pg_bin: pg_bin.map(|p| absolute(&p)).transpose()?,
+                verify,
             };
             println!(
                 "{}",
@@ -596,6 +641,17 @@ fn run_source(store: &Path, cmd: SourceCmd) -> anyhow::Result<()> {
                 println!("{}", r.message);
             }
         }
+        SourceCmd::Set { name, verify } => println!(
+            "{}",
+            run_req(
+                store,
+                Request::SourceSet {
+                    name,
+                    verify: verify.map(|v| v == "on"),
+                }
+            )?
+            .message
+        ),
         SourceCmd::Disable { name } => {
             println!(
                 "{}",

@@ -7,12 +7,23 @@ use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]
 pub enum VdbCmd {
-    /// Provision a VDB from a snapshot and start its postgres; prints how to connect.
+    /// Provision a VDB from a snapshot, or a moment of a source, and start its postgres; prints
+    /// how to connect.
     Create {
         name: String,
         /// DATASET@SNAPSHOT, or DATASET for its latest snapshot (a source or a VDB).
         #[arg(long)]
         from: String,
+        /// A moment of source --from to provision at, with its UTC offset
+        /// ('2026-11-30 14:22:49+00'): what was committed then (inclusive).
+        #[arg(long, value_name = "TIME", conflicts_with_all = ["at_lsn", "verified"])]
+        at: Option<String>,
+        /// A WAL position of source --from (e.g. 0/3000060): what was committed up to it.
+        #[arg(long, value_name = "LSN", conflicts_with = "verified")]
+        at_lsn: Option<String>,
+        /// The newest snapshot of source --from that passed verification (pg_amcheck).
+        #[arg(long)]
+        verified: bool,
         /// Port of its postgres (default: the first free one of the daemon's pool).
         #[arg(long)]
         port: Option<u16>,
@@ -59,19 +70,31 @@ pub enum VdbCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Put the VDB back to one of its own snapshots or bookmarks (same name, port and mount).
+    /// Put the VDB back to one of its own snapshots or bookmarks, or to a moment of its own
+    /// history (same name, port and mount).
     Rewind {
         name: String,
-        #[arg(long)]
-        to: String,
+        /// One of its snapshots or bookmarks.
+        #[arg(long, required_unless_present = "at", conflicts_with = "at")]
+        to: Option<String>,
+        /// A moment since its last create or refresh, with its UTC offset.
+        #[arg(long, value_name = "TIME")]
+        at: Option<String>,
     },
-    /// Move the VDB onto a newer snapshot of its parent (same name, port, mount and settings).
+    /// Move the VDB onto a newer snapshot, or a moment, of its parent (same name, port, mount and
+    /// settings).
     Refresh {
         name: String,
         /// PARENT@SNAPSHOT (default: a new validated snapshot of a linked source, else the
         /// parent's latest snapshot).
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["at", "at_lsn"])]
         to: Option<String>,
+        /// A moment of the parent source, with its UTC offset.
+        #[arg(long, value_name = "TIME", conflicts_with = "at_lsn")]
+        at: Option<String>,
+        /// A WAL position of the parent source.
+        #[arg(long, value_name = "LSN")]
+        at_lsn: Option<String>,
     },
     /// Stop and delete the VDB with its snapshots; VDBs made from it keep working.
     Delete { name: String },
@@ -90,6 +113,9 @@ pub fn run(store: &Path, cmd: VdbCmd) -> anyhow::Result<()> {
         VdbCmd::Create {
             name,
             from,
+            at,
+            at_lsn,
+            verified,
             port,
             mount,
             settings,
@@ -103,6 +129,9 @@ pub fn run(store: &Path, cmd: VdbCmd) -> anyhow::Result<()> {
                 mount: mount.map(|p| absolute(&p)).transpose()?,
                 settings,
                 hooks: hooks.map(|p| absolute(&p)).transpose()?,
+                at,
+                at_lsn,
+                verified,
             };
             print_or_json(run_req(store, Request::VdbCreate(Box::new(spec)))?, json);
         }
@@ -149,6 +178,12 @@ pub fn run(store: &Path, cmd: VdbCmd) -> anyhow::Result<()> {
                 s.data_dir.display()
             );
             println!("  parent:   {}", s.parent);
+            if let Some(h) = &s.history {
+                println!(
+                    "  history:  rewind --at any moment from {} (timeline {})",
+                    h.from_time, h.timeline
+                );
+            }
             println!(
                 "  space:    {} logical, {} unique (what deleting it frees)",
                 human(s.logical_bytes),
@@ -202,16 +237,30 @@ pub fn run(store: &Path, cmd: VdbCmd) -> anyhow::Result<()> {
             )?,
             json,
         ),
-        VdbCmd::Rewind { name, to } => {
+        VdbCmd::Rewind { name, to, at } => {
             println!(
                 "{}",
-                run_req(store, Request::VdbRewind { name, to })?.message
+                run_req(store, Request::VdbRewind { name, to, at })?.message
             )
         }
-        VdbCmd::Refresh { name, to } => {
+        VdbCmd::Refresh {
+            name,
+            to,
+            at,
+            at_lsn,
+        } => {
             println!(
                 "{}",
-                run_req(store, Request::VdbRefresh { name, to })?.message
+                run_req(
+                    store,
+                    Request::VdbRefresh {
+                        name,
+                        to,
+                        at,
+                        at_lsn
+                    }
+                )?
+                .message
             )
         }
         VdbCmd::Delete { name } => {
@@ -281,6 +330,17 @@ fn label(n: &TimeflowNode) -> String {
                 what.push_str(&format!(", {note}"));
             }
             parts.push(format!("[{what}]"));
+            for r in &n.ranges {
+                let verb = if n.kind == NodeKind::Vdb {
+                    "rewind --at"
+                } else {
+                    "provisionable"
+                };
+                parts.push(format!(
+                    "{verb}: {} .. {} (timeline {})",
+                    r.from_time, r.to_time, r.timeline
+                ));
+            }
         }
         kind => {
             if kind == NodeKind::Bookmark {
@@ -297,6 +357,15 @@ fn label(n: &TimeflowNode) -> String {
             }
             if let Some(note) = &n.note {
                 parts.push(format!("({note})"));
+            }
+            if let Some(p) = n.prepared {
+                parts.push(format!("prepared {p}"));
+            }
+            if let Some(v) = n.verified.filter(|v| *v != crate::api::VerifyState::Off) {
+                parts.push(format!("verified {v}"));
+            }
+            if let Some(f) = n.verify_failures.first() {
+                parts.push(format!("({f})"));
             }
         }
     }

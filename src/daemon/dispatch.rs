@@ -45,7 +45,9 @@ pub fn kind_of(e: &anyhow::Error) -> ErrorKind {
         if let Some(s) = c.downcast_ref::<crate::source::preflight::SourceError>() {
             return s.kind();
         }
-        if c.downcast_ref::<crate::time::IntervalError>().is_some() {
+        if c.downcast_ref::<crate::time::IntervalError>().is_some()
+            || c.downcast_ref::<crate::time::MomentError>().is_some()
+        {
             return ErrorKind::Invalid;
         }
         if let Some(io) = c.downcast_ref::<std::io::Error>() {
@@ -68,9 +70,19 @@ fn store_kind(e: &crate::store::Error) -> ErrorKind {
     }
 }
 
-fn snapshot_info(s: &crate::tree::SnapshotInfo) -> api::SnapshotInfo {
+/// A snapshot as `snapshot list` shows it; `marks` are a source snapshot's prepared image and
+/// verification (with its failures), and why its preparation failed.
+fn snapshot_info(s: &crate::tree::SnapshotInfo, marks: Option<Marks>) -> api::SnapshotInfo {
     let props = crate::source::snapshot_props(s);
+    let (prepared, verified, verify_failures, prepare_error) = match marks {
+        Some(m) => (Some(m.0), Some(m.1), m.2, m.3),
+        None => (None, None, Vec::new(), None),
+    };
     api::SnapshotInfo {
+        prepared,
+        verified,
+        verify_failures,
+        prepare_error,
         lsn: props.as_ref().map(|p| p.lsn.clone()),
         timeline: props.as_ref().map(|p| p.timeline),
         replay_time: props.as_ref().and_then(|p| p.replay_time.clone()),
@@ -82,6 +94,25 @@ fn snapshot_info(s: &crate::tree::SnapshotInfo) -> api::SnapshotInfo {
         created: crate::time::rfc3339(s.rec.created.secs),
         created_unix_ms: s.rec.created.secs * 1000 + (s.rec.created.nsecs / 1_000_000) as i64,
     }
+}
+
+/// A source snapshot's marks: prepared, verified, the verification's failures, why preparing
+/// it failed.
+type Marks = (
+    api::PrepState,
+    api::VerifyState,
+    Vec<String>,
+    Option<String>,
+);
+
+/// Names starting with `.` are the control path's own datasets: no user command reaches them.
+fn refuse_internal(name: &str) -> anyhow::Result<()> {
+    if crate::tree::is_internal(name) {
+        return Err(
+            NameError::NotFound(name.split_once('@').map_or(name, |(d, _)| d).to_string()).into(),
+        );
+    }
+    Ok(())
 }
 
 fn df(u: StoreUsage) -> Df {
@@ -135,6 +166,7 @@ impl Daemon {
             | R::SourceStatus { .. }
             | R::SourceSnapshot { .. }
             | R::SourceEnable { .. }
+            | R::SourceSet { .. }
             | R::SourceDisable { .. }
             | R::SourceUnlink { .. }) => self.source_request(r, progress),
             r @ (R::VdbCreate(_)
@@ -166,6 +198,7 @@ impl Daemon {
                 Ok((snap.name.clone(), serde_json::to_value(&snap)?))
             }
             Request::SourceEnable { name } => said(s.set_enabled(&name, true)?),
+            Request::SourceSet { name, verify } => said(s.set(&name, verify)?),
             Request::SourceDisable { name } => said(s.set_enabled(&name, false)?),
             Request::SourceUnlink {
                 name,
@@ -216,13 +249,24 @@ impl Daemon {
                     .map_err(|e| e.context(ctx(what, &name)))?;
                 Ok((s.name.clone(), serde_json::to_value(&s)?))
             }
-            Request::VdbRewind { name, to } => said(
-                v.rewind(&name, &to)
+            Request::VdbRewind { name, to, at } => said(
+                v.rewind(&name, to.as_deref(), at.as_deref(), progress)
                     .map_err(|e| e.context(ctx("rewind", &name)))?,
             ),
-            Request::VdbRefresh { name, to } => said(
-                v.refresh(&name, to.as_deref(), progress)
-                    .map_err(|e| e.context(ctx("refresh", &name)))?,
+            Request::VdbRefresh {
+                name,
+                to,
+                at,
+                at_lsn,
+            } => said(
+                v.refresh(
+                    &name,
+                    to.as_deref(),
+                    at.as_deref(),
+                    at_lsn.as_deref(),
+                    progress,
+                )
+                .map_err(|e| e.context(ctx("refresh", &name)))?,
             ),
             Request::VdbDelete { name } => said(
                 v.delete(&name)
@@ -231,6 +275,39 @@ impl Daemon {
             Request::Timeflow { dataset } => data(self.timeflow(dataset.as_deref())?),
             _ => refuse!(Internal, "not a VDB request"),
         }
+    }
+
+    /// [`snapshot_info`] of each, with the marks of a source's snapshots.
+    fn snapshot_infos(&self, snaps: &[crate::tree::SnapshotInfo]) -> Vec<api::SnapshotInfo> {
+        use std::collections::{HashMap, HashSet};
+        let verify: HashMap<String, bool> = self
+            .sources
+            .records()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| (r.name, r.verify))
+            .collect();
+        let mut prepared: HashMap<String, HashSet<String>> = HashMap::new();
+        snaps
+            .iter()
+            .map(|s| {
+                let marks = crate::source::snapshot_props(s).map(|p| {
+                    let ready = prepared
+                        .entry(s.dataset.clone())
+                        .or_insert_with(|| self.sources.prepared_images(&s.dataset))
+                        .contains(&s.rec.name);
+                    let on = verify.get(&s.dataset).copied().unwrap_or(false);
+                    let (prep, ver) = crate::source::marks(&p, ready, on);
+                    (
+                        prep,
+                        ver,
+                        crate::source::failures(&p, on),
+                        p.prepare_error.clone(),
+                    )
+                });
+                snapshot_info(s, marks)
+            })
+            .collect()
     }
 
     /// The staging dataset of a linked source is managed through `vdbfs source`, a VDB's
@@ -277,7 +354,12 @@ impl Daemon {
             Request::Status => data(Status {
                 pid: std::process::id(),
                 store: self.store_dir.clone(),
-                mounts: self.mounts.list(),
+                mounts: self
+                    .mounts
+                    .list()
+                    .into_iter()
+                    .filter(|m| !crate::tree::is_internal(&m.dataset))
+                    .collect(),
             }),
             Request::DatasetCreate { name } => {
                 ds.create(&name)?;
@@ -287,6 +369,7 @@ impl Daemon {
                 let list: Vec<DatasetInfo> = ds
                     .list()?
                     .into_iter()
+                    .filter(|r| !crate::tree::is_internal(&r.name))
                     .map(|r| DatasetInfo {
                         mountpoint: self.mounts.mounted_at(&r.name),
                         created: crate::time::rfc3339(r.created.secs),
@@ -300,6 +383,7 @@ impl Daemon {
                 name,
                 with_snapshots,
             } => {
+                refuse_internal(&name)?;
                 self.refuse_if_managed(&name, "delete")?;
                 self.refuse_if_mounted(&name, "dataset", true)?;
                 let snaps = ds.snapshots(Some(&name))?;
@@ -313,6 +397,7 @@ impl Daemon {
                 said(format!("deleted dataset {name}"))
             }
             Request::SnapshotCreate { dataset, name } => {
+                refuse_internal(&dataset)?;
                 let t = std::time::Instant::now();
                 let s = ds.snapshot(&dataset, name.as_deref())?;
                 Ok((
@@ -321,18 +406,22 @@ impl Daemon {
                         s.full_name(),
                         t.elapsed().as_secs_f64() * 1e3
                     ),
-                    serde_json::to_value(snapshot_info(&s))?,
+                    serde_json::to_value(snapshot_info(&s, None))?,
                 ))
             }
             Request::SnapshotList { dataset } => {
-                let list: Vec<api::SnapshotInfo> = ds
+                if let Some(d) = &dataset {
+                    refuse_internal(d)?;
+                }
+                let snaps: Vec<_> = ds
                     .snapshots(dataset.as_deref())?
-                    .iter()
-                    .map(snapshot_info)
+                    .into_iter()
+                    .filter(|s| !crate::tree::is_internal(&s.dataset))
                     .collect();
-                data(list)
+                data(self.snapshot_infos(&snaps))
             }
             Request::SnapshotDelete { name } => {
+                refuse_internal(&name)?;
                 let (d, s) = crate::tree::parse_snapshot_ref(&name)?;
                 self.refuse_if_mounted(&name, "snapshot", true)?;
                 ds.delete_snapshot(d, s)?;
@@ -341,6 +430,7 @@ impl Daemon {
                 ))
             }
             Request::Clone { snapshot, name } => {
+                refuse_internal(&snapshot)?;
                 let (d, s) = crate::tree::parse_snapshot_ref(&snapshot)?;
                 let t = std::time::Instant::now();
                 ds.clone_snapshot(d, s, &name)?;
@@ -360,7 +450,10 @@ impl Daemon {
             Request::Mount {
                 dataset,
                 mountpoint,
-            } => said(self.mounts.mount(&dataset, &mountpoint)?),
+            } => {
+                refuse_internal(&dataset)?;
+                said(self.mounts.mount(&dataset, &mountpoint)?)
+            }
             Request::Umount { mountpoint } => {
                 if let Some(ds) = self.mounts.dataset_at(&mountpoint) {
                     self.refuse_if_managed(&ds, "unmount")?;

@@ -3,7 +3,11 @@
 //! things until SIGTERM/SIGINT: the control server (`server`, requests dispatched by area in
 //! `dispatch`), the checkpointer (checkpoints and background gc), and the supervisor
 //! (`supervise`: recovery of cut-short operations at start, then staging standbys and VDBs kept
-//! running). On the way out it stops every postgres, checkpoints and unmounts.
+//! running), and two background workers at a lower CPU priority: the archiver (WAL files the
+//! staging standbys and VDBs mark ready go into the store's archive) and the preparer (each
+//! source snapshot's prepared image and its verification, one at a time). On the way out it
+//! stops every postgres (the archiver keeps serving their archiving until then), checkpoints
+//! and unmounts.
 //!
 //! Module map: `server` (socket), `dispatch` (one function per area; errors translated to an
 //! error kind in exactly one place), `supervise`, `timeflow` (the TimeFlow view).
@@ -46,6 +50,8 @@ pub struct Daemon {
     sources: Arc<SourceService>,
     vdbs: Arc<VdbService>,
     stopping: AtomicBool,
+    /// Set once every postgres stopped: the archiver ends (it serves their last archiving).
+    archiving_done: AtomicBool,
     /// The exclusive lock on the store directory (released when the process ends).
     _lock: std::fs::File,
 }
@@ -101,11 +107,13 @@ impl Daemon {
         let store = Arc::new(store);
         let datasets = Arc::new(Datasets::open(store.clone(), replay).context("recovery failed")?);
         let mounts = MountTable::new(datasets.clone(), MountRecords::new(store.clone()));
+        let archive = Arc::new(crate::archive::WalArchive::new(datasets.clone()));
         let sources = Arc::new(SourceService::new(
             store_dir.to_path_buf(),
             datasets.clone(),
             mounts.clone(),
             Records::new(store.clone()),
+            archive,
         ));
         let vdbs = Arc::new(VdbService::new(
             store_dir.to_path_buf(),
@@ -122,6 +130,7 @@ impl Daemon {
             sources,
             vdbs,
             stopping: AtomicBool::new(false),
+            archiving_done: AtomicBool::new(false),
             _lock: lock,
         })
     }
@@ -174,6 +183,7 @@ impl Daemon {
         self.stopping.store(true, Ordering::Relaxed);
         self.vdbs.stop_all();
         self.sources.stop_all();
+        self.archiving_done.store(true, Ordering::Relaxed);
         if let Err(e) = self.datasets.checkpoint() {
             tracing::error!(
                 "final checkpoint failed (the journal still holds every fsynced change): {e}"
@@ -203,6 +213,14 @@ pub fn serve(store_dir: &Path, vdb_ports: &str) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("supervisor".into())
             .spawn(move || d.supervisor())?;
+        let d = daemon.clone();
+        std::thread::Builder::new()
+            .name("archiver".into())
+            .spawn(move || d.archiver())?;
+        let d = daemon.clone();
+        std::thread::Builder::new()
+            .name("preparer".into())
+            .spawn(move || d.preparer())?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -3,6 +3,9 @@
 //! once a second, dead staging standbys and wanted VDBs are started again (with backoff) and
 //! due policy snapshots are taken.
 //!
+//! The archiver and preparer threads run here too, each at `nice` 10 (their own thread
+//! priority; the postgres and pg_amcheck the preparer runs are niced as well).
+//!
 //! Invariant: the supervisor only try-locks an operation slot, so it never races a command.
 
 use super::Daemon;
@@ -26,5 +29,35 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_secs(1));
         }
+    }
+
+    /// Copies the WAL files staging standbys and VDBs marked ready into the store's archive,
+    /// twice a second, until every postgres stopped.
+    pub(super) fn archiver(self: Arc<Self>) {
+        lower_priority();
+        while !self.archiving_done.load(Ordering::Relaxed) {
+            self.sources.archive_round();
+            self.vdbs.archive_round();
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Prepares (and verifies) source snapshots, one job at a time.
+    pub(super) fn preparer(self: Arc<Self>) {
+        lower_priority();
+        while !self.stopping.load(Ordering::Relaxed) {
+            if !self.sources.prepare_round() {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// `nice` 10 for the calling thread (Linux: a thread's priority is its own).
+fn lower_priority() {
+    // SAFETY: gettid and setpriority take plain integers and touch no memory of ours.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
     }
 }

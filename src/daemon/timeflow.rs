@@ -14,7 +14,12 @@ use std::collections::{HashMap, HashSet};
 
 impl Daemon {
     pub(super) fn timeflow(&self, only: Option<&str>) -> anyhow::Result<Vec<TimeflowNode>> {
-        let datasets = self.datasets.list()?;
+        let datasets: Vec<_> = self
+            .datasets
+            .list()?
+            .into_iter()
+            .filter(|r| !crate::tree::is_internal(&r.name))
+            .collect();
         if let Some(d) = only {
             if !datasets.iter().any(|r| r.name == d) {
                 return Err(NameError::NotFound(d.to_string()).into());
@@ -93,6 +98,10 @@ fn empty(kind: NodeKind, name: String) -> TimeflowNode {
         state: None,
         port: None,
         note: None,
+        prepared: None,
+        verified: None,
+        verify_failures: Vec::new(),
+        ranges: Vec::new(),
         children: Vec::new(),
     }
 }
@@ -105,22 +114,37 @@ impl FlowCtx<'_> {
             n.state = Some(SourceService::flow_state(s));
             n.note = Some(s.mode.as_str().into());
             n.created = Some(s.created.clone());
+            if !s.linking {
+                n.ranges = self.daemon.sources.ranges(dataset).unwrap_or_default();
+            }
         } else if let Some(v) = self.vdbs.get(dataset) {
             n.kind = NodeKind::Vdb;
             n.port = Some(v.port);
             n.created = Some(v.created.clone());
             n.state = Some(self.daemon.vdbs.state_of(v).0.into());
+            n.ranges = self.daemon.vdbs.history_of(v).into_iter().collect();
         } else if let Some(p) = self.parent_of.get(dataset) {
             n.note = Some(format!("clone of {p}"));
         }
         if depth > 64 {
             return n; // a cycle cannot happen (clones point at older snapshots); stay safe
         }
+        let source = self.sources.get(dataset);
+        let prepared = source
+            .map(|_| self.daemon.sources.prepared_images(dataset))
+            .unwrap_or_default();
         for s in self.snaps.get(dataset).into_iter().flatten() {
             let full = s.full_name();
             let mut sn = empty(NodeKind::Snapshot, full.clone());
             sn.created = Some(crate::time::rfc3339(s.rec.created.secs));
             if let Some(p) = crate::source::snapshot_props(s) {
+                if let Some(src) = source {
+                    let (prep, ver) =
+                        crate::source::marks(&p, prepared.contains(&s.rec.name), src.verify);
+                    sn.prepared = Some(prep);
+                    sn.verified = Some(ver);
+                    sn.verify_failures = crate::source::failures(&p, src.verify);
+                }
                 sn.lsn = Some(p.lsn);
                 sn.timeline = Some(p.timeline);
                 sn.note = Some("validated sync".into());
@@ -130,6 +154,7 @@ impl FlowCtx<'_> {
                 match p.kind {
                     crate::api::SnapshotKind::Bookmark => sn.kind = NodeKind::Bookmark,
                     crate::api::SnapshotKind::Auto => sn.note = Some("automatic undo point".into()),
+                    crate::api::SnapshotKind::Base => continue,
                     crate::api::SnapshotKind::Snapshot => {}
                 }
             }

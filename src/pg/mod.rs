@@ -15,6 +15,7 @@ pub mod discover;
 pub mod lsn;
 pub mod managed;
 pub mod ports;
+pub mod provision;
 
 use anyhow::{anyhow, bail, Context};
 use std::io::Read;
@@ -152,6 +153,27 @@ pub fn as_postgres(program: &Path) -> Command {
         c.env_remove(v);
     }
     c.env("LC_ALL", "C").current_dir("/");
+    c
+}
+
+/// [`as_postgres`], at a lower CPU priority (`nice -n 10`) when `nice`: the program and what it
+/// starts (a postmaster and its children) inherit it.
+pub fn as_postgres_niced(program: &Path, nice: bool) -> Command {
+    if !nice {
+        return as_postgres(program);
+    }
+    let plain = as_postgres(program);
+    let mut c = Command::new("nice");
+    c.args(["-n", "10"])
+        .arg(plain.get_program())
+        .args(plain.get_args());
+    for (k, v) in plain.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c.current_dir("/");
     c
 }
 
@@ -379,7 +401,7 @@ fn describe(cmd: &Command) -> String {
         .collect();
     // Skip the runuser prefix: the program the user cares about comes after "--".
     match args.iter().position(|a| a == "--") {
-        Some(i) if prog == "runuser" => args[i + 1..].join(" "),
+        Some(i) if prog == "runuser" || prog == "nice" => args[i + 1..].join(" "),
         _ => std::iter::once(prog)
             .chain(args)
             .collect::<Vec<_>>()
@@ -425,6 +447,7 @@ pub trait RunFiles {
             socket_dir: self.socket_dir(),
             port,
             log: self.postgres_log(),
+            nice: false,
         }
     }
 
@@ -474,6 +497,8 @@ pub struct Cluster {
     pub socket_dir: PathBuf,
     pub port: u16,
     pub log: PathBuf,
+    /// Run its postgres at a lower CPU priority (`nice -n 10`): background work.
+    pub nice: bool,
 }
 
 /// `pg_ctl start` failed; the message carries the server log tail.
@@ -495,7 +520,7 @@ impl Cluster {
     /// A failed start is a [`StartError`] (in the error's chain).
     pub fn start(&self, timeout: Duration) -> anyhow::Result<i32> {
         let r = run(
-            as_postgres(&self.install.bin("pg_ctl"))
+            as_postgres_niced(&self.install.bin("pg_ctl"), self.nice)
                 .arg("-D")
                 .arg(&self.data_dir)
                 .arg("-l")

@@ -233,10 +233,25 @@ pub fn prepare_source_dir(dir: &SourceDir, password_file: Option<&str>) -> anyho
     if let Some(text) = password_file {
         write_postgres_file(&dir.passfile(), text, 0o600)?;
     }
-    Ok(())
+    crate::archive::make_ack_dir(&dir.wal_acks())
+}
+
+/// The staging standby's archiving: every file it receives or restores goes into the store's
+/// WAL archive (`archive_mode=always`, an `archive_command` that waits for the daemon's
+/// acknowledgement), never anywhere else.
+pub fn archive_settings(rec: &SourceRecord, store: &Path) -> Vec<(&'static str, Option<String>)> {
+    vec![
+        ("archive_mode", Some("always".into())),
+        (
+            "archive_command",
+            Some(crate::archive::archive_command(&rec.dir(store).wal_acks())),
+        ),
+        ("archive_library", None),
+    ]
 }
 
 /// Makes a copied data directory a hot standby of the source run by vdbfs.
+/// (It archives into the store only: see [`archive_settings`].)
 pub fn configure_staging(rec: &SourceRecord, store: &Path) -> anyhow::Result<()> {
     let data = &rec.data_dir;
     let dir = rec.dir(store);
@@ -282,7 +297,6 @@ pub fn configure_staging(rec: &SourceRecord, store: &Path) -> anyhow::Result<()>
     settings.extend([
         ("hot_standby", s("on")),
         ("hot_standby_feedback", s("off")),
-        ("archive_mode", s("off")),
         ("shared_buffers", s("128MB")),
         ("recovery_target_timeline", s("latest")),
         ("primary_conninfo", primary_conninfo),
@@ -293,6 +307,7 @@ pub fn configure_staging(rec: &SourceRecord, store: &Path) -> anyhow::Result<()>
         ("restore_command", restore_command),
         ("wal_receiver_status_interval", s("1s")),
     ]);
+    settings.extend(archive_settings(rec, store));
     conf::edit_auto_conf(data, &settings)
 }
 

@@ -149,6 +149,7 @@ impl SourceService {
             linking: true,
             system_identifier: facts.as_ref().map(|f| f.system_identifier.clone()),
             created: crate::time::rfc3339_now(),
+            verify: spec.verify,
         };
         let st = self.slots.state(&name);
         let _g = st.op.lock();
@@ -171,6 +172,7 @@ impl SourceService {
             )),
             Err(e) => {
                 progress.say(format!("link failed; removing what it made: {e:#}"));
+                self.drop_prepared(&name);
                 self.teardown(&rec, &st, slot_created, true, true);
                 self.slots.forget(&name);
                 Err(e.context(format!("linking source {name} failed and was rolled back")))
@@ -332,6 +334,9 @@ impl SourceService {
         }
         if let Err(e) = self.records.remove(&rec.name) {
             tracing::error!(source = %rec.name, "cannot remove the source record: {e:#}");
+        }
+        if let Err(e) = self.archive.remove(&crate::archive::Key::source(&rec.name)) {
+            tracing::error!(source = %rec.name, "cannot remove its WAL archive: {e:#}");
         }
         let _ = std::fs::remove_dir_all(&rec.dir(&self.store_dir).0);
         if !quiet {

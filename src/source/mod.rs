@@ -6,7 +6,10 @@
 //! first copy (`ingest`), the staging configuration, the standby's `health`, and retention.
 //!
 //! Module map: `service` (the service, staging lifecycle, enable/disable/unlink, supervision),
-//! `link` (link and its rollback), `snapshot` (validated sync, catch-up, retention), `status`.
+//! `link` (link and its rollback), `snapshot` (validated sync, catch-up, retention), `status`,
+//! `prepare` (each snapshot's prepared image and its verification, in the background), `flow`
+//! (the WAL kept in the store: the archiver's work, the provisionable ranges, the WAL a
+//! moment needs).
 //!
 //! Invariants:
 //! - A source's staging dataset and its snapshots carry the source's name (`prod@SNAP`).
@@ -14,16 +17,26 @@
 //!   made (dataset, slot, files) before answering.
 //! - The password is only in `STORE/sources/NAME/pgpass` (mode 0600, owner postgres); records,
 //!   logs, `postgresql.auto.conf` and command lines carry `passfile=` instead.
-//! - The staging postgres is a hot standby that never archives (`archive_mode=off`), never sends
-//!   feedback to the source, and keeps its vdbfs settings in `postgresql.auto.conf`.
+//! - The staging postgres is a hot standby that never sends feedback to the source and keeps its
+//!   vdbfs settings in `postgresql.auto.conf`; it archives (`archive_mode=always`) only into the
+//!   store's WAL archive (`crate::archive`), never into the source's archive.
+//! - A snapshot's prepared image is snapshot `SNAP` of the internal dataset `.prep.NAME`, made
+//!   only by the preparer; it exists exactly when it is complete (replayed to the snapshot's LSN,
+//!   promoted, shut down cleanly). The WAL archive keeps what the oldest retained snapshot needs.
 
+mod flow;
 pub mod health;
 pub mod ingest;
 mod link;
 pub mod preflight;
+mod prepare;
 mod service;
 mod snapshot;
 mod status;
+
+pub use flow::MomentPlan;
+pub use prepare::prepared_dataset;
+pub use snapshot::failures;
 
 pub use crate::api::{LinkSpec, Mode};
 pub use service::SourceService;
@@ -59,6 +72,9 @@ pub struct SourceRecord {
     pub linking: bool,
     pub system_identifier: Option<String>,
     pub created: String,
+    /// Check each prepared snapshot with pg_amcheck (`--verify`).
+    #[serde(default)]
+    pub verify: bool,
 }
 
 impl Record for SourceRecord {
@@ -81,6 +97,65 @@ pub struct SnapshotProps {
     pub timeline: u32,
     /// Commit time of the last transaction replayed.
     pub replay_time: Option<String>,
+    /// The same in Unix microseconds (exact, for provisioning at a moment).
+    #[serde(default)]
+    pub replay_time_us: Option<i64>,
+    /// Where a clone's recovery starts (the restartpoint's redo LSN).
+    #[serde(default)]
+    pub redo_lsn: Option<String>,
+    /// Why preparing its image failed (set by the preparer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepare_error: Option<String>,
+    /// Its verification, once done (set by the preparer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<Verified>,
+}
+
+/// What pg_amcheck said of a snapshot's prepared image.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Verified {
+    pub ok: bool,
+    /// What it reported (at most 20 lines).
+    pub failures: Vec<String>,
+    pub at: String,
+}
+
+impl SnapshotProps {
+    /// An upper bound of the commit times of what the snapshot holds, in Unix microseconds:
+    /// the last replayed commit (rounded up when only milliseconds were kept), else the
+    /// snapshot's creation (no commit was replayed since the standby started).
+    pub fn time_us(&self, created_us: i64) -> i64 {
+        self.replay_time_us
+            .or_else(|| {
+                let t: jiff::Timestamp = self.replay_time.as_deref()?.parse().ok()?;
+                Some(t.as_microsecond() + 999)
+            })
+            .unwrap_or(created_us)
+    }
+}
+
+/// The marks `snapshot list`, `timeflow` and `source status` show for a source's snapshot.
+pub fn marks(
+    props: &SnapshotProps,
+    prepared: bool,
+    verify_on: bool,
+) -> (crate::api::PrepState, crate::api::VerifyState) {
+    use crate::api::{PrepState, VerifyState};
+    let prep = if prepared {
+        PrepState::Ready
+    } else if props.prepare_error.is_some() {
+        PrepState::Failed
+    } else {
+        PrepState::Pending
+    };
+    let verify = match (&props.verified, verify_on) {
+        (Some(v), _) if v.ok => VerifyState::Ok,
+        (Some(_), _) => VerifyState::Failed,
+        (None, true) if prep == PrepState::Failed => VerifyState::Failed,
+        (None, true) => VerifyState::Pending,
+        (None, false) => VerifyState::Off,
+    };
+    (prep, verify)
 }
 
 /// Files of a source outside its data directory: `STORE/sources/NAME/`.
@@ -92,6 +167,10 @@ impl SourceDir {
     }
     pub fn passfile(&self) -> PathBuf {
         self.0.join("pgpass")
+    }
+    /// Where the daemon acknowledges the WAL files it archived (see `crate::archive`).
+    pub fn wal_acks(&self) -> PathBuf {
+        self.0.join("wal-acks")
     }
 }
 

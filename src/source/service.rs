@@ -2,10 +2,14 @@
 //!
 //! Invariants: one operation at a time per source (its slot's `op` lock; the supervisor only
 //! try-locks it); a source record with `linking = true` found at start is rolled back; the
-//! staging postgres is stopped before its mount goes away.
+//! staging postgres is stopped before its mount goes away; the background preparer never
+//! takes a source's `op` lock (it works on its own internal dataset), so it never delays a
+//! command or syncing.
 
+use super::prepare::Preparer;
 use super::SourceRecord;
 use crate::api::{refusal, ErrorKind};
+use crate::archive::WalArchive;
 use crate::mounts::MountTable;
 use crate::pg::managed::{Registry, Slot};
 use crate::refuse;
@@ -24,6 +28,9 @@ pub struct SourceService {
     pub(super) mounts: Arc<MountTable>,
     pub(super) records: Records<SourceRecord>,
     pub(super) slots: Registry,
+    /// The store's WAL archive (shared with the VDB service).
+    pub(super) archive: Arc<WalArchive>,
+    pub(super) prep: Preparer,
 }
 
 impl SourceService {
@@ -32,6 +39,7 @@ impl SourceService {
         datasets: Arc<Datasets>,
         mounts: Arc<MountTable>,
         records: Records<SourceRecord>,
+        archive: Arc<WalArchive>,
     ) -> SourceService {
         SourceService {
             store_dir,
@@ -39,7 +47,13 @@ impl SourceService {
             mounts,
             records,
             slots: Registry::default(),
+            archive,
+            prep: Preparer::default(),
         }
+    }
+
+    pub fn archive(&self) -> &Arc<WalArchive> {
+        &self.archive
     }
 
     // ---- records -------------------------------------------------------------------------
@@ -79,6 +93,14 @@ impl SourceService {
 
     /// Starts the staging standby (stopping a leftover of an earlier daemon first).
     pub(super) fn start_staging(&self, rec: &SourceRecord, st: &Slot) -> anyhow::Result<i32> {
+        // Sources linked before the WAL archive existed get its settings at their next start.
+        if rec.data_dir.join("PG_VERSION").exists() {
+            crate::archive::make_ack_dir(&rec.dir(&self.store_dir).wal_acks())?;
+            crate::pg::conf::edit_auto_conf(
+                &rec.data_dir,
+                &super::ingest::archive_settings(rec, &self.store_dir),
+            )?;
+        }
         let pid = rec.staging(&self.store_dir).start(
             st,
             START_TIMEOUT,
@@ -101,8 +123,10 @@ impl SourceService {
         rec.staging(&self.store_dir).stop(st);
     }
 
-    /// Stops every staging standby (daemon shutdown); they start again with the next daemon.
+    /// Stops every staging standby and the preparer (daemon shutdown); they start again with
+    /// the next daemon.
     pub fn stop_all(&self) {
+        self.stop_preparer();
         let recs = self.records().unwrap_or_default();
         crate::pg::managed::stop_all(&self.slots, recs.iter().map(|r| r.staging(&self.store_dir)));
     }
@@ -179,6 +203,7 @@ impl SourceService {
             }
             tracing::warn!(source = %name, "unlink --force: slot left on the source: {e:#}");
         }
+        self.drop_prepared(name);
         self.teardown(&rec, &st, false, delete_snapshots, false);
         self.slots.forget(name);
         Ok(if delete_snapshots {
@@ -193,15 +218,20 @@ impl SourceService {
 
     // ---- recovery and supervision --------------------------------------------------------
 
-    /// Rolls back links a dead daemon left half-made.
+    /// Rolls back links a dead daemon left half-made, and stops what a preparation cut short
+    /// left running.
     pub fn recover(&self) {
         let Ok(recs) = self.records() else {
             return;
         };
+        for rec in &recs {
+            self.recover_preparation(rec);
+        }
         for rec in recs.into_iter().filter(|r| r.linking) {
             tracing::warn!(source = %rec.name, "rolling back a link interrupted by a daemon stop");
             let st = self.slots.state(&rec.name);
             let _g = st.op.lock();
+            self.drop_prepared(&rec.name);
             self.teardown(&rec, &st, true, true, true);
             self.slots.forget(&rec.name);
         }

@@ -14,6 +14,15 @@ use std::time::{Duration, Instant};
 /// How long an on-demand snapshot waits for staging to replay the source's current position.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
 
+/// The failures a snapshot's marks carry: pg_amcheck's report, or why preparing it failed.
+pub fn failures(p: &super::SnapshotProps, verify: bool) -> Vec<String> {
+    match (&p.verified, &p.prepare_error) {
+        (Some(v), _) => v.failures.clone(),
+        (None, Some(e)) if verify => vec![format!("preparation failed: {e}")],
+        _ => Vec::new(),
+    }
+}
+
 /// Resumes WAL replay on staging when dropped.
 struct Resume<'a>(&'a pg::Cluster);
 
@@ -148,7 +157,9 @@ impl SourceService {
         let rows = q(
             "SELECT pg_last_wal_replay_lsn(), pg_last_wal_receive_lsn(), \
              (SELECT timeline_id FROM pg_control_checkpoint()), \
-             to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')",
+             to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
+             (extract(epoch FROM pg_last_xact_replay_timestamp()) * 1000000)::bigint, \
+             (SELECT redo_lsn FROM pg_control_checkpoint())",
             30,
         )?;
         let r = rows.into_iter().next().unwrap_or_default();
@@ -160,6 +171,10 @@ impl SourceService {
             receive_lsn: get(1),
             timeline: get(2).and_then(|t| t.parse().ok()).unwrap_or(1),
             replay_time: get(3),
+            replay_time_us: get(4).and_then(|t| t.parse().ok()),
+            redo_lsn: get(5),
+            prepare_error: None,
+            verified: None,
         };
         let s = self.datasets.snapshot_with_props(
             &rec.name,
@@ -174,9 +189,17 @@ impl SourceService {
             replay_time: props.replay_time.clone(),
             mode: rec.mode,
             created: crate::time::rfc3339(s.rec.created.secs),
+            prepared: Some(crate::api::PrepState::Pending),
+            verified: Some(if rec.verify {
+                crate::api::VerifyState::Pending
+            } else {
+                crate::api::VerifyState::Off
+            }),
+            verify_failures: Vec::new(),
         };
         tracing::info!(source = %rec.name, snapshot = %out.name, lsn = %out.lsn, "validated-sync snapshot");
         self.prune(rec);
+        self.prune_archive(&rec.name);
         Ok(out)
     }
 
@@ -203,6 +226,12 @@ impl SourceService {
                 Ok(()) => tracing::info!(snapshot = %full, "retention: deleted"),
                 Err(e) => tracing::error!(snapshot = %full, "retention: cannot delete: {e:#}"),
             }
+            let image = super::prepared_dataset(&rec.name);
+            if self.is_prepared(&rec.name, &name) {
+                if let Err(e) = self.datasets.delete_snapshot(&image, &name) {
+                    tracing::error!(snapshot = %full, "retention: cannot delete its prepared image: {e:#}");
+                }
+            }
         }
     }
 
@@ -212,20 +241,77 @@ impl SourceService {
         let Ok(snaps) = self.datasets.snapshots(Some(name)) else {
             return (0, None);
         };
+        let verify = self
+            .records
+            .get(name)
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.verify);
         let last = snaps.iter().rev().find_map(|s| {
             let p = super::snapshot_props(s)?;
+            let (prep, ver) = super::marks(&p, self.is_prepared(name, &s.rec.name), verify);
             Some((
                 api::SourceSnapshot {
                     name: s.full_name(),
+                    verify_failures: failures(&p, verify),
                     lsn: p.lsn,
                     timeline: p.timeline,
                     replay_time: p.replay_time,
                     mode: p.mode,
                     created: crate::time::rfc3339(s.rec.created.secs),
+                    prepared: Some(prep),
+                    verified: Some(ver),
                 },
                 s.rec.created.secs,
             ))
         });
         (snaps.len(), last)
+    }
+
+    /// The snapshot of `name` a VDB `--verified` is made from: the newest whose verification
+    /// passed.
+    pub fn newest_verified(&self, name: &str) -> anyhow::Result<String> {
+        let rec = self.record(name)?;
+        let snaps = self.datasets.snapshots(Some(name))?;
+        if let Some(s) = snaps
+            .iter()
+            .rev()
+            .find(|s| super::snapshot_props(s).is_some_and(|p| p.verified.is_some_and(|v| v.ok)))
+        {
+            return Ok(s.rec.name.clone());
+        }
+        if rec.verify {
+            refuse!(
+                NotFound,
+                "no snapshot of source {name} has passed verification yet ('vdbfs snapshot list \
+                 {name}' shows each one's verification; it runs in the background after each \
+                 snapshot)"
+            );
+        }
+        refuse!(
+            Conflict,
+            "source {name} does not verify its snapshots; 'vdbfs source set {name} --verify on' \
+             turns verification on"
+        )
+    }
+
+    /// `vdbfs source set NAME --verify on|off`.
+    pub fn set(&self, name: &str, verify: Option<bool>) -> anyhow::Result<String> {
+        let st = self.slots.state(name);
+        let _g = st.op.lock();
+        let mut rec = self.record(name)?;
+        let Some(v) = verify else {
+            refuse!(Invalid, "nothing to change: give --verify on|off");
+        };
+        rec.verify = v;
+        self.records.put(&rec)?;
+        Ok(if v {
+            format!(
+                "source {name} verifies its snapshots now: each prepared image is checked with \
+                 pg_amcheck --heapallindexed in the background (newest first)"
+            )
+        } else {
+            format!("source {name} does not verify its snapshots any more")
+        })
     }
 }

@@ -46,7 +46,15 @@ impl SourceService {
             snapshot_every_secs: rec.snapshot_every_secs,
             keep: rec.keep,
             keep_for_secs: rec.keep_for_secs,
+            verify: rec.verify,
+            ranges: Vec::new(),
+            wal_archive_files: 0,
+            wal_archive_bytes: 0,
         };
+        (s.wal_archive_files, s.wal_archive_bytes) = self.archive_size(name);
+        if !rec.linking {
+            s.ranges = self.ranges(name).unwrap_or_default();
+        }
         if rec.linking {
             s.state = SourceState::Linking;
             return Ok(s);

@@ -5,6 +5,8 @@
 //! it); checkpoints are serialized by `checkpoint_lock`, and a checkpoint commits the records of
 //! every loaded dataset in one redb transaction.
 
+#[cfg(test)]
+mod control_tests;
 pub mod dataset;
 pub mod radix;
 #[cfg(test)]
@@ -804,4 +806,86 @@ impl Datasets {
     pub fn checkpoint_due(&self) -> bool {
         self.store.recent_blocks() > 0 || self.loaded.lock().values().any(|d| d.is_dirty())
     }
+
+    // ---- for the control path: internal datasets, snapshot properties, adopted trees ------
+
+    /// Creates an internal dataset: its name is `.` followed by a valid dataset name, which no
+    /// user command can create or name (the control path keeps its own data there).
+    pub fn create_internal(&self, name: &str) -> anyhow::Result<DatasetRecord> {
+        let rest = name.strip_prefix('.').unwrap_or("");
+        check_dataset_name(rest).map_err(|_| NameError::Invalid(name.to_string()))?;
+        let _g = self.checkpoint_lock.lock();
+        self.insert_dataset(name, None, dataset::ROOT_INO + 1, None)
+    }
+
+    /// Replaces the properties recorded with a snapshot (one transaction).
+    pub fn set_snapshot_props(
+        &self,
+        dataset: &str,
+        snap: &str,
+        props: &[u8],
+    ) -> anyhow::Result<()> {
+        let rec = self.find_snapshot(dataset, snap)?;
+        let _g = self.checkpoint_lock.lock();
+        let txn = self.store.db().begin_write().map_err(Error::from)?;
+        txn.open_table(SNAPSHOT_PROPS)
+            .map_err(Error::from)?
+            .insert((rec.dataset, snap), props)
+            .map_err(Error::from)?;
+        txn.commit().map_err(Error::from)?;
+        Ok(())
+    }
+
+    /// Records snapshot `dataset@name` of the tree of snapshot `from_dataset@from_snap`: no
+    /// checkpoint (that tree is immutable), one transaction. The new snapshot keeps the tree
+    /// alive whatever happens to the one it came from.
+    pub fn adopt_snapshot(
+        &self,
+        dataset: &str,
+        name: &str,
+        from_dataset: &str,
+        from_snap: &str,
+        props: Option<Vec<u8>>,
+    ) -> anyhow::Result<SnapshotInfo> {
+        check_snapshot_name(name)?;
+        let rec = self
+            .record(dataset)?
+            .ok_or_else(|| NameError::NotFound(dataset.to_string()))?;
+        let from = self.find_snapshot(from_dataset, from_snap)?;
+        let _g = self.checkpoint_lock.lock();
+        let snap = SnapshotRecord {
+            dataset: rec.id,
+            name: name.to_string(),
+            created: dataset::now(),
+            root: from.root,
+            next_ino: from.next_ino,
+        };
+        let txn = self.store.db().begin_write().map_err(Error::from)?;
+        {
+            let mut t = txn.open_table(SNAPSHOTS).map_err(Error::from)?;
+            if t.get((rec.id, name)).map_err(Error::from)?.is_some() {
+                return Err(NameError::SnapshotExists(format!("{dataset}@{name}")).into());
+            }
+            t.insert((rec.id, name), snap.encode().as_slice())
+                .map_err(Error::from)?;
+            if let Some(p) = &props {
+                txn.open_table(SNAPSHOT_PROPS)
+                    .map_err(Error::from)?
+                    .insert((rec.id, name), p.as_slice())
+                    .map_err(Error::from)?;
+            }
+        }
+        txn.commit().map_err(Error::from)?;
+        Ok(SnapshotInfo {
+            dataset: dataset.to_string(),
+            rec: snap,
+            props,
+        })
+    }
+}
+
+/// Whether a dataset (or `dataset@snapshot`) name is internal to the control path (see
+/// [`Datasets::create_internal`]).
+pub fn is_internal(name: &str) -> bool {
+    name.starts_with('.')
 }

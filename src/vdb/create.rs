@@ -1,16 +1,20 @@
 //! `vdb create`: checks, then clone, mount, configure, start (with the hooks), all undone on
 //! any failure.
 //!
-//! The sequence, top to bottom: name and input checks and the port (under `create_lock`,
-//! ending with the record, `pending = create`) -> `prepare_dir` -> clone of the snapshot ->
-//! mount -> `configure` -> `check_config` (`postgres -C`) -> pre-start hook -> provisioning
-//! start and promote -> configure-clone hook -> post-start hook -> record without `pending`.
+//! The sequence, top to bottom: name and input checks, where the tree comes from (a snapshot's
+//! prepared image, the snapshot, or a moment of a source: `provision`) and the port (under
+//! `create_lock`, ending with the record, `pending = create`) -> `prepare_dir` -> clone ->
+//! the history's base kept -> WAL staged (a moment) -> mount -> `configure` -> `check_config`
+//! (`postgres -C`) -> pre-start hook -> start (a provisioning start recovers, with progress,
+//! and is promoted) -> configure-clone hook -> post-start hook -> record without `pending`.
 
 use super::configure;
 use super::hooks::{self, Hook};
+use super::provision::Provision;
 use super::service::VdbService;
 use super::{Pending, VdbOp, VdbRecord};
 use crate::api::{refusal, ErrorKind, Progress, VdbSpec, VdbStatus};
+use crate::pg::provision::Moment;
 use crate::pg::{self, StartError};
 use crate::refuse;
 use crate::tree::dataset::ROOT_INO;
@@ -59,7 +63,15 @@ impl VdbService {
                 "a dataset named {name} already exists; pick another name for the VDB"
             );
         }
-        let (pds, psnap) = crate::catalog::resolve_snapshot(&self.datasets, &spec.from)?;
+        if crate::tree::is_internal(&spec.from) {
+            return Err(crate::tree::NameError::NotFound(spec.from.clone()).into());
+        }
+        let prov = self.resolve_from(
+            &spec.from,
+            spec.at.as_deref(),
+            spec.at_lsn.as_deref(),
+            spec.verified,
+        )?;
         let settings = spec
             .settings
             .iter()
@@ -72,9 +84,8 @@ impl VdbService {
             hooks::check_dir(h)?;
         }
         let data_dir = self.mount_point(&spec)?;
-        let install = self.snapshot_install(&pds, &psnap)?;
-        let target = self.recovery_target(&pds, &psnap);
-        let parent = format!("{pds}@{psnap}");
+        let install = self.snapshot_install(&prov.tree.0, &prov.tree.1)?;
+        let parent = prov.parent.clone();
 
         let port = super::pick_port(spec.port, self.ports, &self.taken_ports()?)?;
         let mut rec = VdbRecord {
@@ -92,9 +103,11 @@ impl VdbService {
                 rollback: None,
                 parent: parent.clone(),
                 was_running: false,
+                history: None,
             }),
             created: crate::time::rfc3339_now(),
             events: Vec::new(),
+            history: None,
         };
         let dir = rec.dir(&self.store_dir);
         if dir.0.exists() {
@@ -107,23 +120,28 @@ impl VdbService {
         let t = Instant::now();
         let r = (|| {
             configure::prepare_dir(&dir)?;
-            dir.log_line(&format!("creating VDB {name} from {parent} on port {port}"));
-            progress.say(format!("cloning {parent} into VDB {name}"));
-            self.datasets.clone_snapshot(&pds, &psnap, &name)?;
-            self.mount(&rec)?;
-            configure::configure(&rec, &self.store_dir, target.as_ref(), true)?;
-            configure::check_config(&rec)?;
-            progress.say(format!(
-                "starting postgres on port {port}{}",
-                target
-                    .as_ref()
-                    .map(|t| format!(" (recovering to {})", pg::lsn::format(t.lsn)))
-                    .unwrap_or_default()
+            dir.log_line(&format!(
+                "creating VDB {name} from {} on port {port}",
+                prov.describe
             ));
+            progress.say(format!("cloning {} into VDB {name}", prov.describe));
+            self.datasets
+                .clone_snapshot(&prov.tree.0, &prov.tree.1, &name)?;
+            let history = self.start_history(&name, &prov)?;
+            {
+                let _g = self.archive_lock.lock();
+                rec.history = Some(history.clone());
+                self.records.put(&rec)?;
+            }
+            self.stage(&name, &history.base, &prov, progress)?;
+            self.mount(&rec)?;
+            configure::configure(&rec, &self.store_dir, &prov.start, true)?;
+            configure::check_config(&rec)?;
+            progress.say(format!("starting postgres on port {port}"));
             let mut tries = 0;
             loop {
                 let rec_now = rec.clone();
-                let started = self.start_with_hooks(&rec_now, &st, &|| {
+                let started = self.start_with_hooks(&rec_now, &st, progress, &|| {
                     hooks::run(&rec_now, &self.store_dir, Hook::ConfigureClone)
                 });
                 match started {
@@ -152,7 +170,8 @@ impl VdbService {
         })();
         match r {
             Ok(()) => {
-                rec.settle(true, format!("created from {parent}"));
+                self.begin_epoch(&mut rec);
+                rec.settle(true, format!("created from {}", prov.describe));
                 self.records.put(&rec)?;
                 dir.log_line(&format!(
                     "VDB {name} is running ({:.2} s)",
@@ -205,6 +224,61 @@ impl VdbService {
             refuse!(Invalid, "--mount {}: not a directory", mp.display());
         }
         Ok(mp)
+    }
+
+    /// Where a create's (or refresh's) tree comes from: `--at`/`--at-lsn` (a moment of source
+    /// `from`), `--verified` (the newest verified snapshot of source `from`), else the snapshot
+    /// `from` names (`DATASET@SNAP`, or a dataset's latest).
+    pub(super) fn resolve_from(
+        &self,
+        from: &str,
+        at: Option<&str>,
+        at_lsn: Option<&str>,
+        verified: bool,
+    ) -> anyhow::Result<Provision> {
+        let moment = match (at, at_lsn) {
+            (Some(_), Some(_)) => refuse!(Invalid, "give --at TIME or --at-lsn LSN, not both"),
+            (Some(t), None) => Some(Moment::Time(crate::time::parse_moment(t, "--at")?)),
+            (None, Some(l)) => Some(Moment::Lsn(pg::lsn::parse(l).ok_or_else(|| {
+                refusal(
+                    ErrorKind::Invalid,
+                    format!(
+                        "--at-lsn {l:?} is not an LSN; write it as PostgreSQL does, e.g. 0/3000060"
+                    ),
+                )
+            })?)),
+            (None, None) => None,
+        };
+        if let Some(m) = moment {
+            if from.contains('@') || verified {
+                refuse!(
+                    Invalid,
+                    "--at and --at-lsn pick the snapshot themselves (the newest at or before the \
+                     moment): give --from SOURCE, without @SNAPSHOT or --verified"
+                );
+            }
+            return self.provision_moment(from, m);
+        }
+        if verified {
+            if from.contains('@') {
+                refuse!(
+                    Invalid,
+                    "--verified picks the snapshot itself (the newest verified one): give --from \
+                     SOURCE, without @SNAPSHOT"
+                );
+            }
+            if !self.sources.is_source(from)? {
+                refuse!(
+                    Invalid,
+                    "--verified takes the newest verified snapshot of a linked source, and {from} \
+                     is not one ('vdbfs source list' shows them)"
+                );
+            }
+            let snap = self.sources.newest_verified(from)?;
+            return Ok(self.provision_snapshot(from, &snap));
+        }
+        let (ds, snap) = crate::catalog::resolve_snapshot(&self.datasets, from)?;
+        Ok(self.provision_snapshot(&ds, &snap))
     }
 
     /// The LSN a clone of this snapshot must recover to, when it holds WAL past it (a staging

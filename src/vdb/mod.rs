@@ -14,19 +14,29 @@
 //! point dataset N at another tree and keep its id, name, snapshots, port, mount point, settings
 //! and hooks, so users' connection strings keep working.
 //!
+//! Where a new tree comes from (`provision`): a source snapshot's prepared image (a clean start,
+//! no redo), the snapshot itself (WAL replayed to its LSN), or a moment of a source (a snapshot
+//! plus WAL from the store's archive, replayed to the moment). A VDB's own WAL goes into the
+//! archive too (generation = its history's base), so `rewind --at` can replay its history.
+//!
 //! Invariants: every setting vdbfs manages is written to `postgresql.auto.conf` on each
 //! provision, refresh and rewind (the user's `--set` values last, so they win); a VDB record with
 //! `pending` set is an operation cut short, undone by the next daemon (create: removed; refresh
-//! and rewind: back to the automatic snapshot taken before).
+//! and rewind: back to the automatic snapshot taken before); a VDB's tree and the archive
+//! generation its record names change together under `VdbService::archive_lock`, so the
+//! archiver never files one history's WAL under another.
 
 pub mod configure;
 mod create;
+mod history;
 pub mod hooks;
+mod provision;
 mod service;
 mod status;
 mod switch;
 
-pub use configure::{configure, Target, PROVISION_SIGNAL};
+pub use crate::pg::provision::{Target, PROVISION_SIGNAL};
+pub use configure::configure;
 pub use service::VdbService;
 
 use crate::api::{refusal, ErrorKind, SnapshotKind};
@@ -48,6 +58,33 @@ pub struct Pending {
     /// The parent before the operation.
     pub parent: String,
     pub was_running: bool,
+    /// The history before the operation (its last timeline closed), restored by an undo.
+    #[serde(default)]
+    pub history: Option<History>,
+}
+
+/// A VDB's history since its last create or refresh (for `vdb rewind --at`): the tree it
+/// started from, kept as its own snapshot (kind `base`), and the timelines it lived on. Its WAL
+/// is in the archive under `vdbs/NAME/GENERATION`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct History {
+    /// The VDB's snapshot holding the tree its history starts from; also the archive
+    /// generation.
+    pub base: String,
+    /// Where replay from the base starts (its redo LSN), for progress.
+    pub from_lsn: Option<u64>,
+    /// The timelines, oldest first.
+    pub epochs: Vec<Epoch>,
+}
+
+/// A timeline a VDB lived on, from a moment on, until it left it (at an LSN).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Epoch {
+    pub timeline: u32,
+    /// Unix microseconds.
+    pub from_us: i64,
+    /// The end of its WAL when the VDB left the timeline (a refresh, rewind or undo).
+    pub until_lsn: Option<u64>,
 }
 
 crate::api::words! {
@@ -81,6 +118,9 @@ pub struct VdbRecord {
     /// What happened to it: (time, event), oldest first.
     #[serde(default)]
     pub events: Vec<(String, String)>,
+    /// Its history for `rewind --at` (none for a VDB made before vdbfs kept one).
+    #[serde(default)]
+    pub history: Option<History>,
 }
 
 /// Properties recorded with a VDB's snapshot (`snapshot_props`, JSON).
@@ -107,6 +147,10 @@ impl VdbDir {
     /// The postmaster PID, outside the data directory (readable when the mount is gone).
     pub fn pid_file(&self) -> PathBuf {
         self.0.join("postmaster.pid")
+    }
+    /// Where the daemon acknowledges the WAL files it archived (see `crate::archive`).
+    pub fn wal_acks(&self) -> PathBuf {
+        self.0.join("wal-acks")
     }
 
     /// Appends a line to the VDB log.
@@ -223,6 +267,22 @@ pub fn parse_setting(s: &str) -> anyhow::Result<(String, String)> {
     if v.contains('\n') || v.contains('\0') {
         refuse!(Invalid, "--set {k}: the value must be one line");
     }
+    if k.starts_with("recovery_target") || k == "recovery_min_apply_delay" {
+        refuse!(
+            Invalid,
+            "--set {k}: vdbfs runs a VDB's recovery itself; to provision it at a moment use \
+             --at TIME or --at-lsn LSN ('vdbfs vdb create NAME --from SOURCE --at ...', 'vdbfs \
+             vdb refresh NAME --at ...'), to go back in its own history 'vdbfs vdb rewind NAME \
+             --at TIME'"
+        );
+    }
+    if ARCHIVING.contains(&k.as_str()) {
+        refuse!(
+            Invalid,
+            "--set {k}: vdbfs archives a VDB's WAL into the store itself (for 'vdbfs vdb \
+             rewind NAME --at TIME')"
+        );
+    }
     if MANAGED.contains(&k.as_str()) {
         refuse!(
             Invalid,
@@ -234,16 +294,17 @@ pub fn parse_setting(s: &str) -> anyhow::Result<(String, String)> {
 }
 
 /// Settings a user may not override: vdbfs needs them to reach and run the VDB.
-const MANAGED: [&str; 8] = [
+const MANAGED: [&str; 6] = [
     "port",
     "unix_socket_directories",
     "primary_conninfo",
     "primary_slot_name",
     "restore_command",
-    "recovery_target_lsn",
-    "recovery_target_action",
     "data_directory",
 ];
+
+/// Archiving settings vdbfs sets for a VDB's own WAL archive.
+const ARCHIVING: [&str; 3] = ["archive_mode", "archive_command", "archive_library"];
 
 /// "LO-HI" -> the port range.
 pub fn parse_port_range(s: &str) -> anyhow::Result<(u16, u16)> {
@@ -310,6 +371,10 @@ mod tests {
             ("port=5432", "manages port"),
             ("restore_command=cp", "manages restore_command"),
             ("work_mem=1\n2", "one line"),
+            ("recovery_target_time=2026-01-01", "--at"),
+            ("Recovery_Target_LSN=0/1", "--at-lsn"),
+            ("recovery_target_xid=5", "--at"),
+            ("archive_command=cp %p /x", "archives a VDB's WAL"),
         ] {
             let e = parse_setting(bad).unwrap_err().to_string();
             assert!(e.contains(phrase), "{bad:?}: {e}");
@@ -371,6 +436,7 @@ mod tests {
             pending: None,
             created: String::new(),
             events: vec![],
+            history: None,
         };
         assert_eq!(
             rec.tcp_conn(),

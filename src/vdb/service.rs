@@ -8,12 +8,13 @@
 //! last, so a daemon that dies in between leaves what the next daemon undoes; a VDB's postgres
 //! is stopped before its mount goes away.
 
-use super::configure::{self, PROVISION_SIGNAL};
+use super::configure;
 use super::hooks::{self, Hook};
 use super::{VdbOp, VdbRecord, VdbSnapshotProps};
-use crate::api::{refusal, ErrorKind, SnapshotKind, VdbSnapshot};
+use crate::api::{refusal, ErrorKind, Progress, SnapshotKind, VdbSnapshot};
 use crate::mounts::MountTable;
 use crate::pg::managed::{Registry, Slot};
+use crate::pg::provision::PROVISION_SIGNAL;
 use crate::pg::{self, RunFiles};
 use crate::refuse;
 use crate::source::SourceService;
@@ -41,6 +42,9 @@ pub struct VdbService {
     pub(super) create_lock: Mutex<()>,
     /// The pool new VDBs take a port from when none is given.
     pub(super) ports: (u16, u16),
+    /// Held while a VDB's tree and its record's archive generation change together, and by
+    /// the archiver for each VDB it serves (see the module invariants).
+    pub(super) archive_lock: Mutex<()>,
 }
 
 impl VdbService {
@@ -61,6 +65,7 @@ impl VdbService {
             slots: Registry::default(),
             create_lock: Mutex::new(()),
             ports,
+            archive_lock: Mutex::new(()),
         }
     }
 
@@ -91,9 +96,15 @@ impl VdbService {
     }
 
     /// Starts postgres (stopping a leftover of an earlier daemon first). A provisioning start
-    /// is promoted; with a recovery target that the WAL does not reach (nothing was written
-    /// past it), it starts again without.
-    pub(super) fn start_postgres(&self, rec: &VdbRecord, st: &Slot) -> anyhow::Result<i32> {
+    /// recovers as its plan says, with progress, and is promoted (see `pg::provision`); when
+    /// postgres ends recovery before a recovery target the WAL does not reach (nothing was
+    /// written past it), it starts again without.
+    pub(super) fn start_postgres(
+        &self,
+        rec: &VdbRecord,
+        st: &Slot,
+        progress: Progress,
+    ) -> anyhow::Result<i32> {
         let postgres = rec.postgres(&self.store_dir);
         let cluster = &postgres.cluster;
         let provisioning = rec.data_dir.join(PROVISION_SIGNAL).exists();
@@ -108,91 +119,45 @@ impl VdbService {
                 ),
             )
         };
+        let started = Instant::now();
+        let log_tail = || postgres.log_tail(15);
+        let say = |m: String| progress.say(m);
         let pid = postgres.start(st, START_TIMEOUT, missing, |mut pid| {
             if !provisioning {
                 return Ok(pid);
             }
-            if let Err(e) = self.promote(rec, pid) {
-                let _ = cluster.stop("immediate", Duration::from_secs(30));
-                if !cluster.log_says(log_from, TARGET_NOT_REACHED) {
-                    return Err(e);
-                }
-                // The WAL ends exactly at the target, so no record ever reaches it: recovering
-                // to the end of the WAL is the same state.
-                tracing::info!(vdb = %rec.name, "the WAL ends at the recovery target; promoting without it");
-                configure::clear_recovery(rec)?;
-                configure::write_provision_signal(&rec.data_dir)?;
-                pg::remove_run_files(&rec.data_dir);
-                pid = cluster.start(START_TIMEOUT)?;
-                if let Err(e) = self.promote(rec, pid) {
+            let deadline = started + START_TIMEOUT;
+            let replayed = match pg::provision::finish(cluster, pid, started, deadline, &say, &log_tail) {
+                Ok(r) => r,
+                Err(e) => {
                     let _ = cluster.stop("immediate", Duration::from_secs(30));
-                    return Err(e);
+                    if !cluster.log_says(log_from, TARGET_NOT_REACHED) {
+                        return Err(e);
+                    }
+                    // The WAL ends exactly at the target, so no record ever reaches it:
+                    // recovering to the end of the WAL is the same state.
+                    tracing::info!(vdb = %rec.name, "the WAL ends at the recovery target; promoting without it");
+                    configure::clear_recovery(rec)?;
+                    pg::provision::write_signal(&rec.data_dir)?;
+                    pg::provision::forget_plan(cluster);
+                    pg::remove_run_files(&rec.data_dir);
+                    pid = cluster.start(START_TIMEOUT)?;
+                    pg::provision::finish(cluster, pid, started, deadline, &say, &log_tail)
+                        .inspect_err(|_| {
+                            let _ = cluster.stop("immediate", Duration::from_secs(30));
+                        })?
                 }
+            };
+            if replayed.bytes > 0 {
+                let line = format!("{} until promoted", replayed.describe());
+                rec.dir(&self.store_dir).log_line(&line);
+                progress.say(line);
             }
             configure::clear_recovery(rec)?;
             Ok(pid)
         })?;
         tracing::info!(vdb = %rec.name, pid, port = rec.port, "VDB postgres running");
         Ok(pid)
-    }
-
-    /// The end of a provisioning start (see [`configure::configure`]): `pg_ctl -w` returned once
-    /// the standby was consistent; wait until replay reached the recovery target (paused there)
-    /// if there is one, then promote. Promotion first replays whatever WAL is left in pg_wal.
-    fn promote(&self, rec: &VdbRecord, pid: i32) -> anyhow::Result<()> {
-        let postgres = rec.postgres(&self.store_dir);
-        let cluster = &postgres.cluster;
-        let deadline = Instant::now() + START_TIMEOUT;
-        let target = configure::pending_target(rec);
-        let log_tail = || {
-            format!(
-                "postgres log ({}):\n{}",
-                cluster.log.display(),
-                postgres.log_tail(15)
-            )
-        };
-        if let Some(target) = target {
-            loop {
-                if !pg::pid_alive(pid) {
-                    refuse!(
-                        Internal,
-                        "postgres of VDB {} stopped while recovering to {}; {}",
-                        rec.name,
-                        pg::lsn::format(target),
-                        log_tail()
-                    );
-                }
-                let rows = cluster.query(
-                    "SELECT pg_is_in_recovery(), pg_get_wal_replay_pause_state(), pg_last_wal_replay_lsn()",
-                    Duration::from_secs(10),
-                );
-                if let Some(r) = rows.ok().and_then(|r| r.into_iter().next()) {
-                    let get = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
-                    let replayed = pg::lsn::parse(&get(2)).unwrap_or(0);
-                    // Paused at the target; or the WAL ends exactly there (nothing to pause on).
-                    if get(0) == "f" || get(1) == "paused" || replayed >= target {
-                        break;
-                    }
-                }
-                if Instant::now() > deadline {
-                    refuse!(
-                        Unavailable,
-                        "VDB {} did not reach {} within {} s; {}",
-                        rec.name,
-                        pg::lsn::format(target),
-                        START_TIMEOUT.as_secs(),
-                        log_tail()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        cluster.promote(START_TIMEOUT).map_err(|e| {
-            refusal(
-                ErrorKind::Internal,
-                format!("promoting VDB {} failed: {e:#}; {}", rec.name, log_tail()),
-            )
-        })
     }
 
     /// Stops the VDB's postgres (see [`pg::Cluster::stop_any`]).
@@ -205,10 +170,11 @@ impl VdbService {
         &self,
         rec: &VdbRecord,
         st: &Slot,
+        progress: Progress,
         between: &dyn Fn() -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         hooks::run(rec, &self.store_dir, Hook::PreStart)?;
-        self.start_postgres(rec, st)?;
+        self.start_postgres(rec, st, progress)?;
         between()?;
         hooks::run(rec, &self.store_dir, Hook::PostStart)
     }
@@ -255,6 +221,13 @@ impl VdbService {
         if let Err(e) = self.records.remove(&rec.name) {
             tracing::error!(vdb = %rec.name, "cannot remove the VDB record: {e:#}");
         }
+        if let Err(e) = self
+            .sources
+            .archive()
+            .remove(&crate::archive::Key::vdb_all(&rec.name))
+        {
+            tracing::error!(vdb = %rec.name, "cannot remove its WAL archive: {e:#}");
+        }
         let _ = std::fs::remove_dir_all(&rec.dir(&self.store_dir).0);
     }
 
@@ -272,9 +245,14 @@ impl VdbService {
             ));
         }
         self.mount(&rec)?;
+        // A first start a rewind of the stopped VDB left to do begins a timeline of its history.
+        let provisioning = rec.data_dir.join(PROVISION_SIGNAL).exists();
         // A stale postmaster.pid is postgres's to judge: it refuses to start next to a live one.
-        let r = self.start_with_hooks(&rec, &st, &|| Ok(()));
+        let r = self.start_with_hooks(&rec, &st, quiet(), &|| Ok(()));
         if st.rt.lock().pid.is_some() {
+            if provisioning {
+                self.begin_epoch(&mut rec);
+            }
             rec.running = true;
             self.records.put(&rec)?;
         }
@@ -465,7 +443,7 @@ impl VdbService {
             }
             let r = self
                 .mount(&rec)
-                .and_then(|()| self.start_with_hooks(&rec, &st, &|| Ok(())));
+                .and_then(|()| self.start_with_hooks(&rec, &st, quiet(), &|| Ok(())));
             if let Err(e) = r {
                 let wait = st.rt.lock().failed(format!("{e:#}"));
                 tracing::error!(vdb = %rec.name, "VDB did not start (next try in {wait:?}): {e:#}");
@@ -477,6 +455,12 @@ impl VdbService {
     pub(super) fn socket_dir(&self, rec: &VdbRecord) -> PathBuf {
         rec.dir(&self.store_dir).socket_dir()
     }
+}
+
+/// Progress nobody reads (operations started by the daemon itself).
+pub(super) fn quiet() -> Progress<'static> {
+    fn nobody(_: crate::api::ProgressLine) {}
+    Progress(&nobody)
 }
 
 /// A VDB in the middle of an operation takes no other.

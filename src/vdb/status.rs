@@ -46,6 +46,7 @@ impl VdbService {
         for s in self.datasets.snapshots(Some(&rec.name)).unwrap_or_default() {
             match super::snapshot_props(&s).map(|p| p.kind) {
                 Some(SnapshotKind::Bookmark) => bookmarks.push(s.full_name()),
+                Some(SnapshotKind::Base) => {}
                 _ => snapshots.push(s.full_name()),
             }
         }
@@ -81,7 +82,13 @@ impl VdbService {
             created: rec.created.clone(),
             fault,
             events: rec.events.clone(),
+            history: self.history_range(rec),
         })
+    }
+
+    /// The moments `vdb rewind --at` can go back to (timeflow).
+    pub fn history_of(&self, rec: &VdbRecord) -> Option<crate::api::Range> {
+        self.history_range(rec)
     }
 
     pub fn status(&self, name: &str) -> anyhow::Result<VdbStatus> {
