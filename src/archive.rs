@@ -232,6 +232,12 @@ impl WalArchive {
         }
     }
 
+    /// The archive's dataset, if anything was ever archived.
+    fn existing(&self) -> anyhow::Result<Option<Arc<Dataset>>> {
+        Ok(self.datasets.get(DATASET)?)
+    }
+
+    /// The archive's dataset, made on the first write.
     fn dataset(&self) -> anyhow::Result<Arc<Dataset>> {
         if let Some(d) = self.datasets.get(DATASET)? {
             return Ok(d);
@@ -256,7 +262,9 @@ impl WalArchive {
     /// Files (name, size) under a key, sorted by name.
     pub fn list(&self, key: &Key) -> anyhow::Result<Vec<(String, u64)>> {
         let _g = self.lock.lock();
-        let ds = self.dataset()?;
+        let Some(ds) = self.existing()? else {
+            return Ok(Vec::new());
+        };
         let Some(dir) = self.key_dir(&ds, key)? else {
             return Ok(Vec::new());
         };
@@ -269,7 +277,9 @@ impl WalArchive {
     /// One file, whole.
     pub fn get(&self, key: &Key, name: &str) -> anyhow::Result<Option<Vec<u8>>> {
         let _g = self.lock.lock();
-        let ds = self.dataset()?;
+        let Some(ds) = self.existing()? else {
+            return Ok(None);
+        };
         let Some(dir) = self.key_dir(&ds, key)? else {
             return Ok(None);
         };
@@ -306,7 +316,9 @@ impl WalArchive {
     /// Removes the files under a key for which `drop` says so; returns how many.
     pub fn remove_where(&self, key: &Key, drop: &dyn Fn(&str) -> bool) -> anyhow::Result<usize> {
         let _g = self.lock.lock();
-        let ds = self.dataset()?;
+        let Some(ds) = self.existing()? else {
+            return Ok(0);
+        };
         let Some(dir) = self.key_dir(&ds, key)? else {
             return Ok(0);
         };
@@ -326,7 +338,9 @@ impl WalArchive {
     /// Removes everything under a key.
     pub fn remove(&self, key: &Key) -> anyhow::Result<()> {
         let _g = self.lock.lock();
-        let ds = self.dataset()?;
+        let Some(ds) = self.existing()? else {
+            return Ok(());
+        };
         let (last, parent) = match key.0.split_last() {
             Some(x) => x,
             None => return Ok(()),
@@ -343,7 +357,9 @@ impl WalArchive {
     /// The directories under `path` of the archive.
     fn subdirs(&self, path: &[&str]) -> anyhow::Result<Vec<String>> {
         let _g = self.lock.lock();
-        let ds = self.dataset()?;
+        let Some(ds) = self.existing()? else {
+            return Ok(Vec::new());
+        };
         let Some(dir) = dir_ino(&ds, path)? else {
             return Ok(Vec::new());
         };

@@ -10,6 +10,7 @@
 
 mod util;
 
+mod anytime;
 mod cli;
 mod corruption;
 mod crash;

@@ -52,6 +52,8 @@ pub struct Daemon {
     stopping: AtomicBool,
     /// Set once every postgres stopped: the archiver ends (it serves their last archiving).
     archiving_done: AtomicBool,
+    /// Set once the supervisor undid what a dead daemon cut short (the preparer waits for it).
+    recovered: AtomicBool,
     /// The exclusive lock on the store directory (released when the process ends).
     _lock: std::fs::File,
 }
@@ -131,6 +133,7 @@ impl Daemon {
             vdbs,
             stopping: AtomicBool::new(false),
             archiving_done: AtomicBool::new(false),
+            recovered: AtomicBool::new(false),
             _lock: lock,
         })
     }

@@ -17,6 +17,7 @@ impl Daemon {
     pub(super) fn supervisor(self: Arc<Self>) {
         self.sources.recover();
         self.vdbs.recover();
+        self.recovered.store(true, Ordering::SeqCst);
         let mut first = true;
         while !self.stopping.load(Ordering::Relaxed) {
             self.sources.supervise();
@@ -45,6 +46,10 @@ impl Daemon {
     /// Prepares (and verifies) source snapshots, one job at a time.
     pub(super) fn preparer(self: Arc<Self>) {
         lower_priority();
+        // What a preparation cut short left is undone by the recovery first.
+        while !self.recovered.load(Ordering::SeqCst) && !self.stopping.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         while !self.stopping.load(Ordering::Relaxed) {
             if !self.sources.prepare_round() {
                 std::thread::sleep(Duration::from_secs(1));

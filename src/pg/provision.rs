@@ -380,6 +380,20 @@ pub fn clear_recovery(data: &Path, keep: &dyn Fn(&str) -> Option<String>) -> any
     conf::edit_auto_conf(data, &settings)
 }
 
+/// Removes the recovery target of a provisioning start whose WAL ends before it (its timeline
+/// and the rest stay): the end of that WAL is the moment asked for.
+pub fn drop_target(data: &Path) -> anyhow::Result<()> {
+    conf::edit_auto_conf(
+        data,
+        &[
+            ("recovery_target_lsn", None),
+            ("recovery_target_time", None),
+            ("recovery_target_inclusive", None),
+            ("recovery_target_action", None),
+        ],
+    )
+}
+
 /// The current timeline of a running cluster.
 pub fn current_timeline(cluster: &Cluster) -> anyhow::Result<u32> {
     let rows = cluster.query(

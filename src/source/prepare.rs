@@ -34,6 +34,8 @@ const PREPARE_TIMEOUT: Duration = Duration::from_secs(3600);
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(4 * 3600);
 /// How many lines of pg_amcheck's report a snapshot keeps.
 const MAX_FAILURE_LINES: usize = 20;
+/// A job that failed is tried again after this long.
+const RETRY_AFTER: Duration = Duration::from_secs(600);
 
 /// The internal dataset holding a source's prepared images (as its snapshots).
 pub fn prepared_dataset(source: &str) -> String {
@@ -61,6 +63,23 @@ pub(crate) struct Preparer {
     stopping: AtomicBool,
     /// A source being unlinked: its job in progress ends.
     cancel: Mutex<Option<String>>,
+    /// Jobs (`NAME@SNAP`) that failed, and when they may be tried again.
+    retry: Mutex<std::collections::HashMap<String, Instant>>,
+}
+
+impl Preparer {
+    fn due(&self, full: &str) -> bool {
+        self.retry
+            .lock()
+            .get(full)
+            .is_none_or(|t| Instant::now() >= *t)
+    }
+
+    fn failed(&self, full: &str) {
+        self.retry
+            .lock()
+            .insert(full.to_string(), Instant::now() + RETRY_AFTER);
+    }
 }
 
 /// Files of a source's preparation: `STORE/prepare/NAME/` with the mount point `data`, the
@@ -155,11 +174,12 @@ impl SourceService {
                 let Some(p) = super::snapshot_props(s) else {
                     continue;
                 };
+                if !self.prep.due(&s.full_name()) {
+                    continue;
+                }
                 if !prepared.contains(&s.rec.name) {
-                    if p.prepare_error.is_none() {
-                        self.prepare(rec, &s.rec.name, &p);
-                        return true;
-                    }
+                    self.prepare(rec, &s.rec.name, &p);
+                    return true;
                 } else if rec.verify && p.verified.is_none() && verify.is_none() {
                     verify = Some((rec.clone(), s.rec.name.clone()));
                 }
@@ -309,13 +329,17 @@ impl SourceService {
         self.end_prep(rec);
         match r {
             Ok(()) => {
-                tracing::info!(snapshot = %full, seconds = t.elapsed().as_secs_f64(), "prepared: VDBs of it start without redo")
+                tracing::info!(snapshot = %full, seconds = t.elapsed().as_secs_f64(), "prepared: VDBs of it start without redo");
+                if props.prepare_error.is_some() {
+                    self.mark(&rec.name, snap, |p| p.prepare_error = None);
+                }
             }
             Err(e) if self.cancelled(&rec.name) => {
                 tracing::info!(snapshot = %full, "preparation stopped: {e:#}")
             }
             Err(e) => {
-                tracing::error!(snapshot = %full, "preparation failed (VDBs of it replay WAL instead): {e:#}");
+                tracing::error!(snapshot = %full, "preparation failed (VDBs of it replay WAL instead; tried again in {} s): {e:#}", RETRY_AFTER.as_secs());
+                self.prep.failed(&full);
                 self.mark(&rec.name, snap, |p| {
                     p.prepare_error = Some(format!("{e:#}"))
                 });
@@ -398,11 +422,12 @@ impl SourceService {
                 tracing::info!(snapshot = %full, "verification stopped: {e:#}");
                 return;
             }
-            Err(e) => Verified {
-                ok: false,
-                failures: vec![format!("the verification could not run: {e:#}")],
-                at: crate::time::rfc3339_now(),
-            },
+            // Not a finding of pg_amcheck: nothing is recorded, it runs again later.
+            Err(e) => {
+                tracing::error!(snapshot = %full, "the verification could not run (tried again in {} s): {e:#}", RETRY_AFTER.as_secs());
+                self.prep.failed(&full);
+                return;
+            }
         };
         if v.ok {
             tracing::info!(snapshot = %full, "verified: pg_amcheck found nothing");
@@ -430,6 +455,13 @@ impl SourceService {
             |_| {},
         )?;
         self.check_cancel(&rec.name)?;
+        // A server that went away meanwhile is no finding about the data.
+        if m.cluster.postmaster_pid().is_none() {
+            anyhow::bail!(
+                "the image's postgres stopped while pg_amcheck ran: {}",
+                pg::last_lines(&out.stderr_text(), 3)
+            );
+        }
         let stdout = out.stdout_text();
         let ok = out.status.success() && stdout.is_empty();
         let failures: Vec<String> = stdout

@@ -11,7 +11,7 @@ use super::service::VdbService;
 use super::{Epoch, VdbRecord};
 use crate::api::Range;
 use crate::archive::{self, Key};
-use crate::pg::provision::{FirstStart, Moment, Recovery};
+use crate::pg::provision::{FirstStart, Moment, Recovery, Target};
 use crate::pg::{self, lsn};
 use crate::refuse;
 use std::time::Duration;
@@ -53,26 +53,19 @@ impl VdbService {
         }
     }
 
-    /// Where the VDB's WAL ends now: the insert position of its running postgres, else the
-    /// last checkpoint of the stopped one (everything before it is replayed at the least; a
-    /// promotion replays the rest).
-    pub(super) fn wal_end(&self, rec: &VdbRecord, running: bool) -> Option<u64> {
-        if running {
-            let rows = rec
-                .cluster(&self.store_dir)
-                .query(
-                    "SELECT pg_current_wal_insert_lsn()",
-                    Duration::from_secs(10),
-                )
-                .ok()?;
-            return rows.first()?.first()?.as_deref().and_then(lsn::parse);
-        }
+    /// Where the WAL of the stopped VDB ends, if its postgres shut down cleanly: its shutdown
+    /// checkpoint (everything before it is what the VDB held).
+    pub(super) fn wal_end(&self, rec: &VdbRecord) -> Option<u64> {
         let out = pg::run(
             pg::as_postgres(&rec.install.bin("pg_controldata")).arg(&rec.data_dir),
             Duration::from_secs(60),
         )
         .ok()?;
-        pg::conf::parse_controldata(&out.stdout_text())
+        let control = pg::conf::parse_controldata(&out.stdout_text());
+        if control.get("Database cluster state").map(String::as_str) != Some("shut down") {
+            return None;
+        }
+        control
             .get("Latest checkpoint location")
             .and_then(|v| lsn::parse(v))
     }
@@ -99,9 +92,10 @@ impl VdbService {
             }
         }
         a.put(&key, &files)?;
-        if let (Some(last), Some(end)) = (h.epochs.last_mut(), end) {
-            if last.until_lsn.is_none() {
-                last.until_lsn = Some(end);
+        if let Some(last) = h.epochs.last_mut() {
+            if last.until_us.is_none() {
+                last.until_us = Some(crate::time::now_us());
+                last.until_lsn = end;
             }
         }
         Ok(())
@@ -122,6 +116,7 @@ impl VdbService {
                 h.epochs.push(Epoch {
                     timeline,
                     from_us: crate::time::now_us(),
+                    until_us: None,
                     until_lsn: None,
                 })
             }
@@ -183,14 +178,26 @@ impl VdbService {
                 range.map(|r| r.to_string()).unwrap_or_default()
             );
         }
+        // A moment after the VDB left that timeline cleanly is its end: the WAL is cut there
+        // (a time target would find no commit after it and end recovery short of it).
+        let (cut, target) = match (epoch.until_us, epoch.until_lsn) {
+            (Some(u), Some(l)) if t >= u => (
+                Some(Target {
+                    lsn: l,
+                    timeline: epoch.timeline,
+                }),
+                None,
+            ),
+            _ => (None, Some(Moment::Time(t))),
+        };
         let stop = epoch.until_lsn;
         let upto_seg = stop.map_or(u64::MAX, |s| s / lsn::SEGMENT_SIZE);
         Ok(Provision {
             tree: (rec.name.clone(), h.base.clone()),
             parent: rec.parent.clone(),
             start: FirstStart::Recover(Recovery {
-                cut: None,
-                target: Some(Moment::Time(t)),
+                cut,
+                target,
                 timeline: Some(epoch.timeline),
                 stop_lsn: stop,
                 from_lsn: h.from_lsn,

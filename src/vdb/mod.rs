@@ -77,13 +77,17 @@ pub struct History {
     pub epochs: Vec<Epoch>,
 }
 
-/// A timeline a VDB lived on, from a moment on, until it left it (at an LSN).
+/// A timeline a VDB lived on, from a moment on, until it left it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Epoch {
     pub timeline: u32,
     /// Unix microseconds.
     pub from_us: i64,
-    /// The end of its WAL when the VDB left the timeline (a refresh, rewind or undo).
+    /// When the VDB left the timeline (a refresh, rewind or undo), Unix microseconds...
+    #[serde(default)]
+    pub until_us: Option<i64>,
+    /// ...and, when its postgres had shut down cleanly then, where its WAL ends: the shutdown
+    /// checkpoint (every change before it).
     pub until_lsn: Option<u64>,
 }
 

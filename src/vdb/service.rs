@@ -137,7 +137,7 @@ impl VdbService {
                     // The WAL ends exactly at the target, so no record ever reaches it:
                     // recovering to the end of the WAL is the same state.
                     tracing::info!(vdb = %rec.name, "the WAL ends at the recovery target; promoting without it");
-                    configure::clear_recovery(rec)?;
+                    pg::provision::drop_target(&rec.data_dir)?;
                     pg::provision::write_signal(&rec.data_dir)?;
                     pg::provision::forget_plan(cluster);
                     pg::remove_run_files(&rec.data_dir);

@@ -160,16 +160,11 @@ impl VdbService {
         hooks::run(&rec, &store, pre)
             .map_err(|e| e.context(format!("{op} of VDB {name} refused by its hook")))?;
         let was_running = self.pid(&rec, st).is_some();
-        let end = self.wal_end(&rec, was_running);
         if was_running {
             self.stop_with_hooks(&rec, st)
                 .map_err(|e| e.context(format!("{op} of VDB {name}: stopping it failed")))?;
         }
-        let end = if was_running {
-            end
-        } else {
-            self.wal_end(&rec, false)
-        };
+        let end = self.wal_end(&rec);
         let undo_name = format!(
             "auto-before-{op}-{}",
             crate::tree::snapshot_name_for(crate::tree::dataset::now())

@@ -542,18 +542,29 @@ pub fn uid_of(pid: i32) -> Option<u32> {
         .and_then(|u| u.parse().ok())
 }
 
-/// Mount points under the test's temp dir (the store's staging mounts included).
+/// Whether a path is where the daemon prepares snapshots in the background
+/// (`STORE/prepare/NAME/data`): its mounts and postgres come and go by themselves.
+pub fn is_background(path: &Path) -> bool {
+    path.components()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .any(|w| w[0].as_os_str() == "store" && w[1].as_os_str() == "prepare")
+}
+
+/// Mount points under the test's temp dir (the store's staging mounts included; the
+/// preparer's, which come and go in the background, not).
 pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = util::mountinfo()
         .into_iter()
         .map(|m| m.mountpoint)
-        .filter(|m| m.starts_with(root))
+        .filter(|m| m.starts_with(root) && !is_background(m))
         .collect();
     v.sort();
     v
 }
 
-/// Processes (other than the daemon) whose cwd is on the store or whose command line names it.
+/// Processes (other than the daemon) whose cwd is on the store or whose command line names it
+/// (the preparer's postgres, which comes and goes in the background, not).
 pub fn processes_on_store(d: &Daemon) -> Vec<i32> {
     let store = d.store().to_string_lossy().into_owned();
     let daemon = d.pid().map(|p| p as i32);
@@ -573,6 +584,12 @@ pub fn processes_on_store(d: &Daemon) -> Vec<i32> {
         }
     }
     v.retain(|p| Some(*p) != daemon);
+    v.retain(|p| {
+        let cwd = fs::read_link(format!("/proc/{p}/cwd")).unwrap_or_default();
+        let cmd = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        !is_background(&cwd)
+            && !String::from_utf8_lossy(&cmd).contains(&format!("{store}/prepare/"))
+    });
     v
 }
 
