@@ -200,12 +200,8 @@ pub struct TimeflowNode {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
     /// For a source's snapshots: its prepared image and its verification.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prepared: Option<PrepState>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verified: Option<VerifyState>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub verify_failures: Vec<String>,
+    #[serde(flatten)]
+    pub marks: Marks,
     /// For sources: the moments a VDB can be provisioned at; for VDBs: the moments of their own
     /// history `vdb rewind --at` can go back to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -298,10 +294,21 @@ pub struct SourceSnapshot {
     pub replay_time: Option<String>,
     pub mode: Mode,
     pub created: String,
+    #[serde(flatten)]
+    pub marks: Marks,
+}
+
+/// A source snapshot's prepared image and verification (all absent for other snapshots).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Marks {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prepared: Option<PrepState>,
+    /// Why preparing it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepare_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified: Option<VerifyState>,
+    /// What pg_amcheck reported (or why the snapshot could not be verified).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub verify_failures: Vec<String>,
 }
@@ -413,15 +420,9 @@ pub struct SnapshotInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<SnapshotKind>,
     /// For a source's snapshots: its prepared image (a VDB of a ready one starts without
-    /// redo), why its preparation failed, and its verification with pg_amcheck.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prepared: Option<PrepState>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prepare_error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verified: Option<VerifyState>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub verify_failures: Vec<String>,
+    /// redo) and its verification with pg_amcheck.
+    #[serde(flatten)]
+    pub marks: Marks,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

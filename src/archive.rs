@@ -417,8 +417,8 @@ impl WalArchive {
                 new.push((name.clone(), data));
             }
             acked.push(name);
-            // Bounded memory: at most 16 segments per round.
-            if new.len() >= 16 {
+            // Bounded memory: at most 4 segments (64 MiB) per round.
+            if new.len() >= 4 {
                 break;
             }
         }

@@ -26,8 +26,10 @@ use crate::util::source::{
     dataset_names, json, link_small, link_small_with, parse_lsn, snapshot_list, source_snapshot,
     status as source_status, wait_json, wait_replayed, SourceDb, Staged, WAIT,
 };
-use crate::util::vdb::{create, list_names, vdb, vdb_error, vdb_logs, Problems, Vdb, Vdbd};
-use crate::util::{self, as_postgres, chmod, pg, pid_alive, wait_child, wait_until, Daemon};
+use crate::util::vdb::{
+    create, list_names, slow_hook, vdb, vdb_error, vdb_logs, Problems, Vdb, Vdbd,
+};
+use crate::util::{self, as_postgres, pg, pid_alive, wait_child, wait_until, Daemon};
 
 /// A row committed on the source: its id, commit time (as PostgreSQL prints it) and the WAL
 /// position right after its commit.
@@ -203,21 +205,8 @@ fn prepared_snapshots_start_without_redo_and_crashes_leave_nothing_half_made() {
     vdb(&d, &["delete", "fast2"]);
 
     // kill -9 during a create at a moment: its pre-start hook sleeps while a flag file exists.
-    let hooks = d.root().join("hooks");
-    fs::create_dir_all(&hooks).unwrap();
-    let (slow, started) = (d.root().join("slow"), d.root().join("started"));
+    let (hooks, slow, started) = slow_hook(d.root(), "pre-start");
     fs::write(&slow, "").unwrap();
-    let hook = hooks.join("pre-start");
-    fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\nif [ -e '{}' ]; then touch '{}'; sleep 300; fi\n",
-            slow.display(),
-            started.display()
-        ),
-    )
-    .unwrap();
-    chmod(&hook, 0o755);
     let lsn = crate::util::source::fmt_lsn(src.lsn());
     let hooks_arg = hooks.to_str().unwrap().to_string();
     let args = [

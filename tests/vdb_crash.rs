@@ -15,8 +15,7 @@ use std::time::Duration;
 use crate::util::source::{cleanup_names, dataset_names};
 use crate::util::vdb::{status, try_psql};
 use crate::util::{
-    self, chmod, describe, kill_processes_under, pid_alive, wait_child, wait_until, Daemon,
-    Postgres,
+    self, describe, kill_processes_under, pid_alive, wait_child, wait_until, Daemon, Postgres,
 };
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -75,22 +74,7 @@ fn vdb_sql(d: &Daemon, name: &str, sql: &str) -> String {
 
 /// A hooks dir whose configure-clone hook, while `slow` exists, says it started and sleeps.
 fn slow_hooks(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let dir = root.join("hooks");
-    fs::create_dir_all(&dir).unwrap();
-    let slow = root.join("slow");
-    let started = root.join("hook-started");
-    let hook = dir.join("configure-clone");
-    fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\nif [ -e '{}' ]; then touch '{}'; sleep 300; fi\n",
-            slow.display(),
-            started.display()
-        ),
-    )
-    .unwrap();
-    chmod(&hook, 0o755);
-    (dir, slow, started)
+    crate::util::vdb::slow_hook(root, "configure-clone")
 }
 
 /// Starts a vdbfs command in the background (it is cut short by the daemon's death).

@@ -334,9 +334,10 @@ fn print_source(s: &api::SourceStatus) {
             l.lsn,
             l.timeline,
             l.created,
-            opt(&l.prepared),
-            opt(&l.verified),
-            l.verify_failures
+            opt(&l.marks.prepared),
+            opt(&l.marks.verified),
+            l.marks
+                .verify_failures
                 .first()
                 .map(|f| format!(" ({f})"))
                 .unwrap_or_default()
@@ -478,9 +479,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                             s.name,
                             s.created,
                             opt(&s.lsn),
-                            opt(&s.prepared),
-                            opt(&s.verified),
-                            s.verify_failures
+                            opt(&s.marks.prepared),
+                            opt(&s.marks.verified),
+                            s.marks
+                                .verify_failures
                                 .first()
                                 .map(|f| format!(" ({f})"))
                                 .unwrap_or_default()

@@ -358,13 +358,17 @@ fn label(n: &TimeflowNode) -> String {
             if let Some(note) = &n.note {
                 parts.push(format!("({note})"));
             }
-            if let Some(p) = n.prepared {
+            if let Some(p) = n.marks.prepared {
                 parts.push(format!("prepared {p}"));
             }
-            if let Some(v) = n.verified.filter(|v| *v != crate::api::VerifyState::Off) {
+            if let Some(v) = n
+                .marks
+                .verified
+                .filter(|v| *v != crate::api::VerifyState::Off)
+            {
                 parts.push(format!("verified {v}"));
             }
-            if let Some(f) = n.verify_failures.first() {
+            if let Some(f) = n.marks.verify_failures.first() {
                 parts.push(format!("({f})"));
             }
         }

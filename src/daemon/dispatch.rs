@@ -70,19 +70,11 @@ fn store_kind(e: &crate::store::Error) -> ErrorKind {
     }
 }
 
-/// A snapshot as `snapshot list` shows it; `marks` are a source snapshot's prepared image and
-/// verification (with its failures), and why its preparation failed.
-fn snapshot_info(s: &crate::tree::SnapshotInfo, marks: Option<Marks>) -> api::SnapshotInfo {
+/// A snapshot as `snapshot list` shows it, with a source snapshot's `marks`.
+fn snapshot_info(s: &crate::tree::SnapshotInfo, marks: api::Marks) -> api::SnapshotInfo {
     let props = crate::source::snapshot_props(s);
-    let (prepared, verified, verify_failures, prepare_error) = match marks {
-        Some(m) => (Some(m.0), Some(m.1), m.2, m.3),
-        None => (None, None, Vec::new(), None),
-    };
     api::SnapshotInfo {
-        prepared,
-        verified,
-        verify_failures,
-        prepare_error,
+        marks,
         lsn: props.as_ref().map(|p| p.lsn.clone()),
         timeline: props.as_ref().map(|p| p.timeline),
         replay_time: props.as_ref().and_then(|p| p.replay_time.clone()),
@@ -95,15 +87,6 @@ fn snapshot_info(s: &crate::tree::SnapshotInfo, marks: Option<Marks>) -> api::Sn
         created_unix_ms: s.rec.created.secs * 1000 + (s.rec.created.nsecs / 1_000_000) as i64,
     }
 }
-
-/// A source snapshot's marks: prepared, verified, the verification's failures, why preparing
-/// it failed.
-type Marks = (
-    api::PrepState,
-    api::VerifyState,
-    Vec<String>,
-    Option<String>,
-);
 
 /// Names starting with `.` are the control path's own datasets: no user command reaches them.
 fn refuse_internal(name: &str) -> anyhow::Result<()> {
@@ -296,16 +279,9 @@ impl Daemon {
                         .entry(s.dataset.clone())
                         .or_insert_with(|| self.sources.prepared_images(&s.dataset))
                         .contains(&s.rec.name);
-                    let on = verify.get(&s.dataset).copied().unwrap_or(false);
-                    let (prep, ver) = crate::source::marks(&p, ready, on);
-                    (
-                        prep,
-                        ver,
-                        crate::source::failures(&p, on),
-                        p.prepare_error.clone(),
-                    )
+                    crate::source::marks(&p, ready, verify.get(&s.dataset) == Some(&true))
                 });
-                snapshot_info(s, marks)
+                snapshot_info(s, marks.unwrap_or_default())
             })
             .collect()
     }
@@ -406,7 +382,7 @@ impl Daemon {
                         s.full_name(),
                         t.elapsed().as_secs_f64() * 1e3
                     ),
-                    serde_json::to_value(snapshot_info(&s, None))?,
+                    serde_json::to_value(snapshot_info(&s, api::Marks::default()))?,
                 ))
             }
             Request::SnapshotList { dataset } => {

@@ -98,9 +98,7 @@ fn empty(kind: NodeKind, name: String) -> TimeflowNode {
         state: None,
         port: None,
         note: None,
-        prepared: None,
-        verified: None,
-        verify_failures: Vec::new(),
+        marks: Default::default(),
         ranges: Vec::new(),
         children: Vec::new(),
     }
@@ -139,11 +137,7 @@ impl FlowCtx<'_> {
             sn.created = Some(crate::time::rfc3339(s.rec.created.secs));
             if let Some(p) = crate::source::snapshot_props(s) {
                 if let Some(src) = source {
-                    let (prep, ver) =
-                        crate::source::marks(&p, prepared.contains(&s.rec.name), src.verify);
-                    sn.prepared = Some(prep);
-                    sn.verified = Some(ver);
-                    sn.verify_failures = crate::source::failures(&p, src.verify);
+                    sn.marks = crate::source::marks(&p, prepared.contains(&s.rec.name), src.verify);
                 }
                 sn.lsn = Some(p.lsn);
                 sn.timeline = Some(p.timeline);

@@ -281,17 +281,19 @@ pub fn finish(
         Some(Moment::Time(us)) => pg_time(us),
         None => "the end of its WAL".to_string(),
     };
-    let died = || {
+    // An error naming the data directory, with the server log's tail.
+    let fail = |what_happened: String| {
         crate::api::refusal(
             crate::api::ErrorKind::Internal,
             format!(
-                "postgres on {} stopped while recovering to {what}; postgres log ({}):\n{}",
+                "postgres on {} {what_happened}; postgres log ({}):\n{}",
                 cluster.data_dir.display(),
                 cluster.log.display(),
                 log_tail()
             ),
         )
     };
+    let died = || fail(format!("stopped while recovering to {what}"));
     let q = |sql: &str| -> Option<Vec<Option<String>>> {
         cluster
             .query(sql, Duration::from_secs(10))
@@ -306,15 +308,7 @@ pub fn finish(
         if !super::pid_alive(pid) {
             return Err(died());
         }
-        return Err(crate::api::refusal(
-            crate::api::ErrorKind::Internal,
-            format!(
-                "promoting postgres on {} failed: {e:#}; postgres log ({}):\n{}",
-                cluster.data_dir.display(),
-                cluster.log.display(),
-                log_tail()
-            ),
-        ));
+        return Err(fail(format!("could not be promoted: {e:#}")));
     }
     let from = plan.from_lsn.or(first).unwrap_or(0);
     let mut replayed = first.unwrap_or(from);

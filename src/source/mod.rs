@@ -36,7 +36,6 @@ mod status;
 
 pub use flow::MomentPlan;
 pub use prepare::prepared_dataset;
-pub use snapshot::failures;
 
 pub use crate::api::{LinkSpec, Mode};
 pub use service::SourceService;
@@ -134,12 +133,10 @@ impl SnapshotProps {
     }
 }
 
-/// The marks `snapshot list`, `timeflow` and `source status` show for a source's snapshot.
-pub fn marks(
-    props: &SnapshotProps,
-    prepared: bool,
-    verify_on: bool,
-) -> (crate::api::PrepState, crate::api::VerifyState) {
+/// The marks `snapshot list`, `timeflow` and `source status` show for a source's snapshot:
+/// whether it has a prepared image, and its verification (with pg_amcheck's report, or why it
+/// could not be prepared when the source verifies).
+pub fn marks(props: &SnapshotProps, prepared: bool, verify_on: bool) -> crate::api::Marks {
     use crate::api::{PrepState, VerifyState};
     let prep = if prepared {
         PrepState::Ready
@@ -148,14 +145,25 @@ pub fn marks(
     } else {
         PrepState::Pending
     };
-    let verify = match (&props.verified, verify_on) {
-        (Some(v), _) if v.ok => VerifyState::Ok,
-        (Some(_), _) => VerifyState::Failed,
-        (None, true) if prep == PrepState::Failed => VerifyState::Failed,
-        (None, true) => VerifyState::Pending,
-        (None, false) => VerifyState::Off,
+    let (verified, verify_failures) = match (&props.verified, verify_on) {
+        (Some(v), _) if v.ok => (VerifyState::Ok, Vec::new()),
+        (Some(v), _) => (VerifyState::Failed, v.failures.clone()),
+        (None, true) if prep == PrepState::Failed => (
+            VerifyState::Failed,
+            vec![format!(
+                "preparation failed: {}",
+                props.prepare_error.clone().unwrap_or_default()
+            )],
+        ),
+        (None, true) => (VerifyState::Pending, Vec::new()),
+        (None, false) => (VerifyState::Off, Vec::new()),
     };
-    (prep, verify)
+    crate::api::Marks {
+        prepared: Some(prep),
+        prepare_error: props.prepare_error.clone().filter(|_| !prepared),
+        verified: Some(verified),
+        verify_failures,
+    }
 }
 
 /// Files of a source outside its data directory: `STORE/sources/NAME/`.

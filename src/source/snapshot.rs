@@ -14,15 +14,6 @@ use std::time::{Duration, Instant};
 /// How long an on-demand snapshot waits for staging to replay the source's current position.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
 
-/// The failures a snapshot's marks carry: pg_amcheck's report, or why preparing it failed.
-pub fn failures(p: &super::SnapshotProps, verify: bool) -> Vec<String> {
-    match (&p.verified, &p.prepare_error) {
-        (Some(v), _) => v.failures.clone(),
-        (None, Some(e)) if verify => vec![format!("preparation failed: {e}")],
-        _ => Vec::new(),
-    }
-}
-
 /// Resumes WAL replay on staging when dropped.
 struct Resume<'a>(&'a pg::Cluster);
 
@@ -189,13 +180,7 @@ impl SourceService {
             replay_time: props.replay_time.clone(),
             mode: rec.mode,
             created: crate::time::rfc3339(s.rec.created.secs),
-            prepared: Some(crate::api::PrepState::Pending),
-            verified: Some(if rec.verify {
-                crate::api::VerifyState::Pending
-            } else {
-                crate::api::VerifyState::Off
-            }),
-            verify_failures: Vec::new(),
+            marks: super::marks(&props, false, rec.verify),
         };
         tracing::info!(source = %rec.name, snapshot = %out.name, lsn = %out.lsn, "validated-sync snapshot");
         self.prune(rec);
@@ -249,18 +234,16 @@ impl SourceService {
             .is_some_and(|r| r.verify);
         let last = snaps.iter().rev().find_map(|s| {
             let p = super::snapshot_props(s)?;
-            let (prep, ver) = super::marks(&p, self.is_prepared(name, &s.rec.name), verify);
+            let marks = super::marks(&p, self.is_prepared(name, &s.rec.name), verify);
             Some((
                 api::SourceSnapshot {
                     name: s.full_name(),
-                    verify_failures: failures(&p, verify),
                     lsn: p.lsn,
                     timeline: p.timeline,
                     replay_time: p.replay_time,
                     mode: p.mode,
                     created: crate::time::rfc3339(s.rec.created.secs),
-                    prepared: Some(prep),
-                    verified: Some(ver),
+                    marks,
                 },
                 s.rec.created.secs,
             ))

@@ -475,3 +475,25 @@ pub fn assert_status(
         m.permissions().mode()
     );
 }
+
+/// A hooks directory under `root` whose hook `hook` (e.g. `configure-clone`), while the returned
+/// `slow` file exists, touches the returned `started` file and sleeps 300 s: a VDB operation held
+/// at that step, for a test to kill the daemon there. Returns (hooks dir, slow, started).
+pub fn slow_hook(root: &Path, hook: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = root.join("hooks");
+    fs::create_dir_all(&dir).unwrap();
+    let slow = root.join("slow");
+    let started = root.join("hook-started");
+    let path = dir.join(hook);
+    fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nif [ -e '{}' ]; then touch '{}'; sleep 300; fi\n",
+            slow.display(),
+            started.display()
+        ),
+    )
+    .unwrap();
+    util::chmod(&path, 0o755);
+    (dir, slow, started)
+}
