@@ -127,8 +127,8 @@ fn preparer_processes(d: &Daemon) -> Vec<i32> {
     v
 }
 
-fn mounts_of(d: &Daemon, under: &Path) -> Vec<PathBuf> {
-    let _ = d;
+/// Mount points under `under`.
+fn mounts_of(under: &Path) -> Vec<PathBuf> {
     util::mountinfo()
         .into_iter()
         .map(|m| m.mountpoint)
@@ -188,9 +188,9 @@ fn prepared_snapshots_start_without_redo_and_crashes_leave_nothing_half_made() {
     );
     let prep = d.store().join("prepare");
     assert!(
-        wait_until(Duration::from_secs(10), || mounts_of(&d, &prep).is_empty()),
+        wait_until(Duration::from_secs(10), || mounts_of(&prep).is_empty()),
         "the preparation's mount was left: {:?}",
-        mounts_of(&d, &prep)
+        mounts_of(&prep)
     );
     assert!(
         !dataset_names(&d).iter().any(|n| n.starts_with('.')),

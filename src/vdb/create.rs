@@ -283,14 +283,20 @@ impl VdbService {
 
     /// The LSN a clone of this snapshot must recover to, when it holds WAL past it (a staging
     /// snapshot taken while WAL kept arriving).
-    pub(super) fn recovery_target(&self, dataset: &str, snap: &str) -> Option<super::Target> {
+    /// Also where its recovery starts (the restartpoint's redo LSN), for progress.
+    pub(super) fn recovery_target(
+        &self,
+        dataset: &str,
+        snap: &str,
+    ) -> Option<(super::Target, Option<u64>)> {
         let snaps = self.datasets.snapshots(Some(dataset)).ok()?;
         let s = snaps.iter().find(|s| s.rec.name == snap)?;
         let p = crate::source::snapshot_props(s)?;
-        Some(super::Target {
+        let target = super::Target {
             lsn: pg::lsn::parse(&p.lsn)?,
             timeline: p.timeline,
-        })
+        };
+        Some((target, p.redo_lsn.as_deref().and_then(pg::lsn::parse)))
     }
 
     /// PG_VERSION of a snapshot, read from its tree, for the installation to run it with.

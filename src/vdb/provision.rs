@@ -57,7 +57,10 @@ impl VdbService {
                 new_history: true,
             };
         }
-        let cut = self.recovery_target(ds, snap);
+        let (cut, from_lsn) = match self.recovery_target(ds, snap) {
+            Some((t, redo)) => (Some(t), redo),
+            None => (None, None),
+        };
         Provision {
             tree: (ds.to_string(), snap.to_string()),
             describe: match &cut {
@@ -70,6 +73,8 @@ impl VdbService {
             parent,
             start: FirstStart::Recover(Recovery {
                 cut,
+                from_lsn,
+                stop_lsn: cut.map(|t| t.lsn),
                 ..Default::default()
             }),
             wal: Wal::None,
