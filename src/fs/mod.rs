@@ -41,6 +41,11 @@ use vdbfs_format::BLOCK_SIZE;
 
 const TTL: Duration = Duration::from_secs(60);
 
+thread_local! {
+    /// Each FUSE worker's buffer for READ replies (reused: no allocation or zeroing per read).
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// One entry of a directory as listed at opendir: name, inode, kind.
 type DirListing = (Vec<u8>, u64, FileKind);
 
@@ -137,6 +142,29 @@ fn writeback_cache_wanted() -> bool {
         std::env::var("VDBFS_WRITEBACK_CACHE").as_deref(),
         Ok("0") | Ok("off") | Ok("no")
     )
+}
+
+/// Readahead of a mount: large enough that a sequential read keeps several 1 MiB READ requests in
+/// flight (the kernel's default for a FUSE mount is 128 KiB, one small request at a time).
+const READ_AHEAD_KB: u32 = 4096;
+/// Dirty page-cache bytes a mount may hold (the kernel allows a FUSE mount 1 % of its dirty
+/// limit, strictly, which throttles bulk writers at a few tens of MiB): room for a checkpoint's
+/// worth of relation pages to be rewritten in memory before they are sent.
+const MAX_DIRTY_BYTES: u64 = 512 << 20;
+
+/// Sets the kernel's readahead and dirty-memory limits of the FUSE mount whose device is
+/// `dev` (`major:minor`), through `/sys/class/bdi`. Best effort: the defaults work, only slower.
+pub fn tune_kernel_cache(dev: &str, read_only: bool) {
+    let bdi = Path::new("/sys/class/bdi").join(dev);
+    let mut settings = vec![("read_ahead_kb", READ_AHEAD_KB.to_string())];
+    if !read_only && writeback_cache_wanted() {
+        settings.push(("max_bytes", MAX_DIRTY_BYTES.to_string()));
+    }
+    for (knob, value) in settings {
+        if let Err(e) = std::fs::write(bdi.join(knob), &value) {
+            tracing::debug!(bdi = %bdi.display(), "cannot set {knob} = {value}: {e}");
+        }
+    }
 }
 
 /// Makes the kernel send every dirty page it caches for the filesystem mounted at `mountpoint`
@@ -442,10 +470,13 @@ impl Filesystem for VdbFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.ds.read(ino.0, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(self.fail("read", ino.0, e)),
-        }
+        READ_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            match self.ds.read_to(ino.0, offset, size, &mut b) {
+                Ok(()) => reply.data(&b),
+                Err(e) => reply.error(self.fail("read", ino.0, e)),
+            }
+        })
     }
 
     fn write(
