@@ -5,7 +5,7 @@
 //! it were synced; `meta.indexed_upto` and `meta.replay_start` move in the same commit.
 
 use super::{Error, Result};
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::path::{Path, PathBuf};
 use vdbfs_format::index::{BlockLoc, DatasetRecord, LogPos, INDEX_VERSION};
 use vdbfs_format::BlockId;
@@ -172,6 +172,24 @@ impl Index {
         Ok(out)
     }
 
+    /// Number of indexed blocks.
+    pub fn block_count(&self) -> Result<u64> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(BLOCKS)?.len()?)
+    }
+
+    /// Calls `f` with every indexed block and its location, in key order, without holding
+    /// them all in memory.
+    pub fn each_block(&self, mut f: impl FnMut(&BlockId, &BlockLoc) -> Result<()>) -> Result<()> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(BLOCKS)?;
+        for row in table.iter()? {
+            let (k, v) = row?;
+            f(&block_id(k.value())?, &BlockLoc::decode(v.value())?)?;
+        }
+        Ok(())
+    }
+
     /// Removes the entries of `ids` for which `keep(id, loc)` is false; one transaction, not
     /// durable by itself (the next checkpoint's commit is). Returns (entries, record bytes).
     pub fn remove_unless(
@@ -228,6 +246,27 @@ impl Index {
             let mut meta = txn.open_table(META)?;
             meta.insert("indexed_upto", encode_pos(upto).as_slice())?;
             meta.insert("replay_start", encode_pos(replay_start).as_slice())?;
+        }
+        extra(&txn)?;
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+impl Index {
+    /// Dataset records and `extra` writes in one durable transaction; index entries and
+    /// positions unchanged (see `Store::commit_roots_with`).
+    pub fn commit_records(
+        &self,
+        datasets: &[DatasetRecord],
+        extra: impl FnOnce(&redb::WriteTransaction) -> Result<()>,
+    ) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(DATASETS)?;
+            for rec in datasets {
+                table.insert(rec.id, rec.encode().as_slice())?;
+            }
         }
         extra(&txn)?;
         txn.commit()?;

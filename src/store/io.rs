@@ -214,10 +214,7 @@ impl PackIo for OsIo {
     }
     fn open(&self, path: &Path) -> io::Result<Arc<dyn PackFile>> {
         let f = OpenOptions::new().read(true).write(true).open(path)?;
-        Ok(Arc::new(OsFile {
-            file: f,
-            direct: None,
-        }))
+        Ok(Arc::new(OsFile::new(f, path)))
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()

@@ -376,6 +376,147 @@ impl Store {
         .collect()
     }
 
+    /// Reads and verifies blocks straight into `outs` (one per id, in order): each gets the
+    /// block's first `out.len()` bytes, zeros past the block's end.
+    ///
+    /// A block is checked against the id it was asked for (the record header's kind and id, and
+    /// the blake3 of its content), so the record crc adds nothing here and is left to scans.
+    /// That also makes it safe to *guess* where a block is: blocks written one after another
+    /// (a file written sequentially) lie one after another in the log, so after the first block
+    /// of a run is located through the index, the next ids are looked for right behind it and
+    /// the index is asked again only where the guess fails. A record found by guessing is the
+    /// right content whether or not the index points at it (content addressing).
+    pub fn read_into(&self, ids: &[BlockId], outs: &mut [&mut [u8]]) -> Result<()> {
+        let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        let r = self.read_into_with(ids, outs, &mut scratch);
+        SCRATCH.with(|s| *s.borrow_mut() = scratch);
+        r
+    }
+
+    fn read_into_with(
+        &self,
+        ids: &[BlockId],
+        outs: &mut [&mut [u8]],
+        scratch: &mut io::AlignedBuf,
+    ) -> Result<()> {
+        let a = io::ALIGN as u64;
+        // The largest record of a data block (stored raw), for sizing windows.
+        let max_rec = (pack::MAX_RECORD_HEADER_LEN + vdbfs_format::BLOCK_SIZE) as u64;
+        let mut i = 0;
+        while i < ids.len() {
+            let loc = self.lookup_many(&ids[i..i + 1])?[0].ok_or(Error::MissingBlock(ids[i]))?;
+            // A window from this record on, long enough for every remaining block stored raw,
+            // cut at the end of what the pack holds.
+            let want = (ids.len() - i) as u64 * max_rec;
+            let limit = self.readable_end(loc.pack)?;
+            let stop =
+                (loc.offset + want.max(loc.len as u64)).min(limit.max(loc.offset + loc.len as u64));
+            let from = loc.offset / a * a;
+            let to = stop.div_ceil(a) * a;
+            let need = (to - from) as usize;
+            if scratch.len() < need {
+                *scratch = io::AlignedBuf::zeroed(need);
+            }
+            let window = BlockLoc {
+                pack: loc.pack,
+                offset: loc.offset,
+                len: (stop - loc.offset) as u32,
+            };
+            let format =
+                self.read_run(&ids[i], &window, from, &mut scratch.padded_mut()[..need])?;
+            let buf = &scratch.padded()[(loc.offset - from) as usize..(stop - from) as usize];
+            // The first record is where the index says; the next ones where they follow.
+            let hlen = format.header_len();
+            let mut at = 0usize;
+            let mut j = i;
+            while j < ids.len() {
+                let rec_len = if j == i {
+                    loc.len as usize
+                } else {
+                    match buf
+                        .get(at..at + hlen)
+                        .and_then(|h| pack::decode_record_header(h, format).ok())
+                    {
+                        Some(h) if h.kind == RecordKind::Block && h.id == ids[j] => {
+                            h.record_len() as usize
+                        }
+                        _ => break,
+                    }
+                };
+                let Some(rec) = buf.get(at..at + rec_len) else {
+                    break;
+                };
+                let here = BlockLoc {
+                    pack: loc.pack,
+                    offset: loc.offset + at as u64,
+                    len: rec_len as u32,
+                };
+                open_block_into(&ids[j], &here, format, rec, outs[j])?;
+                at += rec_len;
+                j += 1;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// How far pack `no` can be read: the log end for the active pack, the file's length else.
+    fn readable_end(&self, no: u32) -> Result<u64> {
+        let end = self.log.end();
+        if end.pack == no {
+            return Ok(end.offset);
+        }
+        match self.packs.read().get(&no) {
+            Some(p) => Ok(p.file.len()?),
+            None => Ok(0),
+        }
+    }
+
+    /// Reads the bytes of `run` into `dest`, which holds the file's bytes from the aligned
+    /// offset `from` on (the run starts at `run.offset - from` in it): direct I/O for closed
+    /// packs that allow it, the log's memory or file for the active pack, a plain read else.
+    fn read_run(
+        &self,
+        id: &BlockId,
+        run: &BlockLoc,
+        from: u64,
+        dest: &mut [u8],
+    ) -> Result<RecordFormat> {
+        let pack = self
+            .packs
+            .read()
+            .get(&run.pack)
+            .cloned()
+            .ok_or_else(|| corrupt(id, run, "pack file is missing".into()))?;
+        let at = (run.offset - from) as usize;
+        let records = at..at + run.len as usize;
+        let r = match self
+            .log
+            .read_active(run.pack, run.offset, &mut dest[records.clone()])
+        {
+            Ok(true) => Ok(()),
+            Ok(false) if pack.file.direct() => {
+                // The last block of a closed pack may be short: direct reads need whole blocks.
+                let avail = pack.file.len().map(|l| l.saturating_sub(from) as usize);
+                match avail {
+                    Ok(n) if n >= dest.len() => pack.file.read_log_at(dest, from),
+                    Ok(_) => pack
+                        .file
+                        .read_exact_at(&mut dest[records.clone()], run.offset),
+                    Err(e) => Err(e),
+                }
+                .map_err(Error::from)
+            }
+            Ok(false) => pack
+                .file
+                .read_exact_at(&mut dest[records], run.offset)
+                .map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        r.map_err(|e| corrupt(id, run, format!("read failed: {e}")))?;
+        Ok(pack.format)
+    }
+
     /// Stores `content` (deduplicated by its blake3) and returns its id.
     pub fn put(&self, content: &[u8]) -> Result<BlockId> {
         Ok(self.put_many(&[content])?[0])
@@ -487,6 +628,19 @@ impl Store {
         Ok(())
     }
 
+    /// Commits dataset records (and `extra` writes) without indexing the blocks appended since
+    /// the last checkpoint and without moving `indexed_upto`/`replay_start`: after syncing the
+    /// log, the records' trees are durable, and recovery still scans from before every
+    /// unindexed block and every older replay position. Cheap: for snapshots.
+    pub fn commit_roots_with(
+        &self,
+        datasets: &[DatasetRecord],
+        extra: impl FnOnce(&redb::WriteTransaction) -> Result<()>,
+    ) -> Result<()> {
+        self.sync_all()?;
+        self.index.commit_records(datasets, extra)
+    }
+
     /// Number of blocks appended since the last checkpoint (drives checkpoint frequency).
     pub fn recent_blocks(&self) -> usize {
         self.recent.read().len()
@@ -501,6 +655,12 @@ impl Store {
     pub fn statvfs(&self) -> Result<(u64, u64)> {
         self.space.statvfs()
     }
+}
+
+thread_local! {
+    /// Each thread's aligned buffer for the records a read brings in (reused, never shrunk).
+    static SCRATCH: std::cell::RefCell<io::AlignedBuf> =
+        std::cell::RefCell::new(io::AlignedBuf::default());
 }
 
 /// Maps `f` over `items`, on rayon's pool when the batch is large enough to pay for it (no
@@ -541,6 +701,39 @@ fn open_block_record(
         return Err(corrupt(id, loc, "record holds another block".into()));
     }
     pack::open_block(&hdr, payload).map_err(|e| corrupt(id, loc, e.to_string()))
+}
+
+/// Verifies one block record (header fields against `id`, content hash) and decodes its content
+/// into `out` (its first `out.len()` bytes; zeros past the block's end).
+fn open_block_into(
+    id: &BlockId,
+    loc: &BlockLoc,
+    format: RecordFormat,
+    rec: &[u8],
+    out: &mut [u8],
+) -> Result<()> {
+    let hlen = format.header_len();
+    let hdr = pack::decode_record_header(rec.get(..hlen).unwrap_or_default(), format)
+        .map_err(|e| corrupt(id, loc, e.to_string()))?;
+    if hdr.kind != RecordKind::Block || hdr.id != *id || hdr.record_len() != rec.len() as u64 {
+        return Err(corrupt(id, loc, "record holds another block".into()));
+    }
+    let payload = &rec[hlen..];
+    let raw_len = hdr.raw_len as usize;
+    let bad = |e: vdbfs_format::FormatError| corrupt(id, loc, e.to_string());
+    if raw_len == out.len() {
+        codec::decompress_into(hdr.codec, payload, out).map_err(bad)?;
+        if BlockId::of(out) != *id {
+            out.fill(0);
+            return Err(corrupt(id, loc, "block content hash mismatch".into()));
+        }
+    } else {
+        let content = pack::open_block(&hdr, payload).map_err(bad)?;
+        let n = content.len().min(out.len());
+        out[..n].copy_from_slice(&content[..n]);
+        out[n..].fill(0);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -848,6 +848,14 @@ impl Dataset {
     }
 
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.read_to(ino, offset, size, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Dataset::read`] into `out`, replacing its contents; a buffer reused across calls saves
+    /// zeroing it (holes are zeroed explicitly).
+    pub fn read_to(&self, ino: u64, offset: u64, size: u32, out: &mut Vec<u8>) -> Result<()> {
         let cx = self.cx();
         // Ids resolved below may be overwritten concurrently; the guard keeps them readable.
         let _gc = self.store.read_guard();
@@ -859,7 +867,8 @@ impl Dataset {
             }
             let end = (offset + size as u64).min(i.meta.size);
             if offset >= end {
-                return Ok(Vec::new());
+                out.clear();
+                return Ok(());
             }
             let mut ids = Vec::new();
             for idx in offset / BS..=(end - 1) / BS {
@@ -867,11 +876,46 @@ impl Dataset {
             }
             (ids, end)
         };
-        let stored: Vec<BlockId> = ids.iter().filter_map(|(_, id)| *id).collect();
-        let mut blocks = self
-            .store
-            .get_many(&stored)
-            .inspect_err(|e| {
+        // Whole blocks are decoded straight into `out`; a partly covered block (at most one at
+        // each end) goes through a block-sized buffer. Holes stay zero.
+        let n = (end - offset) as usize;
+        if out.len() < n {
+            out.resize(n, 0);
+        } else {
+            out.truncate(n);
+        }
+        let mut stored: Vec<BlockId> = Vec::with_capacity(ids.len());
+        let mut partial: Vec<(usize, usize, usize, Vec<u8>)> = Vec::new(); // (at, from, to, buf)
+        {
+            let mut dests: Vec<&mut [u8]> = Vec::with_capacity(ids.len());
+            let mut rest: &mut [u8] = &mut out[..];
+            let mut at = 0usize;
+            let mut partial_of: Vec<usize> = Vec::new(); // positions in `dests` that are partial
+            for (idx, id) in &ids {
+                let bstart = idx * BS;
+                let from = (offset.max(bstart) - bstart) as usize;
+                let to = (end.min(bstart + BS) - bstart) as usize;
+                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(to - from);
+                rest = tail;
+                if id.is_none() {
+                    mine.fill(0);
+                }
+                if let Some(id) = id {
+                    stored.push(*id);
+                    if from == 0 && to == BLOCK_SIZE {
+                        dests.push(mine);
+                    } else {
+                        partial_of.push(dests.len());
+                        partial.push((at, from, to, vec![0u8; BLOCK_SIZE]));
+                        dests.push(&mut []);
+                    }
+                }
+                at += to - from;
+            }
+            for (k, p) in partial_of.iter().zip(partial.iter_mut()) {
+                dests[*k] = &mut p.3;
+            }
+            self.store.read_into(&stored, &mut dests).inspect_err(|e| {
                 let at = match e {
                     Error::Corrupt { id, .. } | Error::MissingBlock(id) => ids
                         .iter()
@@ -885,27 +929,12 @@ impl Dataset {
                     file_offset = ?at,
                     "corrupt block: read failed: {e}"
                 );
-            })?
-            .into_iter();
-        let mut out = Vec::with_capacity((end - offset) as usize);
-        for (idx, id) in ids {
-            let bstart = idx * BS;
-            let from = (offset.max(bstart) - bstart) as usize;
-            let to = (end.min(bstart + BS) - bstart) as usize;
-            match id {
-                None => out.resize(out.len() + (to - from), 0),
-                Some(_) => {
-                    let data = blocks.next().unwrap_or_default();
-                    let avail = data.len().min(to);
-                    if from < avail {
-                        out.extend_from_slice(&data[from..avail]);
-                    }
-                    // A short block reads as zeros past its end.
-                    out.resize(out.len() + (to - avail.max(from)), 0);
-                }
-            }
+            })?;
         }
-        Ok(out)
+        for (at, from, to, buf) in partial {
+            out[at..at + (to - from)].copy_from_slice(&buf[from..to]);
+        }
+        Ok(())
     }
 
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<u32> {
@@ -1059,7 +1088,7 @@ impl Dataset {
 
     /// Blocks referenced only from memory: files unlinked while still open. The collector
     /// marks them, since no tree holds them.
-    pub fn orphan_blocks(&self, out: &mut crate::tree::walk::Walk) -> Result<()> {
+    pub fn orphan_blocks(&self, out: &mut crate::tree::walk::Marks) -> Result<()> {
         let cx = self.cx();
         let st = self.st.lock();
         for ino in &st.removed {
@@ -1070,8 +1099,10 @@ impl Dataset {
             else {
                 continue;
             };
-            crate::tree::walk::walk_file_map(cx.store, cx.cache, fm.base, out)?;
-            out.blocks.extend(fm.overlay.values().flatten());
+            crate::tree::walk::mark_file_map(cx.store, fm.base, out)?;
+            for id in fm.overlay.values().flatten() {
+                out.add_block(id);
+            }
         }
         Ok(())
     }

@@ -47,6 +47,15 @@ pub enum NameError {
     HasSnapshots(String, usize),
 }
 
+/// The indexes of the set bits of a bitset.
+fn bits(mask: &[u64]) -> impl Iterator<Item = usize> + '_ {
+    mask.iter().enumerate().flat_map(|(w, &word)| {
+        (0..64)
+            .filter(move |b| word & (1 << b) != 0)
+            .map(move |b| w * 64 + b)
+    })
+}
+
 /// Splits `dataset@snapshot`.
 pub fn parse_snapshot_ref(s: &str) -> std::result::Result<(&str, &str), NameError> {
     match s.split_once('@') {
@@ -436,12 +445,16 @@ impl Datasets {
                 return Err(NameError::SnapshotExists(format!("{dataset}@{name}")).into());
             }
         }
-        let loaded: Vec<Arc<Dataset>> = self.loaded.lock().values().cloned().collect();
+        // Only this dataset's tree is folded and committed: other datasets keep their state and
+        // replay positions, and the index entries of new blocks wait for the next checkpoint
+        // (recovery finds unindexed blocks by scanning from `indexed_upto`), so a snapshot
+        // costs what changed in this dataset, not a checkpoint of the store.
+        let live = self.loaded.lock().get(&rec.id).cloned();
         let mut records = Vec::new();
-        for ds in &loaded {
+        if let Some(ds) = &live {
             records.push(ds.flush_trees()?);
         }
-        let (root, next_ino) = match records.iter().find(|r| r.id == rec.id) {
+        let (root, next_ino) = match records.first() {
             Some(r) => (r.root, r.next_ino),
             None => (rec.root, rec.next_ino),
         };
@@ -453,7 +466,7 @@ impl Datasets {
             next_ino,
         };
         let bytes = snap.encode();
-        self.store.commit_checkpoint_with(&records, |txn| {
+        self.store.commit_roots_with(&records, |txn| {
             txn.open_table(SNAPSHOTS)?
                 .insert((rec.id, name.as_str()), bytes.as_slice())?;
             if let Some(p) = &props {
@@ -626,34 +639,47 @@ impl Datasets {
         self.force_checkpoint()?;
         // Chosen before the index is listed: every block of these packs is in that listing.
         let closed = self.store.closed_packs()?;
-        let mut marked = walk::Walk::default();
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let mut marked = walk::Marks::new(self.store.indexed_count()?, seed);
         for (_, _, root) in self.roots()? {
-            walk::walk_root(&self.store, &self.cache, root, &mut marked)?;
+            walk::mark_root(&self.store, root, &mut marked)?;
         }
         let loaded: Vec<Arc<Dataset>> = self.loaded.lock().values().cloned().collect();
         for ds in loaded {
             ds.orphan_blocks(&mut marked)?;
         }
-        let indexed = self.store.indexed_blocks()?;
-        let garbage: Vec<BlockId> = indexed
-            .iter()
-            .filter(|(id, _)| !marked.blocks.contains(id))
-            .map(|(id, _)| *id)
-            .collect();
-        let (blocks_freed, bytes_freed) = {
-            let _g = self.checkpoint_lock.lock();
-            self.store.sweep(&garbage)?
-        };
-        self.store.set_gc_active(false);
-        // Compaction: packs where live records fill less than half the file.
-        let before = self.store.physical_bytes()? as i64;
-        let garbage: HashSet<BlockId> = garbage.into_iter().collect();
+        tracing::debug!(bytes = marked.bytes(), "gc: marks");
+        // Sweep while streaming the index, in batches; count what stays live per pack.
+        let (mut blocks_freed, mut bytes_freed) = (0u64, 0u64);
         let mut live: HashMap<u32, u64> = HashMap::new();
-        for (id, loc) in &indexed {
-            if !garbage.contains(id) {
+        let mut batch: Vec<BlockId> = Vec::with_capacity(1024);
+        let mut sweep = |batch: &mut Vec<BlockId>| -> Result<()> {
+            let _g = self.checkpoint_lock.lock();
+            let (n, b) = self.store.sweep(batch)?;
+            blocks_freed += n;
+            bytes_freed += b;
+            batch.clear();
+            Ok(())
+        };
+        self.store.each_indexed_block(|id, loc| {
+            if marked.contains(id) {
                 *live.entry(loc.pack).or_default() += loc.len as u64;
+            } else {
+                batch.push(*id);
+                if batch.len() == 1024 {
+                    sweep(&mut batch)?;
+                }
             }
-        }
+            Ok(())
+        })?;
+        sweep(&mut batch)?;
+        drop(marked);
+        self.store.set_gc_active(false);
+        // Compaction: packs where live records fill less than half the file. What is still
+        // indexed in them after the sweep is live: it moves to the log end.
+        let before = self.store.physical_bytes()? as i64;
         let mut rewrite = Vec::new();
         for p in closed {
             let len = self.store.pack_len(p)?;
@@ -663,11 +689,12 @@ impl Datasets {
         }
         if !rewrite.is_empty() {
             let set: HashSet<u32> = rewrite.iter().copied().collect();
-            for (id, loc) in &indexed {
-                if set.contains(&loc.pack) && !garbage.contains(id) {
+            self.store.each_indexed_block(|id, loc| {
+                if set.contains(&loc.pack) {
                     self.store.relocate(id, loc)?;
                 }
-            }
+                Ok(())
+            })?;
             // The copies are indexed by this checkpoint before any old pack goes away.
             self.force_checkpoint()?;
             self.store.delete_packs(&rewrite)?;
@@ -681,56 +708,48 @@ impl Datasets {
         })
     }
 
-    /// Space accounting for `vdbfs df`.
+    /// Space accounting for `vdbfs df`: one census of every root (each tree object read once),
+    /// then one pass over the index for stored sizes.
     pub fn usage(&self) -> Result<StoreUsage> {
         self.checkpoint()?;
         let roots = self.roots()?;
-        let walks: Vec<walk::Walk> = roots
-            .iter()
-            .map(|(_, _, root)| {
-                let mut w = walk::Walk::default();
-                walk::walk_root(&self.store, &self.cache, *root, &mut w).map(|()| w)
-            })
-            .collect::<Result<_>>()?;
-        let mut refs: HashMap<BlockId, u32> = HashMap::new();
-        for w in &walks {
-            for id in &w.blocks {
-                *refs.entry(*id).or_default() += 1;
-            }
-        }
-        let locs: HashMap<BlockId, vdbfs_format::index::BlockLoc> =
-            self.store.indexed_blocks()?.into_iter().collect();
-        let mut raw: HashMap<BlockId, u32> = HashMap::new();
-        let (mut live_stored, mut live_raw) = (0u64, 0u64);
-        for id in refs.keys() {
-            if let Some(loc) = locs.get(id) {
-                let r = self.store.raw_len(loc)?;
-                raw.insert(*id, r);
-                live_stored += loc.len as u64;
-                live_raw += r as u64;
-            }
-        }
-        let mut out = Vec::new();
-        let mut referenced_raw = 0u64;
-        for ((name, is_snapshot, _), w) in roots.into_iter().zip(&walks) {
-            let (mut unique, mut shared) = (0u64, 0u64);
-            for id in &w.blocks {
-                let stored = locs.get(id).map_or(0, |l| l.len as u64);
-                referenced_raw += *raw.get(id).unwrap_or(&0) as u64;
-                if refs.get(id) == Some(&1) {
-                    unique += stored;
+        let census = walk::Census::of(&self.store, &roots.iter().map(|r| r.2).collect::<Vec<_>>())?;
+        let n = roots.len();
+        let (mut unique, mut shared) = (vec![0u64; n], vec![0u64; n]);
+        let (mut live_stored, mut live_raw, mut referenced_raw) = (0u64, 0u64, 0u64);
+        self.store.each_indexed_block(|id, loc| {
+            let Some((mask, raw)) = census.get(id) else {
+                return Ok(());
+            };
+            let raw = match raw {
+                0 => self.store.raw_len(loc)? as u64,
+                r => r as u64,
+            };
+            let stored = loc.len as u64;
+            let refs: u32 = mask.iter().map(|w| w.count_ones()).sum();
+            live_stored += stored;
+            live_raw += raw;
+            referenced_raw += raw * refs as u64;
+            for r in bits(mask) {
+                if refs == 1 {
+                    unique[r] += stored;
                 } else {
-                    shared += stored;
+                    shared[r] += stored;
                 }
             }
-            out.push(Usage {
+            Ok(())
+        })?;
+        let out = roots
+            .into_iter()
+            .enumerate()
+            .map(|(r, (name, is_snapshot, _))| Usage {
                 name,
                 is_snapshot,
-                logical_bytes: w.logical_bytes,
-                unique_bytes: unique,
-                shared_bytes: shared,
-            });
-        }
+                logical_bytes: census.logical[r],
+                unique_bytes: unique[r],
+                shared_bytes: shared[r],
+            })
+            .collect();
         Ok(StoreUsage {
             roots: out,
             physical_bytes: self.store.physical_bytes()?,
@@ -745,58 +764,48 @@ impl Datasets {
     pub fn dataset_usage(&self) -> Result<HashMap<String, (u64, u64)>> {
         self.checkpoint()?;
         let datasets = self.list()?;
-        let mut roots: Vec<(u64, bool, Option<BlockId>)> =
-            datasets.iter().map(|r| (r.id, true, r.root)).collect();
+        // Roots: each dataset's live tree, then every snapshot; `group` maps a root to the
+        // position of its dataset in `datasets`.
+        let mut roots: Vec<Option<BlockId>> = datasets.iter().map(|r| r.root).collect();
+        let mut group: Vec<Option<usize>> = (0..datasets.len()).map(Some).collect();
         {
+            let pos: HashMap<u64, usize> = datasets
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.id, i))
+                .collect();
             let txn = self.store.db().begin_read()?;
             for row in txn.open_table(SNAPSHOTS)?.iter()? {
                 let (_, v) = row?;
                 let s = SnapshotRecord::decode(v.value())?;
-                roots.push((s.dataset, false, s.root));
+                roots.push(s.root);
+                group.push(pos.get(&s.dataset).copied());
             }
         }
-        // Block -> the one dataset referencing it, or None once a second one does.
-        let mut owner: HashMap<BlockId, Option<u64>> = HashMap::new();
-        let mut logical: HashMap<u64, u64> = HashMap::new();
-        let mut seen_roots: HashSet<(u64, BlockId)> = HashSet::new();
-        for (id, live, root) in roots {
-            if let Some(r) = root {
-                // Snapshots often share their dataset's root: walk each tree once per dataset.
-                if !seen_roots.insert((id, r)) && !live {
-                    continue;
+        let census = walk::Census::of(&self.store, &roots)?;
+        let mut unique = vec![0u64; datasets.len()];
+        self.store.each_indexed_block(|id, loc| {
+            let Some((mask, _)) = census.get(id) else {
+                return Ok(());
+            };
+            let mut owner = None;
+            for r in bits(mask) {
+                match (owner, group[r]) {
+                    (_, None) => return Ok(()),
+                    (None, g) => owner = g,
+                    (Some(o), Some(g)) if o != g => return Ok(()),
+                    _ => {}
                 }
             }
-            let mut w = walk::Walk::default();
-            walk::walk_root(&self.store, &self.cache, root, &mut w)?;
-            if live {
-                logical.insert(id, w.logical_bytes);
+            if let Some(o) = owner {
+                unique[o] += loc.len as u64;
             }
-            for b in w.blocks {
-                owner
-                    .entry(b)
-                    .and_modify(|o| {
-                        if *o != Some(id) {
-                            *o = None
-                        }
-                    })
-                    .or_insert(Some(id));
-            }
-        }
-        let locs: HashMap<BlockId, vdbfs_format::index::BlockLoc> =
-            self.store.indexed_blocks()?.into_iter().collect();
-        let mut unique: HashMap<u64, u64> = HashMap::new();
-        for (b, o) in owner {
-            if let (Some(id), Some(loc)) = (o, locs.get(&b)) {
-                *unique.entry(id).or_default() += loc.len as u64;
-            }
-        }
+            Ok(())
+        })?;
         Ok(datasets
             .into_iter()
-            .map(|r| {
-                let l = logical.get(&r.id).copied().unwrap_or(0);
-                let u = unique.get(&r.id).copied().unwrap_or(0);
-                (r.name, (l, u))
-            })
+            .enumerate()
+            .map(|(i, r)| (r.name, (census.logical[i], unique[i])))
             .collect())
     }
 
