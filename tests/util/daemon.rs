@@ -192,10 +192,14 @@ impl Daemon {
         self.spawn_serve();
     }
 
-    /// A CLI command for this store, environment cleaned (no VDBFS_STORE).
+    /// A CLI command for this store, environment cleaned: no VDBFS_STORE, none of libpq's
+    /// variables, and HOME in the test's directory (so no real ~/.pgpass is read).
     pub fn command(&self) -> Command {
         let mut c = Command::new(bin());
-        c.env_remove("VDBFS_STORE").arg("--store").arg(&self.store);
+        clean_cli_env(&mut c);
+        c.env("HOME", self.root.path())
+            .arg("--store")
+            .arg(&self.store);
         c
     }
 
