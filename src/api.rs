@@ -319,6 +319,9 @@ pub struct ProgressLine {
     pub done_kb: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_kb: Option<u64>,
+    /// The answer to a cancel request: whether the operation is being cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelling: Option<bool>,
 }
 
 /// Where a long operation reports progress (to the CLI's stderr), and how it learns that the
@@ -340,6 +343,7 @@ impl<'a> Progress<'a> {
             progress: text.into(),
             done_kb: None,
             total_kb: None,
+            cancelling: None,
         })
     }
 
@@ -349,6 +353,7 @@ impl<'a> Progress<'a> {
             progress: text,
             done_kb: Some(done_kb),
             total_kb: Some(total_kb),
+            cancelling: None,
         })
     }
 
@@ -451,24 +456,31 @@ impl Cancel {
         self.requested.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// The client asked to cancel; returns what to tell it. Runs the interrupt of a step in
-    /// progress on a thread of its own (it may wait).
-    pub fn request(&self) -> String {
+    /// The client asked to cancel; returns what to tell it (whether the operation is being
+    /// cancelled, and a line for people). Runs the interrupt of a step in progress on a
+    /// thread of its own (it may wait).
+    pub fn request(&self) -> (bool, String) {
         if let Some(why) = lock(&self.refused).clone() {
-            return format!("cannot cancel: {why}");
+            return (false, format!("cannot cancel: {why}"));
         }
         if self
             .requested
             .swap(true, std::sync::atomic::Ordering::SeqCst)
         {
-            return "already cancelling: the operation is being rolled back".into();
+            return (
+                true,
+                "already cancelling: the operation is being rolled back".into(),
+            );
         }
         if let Some(f) = lock(&self.interrupt).clone() {
             let _ = std::thread::Builder::new()
                 .name("cancel".into())
                 .spawn(move || f());
         }
-        "cancelling: the operation stops at its next step and rolls back".into()
+        (
+            true,
+            "cancelling: the operation stops at its next step and rolls back".into(),
+        )
     }
 }
 

@@ -114,6 +114,7 @@ fn note(shown: &mut progress::Shown, text: String) {
         progress: text,
         done_kb: None,
         total_kb: None,
+        cancelling: None,
     });
 }
 
@@ -131,6 +132,7 @@ pub fn call(store: &Path, req: &Request) -> anyhow::Result<Response> {
     let mut shown = progress::Shown::new();
     let mut buf = Vec::new();
     let mut handled = 0;
+    let mut cancelling = false;
     let mut heard = Instant::now();
     loop {
         let n = INTERRUPTS.load(Ordering::SeqCst);
@@ -170,13 +172,14 @@ pub fn call(store: &Path, req: &Request) -> anyhow::Result<Response> {
                 heard = Instant::now();
                 let text = std::mem::take(&mut buf);
                 if let Ok(p) = serde_json::from_slice::<ProgressLine>(&text) {
+                    cancelling |= p.cancelling == Some(true);
                     shown.show(&p);
                     continue;
                 }
                 shown.done();
                 let resp: Response =
                     serde_json::from_slice(&text).context("malformed answer from the daemon")?;
-                if handled > 0 && resp.ok {
+                if cancelling && resp.ok {
                     eprintln!("vdbfs: the operation finished before it could be cancelled");
                 }
                 return Ok(resp);

@@ -69,12 +69,13 @@ async fn serve_one(d: Arc<Daemon>, stream: UnixStream) {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
                         if serde_json::from_str::<CancelLine>(&l).is_ok_and(|c| c.cancel) {
-                            let said = cancel.request();
+                            let (cancelling, said) = cancel.request();
                             tracing::info!("the client asked to cancel: {said}");
                             let _ = tx.send(ProgressLine {
                                 progress: said,
                                 done_kb: None,
                                 total_kb: None,
+                                cancelling: Some(cancelling),
                             });
                         }
                     }
