@@ -1006,6 +1006,87 @@ mod tests {
         );
     }
 
+    #[test]
+    fn op_names_are_the_wire_names() {
+        let spec = || VdbSpec::default();
+        let name = || "x".to_string();
+        let all = [
+            Request::Status,
+            Request::DatasetCreate { name: name() },
+            Request::DatasetList,
+            Request::DatasetDelete {
+                name: name(),
+                with_snapshots: false,
+            },
+            Request::SnapshotCreate {
+                dataset: name(),
+                name: None,
+            },
+            Request::SnapshotList { dataset: None },
+            Request::SnapshotDelete { name: name() },
+            Request::Clone {
+                snapshot: name(),
+                name: name(),
+            },
+            Request::Df,
+            Request::Gc,
+            Request::Mount {
+                dataset: name(),
+                mountpoint: "/m".into(),
+            },
+            Request::Umount {
+                mountpoint: "/m".into(),
+            },
+            Request::SourceLink(Box::default()),
+            Request::SourceList,
+            Request::SourceStatus { name: name() },
+            Request::SourceSnapshot {
+                name: name(),
+                snapshot: None,
+            },
+            Request::SourceEnable { name: name() },
+            Request::SourceDisable { name: name() },
+            Request::SourceUnlink {
+                name: name(),
+                delete_snapshots: false,
+                force: false,
+            },
+            Request::VdbCreate(Box::new(spec())),
+            Request::VdbList,
+            Request::VdbStatus { name: name() },
+            Request::VdbStart { name: name() },
+            Request::VdbStop { name: name() },
+            Request::VdbSnapshot {
+                name: name(),
+                snapshot: None,
+                bookmark: false,
+            },
+            Request::VdbRewind {
+                name: name(),
+                to: name(),
+            },
+            Request::VdbRefresh {
+                name: name(),
+                to: None,
+            },
+            Request::VdbDelete { name: name() },
+            Request::Timeflow { dataset: None },
+        ];
+        for r in &all {
+            let wire = serde_json::to_value(r).unwrap();
+            assert_eq!(wire["op"], r.op(), "{r:?}");
+        }
+        let cancellable: Vec<&str> = all
+            .iter()
+            .filter(|r| r.cancellable())
+            .map(Request::op)
+            .collect();
+        assert_eq!(
+            cancellable,
+            ["source_link", "vdb_create", "vdb_rewind", "vdb_refresh"]
+        );
+    }
+
     mod erased {
         pub trait Ser {
             fn json(&self) -> String;

@@ -98,18 +98,18 @@ fn password_files_others_can_read_are_refused() {
             vec!["--passfile".into(), pgpass.display().to_string()],
         ),
     ];
+    let link = [
+        "source",
+        "link",
+        "prod",
+        "--conn",
+        &conn,
+        "--staging-port",
+        &port,
+    ];
     for (what, env, extra) in cases {
         let mut c = d.command();
-        c.args([
-            "source",
-            "link",
-            "prod",
-            "--conn",
-            &conn,
-            "--staging-port",
-            &port,
-        ])
-        .args(&extra);
+        c.args(link).args(&extra);
         for (k, v) in &env {
             c.env(k, v);
         }
@@ -138,15 +138,7 @@ fn password_files_others_can_read_are_refused() {
     );
     // Fixed permissions: the same link works.
     chmod(&pgpass, 0o600);
-    let out = d.vdbfs(&[
-        "source",
-        "link",
-        "prod",
-        "--conn",
-        &conn,
-        "--staging-port",
-        &port,
-    ]);
+    let out = d.vdbfs(&link);
     assert!(
         out.status.success(),
         "{}\n{}",

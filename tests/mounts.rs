@@ -252,7 +252,11 @@ fn mount8_ro_is_for_snapshots() {
     };
     let mp = d.new_mountpoint("ro-dataset");
     let out = mount8("rods", &mp);
-    assert!(!out.status.success(), "ro for a dataset must fail\n{}", describe(&out));
+    assert!(
+        !out.status.success(),
+        "ro for a dataset must fail\n{}",
+        describe(&out)
+    );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("DATASET@SNAPSHOT"),
         "{}",
@@ -261,10 +265,18 @@ fn mount8_ro_is_for_snapshots() {
     assert!(!is_mounted(&mp));
     let mp = d.new_mountpoint("ro-snapshot");
     let out = mount8("rods@s1", &mp);
-    assert!(out.status.success(), "{}\n{}", describe(&out), d.log_tail(20));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        describe(&out),
+        d.log_tail(20)
+    );
     let snap = Mount::adopt(&d, "rods@s1", &mp);
     assert_eq!(fs::read(snap.join("f")).unwrap(), b"frozen");
-    assert!(fs::write(snap.join("g"), b"x").is_err(), "a snapshot mount is read-only");
+    assert!(
+        fs::write(snap.join("g"), b"x").is_err(),
+        "a snapshot mount is read-only"
+    );
 }
 
 // `mount-helpers/install` (here into DESTDIR) puts the completions for bash, zsh and fish and
@@ -305,5 +317,7 @@ fn install_puts_completions_and_man_pages_in_place() {
     );
     assert!(out.status.success(), "{}", describe(&out));
     assert!(!dest.join("usr/local/share/man/man1/vdbfs.1").exists());
-    assert!(!dest.join("usr/share/bash-completion/completions/vdbfs").exists());
+    assert!(!dest
+        .join("usr/share/bash-completion/completions/vdbfs")
+        .exists());
 }

@@ -12,6 +12,7 @@
 //! not reach the staging standby, which the daemon runs.
 
 use crate::api::{ErrorKind, Refusal};
+use crate::pg::conninfo::quote_value as quote;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -319,17 +320,6 @@ fn split_fields(line: &str) -> Vec<String> {
         }
     }
     fields
-}
-
-fn quote(v: &str) -> String {
-    if !v.is_empty()
-        && v.chars()
-            .all(|c| !c.is_whitespace() && c != '\'' && c != '\\')
-    {
-        v.to_string()
-    } else {
-        format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
-    }
 }
 
 #[cfg(test)]

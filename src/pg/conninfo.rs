@@ -22,7 +22,8 @@ pub struct Parsed {
     pub password: Option<String>,
 }
 
-fn quote_value(v: &str) -> String {
+/// A libpq `key=value` value, quoted when it must be.
+pub(crate) fn quote_value(v: &str) -> String {
     if !v.is_empty()
         && v.chars()
             .all(|c| !c.is_whitespace() && c != '\'' && c != '\\')
