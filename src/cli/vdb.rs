@@ -199,7 +199,7 @@ fn print_status(s: &api::VdbStatus) {
         human(s.unique_bytes)
     );
     println!(
-        "  undo:     {} undo snapshot(s) holding {} only they hold (keeps the last {}; \
+        "  undo:     {} undo snapshot(s), {} held by them alone (keeps the last {}; \
          'vdbfs serve --keep-undo N')",
         s.undo_snapshots.len(),
         human(s.undo_bytes),

@@ -339,9 +339,12 @@ impl Daemon {
             }
             Request::VdbDelete { name } => {
                 let children = self.vdbs_of_dataset(&name)?;
-                let message = v
+                let mut message = v
                     .delete(&name)
                     .map_err(|e| e.context(ctx("delete", &name)))?;
+                if !children.is_empty() {
+                    message.push_str(", but can no longer refresh (their parent is gone)");
+                }
                 with(message, VdbDeleted { name, children })
             }
             Request::Timeflow { dataset } => data(self.timeflow(dataset.as_deref())?),
