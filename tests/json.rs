@@ -10,7 +10,7 @@ use serde_json::Value;
 use std::collections::BTreeSet;
 use std::process::{Command, Output};
 
-use crate::util::source::{link_small, snapshot_list, REPL_PW};
+use crate::util::source::{snapshot_list, REPL_PW};
 use crate::util::vdb::{self as v, setup};
 use crate::util::{self, describe, Daemon};
 
@@ -588,5 +588,14 @@ fn text_listings_show_what_json_has() {
         text.contains("undo:") && text.contains("keeps the last 3"),
         "{text}"
     );
-    let _ = link_small; // the setup linked prod
+    // Refresh onto an older snapshot of the parent is allowed, and says so.
+    let text = v::vdb(d, &["refresh", "dev1", "--to", &s.first]);
+    assert!(
+        text.contains(&format!(
+            "(an older snapshot than its previous parent {})",
+            s.snap
+        )),
+        "{text}"
+    );
+    assert_eq!(v::status(d, "dev1")["parent"], s.first.as_str());
 }

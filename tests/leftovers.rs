@@ -125,3 +125,32 @@ fn destructive_commands_say_what_they_leave_and_break() {
         "the printed SQL did not drop the slot"
     );
 }
+
+// A validated snapshot named with `source snapshot --name` is never deleted by retention
+// (`--keep 1` keeps one unnamed snapshot besides it).
+#[test]
+fn a_named_source_snapshot_outlives_retention() {
+    let src = crate::util::source::SourceDb::start(false, &[]);
+    let d = crate::util::source::Staged::start();
+    crate::util::source::link_small_with(&d, &src, "prod", &["--keep", "1"]);
+    let out = d.ok(&["source", "snapshot", "prod", "--name", "before-upgrade"]);
+    assert_eq!(out.trim(), "prod@before-upgrade");
+    for _ in 0..2 {
+        crate::util::source::source_snapshot(&d, "prod");
+    }
+    let names: Vec<String> = snapshot_list(&d, "prod")
+        .iter()
+        .map(|e| e["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        names.contains(&"prod@before-upgrade".to_string()),
+        "{names:?}"
+    );
+    assert_eq!(
+        names.len(),
+        2,
+        "retention keeps 1 unnamed besides the named one: {names:?}"
+    );
+    let out = d.vdbfs(&["source", "snapshot", "prod", "--name", "before-upgrade"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+}
