@@ -140,17 +140,20 @@ pub fn resolve(
         password: env.get("PGPASSWORD").map(str::to_string),
         ..Resolved::default()
     };
+    // Checked even when a password makes it unneeded: the user named it.
     if let Some(f) = passfile {
         crate::pg::conninfo::check_passfile(f)?;
-        out.passfile = Some(f.to_path_buf());
     }
+    let given = passfile.map(Path::to_path_buf);
     if conn.is_none() && !(needs_conn && from_env) {
+        out.passfile = given.filter(|_| out.password.is_none());
         return Ok(out);
     }
     let text = conn.unwrap_or("");
     // A string libpq would not take is passed on as it is: the daemon says what is wrong.
     let Ok(cfg) = text.parse::<tokio_postgres::Config>() else {
         out.conn = conn.map(str::to_string);
+        out.passfile = given;
         return Ok(out);
     };
     let host = match cfg.get_hosts() {
@@ -227,8 +230,12 @@ pub fn resolve(
         parts.push(format!("password={}", quote(pw)));
     }
     out.conn = Some(parts.join(" "));
-    if conn_password.is_none() && out.password.is_none() && out.passfile.is_none() {
-        out.password = implicit_passfile_password(env, &host, port, &dbname, &user)?;
+    // As in libpq, a password in the connection string or PGPASSWORD means no file is read.
+    if conn_password.is_none() && out.password.is_none() {
+        match given {
+            Some(f) => out.passfile = Some(f),
+            None => out.password = implicit_passfile_password(env, &host, port, &dbname, &user)?,
+        }
     }
     Ok(out)
 }
@@ -425,6 +432,14 @@ mod tests {
         let r = resolve(Some("postgresql://rep:url@127.0.0.1/x"), None, true, &env).unwrap();
         assert_eq!(r.password, None);
         assert!(conn(&r).contains("password=url"));
+        // --passfile comes after both, before PGPASSFILE and ~/.pgpass.
+        let r = resolve(None, Some(&pgpass), true, &env2).unwrap();
+        assert_eq!((r.password.as_deref(), r.passfile), (Some("env"), None));
+        let r = resolve(None, Some(&pgpass), true, &env).unwrap();
+        assert_eq!(
+            (r.password, r.passfile.as_deref()),
+            (None, Some(pgpass.as_path()))
+        );
         // PGPASSFILE replaces ~/.pgpass; a missing file is no password, as in libpq.
         let env3 = Env::with(&[
             ("HOME", home),
