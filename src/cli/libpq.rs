@@ -54,6 +54,7 @@ impl Env {
     }
 
     /// For tests: exactly these variables.
+    #[cfg(test)]
     pub fn with(vars: &[(&str, &str)]) -> Env {
         Env {
             vars: vars

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 mod client;
 mod docs;
-pub mod libpq;
+mod libpq;
 mod progress;
 mod vdb;
 
