@@ -13,7 +13,7 @@ use std::thread;
 use std::time::Duration;
 
 use crate::sources::assert_nothing_left;
-use crate::util::source::{before, wait_syncing, SourceDb, Staged, REPL_PW};
+use crate::util::source::{before, link_small, SourceDb, Staged, REPL_PW};
 use crate::util::vdb::{self as v, setup};
 use crate::util::{self, chmod, Daemon};
 
@@ -160,20 +160,7 @@ fn ctrl_c_during_a_link_leaves_nothing_behind() {
         d.log_tail(30)
     );
     // Nothing left blocks the name.
-    crate::util::source::link(
-        &d,
-        "prod",
-        "backup-stream",
-        &[
-            "--conn",
-            &src.conn("replicator"),
-            "--passfile",
-            pass.to_str().unwrap(),
-            "--staging-port",
-            &port,
-        ],
-    );
-    wait_syncing(&d, "prod");
+    link_small(&d, &src, "prod");
 }
 
 /// A hooks directory whose `hooks` each `sleep SECS`, but only while a file `slow` is next to
