@@ -86,7 +86,7 @@ fn lock_store(store_dir: &Path) -> anyhow::Result<std::fs::File> {
 }
 
 impl Daemon {
-    fn open(store_dir: &Path, vdb_ports: (u16, u16)) -> anyhow::Result<Daemon> {
+    fn open(store_dir: &Path, vdb_ports: (u16, u16), keep_undo: u32) -> anyhow::Result<Daemon> {
         if !crate::store::index_path(store_dir).exists() {
             crate::refuse!(
                 NotFound,
@@ -107,14 +107,17 @@ impl Daemon {
             mounts.clone(),
             Records::new(store.clone()),
         ));
-        let vdbs = Arc::new(VdbService::new(
-            store_dir.to_path_buf(),
-            datasets.clone(),
-            mounts.clone(),
-            Records::new(store),
-            sources.clone(),
-            vdb_ports,
-        ));
+        let vdbs = Arc::new(
+            VdbService::new(
+                store_dir.to_path_buf(),
+                datasets.clone(),
+                mounts.clone(),
+                Records::new(store),
+                sources.clone(),
+                vdb_ports,
+            )
+            .keep_undo(keep_undo),
+        );
         Ok(Daemon {
             store_dir: store_dir.to_path_buf(),
             datasets,
@@ -187,11 +190,11 @@ impl Daemon {
 }
 
 /// Runs the daemon of `store_dir` in the foreground until SIGTERM or SIGINT; new VDBs take
-/// their ports from `vdb_ports` (`LO-HI`).
-pub fn serve(store_dir: &Path, vdb_ports: &str) -> anyhow::Result<()> {
+/// their ports from `vdb_ports` (`LO-HI`); each VDB keeps its last `keep_undo` undo snapshots.
+pub fn serve(store_dir: &Path, vdb_ports: &str, keep_undo: u32) -> anyhow::Result<()> {
     let vdb_ports = crate::vdb::parse_port_range(vdb_ports)?;
     raise_fd_limit();
-    let daemon = Arc::new(Daemon::open(store_dir, vdb_ports)?);
+    let daemon = Arc::new(Daemon::open(store_dir, vdb_ports, keep_undo)?);
     let _ = std::fs::remove_file(socket_path(store_dir));
     daemon.remount()?;
     {

@@ -81,6 +81,9 @@ pub struct SnapshotProps {
     pub timeline: u32,
     /// Commit time of the last transaction replayed.
     pub replay_time: Option<String>,
+    /// Named by the user (`source snapshot --name`): retention leaves it alone.
+    #[serde(default)]
+    pub named: bool,
 }
 
 /// Files of a source outside its data directory: `STORE/sources/NAME/`.

@@ -106,6 +106,7 @@ impl VdbService {
         let _g = st.op.lock();
         let t = Instant::now();
         let r = (|| {
+            progress.check()?;
             configure::prepare_dir(&dir)?;
             dir.log_line(&format!("creating VDB {name} from {parent} on port {port}"));
             progress.say(format!("cloning {parent} into VDB {name}"));
@@ -113,6 +114,7 @@ impl VdbService {
             self.mount(&rec)?;
             configure::configure(&rec, &self.store_dir, target.as_ref(), true)?;
             configure::check_config(&rec)?;
+            progress.check()?;
             progress.say(format!(
                 "starting postgres on port {port}{}",
                 target
@@ -148,10 +150,12 @@ impl VdbService {
                     r => break r,
                 }
             }?;
+            progress.check()?;
             anyhow::Ok(())
         })();
         match r {
             Ok(()) => {
+                progress.past_return(format!("VDB {name} is created"));
                 rec.settle(true, format!("created from {parent}"));
                 self.records.put(&rec)?;
                 dir.log_line(&format!(

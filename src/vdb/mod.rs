@@ -27,7 +27,7 @@ mod status;
 mod switch;
 
 pub use configure::{configure, Target, PROVISION_SIGNAL};
-pub use service::VdbService;
+pub use service::{VdbService, DEFAULT_UNDO_KEEP};
 
 use crate::api::{refusal, ErrorKind, SnapshotKind};
 use crate::pg::managed::Managed;

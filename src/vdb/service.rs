@@ -41,7 +41,12 @@ pub struct VdbService {
     pub(super) create_lock: Mutex<()>,
     /// The pool new VDBs take a port from when none is given.
     pub(super) ports: (u16, u16),
+    /// How many undo snapshots (`NAME@auto-before-*`) each VDB keeps.
+    pub(super) undo_keep: u32,
 }
+
+/// How many undo snapshots each VDB keeps unless `vdbfs serve --keep-undo` says otherwise.
+pub const DEFAULT_UNDO_KEEP: u32 = 3;
 
 impl VdbService {
     pub fn new(
@@ -61,7 +66,14 @@ impl VdbService {
             slots: Registry::default(),
             create_lock: Mutex::new(()),
             ports,
+            undo_keep: DEFAULT_UNDO_KEEP,
         }
+    }
+
+    /// Each VDB keeps its last `n` undo snapshots (taken before refresh and rewind).
+    pub fn keep_undo(mut self, n: u32) -> VdbService {
+        self.undo_keep = n;
+        self
     }
 
     // ---- records -------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 //! identity (name, port, mount point, settings, hooks) kept.
 //!
 //! Invariant: an undo snapshot is taken and recorded in `pending` before the dataset changes;
-//! any failure, or the next daemon after a crash, goes back to it ([`VdbService::undo_switch`]).
+//! any failure, a cancel (Ctrl-C), or the next daemon after a crash, goes back to it
+//! ([`VdbService::undo_switch`]). After a switch, undo snapshots beyond the newest
+//! `undo_keep` expire ([`VdbService::expire_undo`]).
 
 use super::configure;
 use super::hooks::{self, Hook};
@@ -11,9 +13,10 @@ use super::{Pending, VdbOp, VdbRecord};
 use crate::api::{Progress, SnapshotKind};
 use crate::pg::managed::Slot;
 use crate::refuse;
+use std::collections::HashSet;
 
 impl VdbService {
-    pub fn rewind(&self, name: &str, to: &str) -> anyhow::Result<String> {
+    pub fn rewind(&self, name: &str, to: &str, progress: Progress) -> anyhow::Result<String> {
         let rec = self.record(name)?;
         let snap = match to.split_once('@') {
             Some((d, s)) if d == name => s.to_string(),
@@ -33,7 +36,8 @@ impl VdbService {
         let st = self.slots.state(name);
         let _g = st.op.lock();
         refuse_pending(&rec)?;
-        self.switch(rec, &st, VdbOp::Rewind, name, &snap)
+        progress.say(format!("rewinding VDB {name} to {name}@{snap}"));
+        self.switch(rec, &st, VdbOp::Rewind, name, &snap, progress)
             .map(|()| format!("rewound VDB {name} to {name}@{snap}"))
     }
 
@@ -62,7 +66,7 @@ impl VdbService {
                     progress.say(format!(
                         "taking a validated-sync snapshot of source {parent_ds}"
                     ));
-                    let s = self.sources.snapshot(&parent_ds, progress)?;
+                    let s = self.sources.snapshot(&parent_ds, None, progress)?;
                     let (d, sn) = crate::tree::parse_snapshot_ref(&s.name)?;
                     (d.to_string(), sn.to_string())
                 } else {
@@ -75,7 +79,7 @@ impl VdbService {
         let _g = st.op.lock();
         refuse_pending(&rec)?;
         progress.say(format!("refreshing VDB {name} onto {ds}@{snap}"));
-        self.switch(rec, &st, VdbOp::Refresh, &ds, &snap)
+        self.switch(rec, &st, VdbOp::Refresh, &ds, &snap, progress)
             .map(|()| format!("refreshed VDB {name} onto {ds}@{snap}"))
     }
 
@@ -88,6 +92,7 @@ impl VdbService {
         op: VdbOp,
         ds: &str,
         snap: &str,
+        progress: Progress,
     ) -> anyhow::Result<()> {
         let refresh = op == VdbOp::Refresh;
         let (pre, post) = match op {
@@ -99,6 +104,7 @@ impl VdbService {
         let dir = rec.dir(&store);
         hooks::run(&rec, &store, pre)
             .map_err(|e| e.context(format!("{op} of VDB {name} refused by its hook")))?;
+        progress.check()?;
         let was_running = self.pid(&rec, st).is_some();
         if was_running {
             self.stop_with_hooks(&rec, st)
@@ -125,6 +131,7 @@ impl VdbService {
             None
         };
         let r = (|| {
+            progress.check()?;
             self.checkpoint_and_unmount(&rec)?;
             self.datasets.reset_to_snapshot(&name, ds, snap, refresh)?;
             if refresh {
@@ -133,6 +140,7 @@ impl VdbService {
             self.mount(&rec)?;
             configure::configure(&rec, &store, target.as_ref(), refresh)?;
             configure::check_config(&rec)?;
+            progress.check()?;
             if refresh || was_running {
                 let configure_clone = || {
                     if refresh {
@@ -142,6 +150,7 @@ impl VdbService {
                     }
                 };
                 self.start_with_hooks(&rec, st, &configure_clone)?;
+                progress.check()?;
                 if !was_running {
                     // configure-clone needed it up; it goes back to stopped, as it was.
                     self.stop_with_hooks(&rec, st)?;
@@ -151,9 +160,11 @@ impl VdbService {
         })();
         match r {
             Ok(()) => {
+                progress.past_return(format!("the {op} of VDB {name} is done"));
                 rec.settle(was_running, format!("{op} onto {ds}@{snap}"));
                 self.records.put(&rec)?;
                 dir.log_line(&format!("{op} done"));
+                self.expire_undo(&rec);
                 hooks::run(&rec, &store, post)
                     .map_err(|e| e.context(format!("VDB {name}: {op} done, but")))
             }
@@ -196,5 +207,44 @@ impl VdbService {
         }
         rec.settle(p.was_running, format!("{} undone", p.op));
         Ok(self.records.put(rec)?)
+    }
+
+    /// Deletes a VDB's undo snapshots beyond the newest `undo_keep`, oldest first; one that is
+    /// mounted, or that a VDB's data came from, stays. Best effort: logs what it cannot do.
+    pub(super) fn expire_undo(&self, rec: &VdbRecord) {
+        let snaps = match self.datasets.snapshots(Some(&rec.name)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(vdb = %rec.name, "cannot list undo snapshots to expire: {e:#}");
+                return;
+            }
+        };
+        let undo: Vec<_> = snaps
+            .iter()
+            .filter(|s| super::snapshot_props(s).is_some_and(|p| p.kind == SnapshotKind::Auto))
+            .collect();
+        let parents: HashSet<String> = self
+            .records()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.parent)
+            .collect();
+        let excess = undo.len().saturating_sub(self.undo_keep as usize);
+        for s in undo.into_iter().take(excess) {
+            let full = s.full_name();
+            if self.mounts.mounted_at(&full).is_some() || parents.contains(&full) {
+                continue;
+            }
+            match self.datasets.delete_snapshot(&rec.name, &s.rec.name) {
+                Ok(()) => {
+                    tracing::info!(vdb = %rec.name, snapshot = %full, keep = self.undo_keep, "undo snapshot expired");
+                    rec.dir(&self.store_dir)
+                        .log_line(&format!("undo snapshot {full} expired"));
+                }
+                Err(e) => {
+                    tracing::warn!(vdb = %rec.name, "cannot expire undo snapshot {full}: {e:#}")
+                }
+            }
+        }
     }
 }

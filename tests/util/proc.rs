@@ -2,6 +2,31 @@
 
 use super::*;
 
+/// The variables a CLI run must not inherit from the user running the tests: the store, libpq's
+/// connection and password settings, the log filter.
+pub const CLI_ENV: [&str; 12] = [
+    "VDBFS_STORE",
+    "VDBFS_LOG",
+    "RUST_LOG",
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGUSER",
+    "PGDATABASE",
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGSSLMODE",
+    "PGSERVICE",
+];
+
+/// Removes [`CLI_ENV`] from a command's environment.
+pub fn clean_cli_env(c: &mut Command) -> &mut Command {
+    for v in CLI_ENV {
+        c.env_remove(v);
+    }
+    c
+}
+
 /// Runs a command with a bounded wait; on timeout kills it and panics with what it printed.
 pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
     try_run_timeout(cmd, timeout).unwrap_or_else(|e| panic!("{e}"))
