@@ -25,3 +25,4 @@ mod snapshots;
 mod sources;
 mod vdb_crash;
 mod vdbs;
+mod writeback;
