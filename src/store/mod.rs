@@ -399,65 +399,100 @@ impl Store {
         outs: &mut [&mut [u8]],
         scratch: &mut io::AlignedBuf,
     ) -> Result<()> {
-        let a = io::ALIGN as u64;
         // The largest record of a data block (stored raw), for sizing windows.
         let max_rec = (pack::MAX_RECORD_HEADER_LEN + vdbfs_format::BLOCK_SIZE) as u64;
+        let Some(first_id) = ids.first() else {
+            return Ok(());
+        };
+        // Guess: the blocks follow the first one in the log. Windows grow while the guess holds.
+        let first = self.lookup_many(&ids[..1])?[0].ok_or(Error::MissingBlock(*first_id))?;
+        let limit = self.readable_end(first.pack)?;
+        let mut at = first.offset;
+        let mut window = SPECULATE_FIRST;
         let mut i = 0;
         while i < ids.len() {
-            let loc = self.lookup_many(&ids[i..i + 1])?[0].ok_or(Error::MissingBlock(ids[i]))?;
-            // A window from this record on, long enough for every remaining block stored raw,
-            // cut at the end of what the pack holds.
-            let want = (ids.len() - i) as u64 * max_rec;
-            let limit = self.readable_end(loc.pack)?;
-            let stop =
-                (loc.offset + want.max(loc.len as u64)).min(limit.max(loc.offset + loc.len as u64));
-            let from = loc.offset / a * a;
-            let to = stop.div_ceil(a) * a;
-            let need = (to - from) as usize;
-            if scratch.len() < need {
-                *scratch = io::AlignedBuf::zeroed(need);
+            let want = ((ids.len() - i) as u64 * max_rec).min(window);
+            let stop = (at + want).min(limit);
+            if stop <= at {
+                break;
             }
-            let window = BlockLoc {
-                pack: loc.pack,
-                offset: loc.offset,
-                len: (stop - loc.offset) as u32,
+            let run = BlockLoc {
+                pack: first.pack,
+                offset: at,
+                len: (stop - at) as u32,
             };
-            let format =
-                self.read_run(&ids[i], &window, from, &mut scratch.padded_mut()[..need])?;
-            let buf = &scratch.padded()[(loc.offset - from) as usize..(stop - from) as usize];
-            // The first record is where the index says; the next ones where they follow.
-            let hlen = format.header_len();
-            let mut at = 0usize;
-            let mut j = i;
-            while j < ids.len() {
-                let rec_len = if j == i {
-                    loc.len as usize
-                } else {
-                    match buf
-                        .get(at..at + hlen)
-                        .and_then(|h| pack::decode_record_header(h, format).ok())
-                    {
-                        Some(h) if h.kind == RecordKind::Block && h.id == ids[j] => {
-                            h.record_len() as usize
-                        }
-                        _ => break,
-                    }
-                };
-                let Some(rec) = buf.get(at..at + rec_len) else {
-                    break;
-                };
-                let here = BlockLoc {
-                    pack: loc.pack,
-                    offset: loc.offset + at as u64,
-                    len: rec_len as u32,
-                };
-                open_block_into(&ids[j], &here, format, rec, outs[j])?;
-                at += rec_len;
-                j += 1;
+            let (format, buf) = self.read_window(&ids[i], &run, scratch)?;
+            let (n, used) = open_following(&ids[i..], &mut outs[i..], &run, format, buf)?;
+            i += n;
+            at += used as u64;
+            if n == 0 || (used as u64) + max_rec <= run.len as u64 {
+                break; // the guess failed inside this window
             }
-            i = j;
+            window = (window * 4).min(SPECULATE_MAX);
+        }
+        if i == ids.len() {
+            return Ok(());
+        }
+        // The rest: located through the index, read in runs of adjacent records.
+        let rest = &ids[i..];
+        let locs = self.lookup_many(rest)?;
+        let mut order: Vec<usize> = (0..rest.len()).collect();
+        for (k, l) in locs.iter().enumerate() {
+            l.ok_or(Error::MissingBlock(rest[k]))?;
+        }
+        let loc = |k: usize| {
+            locs[k].unwrap_or(BlockLoc {
+                pack: 0,
+                offset: 0,
+                len: 0,
+            })
+        };
+        order.sort_by_key(|&k| (loc(k).pack, loc(k).offset));
+        let outs = &mut outs[i..];
+        let mut g = 0;
+        while g < order.len() {
+            let mut h = g + 1;
+            while h < order.len()
+                && loc(order[h]).pack == loc(order[g]).pack
+                && loc(order[h - 1]).offset + loc(order[h - 1]).len as u64 == loc(order[h]).offset
+            {
+                h += 1;
+            }
+            let start = loc(order[g]);
+            let end = loc(order[h - 1]);
+            let run = BlockLoc {
+                pack: start.pack,
+                offset: start.offset,
+                len: (end.offset + end.len as u64 - start.offset) as u32,
+            };
+            let (format, buf) = self.read_window(&rest[order[g]], &run, scratch)?;
+            for &k in &order[g..h] {
+                let l = loc(k);
+                let rec = &buf[(l.offset - run.offset) as usize..][..l.len as usize];
+                open_block_into(&rest[k], &l, format, rec, outs[k])?;
+            }
+            g = h;
         }
         Ok(())
+    }
+
+    /// Reads `run` into `scratch` (4 KiB-aligned there, for direct I/O) and returns its bytes.
+    fn read_window<'s>(
+        &self,
+        id: &BlockId,
+        run: &BlockLoc,
+        scratch: &'s mut io::AlignedBuf,
+    ) -> Result<(RecordFormat, &'s [u8])> {
+        let a = io::ALIGN as u64;
+        let from = run.offset / a * a;
+        let to = (run.offset + run.len as u64).div_ceil(a) * a;
+        let need = (to - from) as usize;
+        if scratch.len() < need {
+            *scratch = io::AlignedBuf::zeroed(need);
+        }
+        let format = self.read_run(id, run, from, &mut scratch.padded_mut()[..need])?;
+        let lo = (run.offset - from) as usize;
+        Ok((format, &scratch.padded()[lo..lo + run.len as usize]))
     }
 
     /// How far pack `no` can be read: the log end for the active pack, the file's length else.
@@ -473,8 +508,8 @@ impl Store {
     }
 
     /// Reads the bytes of `run` into `dest`, which holds the file's bytes from the aligned
-    /// offset `from` on (the run starts at `run.offset - from` in it): direct I/O for closed
-    /// packs that allow it, the log's memory or file for the active pack, a plain read else.
+    /// offset `from` on (the run starts at `run.offset - from` in it): the log's memory or file
+    /// for the active pack; for closed packs direct I/O for large runs, a plain read else.
     fn read_run(
         &self,
         id: &BlockId,
@@ -495,7 +530,10 @@ impl Store {
             .read_active(run.pack, run.offset, &mut dest[records.clone()])
         {
             Ok(true) => Ok(()),
-            Ok(false) if pack.file.direct() => {
+            // Large runs straight into our buffer; small ones through the page cache, whose
+            // readahead and caching serve scattered and repeated reads (other clones' mounts
+            // read the same shared blocks).
+            Ok(false) if pack.file.direct() && run.len as usize >= DIRECT_READ_MIN => {
                 // The last block of a closed pack may be short: direct reads need whole blocks.
                 let avail = pack.file.len().map(|l| l.saturating_sub(from) as usize);
                 match avail {
@@ -701,6 +739,49 @@ fn open_block_record(
         return Err(corrupt(id, loc, "record holds another block".into()));
     }
     pack::open_block(&hdr, payload).map_err(|e| corrupt(id, loc, e.to_string()))
+}
+
+/// The first guess window of a read (bytes after its first block), and the largest: a window
+/// grows fourfold each time every block in it was where the guess put it.
+const SPECULATE_FIRST: u64 = 64 << 10;
+/// Reads of closed packs at least this long use direct I/O.
+const DIRECT_READ_MIN: usize = 256 << 10;
+const SPECULATE_MAX: u64 = 4 << 20;
+
+/// Decodes the records at the start of `buf` (read from `run`) that are the blocks `ids` asks
+/// for, in order, into `outs`; stops at the first record that is not the next block asked for
+/// (or does not fit). Returns (blocks decoded, bytes used).
+fn open_following(
+    ids: &[BlockId],
+    outs: &mut [&mut [u8]],
+    run: &BlockLoc,
+    format: RecordFormat,
+    buf: &[u8],
+) -> Result<(usize, usize)> {
+    let hlen = format.header_len();
+    let mut at = 0usize;
+    let mut n = 0usize;
+    while n < ids.len() {
+        let len = match buf
+            .get(at..at + hlen)
+            .and_then(|h| pack::decode_record_header(h, format).ok())
+        {
+            Some(h) if h.kind == RecordKind::Block && h.id == ids[n] => h.record_len() as usize,
+            _ => break,
+        };
+        let Some(rec) = buf.get(at..at + len) else {
+            break;
+        };
+        let here = BlockLoc {
+            pack: run.pack,
+            offset: run.offset + at as u64,
+            len: len as u32,
+        };
+        open_block_into(&ids[n], &here, format, rec, outs[n])?;
+        at += len;
+        n += 1;
+    }
+    Ok((n, at))
 }
 
 /// Verifies one block record (header fields against `id`, content hash) and decodes its content
