@@ -1,14 +1,7 @@
 use clap::Parser;
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VDBFS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=error")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    vdbfs::logging::init();
     let cli = vdbfs::cli::Cli::parse();
     if !matches!(cli.cmd, vdbfs::cli::Cmd::Serve { .. }) {
         // A CLI whose output is piped into `head` ends quietly, like other Unix tools. Never
