@@ -24,6 +24,15 @@ pub enum Request {
         #[serde(default)]
         with_snapshots: bool,
     },
+    /// Use a dataset that recovery found damaged as it is (its last intact fsync).
+    DatasetAcceptDamage {
+        name: String,
+    },
+    /// Read back and verify every live block; `rate_mib` MiB/s at most (0: no bound).
+    Scrub {
+        #[serde(default)]
+        rate_mib: Option<u64>,
+    },
     SnapshotCreate {
         dataset: String,
         name: Option<String>,
@@ -43,6 +52,9 @@ pub enum Request {
     Mount {
         dataset: String,
         mountpoint: PathBuf,
+        /// Mount over a directory that is not empty (its entries are hidden meanwhile).
+        #[serde(default)]
+        nonempty: bool,
     },
     Umount {
         mountpoint: PathBuf,
@@ -292,6 +304,71 @@ pub struct Status {
     pub pid: u32,
     pub store: PathBuf,
     pub mounts: Vec<MountInfo>,
+    /// What is wrong with the store now: "store full: ...", damaged datasets, bad blocks the
+    /// last scrub found. Empty when all is well.
+    #[serde(default)]
+    pub faults: Vec<String>,
+    #[serde(default)]
+    pub space: Option<SpaceStatus>,
+    /// The scrub running now, else the last one (None: never scrubbed).
+    #[serde(default)]
+    pub scrub: Option<ScrubReport>,
+    /// When the scheduled scrub runs next (RFC 3339), if scheduled.
+    #[serde(default)]
+    pub next_scrub: Option<String>,
+}
+
+/// The filesystem under the store, and the store's reserve on it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpaceStatus {
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+    /// The ballast file the store gives up only to its own checkpoints, gc and deletes.
+    pub reserve_bytes: u64,
+    pub reserve_target_bytes: u64,
+    /// Writes stop this far above the reserve.
+    pub margin_bytes: u64,
+    /// Writes to datasets are refused (ENOSPC) now.
+    pub full: bool,
+}
+
+/// A scrub: every live block read back and verified.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScrubReport {
+    /// "command" (`vdbfs scrub`) or "schedule" (`serve --scrub-every`).
+    pub trigger: String,
+    pub started: String,
+    /// None while it runs.
+    pub finished: Option<String>,
+    pub running: bool,
+    pub blocks_total: u64,
+    pub blocks_checked: u64,
+    pub bytes_checked: u64,
+    pub seconds: f64,
+    pub bad_blocks: Vec<BadBlockReport>,
+    /// Why it stopped early, if it did.
+    pub error: Option<String>,
+}
+
+/// A block a scrub found bad, and who references it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BadBlockReport {
+    pub block: String,
+    pub pack: Option<u32>,
+    pub offset: Option<u64>,
+    pub error: String,
+    pub references: Vec<BlockReference>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockReference {
+    /// Datasets (`name`) and snapshots (`name@snap`) whose tree holds the block.
+    pub roots: Vec<String>,
+    /// "data", "block map", "directory", "inode table", "file unlinked while open".
+    pub what: String,
+    pub path: Option<String>,
+    pub inode: Option<u64>,
+    pub file_offset: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -300,6 +377,9 @@ pub struct DatasetInfo {
     pub id: u64,
     pub created: String,
     pub mountpoint: Option<PathBuf>,
+    /// Why the dataset is refused (damage found by recovery), if it is.
+    #[serde(default)]
+    pub fault: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -41,6 +41,9 @@ pub enum Cmd {
         /// Ports new VDBs get when `vdb create` has no --port: LO-HI.
         #[arg(long, env = "VDBFS_VDB_PORTS", default_value = "6000-6999")]
         vdb_ports: String,
+        /// Scrub (read back and verify every live block) this often: 12h, 7d, ...; "off" never.
+        #[arg(long, env = "VDBFS_SCRUB_EVERY", default_value = "7d")]
+        scrub_every: String,
     },
     /// Show the daemon's pid and mounts.
     Status {
@@ -67,6 +70,9 @@ pub enum Cmd {
     Mount {
         dataset: String,
         mountpoint: PathBuf,
+        /// Mount over a directory that is not empty (its files are hidden while mounted).
+        #[arg(long)]
+        nonempty: bool,
     },
     /// Flush and unmount.
     Umount { mountpoint: PathBuf },
@@ -77,6 +83,15 @@ pub enum Cmd {
     },
     /// Reclaim the space of blocks nothing references (also runs by itself).
     Gc,
+    /// Read back and verify every live block (also runs by itself: serve --scrub-every); exits
+    /// 1 when it finds bad blocks, naming the datasets, snapshots and files that hold them.
+    Scrub {
+        /// Read at most this many MiB/s (0: no bound).
+        #[arg(long, default_value_t = crate::daemon::SCRUB_RATE_MIB)]
+        rate: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Link source databases (dSources) and keep them in sync through a staging standby.
     Source {
         #[command(subcommand)]
@@ -219,6 +234,11 @@ pub enum DatasetCmd {
         #[arg(long)]
         with_snapshots: bool,
     },
+    /// Use a dataset recovery found damaged as it is (as of its last intact fsync before the
+    /// damage); `dataset list` and `vdbfs status` show damaged datasets.
+    AcceptDamage {
+        name: String,
+    },
 }
 
 pub(crate) fn human(b: u64) -> String {
@@ -347,25 +367,39 @@ pub(crate) fn run_req(store: &Path, req: Request) -> anyhow::Result<Response> {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let store = absolute(&cli.store)?;
     match cli.cmd {
-        Cmd::Init => {
-            if crate::store::index_path(&store).exists() {
-                bail!("{} already holds a vdbfs store", store.display());
-            }
-            crate::store::Store::create(&store)
-                .with_context(|| format!("cannot create a store in {}", store.display()))?;
-            println!("initialized an empty vdbfs store in {}", store.display());
-        }
-        Cmd::Serve { vdb_ports } => crate::daemon::serve(&store, &vdb_ports)?,
+        Cmd::Init => init(&store)?,
+        Cmd::Serve {
+            vdb_ports,
+            scrub_every,
+        } => crate::daemon::serve(&store, &vdb_ports, &scrub_every)?,
         Cmd::Status { json } => {
             let r = run_req(&store, Request::Status)?;
             if json {
                 println!("{}", r.data);
             } else {
-                let s: Status = serde_json::from_value(r.data)?;
-                println!("daemon pid {} serving {}", s.pid, s.store.display());
-                for m in s.mounts {
-                    println!("  {} on {}", m.dataset, m.mountpoint.display());
-                }
+                print_status(&serde_json::from_value(r.data)?);
+            }
+        }
+        Cmd::Scrub { rate, json } => {
+            let r = run_req(
+                &store,
+                Request::Scrub {
+                    rate_mib: Some(rate),
+                },
+            )?;
+            if json {
+                println!("{}", r.data);
+            } else {
+                println!("{}", r.message);
+            }
+            let rep: api::ScrubReport = serde_json::from_value(r.data)?;
+            if !rep.bad_blocks.is_empty() {
+                bail!(
+                    "scrub found {} bad block(s) (listed above): their data is lost; restore what \
+                     references them (delete or reset those datasets, or rewrite the files), \
+                     and check the disk",
+                    rep.bad_blocks.len()
+                );
             }
         }
         Cmd::Dataset { cmd } => match cmd {
@@ -399,13 +433,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                             .mountpoint
                             .map_or("-".to_string(), |p| p.display().to_string());
                         println!("{:<24} {:>5} {:<21} {}", d.name, d.id, d.created, mp);
+                        if let Some(f) = d.fault {
+                            println!("  FAULT: {f}");
+                        }
                     }
                 }
             }
+            DatasetCmd::AcceptDamage { name } => println!(
+                "{}",
+                run_req(&store, Request::DatasetAcceptDamage { name })?.message
+            ),
         },
         Cmd::Mount {
             dataset,
             mountpoint,
+            nonempty,
         } => {
             let mountpoint = absolute(&mountpoint)?;
             println!(
@@ -414,7 +456,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     &store,
                     Request::Mount {
                         dataset,
-                        mountpoint
+                        mountpoint,
+                        nonempty,
                     }
                 )?
                 .message
@@ -518,6 +561,99 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `vdbfs init`: a new store in a new or empty directory; anything else is refused before a
+/// byte changes.
+fn init(store: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if crate::store::index_path(store).exists() {
+        bail!(
+            "{} already holds a vdbfs store; serve it with 'vdbfs serve --store {}'",
+            store.display(),
+            store.display()
+        );
+    }
+    let existing = match std::fs::metadata(store) {
+        Ok(m) if !m.is_dir() => bail!(
+            "{} exists and is not a directory; choose another --store",
+            store.display()
+        ),
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot look at {}", store.display()));
+        }
+    };
+    if existing.is_some() {
+        let entries = crate::store::foreign_entries(store)
+            .with_context(|| format!("cannot read {}", store.display()))?;
+        if !entries.is_empty() {
+            bail!(
+                "{} is not empty ({} entries, e.g. {:?}) and holds no vdbfs store; vdbfs init \
+                 needs a new or empty directory: choose another --store",
+                store.display(),
+                entries.len(),
+                entries[0]
+            );
+        }
+    }
+    crate::store::Store::create(store)
+        .with_context(|| format!("cannot create a store in {}", store.display()))?;
+    println!("initialized an empty vdbfs store in {}", store.display());
+    if let Some(m) = existing {
+        if m.permissions().mode() & 0o001 == 0 {
+            eprintln!(
+                "note: {} keeps its mode {:o}; sources and VDBs need the postgres user to \
+                 traverse it ('chmod o+x {}')",
+                store.display(),
+                m.permissions().mode() & 0o7777,
+                store.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_status(s: &Status) {
+    println!("daemon pid {} serving {}", s.pid, s.store.display());
+    for m in &s.mounts {
+        println!("  {} on {}", m.dataset, m.mountpoint.display());
+    }
+    if let Some(sp) = &s.space {
+        println!(
+            "  space: {} free of {}; reserve {} of {}{}",
+            human(sp.free_bytes),
+            human(sp.total_bytes),
+            human(sp.reserve_bytes),
+            human(sp.reserve_target_bytes),
+            if sp.full { "; STORE FULL" } else { "" }
+        );
+    }
+    match &s.scrub {
+        Some(r) if r.running => println!(
+            "  scrub running since {}: {} of {} blocks checked",
+            r.started, r.blocks_checked, r.blocks_total
+        ),
+        Some(r) => println!(
+            "  last scrub {} ({}): {} blocks, {} bad{}",
+            r.finished.as_deref().unwrap_or(&r.started),
+            r.trigger,
+            r.blocks_checked,
+            r.bad_blocks.len(),
+            r.error
+                .as_ref()
+                .map(|e| format!(", stopped early: {e}"))
+                .unwrap_or_default()
+        ),
+        None => println!("  never scrubbed"),
+    }
+    if let Some(n) = &s.next_scrub {
+        println!("  next scheduled scrub {n}");
+    }
+    for f in &s.faults {
+        println!("  FAULT: {f}");
+    }
 }
 
 fn run_source(store: &Path, cmd: SourceCmd) -> anyhow::Result<()> {

@@ -7,7 +7,7 @@
 use super::Daemon;
 use crate::api::{
     self, DatasetInfo, Df, ErrorKind, Progress, Refusal, Request, Response, RootKind, RootUsage,
-    Status,
+    SpaceStatus, Status,
 };
 use crate::refuse;
 use crate::tree::{NameError, StoreUsage};
@@ -38,6 +38,9 @@ pub fn kind_of(e: &anyhow::Error) -> ErrorKind {
                 NameError::HasSnapshots(..) => ErrorKind::Conflict,
                 NameError::NotFound(_) | NameError::SnapshotNotFound(_) => ErrorKind::NotFound,
             };
+        }
+        if c.downcast_ref::<crate::tree::damage::Refused>().is_some() {
+            return ErrorKind::Conflict;
         }
         if let Some(s) = c.downcast_ref::<crate::store::Error>() {
             return store_kind(s);
@@ -147,6 +150,12 @@ impl Daemon {
             | R::VdbRefresh { .. }
             | R::VdbDelete { .. }
             | R::Timeflow { .. }) => self.vdb_request(r, progress),
+            R::Scrub { rate_mib } => {
+                let rate = rate_mib.unwrap_or(super::scrub::DEFAULT_RATE_MIB);
+                let r = self.scrub("command", rate, progress)?;
+                let msg = scrub_summary(&r);
+                Ok((msg, serde_json::to_value(&r)?))
+            }
             r => self.store_request(r),
         }
     }
@@ -274,11 +283,7 @@ impl Daemon {
     fn store_request(&self, req: Request) -> anyhow::Result<Reply> {
         let ds = &self.datasets;
         match req {
-            Request::Status => data(Status {
-                pid: std::process::id(),
-                store: self.store_dir.clone(),
-                mounts: self.mounts.list(),
-            }),
+            Request::Status => data(self.status()?),
             Request::DatasetCreate { name } => {
                 ds.create(&name)?;
                 said(format!("created dataset {name}"))
@@ -290,6 +295,7 @@ impl Daemon {
                     .map(|r| DatasetInfo {
                         mountpoint: self.mounts.mounted_at(&r.name),
                         created: crate::time::rfc3339(r.created.secs),
+                        fault: ds.damage_fault(&r.name),
                         name: r.name,
                         id: r.id,
                     })
@@ -311,6 +317,19 @@ impl Daemon {
                 }
                 crate::catalog::delete_dataset(ds, &name)?;
                 said(format!("deleted dataset {name}"))
+            }
+            Request::DatasetAcceptDamage { name } => {
+                let marks = ds.accept_damage(&name)?;
+                if marks.is_empty() {
+                    return said(format!("dataset {name} is not damaged; nothing to accept"));
+                }
+                let what: Vec<String> = marks.iter().map(crate::tree::damage::describe).collect();
+                said(format!(
+                    "accepted the loss for dataset {name} ({}): it can be mounted and snapshotted \
+                     again, as of its last intact fsync before the damage; postgres on it \
+                     recovers from what is there (check it, e.g. with pg_amcheck)",
+                    what.join("; ")
+                ))
             }
             Request::SnapshotCreate { dataset, name } => {
                 let t = std::time::Instant::now();
@@ -360,7 +379,8 @@ impl Daemon {
             Request::Mount {
                 dataset,
                 mountpoint,
-            } => said(self.mounts.mount(&dataset, &mountpoint)?),
+                nonempty,
+            } => said(self.mounts.mount_new(&dataset, &mountpoint, nonempty)?),
             Request::Umount { mountpoint } => {
                 if let Some(ds) = self.mounts.dataset_at(&mountpoint) {
                     self.refuse_if_managed(&ds, "unmount")?;
@@ -369,6 +389,88 @@ impl Daemon {
             }
             _ => refuse!(Internal, "not a store request"),
         }
+    }
+}
+
+/// One line about a scrub, for people.
+fn scrub_summary(r: &api::ScrubReport) -> String {
+    let mut s = format!(
+        "scrub {}: {} blocks ({:.1} MiB) read back in {:.1} s",
+        if r.bad_blocks.is_empty() {
+            "found every live block intact"
+        } else {
+            "found bad blocks"
+        },
+        r.blocks_checked,
+        r.bytes_checked as f64 / (1 << 20) as f64,
+        r.seconds
+    );
+    for b in &r.bad_blocks {
+        s.push_str(&format!(
+            "\nBAD block {} ({}): {}",
+            b.block,
+            match (b.pack, b.offset) {
+                (Some(p), Some(o)) => format!("pack {p:08} offset {o}"),
+                _ => "not in the store".to_string(),
+            },
+            b.error
+        ));
+        if b.references.is_empty() {
+            s.push_str("\n  referenced by nothing any more");
+        }
+        for r in &b.references {
+            let mut line = format!("\n  {}: {}", r.roots.join(", "), r.what);
+            match (&r.path, r.inode) {
+                (Some(p), _) => line.push_str(&format!(" of {p}")),
+                (None, Some(i)) => line.push_str(&format!(" of inode {i}")),
+                _ => {}
+            }
+            if let Some(o) = r.file_offset {
+                line.push_str(&format!(" at offset {o}"));
+            }
+            s.push_str(&line);
+        }
+    }
+    s
+}
+
+impl Daemon {
+    /// `vdbfs status`: the daemon, its mounts, space, the last scrub and every fault.
+    fn status(&self) -> anyhow::Result<Status> {
+        let store = self.datasets.store();
+        let mut faults = Vec::new();
+        if let Some(f) = store.full_fault() {
+            faults.push(f);
+        }
+        for (_, text) in self.datasets.damaged()? {
+            faults.push(text);
+        }
+        let scrub = self.scrubs.report.lock().clone();
+        if let Some(r) = scrub.as_ref().filter(|r| !r.bad_blocks.is_empty()) {
+            faults.push(format!(
+                "the last scrub ({}) found {} bad block(s); 'vdbfs status --json' lists them with \
+                 the datasets, snapshots and files that reference them",
+                r.finished.as_deref().unwrap_or(&r.started),
+                r.bad_blocks.len()
+            ));
+        }
+        let space = store.space_report().ok().map(|r| SpaceStatus {
+            free_bytes: r.free,
+            total_bytes: r.total,
+            reserve_bytes: r.reserve_held,
+            reserve_target_bytes: r.reserve_target,
+            margin_bytes: r.margin,
+            full: r.full,
+        });
+        Ok(Status {
+            pid: std::process::id(),
+            store: self.store_dir.clone(),
+            mounts: self.mounts.list(),
+            faults,
+            space,
+            scrub,
+            next_scrub: self.next_scrub(),
+        })
     }
 }
 
