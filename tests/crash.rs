@@ -18,13 +18,13 @@ use crate::util::{self, require_root_fuse_postgres, Daemon, Postgres};
 
 /// A client that inserts increasing ids, one autocommit statement at a time, through one psql
 /// session, and appends every id postgres acknowledged to a file outside the mount.
-struct Inserter {
+pub(crate) struct Inserter {
     thread: JoinHandle<String>,
-    last_acked: Arc<AtomicI64>,
+    pub(crate) last_acked: Arc<AtomicI64>,
 }
 
 impl Inserter {
-    fn start(pg: &Postgres, first_id: i64, ack_file: &Path) -> Inserter {
+    pub(crate) fn start(pg: &Postgres, first_id: i64, ack_file: &Path) -> Inserter {
         let mut child = pg
             .psql_command()
             .stdin(Stdio::piped())
@@ -40,7 +40,7 @@ impl Inserter {
     }
 
     /// Waits (bounded) for the session to end; it ends when postgres goes away.
-    fn join(self) -> i64 {
+    pub(crate) fn join(self) -> i64 {
         let ok = util::wait_until(Duration::from_secs(60), || self.thread.is_finished());
         assert!(
             ok,
@@ -107,7 +107,7 @@ impl StderrOutput for Child {
     }
 }
 
-fn acked_ids(path: &Path) -> Vec<i64> {
+pub(crate) fn acked_ids(path: &Path) -> Vec<i64> {
     fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -116,7 +116,7 @@ fn acked_ids(path: &Path) -> Vec<i64> {
 }
 
 /// pgbench tpcb-like moves money in one transaction per step: the four sums must agree.
-fn assert_balances_agree(pg: &Postgres, when: &str) {
+pub(crate) fn assert_balances_agree(pg: &Postgres, when: &str) {
     let row = pg.psql(
         "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ',' || \
                 (SELECT sum(bbalance) FROM pgbench_branches) || ',' || \

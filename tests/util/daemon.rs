@@ -30,6 +30,8 @@ pub struct Daemon {
     mounts: Mutex<Vec<PathBuf>>,
     /// This daemon's VDB port pool (`LO-HI`), apart from other tests' daemons running at once.
     vdb_ports: String,
+    /// More environment for the next `vdbfs serve` (e.g. `VDBFS_SCRUB_EVERY`).
+    serve_env: Vec<(String, String)>,
 }
 
 /// A 20-port window below the ephemeral range, different for each daemon of this run: two tests'
@@ -69,10 +71,18 @@ impl Daemon {
             child: None,
             mounts: Mutex::new(Vec::new()),
             vdb_ports: vdb_port_window(),
+            serve_env: Vec::new(),
         };
         d.ok(&["init"]);
         d.spawn_serve();
         d
+    }
+
+    /// Sets an environment variable for the next start of `vdbfs serve` ([`Daemon::restart`],
+    /// [`Daemon::start_again`]).
+    pub fn set_serve_env(&mut self, key: &str, value: &str) {
+        self.serve_env.retain(|(k, _)| k != key);
+        self.serve_env.push((key.to_string(), value.to_string()));
     }
 
     /// The VDB port pool this daemon was started with (`vdbfs serve --vdb-ports`).
@@ -117,6 +127,7 @@ impl Daemon {
             .arg(&self.store)
             .env_remove("VDBFS_STORE")
             .env("VDBFS_VDB_PORTS", &self.vdb_ports)
+            .envs(self.serve_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
