@@ -301,12 +301,10 @@ fn grow_file(path: &Path, len: u64) -> Result<()> {
         .write(true)
         .mode(0o600)
         .open(path)?;
-    let from = f.metadata()?.len();
-    if len <= from {
-        return Ok(());
-    }
+    // The whole range: allocating what is allocated already costs nothing, and a file a crash
+    // left with holes is filled.
     // SAFETY: fallocate on a descriptor this function owns; no memory is involved.
-    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, from as i64, (len - from) as i64) };
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as i64) };
     if rc == 0 {
         return Ok(());
     }
@@ -314,6 +312,8 @@ fn grow_file(path: &Path, len: u64) -> Result<()> {
     if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
         return Err(e.into());
     }
+    // Written files have no holes: only what is missing at the end.
+    let from = f.metadata()?.len().min(len);
     write_noise(&f, from, len)
 }
 
