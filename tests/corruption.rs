@@ -157,7 +157,7 @@ use vdbfs_format::journal::{JournalOp, JournalRecord};
 use vdbfs_format::pack::{decode_record, RecordHeader};
 use vdbfs_format::BlockId;
 
-use crate::crash::{acked_ids, assert_balances_agree, Inserter};
+use crate::crash::{acked_ids, assert_balances_agree, missing_ids, postgres_for_acks, Inserter};
 use crate::util::{self, describe, require_root_fuse_postgres, Postgres};
 
 /// The newest pack of a store: its number and bytes.
@@ -208,12 +208,8 @@ fn load_then_kill9(secs: u64) -> (Daemon, Postgres, PathBuf, tempfile::TempDir) 
     let outside = util::tempdir("vdbfs-damage-acks-");
     let ack_file = outside.path().join("acked.txt");
     let mut d = Daemon::start();
-    let m = d.create_and_mount("pg");
+    let (m, mut pg) = postgres_for_acks(&d, "pg");
     let mp = m.path.clone();
-    let mut pg = Postgres::initdb(&m.join("pgdata"));
-    pg.start();
-    pg.pgbench(&["-i", "-s", "2", "-q"]);
-    pg.psql("CREATE TABLE acked (id bigint PRIMARY KEY)");
     let inserter = Inserter::start(&pg, 1, &ack_file);
     let mut bench = pg
         .pgbench_command(&["-c", "2", "-j", "1", "-T", "120", "-n"])
@@ -434,13 +430,8 @@ fn a_torn_tail_after_the_last_acknowledged_sync_recovers_silently() {
     );
     pg.start();
     pg.amcheck();
-    let present: HashSet<i64> = pg
-        .psql("SELECT id FROM acked")
-        .lines()
-        .map(|l| l.trim().parse().unwrap())
-        .collect();
     let acked = acked_ids(&acks.path().join("acked.txt"));
-    let missing: Vec<i64> = acked.into_iter().filter(|i| !present.contains(i)).collect();
+    let missing = missing_ids(&acked, &pg.psql("SELECT id FROM acked"));
     assert!(missing.is_empty(), "acknowledged ids lost: {missing:?}");
     pg.stop();
 }

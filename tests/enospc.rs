@@ -412,16 +412,7 @@ fn a_full_filesystem_never_locks_the_store() {
 
     // The VDB answers with every row it acknowledged.
     vdb_util::wait_vdb(&d, "dev", "running again", vdb_util::running);
-    let present: std::collections::HashSet<i64> = vdb
-        .sql("SELECT id FROM acked")
-        .lines()
-        .map(|l| l.trim().parse().unwrap())
-        .collect();
-    let missing: Vec<i64> = acked
-        .iter()
-        .copied()
-        .filter(|i| !present.contains(i))
-        .collect();
+    let missing = crate::crash::missing_ids(&acked, &vdb.sql("SELECT id FROM acked"));
     assert!(missing.is_empty(), "acknowledged rows lost: {missing:?}");
     vdb.amcheck();
     // The reserve is whole again once there is room.
@@ -441,7 +432,10 @@ fn a_full_filesystem_never_locks_the_store() {
         .lines()
         .filter(|l| l.contains("ERROR") && l.contains("vdbfs::fs"))
         .collect();
-    assert!(eio.is_empty(), "a full store answers ENOSPC, never EIO: {eio:?}");
+    assert!(
+        eio.is_empty(),
+        "a full store answers ENOSPC, never EIO: {eio:?}"
+    );
     assert!(
         !log.contains("read-only until restart"),
         "the store gave up writing:\n{}",

@@ -419,16 +419,14 @@ fn scrub_summary(r: &api::ScrubReport) -> String {
             s.push_str("\n  referenced by nothing any more");
         }
         for r in &b.references {
-            let mut line = format!("\n  {}: {}", r.roots.join(", "), r.what);
-            match (&r.path, r.inode) {
-                (Some(p), _) => line.push_str(&format!(" of {p}")),
-                (None, Some(i)) => line.push_str(&format!(" of inode {i}")),
-                _ => {}
-            }
-            if let Some(o) = r.file_offset {
-                line.push_str(&format!(" at offset {o}"));
-            }
-            s.push_str(&line);
+            s.push_str("\n  ");
+            s.push_str(&crate::tree::scrub::describe(
+                &r.roots,
+                &r.what,
+                r.path.as_deref(),
+                r.inode,
+                r.file_offset,
+            ));
         }
     }
     s

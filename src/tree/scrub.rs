@@ -91,13 +91,15 @@ pub struct ScrubResult {
     pub seconds: f64,
 }
 
-/// Walks a radix tree, tolerating nodes that cannot be read (they go to `bad_nodes`); `leaf`
-/// gets each level-0 entry with its key.
+/// Walks a radix tree, tolerating nodes that cannot be read (they go to `bad_nodes`); `node`
+/// gets every node visited, `leaf` each level-0 entry with its key. A cached copy of a node
+/// whose bytes rotted still shows what is below it.
 fn walk_tree(
     ds: &Datasets,
     root: BlockId,
     seen: &mut HashSet<BlockId>,
     bad_nodes: &mut HashMap<BlockId, String>,
+    node: &mut dyn FnMut(BlockId),
     leaf: &mut dyn FnMut(u64, &[u8]),
 ) {
     let mut stack = vec![(root, 0u64)];
@@ -105,14 +107,13 @@ fn walk_tree(
         if !seen.insert(id) {
             continue;
         }
-        let node = match ds.cache.peek(&ds.store, &id) {
-            Ok(n) => n,
+        node(id);
+        match ds.cache.peek(&ds.store, &id) {
+            Ok(n) => visit_node(&n, base, &mut stack, leaf),
             Err(e) => {
                 bad_nodes.insert(id, e.to_string());
-                continue;
             }
-        };
-        visit_node(&node, base, &mut stack, leaf);
+        }
     }
 }
 
@@ -142,7 +143,7 @@ fn mark_root(
     let Some(root) = root else { return };
     let mut inodes: Vec<InodeRecord> = Vec::new();
     let mut seen = std::mem::take(live);
-    walk_tree(ds, root, &mut seen, bad_nodes, &mut |_, v| {
+    walk_tree(ds, root, &mut seen, bad_nodes, &mut |_| {}, &mut |_, v| {
         if let Ok(r) = InodeRecord::decode(v) {
             inodes.push(r);
         }
@@ -152,7 +153,7 @@ fn mark_root(
             FileKind::Regular => {
                 if let Some(map) = rec.root {
                     let mut data = Vec::new();
-                    walk_tree(ds, map, &mut seen, bad_nodes, &mut |_, v| {
+                    walk_tree(ds, map, &mut seen, bad_nodes, &mut |_| {}, &mut |_, v| {
                         if let Ok(arr) = <[u8; 32]>::try_from(v) {
                             data.push(BlockId(arr));
                         }
@@ -315,12 +316,16 @@ impl Datasets {
             let mut inodes: Vec<(u64, InodeRecord)> = Vec::new();
             let mut ignore = HashMap::new();
             let mut seen = HashSet::new();
-            self.walk_with_nodes(
+            walk_tree(
+                self,
                 root,
                 &mut seen,
                 &mut ignore,
-                bad,
-                &mut |id| hits.push((id, RefKind::InodeTable, None, None)),
+                &mut |id| {
+                    if bad.contains(&id) {
+                        hits.push((id, RefKind::InodeTable, None, None));
+                    }
+                },
                 &mut |ino, v| {
                     if let Ok(r) = InodeRecord::decode(v) {
                         inodes.push((ino, r));
@@ -332,12 +337,16 @@ impl Datasets {
                     (FileKind::Regular, Some(map)) => {
                         let mut seen = HashSet::new();
                         let mut data = Vec::new();
-                        self.walk_with_nodes(
+                        walk_tree(
+                            self,
                             map,
                             &mut seen,
                             &mut ignore,
-                            bad,
-                            &mut |id| hits.push((id, RefKind::BlockMap, Some(*ino), None)),
+                            &mut |id| {
+                                if bad.contains(&id) {
+                                    hits.push((id, RefKind::BlockMap, Some(*ino), None));
+                                }
+                            },
                             &mut |idx, v| {
                                 if let Ok(arr) = <[u8; 32]>::try_from(v) {
                                     if bad.contains(&BlockId(arr)) {
@@ -395,36 +404,6 @@ impl Datasets {
         Ok(out)
     }
 
-    /// Like `walk_tree`, also telling `node` about every node that is in `bad`.
-    fn walk_with_nodes(
-        &self,
-        root: BlockId,
-        seen: &mut HashSet<BlockId>,
-        bad_nodes: &mut HashMap<BlockId, String>,
-        bad: &HashSet<BlockId>,
-        node: &mut dyn FnMut(BlockId),
-        leaf: &mut dyn FnMut(u64, &[u8]),
-    ) {
-        let mut stack = vec![(root, 0u64)];
-        while let Some((id, base)) = stack.pop() {
-            if !seen.insert(id) {
-                continue;
-            }
-            if bad.contains(&id) {
-                node(id);
-            }
-            // A cached copy of a node whose bytes rotted still shows what is below it.
-            let n = match self.cache.peek(&self.store, &id) {
-                Ok(n) => n,
-                Err(e) => {
-                    bad_nodes.insert(id, e.to_string());
-                    continue;
-                }
-            };
-            visit_node(&n, base, &mut stack, leaf);
-        }
-    }
-
     /// Paths of the inodes in `wanted`, from the directories of one root.
     fn paths_of(
         &self,
@@ -471,13 +450,30 @@ impl Datasets {
 
 /// One reference, for people and logs.
 pub fn describe_ref(r: &Reference) -> String {
-    let mut s = format!("{}: {}", r.roots.join(", "), r.what.as_str());
-    match (&r.path, r.ino) {
+    describe(
+        &r.roots,
+        r.what.as_str(),
+        r.path.as_deref(),
+        r.ino,
+        r.file_offset,
+    )
+}
+
+/// "ROOTS: WHAT of PATH at offset N", the words of a reference wherever it is shown.
+pub fn describe(
+    roots: &[String],
+    what: &str,
+    path: Option<&str>,
+    ino: Option<u64>,
+    file_offset: Option<u64>,
+) -> String {
+    let mut s = format!("{}: {what}", roots.join(", "));
+    match (path, ino) {
         (Some(p), _) => s.push_str(&format!(" of {p}")),
         (None, Some(i)) => s.push_str(&format!(" of inode {i}")),
         _ => {}
     }
-    if let Some(o) = r.file_offset {
+    if let Some(o) = file_offset {
         s.push_str(&format!(" at offset {o}"));
     }
     s

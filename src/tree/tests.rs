@@ -284,6 +284,33 @@ fn files_over_one_gib_and_sparse_ranges_read_back_exactly() {
     assert!(d.read(ino, meta.size, 100).unwrap().is_empty());
 }
 
+/// A new store in `dir` on the simulated disk `io`, opened, with the empty datasets `names`.
+fn new_datasets(dir: &std::path::Path, io: &Arc<SimIo>, names: &[&str]) -> Datasets {
+    Store::create(dir).unwrap();
+    let (store, replay) = Store::open_with(dir, io.clone()).unwrap();
+    let ds = Datasets::open(Arc::new(store), replay).unwrap();
+    for n in names {
+        ds.create(n).unwrap();
+    }
+    ds
+}
+
+/// A new regular file `name` in the root directory of `d`.
+fn new_file(d: &Dataset, name: &str) -> u64 {
+    d.create(
+        ROOT_INO,
+        name.as_bytes(),
+        FileKind::Regular,
+        0o600,
+        0,
+        0,
+        0,
+        None,
+    )
+    .unwrap()
+    .0
+}
+
 fn page(seed: u32) -> Vec<u8> {
     (0..8192u32)
         .map(|i| ((i ^ seed.wrapping_mul(0x9E37_79B9)).wrapping_mul(2654435761) >> 13) as u8)
@@ -293,22 +320,14 @@ fn page(seed: u32) -> Vec<u8> {
 /// A store with datasets "d" (file "f", one distinct page per fsync, `pages` of them) and "e"
 /// (one fsynced file), crashed after the last fsync; returns the disk and the pages.
 fn fsynced_pages(dir: &std::path::Path, pages: u32) -> (Arc<SimIo>, Vec<Vec<u8>>) {
-    Store::create(dir).unwrap();
     let io = SimIo::new();
-    let (store, replay) = Store::open_with(dir, io.clone()).unwrap();
-    let ds = Datasets::open(Arc::new(store), replay).unwrap();
-    ds.create("d").unwrap();
-    ds.create("e").unwrap();
+    let ds = new_datasets(dir, &io, &["d", "e"]);
     let e = ds.get("e").unwrap().unwrap();
-    let (eino, _) = e
-        .create(ROOT_INO, b"g", FileKind::Regular, 0o600, 0, 0, 0, None)
-        .unwrap();
+    let eino = new_file(&e, "g");
     e.write(eino, 0, &page(999)).unwrap();
     e.fsync().unwrap();
     let d = ds.get("d").unwrap().unwrap();
-    let (ino, _) = d
-        .create(ROOT_INO, b"f", FileKind::Regular, 0o600, 0, 0, 0, None)
-        .unwrap();
+    let ino = new_file(&d, "f");
     let mut out = Vec::new();
     for i in 0..pages {
         let p = page(i);
@@ -410,16 +429,11 @@ fn a_lost_fsynced_block_refuses_its_dataset_until_the_loss_is_accepted() {
 #[test]
 fn a_lost_block_that_later_writes_replaced_costs_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    Store::create(dir.path()).unwrap();
     let io = SimIo::new();
     {
-        let (store, replay) = Store::open_with(dir.path(), io.clone()).unwrap();
-        let ds = Datasets::open(Arc::new(store), replay).unwrap();
-        ds.create("d").unwrap();
+        let ds = new_datasets(dir.path(), &io, &["d"]);
         let d = ds.get("d").unwrap().unwrap();
-        let (ino, _) = d
-            .create(ROOT_INO, b"f", FileKind::Regular, 0o600, 0, 0, 0, None)
-            .unwrap();
+        let ino = new_file(&d, "f");
         for i in 0..6u32 {
             d.write(ino, 0, &page(100 + i)).unwrap();
             d.fsync().unwrap();
@@ -488,16 +502,11 @@ fn a_damaged_journal_record_refuses_its_dataset_and_a_reset_clears_it() {
 #[test]
 fn stored_blocks_count_what_is_stored_not_the_size() {
     let dir = tempfile::tempdir().unwrap();
-    Store::create(dir.path()).unwrap();
     let io = SimIo::new();
     {
-        let (store, replay) = Store::open_with(dir.path(), io.clone()).unwrap();
-        let ds = Datasets::open(Arc::new(store), replay).unwrap();
-        ds.create("d").unwrap();
+        let ds = new_datasets(dir.path(), &io, &["d"]);
         let d = ds.get("d").unwrap().unwrap();
-        let (ino, _) = d
-            .create(ROOT_INO, b"sparse", FileKind::Regular, 0o600, 0, 0, 0, None)
-            .unwrap();
+        let ino = new_file(&d, "sparse");
         assert_eq!(d.stored_blocks(ino).unwrap(), Some(0));
         d.write(ino, 0, &page(1)).unwrap();
         d.write(ino, 10 << 30, &page(2)).unwrap();
@@ -520,12 +529,7 @@ fn stored_blocks_count_what_is_stored_not_the_size() {
         assert_eq!(d.stored_blocks(ino).unwrap(), Some(2), "truncated");
         d.fsync().unwrap();
     }
-    let (ds, _) = {
-        let (store, replay) = Store::open_with(dir.path(), io.crash(0)).unwrap();
-        let ds = Datasets::open(Arc::new(store), replay).unwrap();
-        (ds, ())
-    };
-    let d = ds.get("d").unwrap().unwrap();
+    let (_ds, d) = open(dir.path(), io.crash(0));
     let (ino, meta) = d.lookup(ROOT_INO, b"sparse").unwrap();
     assert_eq!(meta.size, 8192 + 100);
     assert_eq!(d.stored_blocks(ino).unwrap(), Some(2));
@@ -536,12 +540,9 @@ fn stored_blocks_count_what_is_stored_not_the_size() {
 #[test]
 fn rename_whiteout_leaves_a_whiteout() {
     let dir = tempfile::tempdir().unwrap();
-    Store::create(dir.path()).unwrap();
     let io = SimIo::new();
     {
-        let (store, replay) = Store::open_with(dir.path(), io.clone()).unwrap();
-        let ds = Datasets::open(Arc::new(store), replay).unwrap();
-        ds.create("d").unwrap();
+        let ds = new_datasets(dir.path(), &io, &["d"]);
         let d = ds.get("d").unwrap().unwrap();
         d.create(ROOT_INO, b"a", FileKind::Regular, 0o644, 7, 8, 0, None)
             .unwrap();
