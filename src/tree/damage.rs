@@ -5,18 +5,23 @@
 //! Which datasets a damage may affect:
 //! - an unreadable journal record names its dataset (v2 record header): that dataset;
 //! - a lost block (no other copy in the store): the datasets whose replayed journal still
-//!   references it at the end of the replay (a block that later writes replaced costs nothing);
+//!   references it at the end of the replay (a block that later writes replaced costs nothing),
+//!   and, for a block the last checkpoint indexed, the datasets whose committed tree reaches it;
 //! - bytes whose header does not decode (or a v1 journal record, which names no dataset): every
 //!   dataset with journal records in the log that recovery read, since any of them may have had
 //!   a record there.
 //!
 //! Only the journal of an affected dataset up to the damage is replayed (for a lost block: up to
 //! the first record that references one), so what it holds is the state of its last intact
-//! fsync before the damage, a state postgres can recover from, never a mix. Invariant: a mark is
+//! fsync before the damage, a state postgres can recover from, never a mix. A dataset whose
+//! committed tree the damage broke (or whose replay fails on damaged data) is not replayed or
+//! checkpointed at all: it stays as committed, and the daemon starts. Invariant: a mark is
 //! written in the same index transaction as the checkpoint that moves the replay start past the
 //! damaged log, so the refusal survives restarts; it is removed only with the dataset, when the
 //! dataset is reset to a snapshot, or by `accept_damage`.
 
+use super::radix::NodeCache;
+use super::walk::{walk_root, Walk};
 use super::{Datasets, NameError};
 use crate::store::{Damage, Damaged, Error, Result, Store, DAMAGED};
 use std::collections::{HashMap, HashSet};
@@ -76,6 +81,7 @@ pub(super) fn groups(
 /// after it are not replayed) and the marks to record.
 pub(super) fn assess(
     store: &Store,
+    cache: &NodeCache,
     records: &HashMap<u64, DatasetRecord>,
     groups: &[Group],
     with_records: &HashSet<u64>,
@@ -94,16 +100,51 @@ pub(super) fn assess(
             found,
         });
     };
-    // Lost blocks: no other copy anywhere in the store.
+    // Lost blocks: no other copy anywhere in the store. A block the last checkpoint indexed
+    // may be found in the index at the damaged record itself: lost too, and committed trees
+    // may reference it.
     let mut lost: HashMap<BlockId, &Damage> = HashMap::new();
+    let mut committed: HashMap<BlockId, &Damage> = HashMap::new();
     for d in damage {
         if let Damaged::Block(id) = &d.what {
-            if store.contains_block(id)? {
-                tracing::warn!(
+            match store.locate(std::slice::from_ref(id))?[0] {
+                Some(l)
+                    if l.pack == d.pack && l.offset >= d.offset && l.offset < d.offset + d.len =>
+                {
+                    lost.insert(*id, d);
+                    committed.insert(*id, d);
+                }
+                Some(_) => tracing::warn!(
                     "recovery: damaged block record {d} has an intact copy elsewhere: nothing lost"
-                );
-            } else {
-                lost.insert(*id, d);
+                ),
+                None => {
+                    lost.insert(*id, d);
+                }
+            }
+        }
+    }
+    // Committed trees that reach a lost block (rare: only damage in the log of the last
+    // checkpoint can hold one): reads of it would fail; the dataset is refused as well.
+    let mut used: HashSet<BlockId> = HashSet::new();
+    if !committed.is_empty() {
+        // Nothing of its journal is replayed: replay would read the broken tree.
+        let never = LogPos::default();
+        for r in records.values() {
+            let mut w = Walk::default();
+            let reached: Vec<BlockId> = match walk_root(store, cache, r.root, &mut w) {
+                Ok(()) => committed
+                    .keys()
+                    .filter(|id| w.blocks.contains(*id))
+                    .copied()
+                    .collect(),
+                // A tree that cannot be walked any more reaches the damage.
+                Err(_) => committed.keys().copied().collect(),
+            };
+            for id in reached {
+                if let Some(d) = committed.get(&id) {
+                    mark(r.id, never, d, DamageKind::Block, Some(id));
+                    used.insert(id);
+                }
             }
         }
     }
@@ -140,7 +181,6 @@ pub(super) fn assess(
                 }
             }
         }
-        let mut used: HashSet<BlockId> = HashSet::new();
         for (ds, r) in &refs {
             let blocks: HashSet<BlockId> = r.values().copied().collect();
             let Some(cut) = first_ref.get(ds).copied() else {
@@ -189,6 +229,29 @@ pub(super) fn assess(
     Ok(out)
 }
 
+/// Whether an error of replay means the data it read is damaged.
+pub(super) fn is_data_error(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Corrupt { .. } | Error::MissingBlock(_) | Error::CorruptMeta(_)
+    )
+}
+
+/// Marks for a dataset that damage broke without saying which damage: every one of them.
+pub(super) fn unattributed(damage: &[Damage]) -> Vec<DamageMark> {
+    let found = super::dataset::now();
+    damage
+        .iter()
+        .map(|d| DamageMark {
+            at: pos_of(d),
+            len: d.len,
+            kind: DamageKind::Unknown,
+            block: None,
+            found,
+        })
+        .collect()
+}
+
 fn pos_of(d: &Damage) -> LogPos {
     LogPos {
         pack: d.pack,
@@ -231,7 +294,8 @@ pub fn refusal_text(name: &str, marks: &[DamageMark]) -> String {
     let what: Vec<String> = marks.iter().map(describe).collect();
     format!(
         "dataset {name} is damaged: the store lost data it had acknowledged with fsync ({}). It \
-         was kept as of its last intact fsync before the damage and is refused until you choose: \
+         holds what recovery could keep (its state at its last intact fsync before the damage; \
+         a block its tree still needs reads as EIO) and is refused until you choose: \
          delete it ('vdbfs dataset delete {name}'; for a VDB 'vdbfs vdb delete {name}'; for a \
          source 'vdbfs source unlink {name} --delete-snapshots', then link it again), put a VDB \
          back on a snapshot ('vdbfs vdb rewind {name} --to SNAPSHOT' or 'vdbfs vdb refresh \

@@ -670,10 +670,14 @@ impl Dataset {
                 (fm.base, fm.base_limit)
             };
             let mut stored = Stored::default();
-            radix::for_each(&self.store, &self.cache, base, limit, &mut |idx, _| {
-                stored.set(idx, true);
-                Ok(())
-            })?;
+            {
+                // A collection may sweep the nodes of a base a checkpoint just replaced.
+                let _gc = self.store.read_guard();
+                radix::for_each(&self.store, &self.cache, base, limit, &mut |idx, _| {
+                    stored.set(idx, true);
+                    Ok(())
+                })?;
+            }
             let mut st = self.st.lock();
             let Ok(inode) = st.inode(&cx, ino) else {
                 return Ok(None);

@@ -27,7 +27,7 @@ use redb::{ReadableDatabase, ReadableTable};
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::sync::Arc;
-use vdbfs_format::index::{CloneOrigin, DatasetRecord, SnapshotRecord};
+use vdbfs_format::index::{CloneOrigin, DatasetRecord, LogPos, SnapshotRecord};
 use vdbfs_format::BlockId;
 
 /// Errors about names and existence that the control API reports to users.
@@ -170,7 +170,15 @@ impl Datasets {
             .map(|(_, rec)| rec.dataset)
             .collect();
         let (groups, torn) = damage::groups(replay.journal, &records);
-        let assessed = damage::assess(&ds.store, &records, &groups, &with_records, &replay.damage)?;
+        let assessed = damage::assess(
+            &ds.store,
+            &ds.cache,
+            &records,
+            &groups,
+            &with_records,
+            &replay.damage,
+        )?;
+        let mut assessed = assessed;
         let (mut replayed, mut held_back) = (0usize, 0usize);
         for g in groups {
             if assessed
@@ -183,8 +191,28 @@ impl Datasets {
             let Some(r) = records.get(&g.dataset) else {
                 continue;
             };
-            ds.load(r).replay(g.ops)?;
-            replayed += 1;
+            match ds.load(r).replay(g.ops) {
+                Ok(()) => replayed += 1,
+                // Replay reads the dataset's tree: damage the assessment could not attribute
+                // (unreadable bytes among the last checkpoint's tree objects) breaks it. The
+                // dataset is refused like the others, never the whole store.
+                Err(e) if !replay.damage.is_empty() && damage::is_data_error(&e) => {
+                    tracing::error!(
+                        dataset = %r.name,
+                        "recovery: replaying the journal failed on damaged data: {e}"
+                    );
+                    ds.loaded.lock().remove(&g.dataset);
+                    let entry = assessed
+                        .entry(g.dataset)
+                        .or_insert((LogPos::default(), Vec::new()));
+                    entry.0 = LogPos::default();
+                    if entry.1.is_empty() {
+                        entry.1 = damage::unattributed(&replay.damage);
+                    }
+                    held_back += 1;
+                }
+                Err(e) => return Err(e),
+            }
         }
         if torn > 0 {
             tracing::warn!(
@@ -195,6 +223,13 @@ impl Datasets {
         if replayed > 0 {
             tracing::info!(records = replayed, "recovery: journal replayed");
         }
+        // A dataset cut before everything is one whose committed tree the damage broke: it
+        // stays as it was committed (not loaded, so not checkpointed either).
+        let broken: HashSet<u64> = assessed
+            .iter()
+            .filter(|(_, (cut, _))| *cut == LogPos::default())
+            .map(|(id, _)| *id)
+            .collect();
         let new: HashMap<u64, Vec<vdbfs_format::index::DamageMark>> = assessed
             .into_iter()
             .map(|(id, (_, marks))| (id, marks))
@@ -215,7 +250,7 @@ impl Datasets {
             );
             marks.entry(*id).or_default().extend(ms.iter().cloned());
             // Loaded, so that the checkpoint below commits its state (replayed up to the damage).
-            if let Some(r) = records.get(id) {
+            if let (Some(r), false) = (records.get(id), broken.contains(id)) {
                 ds.load(r);
             }
         }

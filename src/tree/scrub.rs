@@ -235,7 +235,11 @@ impl Datasets {
                 last_report = Instant::now();
             }
         }
-        // Once more: a collection may have moved or removed a block since it was located.
+        // Once more, with the nodes the marking could not read: a checkpoint and a collection
+        // may have replaced, moved or removed a block since it was located.
+        suspects.extend(bad_nodes.keys().copied());
+        suspects.sort_unstable();
+        suspects.dedup();
         let mut bad: BTreeMap<BlockId, (Option<(u32, u64)>, String)> = BTreeMap::new();
         if !suspects.is_empty() {
             let live_now = {
@@ -244,26 +248,40 @@ impl Datasets {
                 for (_, _, root) in self.roots()? {
                     mark_root(self, root, &mut l, &mut ignore);
                 }
+                let mut orphans = Walk::default();
+                for ds in self.loaded.lock().values() {
+                    let _ = ds.orphan_blocks(&mut orphans);
+                }
+                l.extend(orphans.blocks);
                 l
             };
             let mut scrubber = self.store.scrubber();
             for chunk in suspects.chunks(256) {
                 for (id, c) in chunk.iter().zip(scrubber.check(chunk)?) {
+                    if !live_now.contains(id) {
+                        continue;
+                    }
                     match c {
-                        Checked::Ok { .. } => {}
+                        // Its record verifies now; the marking could not read it as a tree
+                        // node: a real fault only if it still is not one.
+                        Checked::Ok { .. } => {
+                            if bad_nodes.contains_key(id) {
+                                if let Err(e) = self.store.get(id).and_then(|b| {
+                                    Node::decode(&b).map_err(|e| Error::CorruptMeta(e.to_string()))
+                                }) {
+                                    bad.insert(*id, (None, e.to_string()));
+                                }
+                            }
+                        }
                         Checked::Bad { loc, why } => {
                             bad.insert(*id, (Some((loc.pack, loc.offset)), why));
                         }
-                        Checked::Missing if live_now.contains(id) => {
+                        Checked::Missing => {
                             bad.insert(*id, (None, "referenced, but not in the store".into()));
                         }
-                        Checked::Missing => {}
                     }
                 }
             }
-        }
-        for (id, why) in bad_nodes {
-            bad.entry(id).or_insert((None, why));
         }
         let refs = if bad.is_empty() {
             HashMap::new()

@@ -497,6 +497,54 @@ fn a_damaged_journal_record_refuses_its_dataset_and_a_reset_clears_it() {
     assert!(ds.damage_of("d").unwrap().is_empty());
 }
 
+/// Damage among the tree objects the last checkpoint committed (here the inode table of "d",
+/// with acknowledged writes after it) breaks that dataset's committed tree: the store still
+/// opens (recovery neither replays nor checkpoints "d"), "d" is refused, "e" is not.
+#[test]
+fn damage_to_a_committed_tree_refuses_its_dataset_and_the_store_still_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = SimIo::new();
+    let root = {
+        let ds = new_datasets(dir.path(), &io, &["d", "e"]);
+        let d = ds.get("d").unwrap().unwrap();
+        let e = ds.get("e").unwrap().unwrap();
+        let (f, g) = (new_file(&d, "f"), new_file(&e, "g"));
+        d.write(f, 0, &page(1)).unwrap();
+        e.write(g, 0, &page(2)).unwrap();
+        ds.checkpoint().unwrap();
+        for i in 0..4u32 {
+            d.write(f, 8192 * (i as u64 + 1), &page(10 + i)).unwrap();
+            d.fsync().unwrap();
+            e.write(g, 8192 * (i as u64 + 1), &page(20 + i)).unwrap();
+            e.fsync().unwrap();
+        }
+        ds.record("d").unwrap().unwrap().root.unwrap()
+    };
+    let io = io.crash(0);
+    let (at, _) = records(dir.path(), &io)
+        .into_iter()
+        .find(|(_, h)| h.id == root)
+        .unwrap();
+    rot(dir.path(), &io, at);
+    let (store, replay) = Store::open_with(dir.path(), io.clone()).unwrap();
+    assert_eq!(replay.damage.len(), 1, "{:?}", replay.damage);
+    let ds = Datasets::open(Arc::new(store), replay).unwrap();
+    let marks = ds.damage_of("d").unwrap();
+    assert_eq!(marks.len(), 1, "{marks:?}");
+    assert_eq!(marks[0].block, Some(root));
+    assert!(ds.refuse_if_damaged("d").is_err());
+    ds.refuse_if_damaged("e").unwrap();
+    let e = ds.get("e").unwrap().unwrap();
+    let (g, meta) = e.lookup(ROOT_INO, b"g").unwrap();
+    assert_eq!(meta.size, 5 * 8192, "e replayed whole");
+    assert_eq!(e.read(g, 4 * 8192, 8192).unwrap(), page(23));
+    drop(e);
+    drop(ds);
+    let (store, replay) = Store::open_with(dir.path(), io.crash(0)).unwrap();
+    let ds = Datasets::open(Arc::new(store), replay).unwrap();
+    assert_eq!(ds.damage_of("d").unwrap(), marks, "remembered");
+}
+
 /// st_blocks counts stored blocks: holes are free, zeros written become holes, truncation
 /// drops blocks, and the count read from the block map after a restart is the same.
 #[test]
