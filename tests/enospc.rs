@@ -267,7 +267,7 @@ fn fault_of(v: &Value) -> String {
 // with a linked source and a VDB; a dataset fills it until writers get ENOSPC (never EIO), then
 // a plain file takes the last free bytes: the filesystem is 100 % full. `source status` and `vdb
 // status` say "store full" with the numbers; `df` works; without adding space the daemon
-// restarts, the filler dataset is deleted, `gc` gives its space back to the filesystem (the
+// restarts, a VDB, a snapshot and the filler dataset are deleted, `gc` gives the space back (the
 // store's reserve, a ballast file only its own checkpoints, recovery, gc and deletes may use,
 // made that possible); then staging catches up with the source and the VDB answers with every
 // row it acknowledged.
@@ -290,6 +290,7 @@ fn a_full_filesystem_never_locks_the_store() {
     link_small(&d, &src, "prod");
     let snap = source_snapshot(&d, "prod");
     let vdb = vdb_util::create(&d, "dev", &snap, &[]);
+    vdb_util::create(&d, "scratch", &snap, &[]);
     vdb.sql("CREATE TABLE acked (id int PRIMARY KEY)");
     let mut acked: Vec<i64> = Vec::new();
     for i in 1..=50 {
@@ -373,10 +374,12 @@ fn a_full_filesystem_never_locks_the_store() {
     let status = d.status_json();
     assert_eq!(status["space"]["full"], true, "{status}");
 
-    // Without adding space: restart, delete the filler, collect.
+    // Without adding space: restart, delete a VDB, a snapshot and the filler, collect.
     drop(filler);
     d.restart();
     d.ok(&["df"]);
+    d.ok(&["vdb", "delete", "scratch"]);
+    d.ok(&["snapshot", "delete", &snap]);
     let _ = d.vdbfs(&["umount", filler_mp.to_str().unwrap()]);
     d.ok(&["dataset", "delete", "filler"]);
     let free_before = fsys.free();
