@@ -129,7 +129,7 @@ ensure_deps() {
         [[ -e "$file" ]] || die "$file still missing after installing ${entry%%:*}"
     done
     id postgres >/dev/null 2>&1 || die "OS user 'postgres' does not exist (postgresql-common should have created it)"
-    ok "packages: fuse3, postgresql-15, postgresql-client-15, jq (PGBIN=$PGBIN)"
+    ok "packages: fuse3, postgresql-15, postgresql-client-15, jq, e2fsprogs (PGBIN=$PGBIN)"
 
     if [[ ! -c /dev/fuse ]]; then
         modprobe fuse 2>/dev/null || true
