@@ -339,6 +339,7 @@ fn damage_before_an_acknowledged_sync_refuses_the_dataset_never_a_silent_start()
     let refused = |out: &std::process::Output, what: &str| {
         assert_eq!(out.status.code(), Some(1), "{what}\n{}", describe(out));
         let err = String::from_utf8_lossy(&out.stderr);
+        eprintln!("{what} refused as expected: {err}");
         for want in [
             "dataset pg is damaged",
             pack_name.as_str(),

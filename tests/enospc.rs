@@ -365,6 +365,7 @@ fn a_full_filesystem_never_locks_the_store() {
         String::new,
         full,
     );
+    eprintln!("source status while full: {}", fault_of(&st));
     assert!(
         fault_of(&st).contains("MiB free of") && fault_of(&st).contains("vdbfs gc"),
         "the fault gives the numbers and what to do: {st}"

@@ -590,10 +590,10 @@ fn init(store: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("cannot read {}", store.display()))?;
         if !entries.is_empty() {
             bail!(
-                "{} is not empty ({} entries, e.g. {:?}) and holds no vdbfs store; vdbfs init \
-                 needs a new or empty directory: choose another --store",
+                "{} is not empty ({}, e.g. {:?}) and holds no vdbfs store; vdbfs init needs a \
+                 new or empty directory: choose another --store",
                 store.display(),
-                entries.len(),
+                crate::mounts::entries_text(entries.len()),
                 entries[0]
             );
         }

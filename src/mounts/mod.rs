@@ -156,10 +156,11 @@ impl MountTable {
             if n > 0 {
                 refuse!(
                     Conflict,
-                    "{} is not empty ({n} entries): mounting dataset {dataset} there would hide \
-                     them; choose an empty directory, or pass --nonempty to mount over them \
+                    "{} is not empty ({}): mounting dataset {dataset} there would hide what it \
+                     holds; choose an empty directory, or pass --nonempty to mount over it \
                      ('vdbfs mount --nonempty {dataset} {}')",
                     mp.display(),
+                    entries_text(n),
                     mp.display()
                 );
             }
@@ -262,6 +263,15 @@ impl MountTable {
             }
         }
         mounts.clear();
+    }
+}
+
+/// "1 entry", "3 entries": how much a directory holds, for messages.
+pub fn entries_text(n: usize) -> String {
+    if n == 1 {
+        "1 entry".to_string()
+    } else {
+        format!("{n} entries")
     }
 }
 

@@ -556,12 +556,13 @@ impl Store {
             return None;
         }
         let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+        let packs = self.physical_bytes().map_or("?".to_string(), mib);
         Some(format!(
-            "store full: {} free of {} on the filesystem of {} ({} held back as the store's \
-             reserve for checkpoints, gc and deletes, writes stop {} before it); writes to \
-             datasets fail with ENOSPC. Free space with 'vdbfs dataset delete', 'vdbfs snapshot \
-             delete' or 'vdbfs vdb delete', then 'vdbfs gc' ('vdbfs df' shows what each holds), \
-             or grow the filesystem",
+            "store full: {} free of {} on the filesystem of {} (its packs hold {packs}; {} held \
+             back as the store's reserve for checkpoints, gc and deletes, writes stop {} before \
+             it); writes to datasets fail with ENOSPC. Free space with 'vdbfs dataset delete', \
+             'vdbfs snapshot delete' or 'vdbfs vdb delete', then 'vdbfs gc' ('vdbfs df' shows \
+             what each holds), or grow the filesystem",
             mib(r.free),
             mib(r.total),
             self.dir.display(),

@@ -101,6 +101,8 @@ pub struct Space {
     appended_since_check: AtomicU64,
     /// The last check refused a writer.
     refusing: AtomicBool,
+    /// Ballast was given up since it was last whole.
+    gave_up: AtomicBool,
 }
 
 impl Space {
@@ -120,6 +122,7 @@ impl Space {
             writable_estimate: AtomicU64::new(0),
             appended_since_check: AtomicU64::new(u64::MAX / 2),
             refusing: AtomicBool::new(false),
+            gave_up: AtomicBool::new(false),
         }
     }
 
@@ -204,6 +207,7 @@ impl Space {
             .and_then(|f| f.set_len(held - give));
         let now = held_by(&path);
         self.held.store(now, Ordering::Relaxed);
+        self.gave_up.store(true, Ordering::Relaxed);
         match r {
             Ok(()) => {
                 tracing::warn!(
@@ -249,7 +253,7 @@ impl Space {
         let r = grow_file(&path, held + grow);
         let now = held_by(&path);
         self.held.store(now, Ordering::Relaxed);
-        if now > held && held < self.target && now >= self.target {
+        if now >= self.target && self.gave_up.swap(false, Ordering::Relaxed) {
             tracing::info!(bytes = now, "the store's reserve is whole again");
         }
         r.map(|()| now)
