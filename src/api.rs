@@ -24,6 +24,15 @@ pub enum Request {
         #[serde(default)]
         with_snapshots: bool,
     },
+    /// Use a dataset that recovery found damaged as it is (its last intact fsync).
+    DatasetAcceptDamage {
+        name: String,
+    },
+    /// Read back and verify every live block; `rate_mib` MiB/s at most (0: no bound).
+    Scrub {
+        #[serde(default)]
+        rate_mib: Option<u64>,
+    },
     SnapshotCreate {
         dataset: String,
         name: Option<String>,
@@ -43,6 +52,9 @@ pub enum Request {
     Mount {
         dataset: String,
         mountpoint: PathBuf,
+        /// Mount over a directory that is not empty (its entries are hidden meanwhile).
+        #[serde(default)]
+        nonempty: bool,
     },
     Umount {
         mountpoint: PathBuf,
@@ -138,6 +150,8 @@ impl Request {
             R::VdbRefresh { .. } => "vdb_refresh",
             R::VdbDelete { .. } => "vdb_delete",
             R::Timeflow { .. } => "timeflow",
+            R::Scrub { .. } => "scrub",
+            R::DatasetAcceptDamage { .. } => "dataset_accept_damage",
         }
     }
 
@@ -159,7 +173,8 @@ impl Request {
             | R::VdbSnapshot { name, .. }
             | R::VdbRewind { name, .. }
             | R::VdbRefresh { name, .. }
-            | R::VdbDelete { name } => name.clone(),
+            | R::VdbDelete { name }
+            | R::DatasetAcceptDamage { name } => name.clone(),
             R::SnapshotCreate { dataset, .. } | R::Mount { dataset, .. } => dataset.clone(),
             R::SnapshotList { dataset } | R::Timeflow { dataset } => {
                 dataset.clone().unwrap_or_default()
@@ -168,9 +183,13 @@ impl Request {
             R::Umount { mountpoint } => mountpoint.display().to_string(),
             R::SourceLink(s) => s.name.clone(),
             R::VdbCreate(s) => s.name.clone(),
-            R::Status | R::DatasetList | R::Df | R::Gc | R::SourceList | R::VdbList => {
-                String::new()
-            }
+            R::Status
+            | R::DatasetList
+            | R::Df
+            | R::Gc
+            | R::SourceList
+            | R::VdbList
+            | R::Scrub { .. } => String::new(),
         }
     }
 
@@ -587,6 +606,71 @@ pub struct Status {
     pub pid: u32,
     pub store: PathBuf,
     pub mounts: Vec<MountInfo>,
+    /// What is wrong with the store now: "store full: ...", damaged datasets, bad blocks the
+    /// last scrub found. Empty when all is well.
+    #[serde(default)]
+    pub faults: Vec<String>,
+    #[serde(default)]
+    pub space: Option<SpaceStatus>,
+    /// The scrub running now, else the last one (None: never scrubbed).
+    #[serde(default)]
+    pub scrub: Option<ScrubReport>,
+    /// When the scheduled scrub runs next (RFC 3339), if scheduled.
+    #[serde(default)]
+    pub next_scrub: Option<String>,
+}
+
+/// The filesystem under the store, and the store's reserve on it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpaceStatus {
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+    /// The ballast file the store gives up only to its own checkpoints, gc and deletes.
+    pub reserve_bytes: u64,
+    pub reserve_target_bytes: u64,
+    /// Writes stop this far above the reserve.
+    pub margin_bytes: u64,
+    /// Writes to datasets are refused (ENOSPC) now.
+    pub full: bool,
+}
+
+/// A scrub: every live block read back and verified.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScrubReport {
+    /// "command" (`vdbfs scrub`) or "schedule" (`serve --scrub-every`).
+    pub trigger: String,
+    pub started: String,
+    /// None while it runs.
+    pub finished: Option<String>,
+    pub running: bool,
+    pub blocks_total: u64,
+    pub blocks_checked: u64,
+    pub bytes_checked: u64,
+    pub seconds: f64,
+    pub bad_blocks: Vec<BadBlockReport>,
+    /// Why it stopped early, if it did.
+    pub error: Option<String>,
+}
+
+/// A block a scrub found bad, and who references it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BadBlockReport {
+    pub block: String,
+    pub pack: Option<u32>,
+    pub offset: Option<u64>,
+    pub error: String,
+    pub references: Vec<BlockReference>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockReference {
+    /// Datasets (`name`) and snapshots (`name@snap`) whose tree holds the block.
+    pub roots: Vec<String>,
+    /// "data", "block map", "directory", "inode table", "file unlinked while open".
+    pub what: String,
+    pub path: Option<String>,
+    pub inode: Option<u64>,
+    pub file_offset: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -598,6 +682,9 @@ pub struct DatasetInfo {
     /// For a clone: the snapshot it was made from (`dataset@snapshot`).
     #[serde(default)]
     pub origin: Option<String>,
+    /// Why the dataset is refused (damage found by recovery), if it is.
+    #[serde(default)]
+    pub fault: Option<String>,
 }
 
 /// `vdbfs dataset delete --json`.
@@ -1033,7 +1120,10 @@ mod tests {
             Request::Mount {
                 dataset: name(),
                 mountpoint: "/m".into(),
+                nonempty: false,
             },
+            Request::Scrub { rate_mib: None },
+            Request::DatasetAcceptDamage { name: name() },
             Request::Umount {
                 mountpoint: "/m".into(),
             },

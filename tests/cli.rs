@@ -61,6 +61,76 @@ fn init_creates_store_and_refuses_twice() {
     assert!(store.join("index.redb").is_file());
 }
 
+// The bug: `vdbfs init DIR` on a PostgreSQL data directory succeeded and chmodded it 0711, so
+// postgres refused to start on it. Now a non-empty directory that is not a store is refused
+// (exit 1, the reason and what to do), and nothing in it changes: not its files, not its mode.
+// An existing empty directory becomes a store and keeps its mode (with a note when the postgres
+// user could not traverse it); a file is refused.
+#[test]
+fn init_refuses_what_is_not_its_own_and_changes_no_mode() {
+    let tmp = util::tempdir("vdbfs-cli-");
+    let pgdata = tmp.path().join("pgdata");
+    fs::create_dir(&pgdata).unwrap();
+    fs::write(pgdata.join("PG_VERSION"), "15\n").unwrap();
+    fs::create_dir(pgdata.join("base")).unwrap();
+    fs::set_permissions(&pgdata, fs::Permissions::from_mode(0o700)).unwrap();
+    let out = run(vdbfs().arg("--store").arg(&pgdata).arg("init"));
+    assert_error(&out, "init on a data directory");
+    let err = stderr(&out);
+    assert!(
+        err.contains("not empty") && err.contains("choose another --store"),
+        "the refusal must say why and what to do\n{}",
+        describe(&out)
+    );
+    let mode = fs::metadata(&pgdata).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(
+        mode, 0o700,
+        "init changed the mode of a directory it did not create"
+    );
+    let mut names: Vec<String> = fs::read_dir(&pgdata)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["PG_VERSION", "base"], "init left something behind");
+
+    let file = tmp.path().join("a-file");
+    fs::write(&file, "x").unwrap();
+    assert_error(
+        &run(vdbfs().arg("--store").arg(&file).arg("init")),
+        "init on a file",
+    );
+
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    fs::set_permissions(&empty, fs::Permissions::from_mode(0o750)).unwrap();
+    let out = run(vdbfs().arg("--store").arg(&empty).arg("init"));
+    assert!(
+        out.status.success(),
+        "init of an empty directory\n{}",
+        describe(&out)
+    );
+    assert!(empty.join("index.redb").is_file());
+    assert_eq!(
+        fs::metadata(&empty).unwrap().permissions().mode() & 0o7777,
+        0o750,
+        "init changed the mode of a directory it did not create"
+    );
+    assert!(
+        stderr(&out).contains("o+x"),
+        "a store the postgres user cannot traverse deserves a note\n{}",
+        describe(&out)
+    );
+    // A directory init creates is 0711, as the contract says.
+    let fresh = tmp.path().join("fresh");
+    let out = run(vdbfs().arg("--store").arg(&fresh).arg("init"));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        fs::metadata(&fresh).unwrap().permissions().mode() & 0o7777,
+        0o711
+    );
+}
+
 // Without a running daemon every daemon command fails with exit 1 and tells the user exactly
 // which socket did not answer and how to start a daemon.
 #[test]

@@ -241,6 +241,22 @@ fn every_command_prints_json_and_its_errors_as_json() {
             },
         ),
         (
+            "scrub",
+            Row {
+                ok: Some(args(&["scrub", "--rate", "0"])),
+                err: None,
+                check: |v| v["bad_blocks"] == serde_json::json!([]) && v["blocks_checked"].is_u64(),
+            },
+        ),
+        (
+            "dataset accept-damage",
+            Row {
+                ok: None,
+                err: Some((args(&["dataset", "accept-damage", "nope"]), "not_found")),
+                check: any,
+            },
+        ),
+        (
             "snapshot delete",
             Row {
                 ok: Some(args(&["snapshot", "delete", "plain@s1"])),

@@ -321,3 +321,48 @@ fn install_puts_completions_and_man_pages_in_place() {
         .join("usr/share/bash-completion/completions/vdbfs")
         .exists());
 }
+
+// The bug: `vdbfs mount DS DIR` on a directory with files hid them (while `vdb create --mount`
+// refused). Now it is refused (exit 1, the files stay visible, nothing is mounted) unless
+// `--nonempty`; and a failed mount removes the directories it created.
+#[test]
+fn mount_refuses_a_nonempty_directory_unless_asked_and_cleans_up_after_failing() {
+    let d = Daemon::start();
+    d.create_dataset("m");
+    let busy = d.root().join("busy");
+    fs::create_dir(&busy).unwrap();
+    fs::write(busy.join("keep"), b"mine").unwrap();
+    let out = d.vdbfs(&["mount", "m", busy.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not empty") && err.contains("--nonempty"),
+        "the refusal must say why and what to do\n{}",
+        describe(&out)
+    );
+    assert!(!is_mounted(&busy), "refused, yet mounted");
+    assert_eq!(fs::read(busy.join("keep")).unwrap(), b"mine");
+
+    d.ok(&["mount", "--nonempty", "m", busy.to_str().unwrap()]);
+    assert!(is_mounted(&busy));
+    assert!(
+        !busy.join("keep").exists(),
+        "the mount hides the directory's files"
+    );
+    let m = Mount::adopt(&d, "m", &busy);
+    m.umount();
+    assert_eq!(
+        fs::read(busy.join("keep")).unwrap(),
+        b"mine",
+        "and gives them back"
+    );
+
+    // A mount that fails leaves no directory it made.
+    let fresh = d.root().join("made/by/mount");
+    let out = d.vdbfs(&["mount", "no-such-dataset", fresh.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        !d.root().join("made").exists(),
+        "a failed mount left the directories it created"
+    );
+}

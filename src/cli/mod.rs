@@ -78,6 +78,9 @@ pub enum Cmd {
         /// Log lines as text or as JSON objects (level from VDBFS_LOG or RUST_LOG).
         #[arg(long, value_enum, env = "VDBFS_LOG_FORMAT", default_value = "text")]
         log_format: LogFormat,
+        /// Scrub (read back and verify every live block) this often: 12h, 7d, ...; "off" never.
+        #[arg(long, env = "VDBFS_SCRUB_EVERY", default_value = "7d")]
+        scrub_every: String,
     },
     /// Show the daemon's pid, its store and the mounts.
     Status,
@@ -104,6 +107,9 @@ pub enum Cmd {
         dataset: String,
         /// Where to mount it (created if missing).
         mountpoint: PathBuf,
+        /// Mount over a directory that is not empty (its files are hidden while mounted).
+        #[arg(long)]
+        nonempty: bool,
     },
     /// Flush and unmount (refused while files are open there).
     Umount {
@@ -114,6 +120,13 @@ pub enum Cmd {
     Df,
     /// Reclaim the space of blocks nothing references (also runs by itself).
     Gc,
+    /// Read back and verify every live block (also runs by itself: serve --scrub-every); exits
+    /// 1 when it finds bad blocks, naming the datasets, snapshots and files that hold them.
+    Scrub {
+        /// Read at most this many MiB/s (0: no bound).
+        #[arg(long, default_value_t = crate::daemon::SCRUB_RATE_MIB)]
+        rate: u64,
+    },
     /// Link source databases (dSources) and keep them in sync through a staging standby.
     Source {
         #[command(subcommand)]
@@ -288,6 +301,12 @@ pub enum DatasetCmd {
         #[arg(long)]
         with_snapshots: bool,
     },
+    /// Use a dataset recovery found damaged as it is (as of its last intact fsync before the
+    /// damage); `dataset list` and `vdbfs status` show damaged datasets.
+    AcceptDamage {
+        /// The damaged dataset.
+        name: String,
+    },
 }
 
 pub(crate) fn human(b: u64) -> String {
@@ -431,30 +450,14 @@ pub fn report(e: &anyhow::Error, json: bool) -> i32 {
 /// syntax: `debug`, `vdbfs=debug,fuser=warn`, ...), else `info`; `serve --log-format json`
 /// writes them as JSON objects.
 fn init_logging(cli: &Cli) {
-    use tracing_subscriber::EnvFilter;
-    const DEFAULT: &str = "info,fuser=error";
-    let (var, value) = match (std::env::var("VDBFS_LOG"), std::env::var("RUST_LOG")) {
-        (Ok(v), _) if !v.is_empty() => ("VDBFS_LOG", v),
-        (_, Ok(v)) if !v.is_empty() => ("RUST_LOG", v),
-        _ => ("", DEFAULT.to_string()),
-    };
-    let filter = EnvFilter::try_new(&value).unwrap_or_else(|e| {
-        eprintln!("vdbfs: warning: {var}={value:?} is not a log filter ({e}); logging at info");
-        EnvFilter::new(DEFAULT)
-    });
-    let format = match cli.cmd {
-        Cmd::Serve { log_format, .. } => log_format,
-        _ => LogFormat::Text,
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-    }
+    let json = matches!(
+        cli.cmd,
+        Cmd::Serve {
+            log_format: LogFormat::Json,
+            ..
+        }
+    );
+    crate::logging::init(json);
 }
 
 /// Commands whose result has no JSON form.
@@ -471,25 +474,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let store = absolute(&cli.store)?;
     let json = cli.json;
     match cli.cmd {
-        Cmd::Init => {
-            if crate::store::index_path(&store).exists() {
-                return Err(Refusal::new(
-                    ErrorKind::Conflict,
-                    format!("{} already holds a vdbfs store", store.display()),
-                )
-                .into());
-            }
-            crate::store::Store::create(&store)
-                .with_context(|| format!("cannot create a store in {}", store.display()))?;
-            if json {
-                print_json(&serde_json::json!({ "store": store }))?;
-            } else {
-                println!("initialized an empty vdbfs store in {}", store.display());
-            }
-        }
+        Cmd::Init => init(&store, json)?,
         Cmd::Serve {
             vdb_ports,
             keep_undo,
+            scrub_every,
             ..
         } => {
             if json {
@@ -498,7 +487,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     "'vdbfs serve --log-format json' writes its log lines as JSON",
                 ));
             }
-            crate::daemon::serve(&store, &vdb_ports, keep_undo)?
+            crate::daemon::serve(&store, &vdb_ports, keep_undo, &scrub_every)?
         }
         Cmd::Completions { shell } => {
             if json {
@@ -521,11 +510,45 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 println!("{}", r.data);
             } else {
-                let s: Status = serde_json::from_value(r.data)?;
-                println!("daemon pid {} serving {}", s.pid, s.store.display());
-                for m in s.mounts {
-                    println!("  {} on {}", m.dataset, m.mountpoint.display());
-                }
+                print_status(&serde_json::from_value(r.data)?);
+            }
+        }
+        Cmd::Scrub { rate } => {
+            let r = run_req(
+                &store,
+                Request::Scrub {
+                    rate_mib: Some(rate),
+                },
+            )?;
+            if json {
+                println!("{}", r.data);
+            } else {
+                println!("{}", r.message);
+            }
+            let rep: api::ScrubReport = serde_json::from_value(r.data)?;
+            if !rep.bad_blocks.is_empty() && json {
+                // The report printed above is the one JSON object of this command; it lists
+                // the bad blocks, so no error object follows it. Still a failure: exit 1.
+                eprintln!(
+                    "vdbfs: error: scrub found {} bad block(s) (in the report): their data is lost",
+                    rep.bad_blocks.len()
+                );
+                std::process::exit(ErrorKind::Internal.exit_code());
+            }
+            if !rep.bad_blocks.is_empty() {
+                return Err(Refusal::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "scrub found {} bad block(s) (listed above): their data is lost",
+                        rep.bad_blocks.len()
+                    ),
+                )
+                .with_hint(
+                    "restore what references them (delete or reset those datasets, or rewrite \
+                     the files), and check the disk"
+                        .to_string(),
+                )
+                .into());
             }
         }
         Cmd::Dataset { cmd } => match cmd {
@@ -567,13 +590,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                             mp,
                             opt(&d.origin)
                         );
+                        if let Some(f) = d.fault {
+                            println!("  FAULT: {f}");
+                        }
                     }
                 }
             }
+            DatasetCmd::AcceptDamage { name } => say(
+                json,
+                &run_req(&store, Request::DatasetAcceptDamage { name })?,
+            ),
         },
         Cmd::Mount {
             dataset,
             mountpoint,
+            nonempty,
         } => {
             let mountpoint = absolute(&mountpoint)?;
             say(
@@ -583,6 +614,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     Request::Mount {
                         dataset,
                         mountpoint,
+                        nonempty,
                     },
                 )?,
             );
@@ -759,6 +791,117 @@ fn print_source(s: &api::SourceStatus) {
     println!("  snapshots {every}; {keep}");
     if s.restarts > 0 {
         println!("  staging restarted {} time(s) after a crash", s.restarts);
+    }
+}
+
+/// `vdbfs init`: a new store in a new or empty directory; anything else is refused before a
+/// byte changes.
+fn init(store: &Path, json: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if crate::store::index_path(store).exists() {
+        return Err(Refusal::new(
+            ErrorKind::Conflict,
+            format!("{} already holds a vdbfs store", store.display()),
+        )
+        .with_hint(format!(
+            "serve it with 'vdbfs serve --store {}'",
+            store.display()
+        ))
+        .into());
+    }
+    let existing = match std::fs::metadata(store) {
+        Ok(m) if !m.is_dir() => {
+            return Err(Refusal::new(
+                ErrorKind::Invalid,
+                format!(
+                    "{} exists and is not a directory; choose another --store",
+                    store.display()
+                ),
+            )
+            .into())
+        }
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot look at {}", store.display()));
+        }
+    };
+    if existing.is_some() {
+        let entries = crate::store::foreign_entries(store)
+            .with_context(|| format!("cannot read {}", store.display()))?;
+        if !entries.is_empty() {
+            return Err(Refusal::new(
+                ErrorKind::Invalid,
+                format!(
+                    "{} is not empty ({}, e.g. {:?}) and holds no vdbfs store; vdbfs init needs a \
+                     new or empty directory: choose another --store",
+                    store.display(),
+                    crate::mounts::entries_text(entries.len()),
+                    entries[0]
+                ),
+            )
+            .into());
+        }
+    }
+    crate::store::Store::create(store)
+        .with_context(|| format!("cannot create a store in {}", store.display()))?;
+    if json {
+        print_json(&serde_json::json!({ "store": store }))?;
+    } else {
+        println!("initialized an empty vdbfs store in {}", store.display());
+    }
+    if let Some(m) = existing {
+        if m.permissions().mode() & 0o001 == 0 {
+            eprintln!(
+                "note: {} keeps its mode {:o}; sources and VDBs need the postgres user to \
+                 traverse it ('chmod o+x {}')",
+                store.display(),
+                m.permissions().mode() & 0o7777,
+                store.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_status(s: &Status) {
+    println!("daemon pid {} serving {}", s.pid, s.store.display());
+    for m in &s.mounts {
+        println!("  {} on {}", m.dataset, m.mountpoint.display());
+    }
+    if let Some(sp) = &s.space {
+        println!(
+            "  space: {} free of {}; reserve {} of {}{}",
+            human(sp.free_bytes),
+            human(sp.total_bytes),
+            human(sp.reserve_bytes),
+            human(sp.reserve_target_bytes),
+            if sp.full { "; STORE FULL" } else { "" }
+        );
+    }
+    match &s.scrub {
+        Some(r) if r.running => println!(
+            "  scrub running since {}: {} of {} blocks checked",
+            r.started, r.blocks_checked, r.blocks_total
+        ),
+        Some(r) => println!(
+            "  last scrub {} ({}): {} blocks, {} bad{}",
+            r.finished.as_deref().unwrap_or(&r.started),
+            r.trigger,
+            r.blocks_checked,
+            r.bad_blocks.len(),
+            r.error
+                .as_ref()
+                .map(|e| format!(", stopped early: {e}"))
+                .unwrap_or_default()
+        ),
+        None => println!("  never scrubbed"),
+    }
+    if let Some(n) = &s.next_scrub {
+        println!("  next scheduled scrub {n}");
+    }
+    for f in &s.faults {
+        println!("  FAULT: {f}");
     }
 }
 

@@ -10,7 +10,8 @@
 use super::Daemon;
 use crate::api::{
     self, DatasetDeleted, DatasetInfo, Df, ErrorKind, GcDone, MountInfo, Progress, Refusal,
-    Request, Response, RootKind, RootUsage, SnapshotDeleted, SourceUnlinked, Status, VdbDeleted,
+    Request, Response, RootKind, RootUsage, SnapshotDeleted, SourceUnlinked, SpaceStatus, Status,
+    VdbDeleted,
 };
 use crate::refuse;
 use crate::tree::{NameError, StoreUsage};
@@ -21,6 +22,11 @@ type Reply = (String, Value);
 
 fn data<T: serde::Serialize>(v: T) -> anyhow::Result<Reply> {
     Ok((String::new(), serde_json::to_value(v)?))
+}
+
+/// A reply that is only a message (its JSON result is null).
+fn said(message: String) -> anyhow::Result<Reply> {
+    Ok((message, Value::Null))
 }
 
 fn with<T: serde::Serialize>(message: String, v: T) -> anyhow::Result<Reply> {
@@ -46,6 +52,9 @@ pub fn kind_of(e: &anyhow::Error) -> ErrorKind {
                 NameError::HasSnapshots(..) => ErrorKind::Conflict,
                 NameError::NotFound(_) | NameError::SnapshotNotFound(_) => ErrorKind::NotFound,
             };
+        }
+        if c.downcast_ref::<crate::tree::damage::Refused>().is_some() {
+            return ErrorKind::Conflict;
         }
         if let Some(s) = c.downcast_ref::<crate::store::Error>() {
             return store_kind(s);
@@ -201,6 +210,12 @@ impl Daemon {
             | R::VdbRefresh { .. }
             | R::VdbDelete { .. }
             | R::Timeflow { .. }) => self.vdb_request(r, progress),
+            R::Scrub { rate_mib } => {
+                let rate = rate_mib.unwrap_or(super::scrub::DEFAULT_RATE_MIB);
+                let r = self.scrub("command", rate, progress)?;
+                let msg = scrub_summary(&r);
+                Ok((msg, serde_json::to_value(&r)?))
+            }
             r => self.store_request(r),
         }
     }
@@ -361,6 +376,7 @@ impl Daemon {
             mountpoint: self.mounts.mounted_at(&r.name),
             created: crate::time::rfc3339(r.created.secs),
             origin: self.datasets.origin(r.id)?,
+            fault: self.datasets.damage_fault(&r.name),
             name: r.name,
             id: r.id,
         })
@@ -420,11 +436,7 @@ impl Daemon {
     fn store_request(&self, req: Request) -> anyhow::Result<Reply> {
         let ds = &self.datasets;
         match req {
-            Request::Status => data(Status {
-                pid: std::process::id(),
-                store: self.store_dir.clone(),
-                mounts: self.mounts.list(),
-            }),
+            Request::Status => data(self.status()?),
             Request::DatasetCreate { name } => {
                 ds.create(&name)?;
                 with(format!("created dataset {name}"), self.dataset_info(&name)?)
@@ -471,6 +483,19 @@ impl Daemon {
                         vdbs_orphaned,
                     },
                 )
+            }
+            Request::DatasetAcceptDamage { name } => {
+                let marks = ds.accept_damage(&name)?;
+                if marks.is_empty() {
+                    return said(format!("dataset {name} is not damaged; nothing to accept"));
+                }
+                let what: Vec<String> = marks.iter().map(crate::tree::damage::describe).collect();
+                said(format!(
+                    "accepted the loss for dataset {name} ({}): it can be mounted and snapshotted \
+                     again, as of its last intact fsync before the damage; postgres on it \
+                     recovers from what is there (check it, e.g. with pg_amcheck)",
+                    what.join("; ")
+                ))
             }
             Request::SnapshotCreate { dataset, name } => {
                 let t = std::time::Instant::now();
@@ -543,8 +568,9 @@ impl Daemon {
             Request::Mount {
                 dataset,
                 mountpoint,
+                nonempty,
             } => {
-                let message = self.mounts.mount(&dataset, &mountpoint)?;
+                let message = self.mounts.mount_new(&dataset, &mountpoint, nonempty)?;
                 let mountpoint = self.mounts.mounted_at(&dataset).unwrap_or(mountpoint);
                 with(
                     message,
@@ -570,6 +596,86 @@ impl Daemon {
             }
             _ => refuse!(Internal, "not a store request"),
         }
+    }
+}
+
+/// One line about a scrub, for people.
+fn scrub_summary(r: &api::ScrubReport) -> String {
+    let mut s = format!(
+        "scrub {}: {} blocks ({:.1} MiB) read back in {:.1} s",
+        if r.bad_blocks.is_empty() {
+            "found every live block intact"
+        } else {
+            "found bad blocks"
+        },
+        r.blocks_checked,
+        r.bytes_checked as f64 / (1 << 20) as f64,
+        r.seconds
+    );
+    for b in &r.bad_blocks {
+        s.push_str(&format!(
+            "\nBAD block {} ({}): {}",
+            b.block,
+            match (b.pack, b.offset) {
+                (Some(p), Some(o)) => format!("pack {p:08} offset {o}"),
+                _ => "not in the store".to_string(),
+            },
+            b.error
+        ));
+        if b.references.is_empty() {
+            s.push_str("\n  referenced by nothing any more");
+        }
+        for r in &b.references {
+            s.push_str("\n  ");
+            s.push_str(&crate::tree::scrub::describe(
+                &r.roots,
+                &r.what,
+                r.path.as_deref(),
+                r.inode,
+                r.file_offset,
+            ));
+        }
+    }
+    s
+}
+
+impl Daemon {
+    /// `vdbfs status`: the daemon, its mounts, space, the last scrub and every fault.
+    fn status(&self) -> anyhow::Result<Status> {
+        let store = self.datasets.store();
+        let mut faults = Vec::new();
+        if let Some(f) = store.full_fault() {
+            faults.push(f);
+        }
+        for (_, text) in self.datasets.damaged()? {
+            faults.push(text);
+        }
+        let scrub = self.scrubs.report.lock().clone();
+        if let Some(r) = scrub.as_ref().filter(|r| !r.bad_blocks.is_empty()) {
+            faults.push(format!(
+                "the last scrub ({}) found {} bad block(s); 'vdbfs status --json' lists them with \
+                 the datasets, snapshots and files that reference them",
+                r.finished.as_deref().unwrap_or(&r.started),
+                r.bad_blocks.len()
+            ));
+        }
+        let space = store.space_report().ok().map(|r| SpaceStatus {
+            free_bytes: r.free,
+            total_bytes: r.total,
+            reserve_bytes: r.reserve_held,
+            reserve_target_bytes: r.reserve_target,
+            margin_bytes: r.margin,
+            full: r.full,
+        });
+        Ok(Status {
+            pid: std::process::id(),
+            store: self.store_dir.clone(),
+            mounts: self.mounts.list(),
+            faults,
+            space,
+            scrub,
+            next_scrub: self.next_scrub(),
+        })
     }
 }
 

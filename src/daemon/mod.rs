@@ -1,7 +1,8 @@
 //! `vdbfs serve`: the daemon that owns a store. It opens the store (one daemon per store),
 //! wires the services to their handles, re-establishes the recorded mounts, and runs three
 //! things until SIGTERM/SIGINT: the control server (`server`, requests dispatched by area in
-//! `dispatch`), the checkpointer (checkpoints and background gc), and the supervisor
+//! `dispatch`), the checkpointer (checkpoints, background gc, the store's reserve grown back,
+//! the scheduled scrub of `scrub`), and the supervisor
 //! (`supervise`: recovery of cut-short operations at start, then staging standbys and VDBs kept
 //! running). On the way out it stops every postgres, checkpoints and unmounts.
 //!
@@ -13,9 +14,12 @@
 //! `store::records`); every postgres is stopped before the mount under it goes away.
 
 mod dispatch;
+mod scrub;
 mod server;
 mod supervise;
 mod timeflow;
+
+pub use scrub::DEFAULT_RATE_MIB as SCRUB_RATE_MIB;
 
 use crate::mounts::MountTable;
 use crate::source::SourceService;
@@ -38,6 +42,8 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
 const CHECKPOINT_BLOCKS: usize = 65_536;
 /// Garbage collection runs by itself this often.
 const GC_INTERVAL: Duration = Duration::from_secs(600);
+/// The store's reserve is grown back (when it was given up and there is room) this often.
+const REFILL_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct Daemon {
     store_dir: PathBuf,
@@ -46,6 +52,9 @@ pub struct Daemon {
     sources: Arc<SourceService>,
     vdbs: Arc<VdbService>,
     stopping: AtomicBool,
+    /// How often the scheduled scrub runs (None: never).
+    scrub_every: Option<Duration>,
+    scrubs: scrub::Scrubs,
     /// The exclusive lock on the store directory (released when the process ends).
     _lock: std::fs::File,
 }
@@ -86,7 +95,12 @@ fn lock_store(store_dir: &Path) -> anyhow::Result<std::fs::File> {
 }
 
 impl Daemon {
-    fn open(store_dir: &Path, vdb_ports: (u16, u16), keep_undo: u32) -> anyhow::Result<Daemon> {
+    fn open(
+        store_dir: &Path,
+        vdb_ports: (u16, u16),
+        keep_undo: u32,
+        scrub_every: Option<Duration>,
+    ) -> anyhow::Result<Daemon> {
         if !crate::store::index_path(store_dir).exists() {
             crate::refuse!(
                 NotFound,
@@ -118,15 +132,19 @@ impl Daemon {
             )
             .keep_undo(keep_undo),
         );
-        Ok(Daemon {
+        let d = Daemon {
             store_dir: store_dir.to_path_buf(),
             datasets,
             mounts,
             sources,
             vdbs,
             stopping: AtomicBool::new(false),
+            scrub_every,
+            scrubs: scrub::Scrubs::default(),
             _lock: lock,
-        })
+        };
+        d.load_scrub_state();
+        Ok(d)
     }
 
     /// Re-establishes the mounts that were active when the last daemon stopped or died.
@@ -145,6 +163,7 @@ impl Daemon {
     fn checkpointer(self: Arc<Self>) {
         let mut last = Instant::now();
         let mut last_gc = Instant::now();
+        let mut last_refill = Instant::now();
         while !self.stopping.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(200));
             let due = self.datasets.store().recent_blocks() >= CHECKPOINT_BLOCKS
@@ -170,6 +189,13 @@ impl Daemon {
                 }
                 last_gc = Instant::now();
             }
+            if last_refill.elapsed() >= REFILL_INTERVAL {
+                if let Err(e) = self.datasets.store().refill_reserve() {
+                    tracing::warn!("cannot grow the store's reserve back: {e}");
+                }
+                self.scrub_if_due();
+                last_refill = Instant::now();
+            }
         }
     }
 
@@ -190,11 +216,21 @@ impl Daemon {
 }
 
 /// Runs the daemon of `store_dir` in the foreground until SIGTERM or SIGINT; new VDBs take
-/// their ports from `vdb_ports` (`LO-HI`); each VDB keeps its last `keep_undo` undo snapshots.
-pub fn serve(store_dir: &Path, vdb_ports: &str, keep_undo: u32) -> anyhow::Result<()> {
+/// their ports from `vdb_ports` (`LO-HI`); each VDB keeps its last `keep_undo` undo snapshots;
+/// a scrub runs every `scrub_every` ("off": never).
+pub fn serve(
+    store_dir: &Path,
+    vdb_ports: &str,
+    keep_undo: u32,
+    scrub_every: &str,
+) -> anyhow::Result<()> {
     let vdb_ports = crate::vdb::parse_port_range(vdb_ports)?;
+    let scrub_every = match scrub_every.trim() {
+        "off" | "never" | "0" => None,
+        s => Some(crate::time::parse_interval(s, "--scrub-every")?),
+    };
     raise_fd_limit();
-    let daemon = Arc::new(Daemon::open(store_dir, vdb_ports, keep_undo)?);
+    let daemon = Arc::new(Daemon::open(store_dir, vdb_ports, keep_undo, scrub_every)?);
     let _ = std::fs::remove_file(socket_path(store_dir));
     daemon.remount()?;
     {

@@ -7,7 +7,7 @@
 use super::{Error, Result};
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::path::{Path, PathBuf};
-use vdbfs_format::index::{BlockLoc, DatasetRecord, LogPos, INDEX_VERSION};
+use vdbfs_format::index::{BlockLoc, DamageMark, DatasetRecord, LogPos, INDEX_VERSION};
 use vdbfs_format::BlockId;
 
 pub const BLOCKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blocks");
@@ -27,6 +27,10 @@ pub const SNAPSHOT_PROPS: TableDefinition<(u64, &str), &[u8]> =
 pub const SOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("sources");
 /// VDB name -> JSON VDB record (control path; see FORMAT.md "Control-path tables").
 pub const VDBS: TableDefinition<&str, &[u8]> = TableDefinition::new("vdbs");
+/// (dataset id, pack, offset) -> DamageMark: datasets refused because recovery found
+/// acknowledged log bytes that no longer verify (FORMAT.md, "Recovery"). Cleared when the
+/// dataset is deleted, reset to a snapshot, or its loss accepted.
+pub const DAMAGED: TableDefinition<(u64, u32, u64), &[u8]> = TableDefinition::new("damaged");
 
 /// Opens every table once, so that readers never meet a missing one (stores created by an
 /// older build gain the tables added since).
@@ -40,6 +44,7 @@ fn create_tables(txn: &redb::WriteTransaction) -> std::result::Result<(), redb::
     txn.open_table(SNAPSHOT_PROPS)?;
     txn.open_table(SOURCES)?;
     txn.open_table(VDBS)?;
+    txn.open_table(DAMAGED)?;
     Ok(())
 }
 
@@ -142,6 +147,22 @@ impl Index {
             None => LogPos::default(),
         };
         Ok(rs.min(iu))
+    }
+
+    /// Every damage mark, by dataset id.
+    pub fn damage_marks(&self) -> Result<Vec<(u64, DamageMark)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DAMAGED)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let (ds, pack, offset) = k.value();
+            out.push((
+                ds,
+                DamageMark::decode_value(LogPos { pack, offset }, v.value())?,
+            ));
+        }
+        Ok(out)
     }
 
     /// Looks up the ids at `which` positions of `ids`, filling `out`.

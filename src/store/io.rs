@@ -108,6 +108,8 @@ pub trait PackIo: Send + Sync {
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
     /// Names of the files in `dir`.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Removes a file (a pack whose creation failed).
+    fn remove(&self, path: &Path) -> io::Result<()>;
 }
 
 /// The real thing: std files, pread/pwrite, O_DIRECT where the filesystem has it, fdatasync.
@@ -225,5 +227,8 @@ impl PackIo for OsIo {
             out.push(e?.file_name().to_string_lossy().into_owned());
         }
         Ok(out)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
     }
 }

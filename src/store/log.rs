@@ -29,8 +29,6 @@ use std::sync::Arc;
 use vdbfs_format::index::LogPos;
 use vdbfs_format::pack::{self, PACK_HEADER_LEN};
 
-/// A pack is closed and a new one started once it grows past this size.
-pub const PACK_TARGET_SIZE: u64 = 256 << 20;
 /// An append that finds this much unwritten data in the tail writes it out (no sync).
 const FLUSH_AT: usize = 4 << 20;
 /// Appenders wait while this much is buffered and a flush is already under way.
@@ -104,6 +102,8 @@ struct Shared {
     poisoned: AtomicBool,
     stop: AtomicBool,
     prefill_wanted: AtomicBool,
+    /// A pack is closed and a new one started once it grows past this size.
+    pack_target: u64,
 }
 
 pub struct Log {
@@ -119,8 +119,14 @@ pub struct Appended {
 }
 
 impl Log {
-    /// Starts a new active pack `no` in `dir` (which must not exist yet).
-    pub fn start(dir: &Path, io: Arc<dyn PackIo>, no: u32) -> Result<(Log, Arc<dyn PackFile>)> {
+    /// Starts a new active pack `no` in `dir` (which must not exist yet); packs are closed past
+    /// `pack_target` bytes.
+    pub fn start(
+        dir: &Path,
+        io: Arc<dyn PackIo>,
+        no: u32,
+        pack_target: u64,
+    ) -> Result<(Log, Arc<dyn PackFile>)> {
         let file = create_pack(&*io, dir, no)?;
         let mut buf = AlignedBuf::with_capacity(FLUSH_AT + ALIGN);
         buf.extend_from_slice(&pack::encode_pack_header(no));
@@ -151,6 +157,7 @@ impl Log {
             poisoned: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             prefill_wanted: AtomicBool::new(false),
+            pack_target,
         });
         let sh2 = sh.clone();
         let prefiller = std::thread::Builder::new()
@@ -217,7 +224,7 @@ impl Log {
             }
             t = self.flush_locked(t, false)?;
         }
-        if t.end() >= PACK_TARGET_SIZE {
+        if t.end() >= self.sh.pack_target {
             t = self.roll_locked(t, new_pack)?;
         }
         let at = Appended {
@@ -504,13 +511,21 @@ impl Drop for Log {
     }
 }
 
-/// Creates pack `no`: its header written and synced, then the directory synced.
+/// Creates pack `no`: its header written and synced, then the directory synced. A creation
+/// that fails (a full disk) removes the file again, so the next attempt can create it.
 fn create_pack(io: &dyn PackIo, dir: &Path, no: u32) -> Result<Arc<dyn PackFile>> {
-    let file = io.create(&pack_path(dir, no))?;
+    let path = pack_path(dir, no);
+    let file = io.create(&path)?;
     let mut first = AlignedBuf::with_capacity(ALIGN);
     first.extend_from_slice(&pack::encode_pack_header(no));
-    file.write_log_at(first.padded(), 0, true)?;
-    io.sync_dir(&dir.join("packs"))?;
+    let r = file
+        .write_log_at(first.padded(), 0, true)
+        .and_then(|()| io.sync_dir(&dir.join("packs")));
+    if let Err(e) = r {
+        drop(file);
+        let _ = io.remove(&path);
+        return Err(e.into());
+    }
     Ok(file)
 }
 
@@ -536,8 +551,8 @@ fn prefill_loop(sh: &Shared) {
             }
             let end = t.end();
             let from = t.allocated.max(align_up(end + PREFILL_GAP));
-            let goal = end + PREFILL_WINDOW;
-            if from >= goal || t.rolling || end >= PACK_TARGET_SIZE {
+            let goal = (end + PREFILL_WINDOW).min(sh.pack_target);
+            if from >= goal || t.rolling || end >= sh.pack_target {
                 break;
             }
             let len = align_up(((goal - from) as usize).min(PREFILL_CHUNK) as u64) as usize;

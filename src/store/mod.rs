@@ -2,8 +2,9 @@
 //! index. Bottom of the data path (FUSE op -> tree layer -> block store -> packs and index).
 //!
 //! Modules: `log` (the active pack, appends and group commit), `recovery` (reading the log
-//! back), `index` (redb), `space` (the reserve), `gc` (the store side of collection), `io` (the
-//! seam to the disk, `sim` its crash-test double).
+//! back), `index` (redb), `space` (the reserve: a ballast file only the store's own work may
+//! use), `gc` (the store side of collection), `scrub` (reading every live block back), `io`
+//! (the seam to the disk, `sim` its crash-test double).
 //!
 //! Invariants (see fs-format/FORMAT.md, "Commit protocol"):
 //! - Pack files are append-only and never rewritten in place (the log's last partial block is
@@ -19,6 +20,9 @@
 //!   never wrong bytes.
 //! - After a failed sync the store is poisoned: every later write or sync fails, so a lost write
 //!   is never reported as durable by a later, successful fsync.
+//! - Every index write transaction starts through [`Store::begin_write`] (or a checkpoint), which
+//!   first makes room on a full filesystem by giving up reserve: redb never meets ENOSPC (after a
+//!   failed write it refuses every later one until reopened).
 
 pub mod error;
 mod gc;
@@ -27,6 +31,7 @@ pub mod io;
 mod log;
 pub mod records;
 pub mod recovery;
+pub mod scrub;
 #[cfg(test)]
 pub mod sim;
 mod space;
@@ -36,17 +41,18 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use vdbfs_format::index::{BlockLoc, DatasetRecord, LogPos};
+use vdbfs_format::index::{BlockLoc, DamageMark, DatasetRecord, LogPos};
 use vdbfs_format::journal::JournalRecord;
 use vdbfs_format::pack::{self, RecordFormat, RecordKind, MAX_RECORD_HEADER_LEN};
 use vdbfs_format::{codec, BlockId};
 
 pub use error::{Error, Result};
 pub use index::{
-    index_path, BLOCKS, DATASETS, META, MOUNTS, NAMES, ORIGINS, SNAPSHOTS, SNAPSHOT_PROPS, SOURCES,
-    VDBS,
+    index_path, BLOCKS, DAMAGED, DATASETS, META, MOUNTS, NAMES, ORIGINS, SNAPSHOTS, SNAPSHOT_PROPS,
+    SOURCES, VDBS,
 };
 pub use recovery::{Damage, Damaged};
+pub use space::{ballast_path, SpaceReport};
 
 use index::Index;
 use io::{OsIo, PackFile, PackIo};
@@ -88,15 +94,34 @@ fn pack_path(dir: &Path, no: u32) -> PathBuf {
 }
 
 impl Store {
-    /// Creates a new, empty store in `dir` (which may exist but must not hold a store).
+    /// Creates a new, empty store in `dir`: a new directory (mode 0711), or an existing empty
+    /// one (its mode is left as it is). Anything else is refused before a byte changes.
     pub fn create(dir: &Path) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(dir.join("packs"))?;
-        // Block data is only for the daemon; the store directory itself stays traversable so
-        // that the postgres user reaches the mount points and source files inside it.
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+        let existed = match std::fs::metadata(dir) {
+            Ok(m) if !m.is_dir() => return Err(Error::NotDir),
+            Ok(_) => {
+                if !foreign_entries(dir)?.is_empty() {
+                    return Err(Error::NotEmpty);
+                }
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e.into()),
+        };
+        std::fs::create_dir_all(dir)?;
+        if !existed {
+            // Block data is only for the daemon; the store directory itself stays traversable
+            // so that the postgres user reaches the mount points and source files inside it.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+        }
+        std::fs::create_dir(dir.join("packs"))?;
         std::fs::set_permissions(dir.join("packs"), std::fs::Permissions::from_mode(0o700))?;
         Index::create(dir)?;
+        if let Err(e) = Space::create_ballast(dir) {
+            // The daemon grows it when there is room.
+            tracing::warn!("cannot allocate the store's reserve yet: {e}");
+        }
         OsIo.sync_dir(dir)?;
         Ok(())
     }
@@ -107,6 +132,10 @@ impl Store {
 
     /// Opens the store, scans the log written since the last checkpoint and starts a new pack.
     pub fn open_with(dir: &Path, io: Arc<dyn PackIo>) -> Result<(Store, Replay)> {
+        // Opening the index writes to it, and recovery checkpoints: on a full filesystem the
+        // reserve makes the room (see `space`).
+        let space = Space::open(dir);
+        space.make_room("recovery")?;
         let (index, pos) = Index::open(dir)?;
         let mut numbers = Vec::new();
         for name in io.list(&dir.join("packs"))? {
@@ -148,7 +177,12 @@ impl Store {
         }
 
         let next_no = last.map_or(1, |n| n + 1);
-        let (log, file) = Log::start(dir, io.clone(), next_no)?;
+        let (log, file) = Log::start(
+            dir,
+            io.clone(),
+            next_no,
+            space::pack_target_for(space.total()),
+        )?;
         packs.insert(
             next_no,
             Pack {
@@ -171,7 +205,7 @@ impl Store {
                 log,
                 packs: RwLock::new(packs),
                 recent: RwLock::new(found.recent),
-                space: Space::new(dir),
+                space,
                 gc_active: AtomicBool::new(false),
                 gc_start: Mutex::new(LogPos::default()),
                 dedup_guard: RwLock::new(()),
@@ -199,8 +233,13 @@ impl Store {
 
     /// Appends encoded records after checking the space they need; returns where they start.
     fn append(&self, recs: &[u8]) -> Result<BlockLoc> {
-        self.log.check_poisoned()?;
         self.space.check(recs.len() as u64)?;
+        self.append_unchecked(recs)
+    }
+
+    /// Appends without the space check (journal records: see `space`).
+    fn append_unchecked(&self, recs: &[u8]) -> Result<BlockLoc> {
+        self.log.check_poisoned()?;
         let at = self.log.append(recs, &mut |no, file| {
             self.packs.write().insert(
                 no,
@@ -620,7 +659,7 @@ impl Store {
             &payload,
             self.log.durable(),
         );
-        let loc = self.append(&bytes)?;
+        let loc = self.append_unchecked(&bytes)?;
         Ok(LogPos {
             pack: loc.pack,
             offset: loc.offset + loc.len as u64,
@@ -642,6 +681,7 @@ impl Store {
         datasets: &[DatasetRecord],
         extra: impl FnOnce(&redb::WriteTransaction) -> Result<()>,
     ) -> Result<()> {
+        self.space.make_room("a checkpoint")?;
         let upto = self.sync_all()?;
         let batch: Vec<(BlockId, BlockLoc)> = self
             .recent
@@ -684,7 +724,8 @@ impl Store {
         self.recent.read().len()
     }
 
-    /// Runs `f` with permission to use the space reserve (checkpoints, snapshots, GC copies).
+    /// Runs `f` with permission to use the space reserve (checkpoints, snapshots, GC copies);
+    /// on a full filesystem, ballast is given up first.
     pub fn with_reserve<R>(&self, f: impl FnOnce() -> R) -> R {
         self.space.with_reserve(f)
     }
@@ -693,6 +734,96 @@ impl Store {
     pub fn statvfs(&self) -> Result<(u64, u64)> {
         self.space.statvfs()
     }
+
+    /// Free space, the reserve, and whether writers are refused.
+    pub fn space_report(&self) -> Result<SpaceReport> {
+        self.space.report()
+    }
+
+    /// The fault `source status`, `vdb status` and `vdbfs status` show while writers are
+    /// refused, with the numbers, or None.
+    pub fn full_fault(&self) -> Option<String> {
+        let r = self.space.report().ok()?;
+        if !r.full {
+            return None;
+        }
+        let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+        let packs = self.physical_bytes().map_or("?".to_string(), mib);
+        Some(format!(
+            "store full: {} free of {} on the filesystem of {} (its packs hold {packs}; {} held \
+             back as the store's reserve for checkpoints, gc and deletes, writes stop {} before \
+             it); writes to datasets fail with ENOSPC. Free space with 'vdbfs dataset delete', \
+             'vdbfs snapshot delete' or 'vdbfs vdb delete', then 'vdbfs gc' ('vdbfs df' shows \
+             what each holds), or grow the filesystem",
+            mib(r.free),
+            mib(r.total),
+            self.dir.display(),
+            mib(r.reserve_held),
+            mib(r.margin),
+        ))
+    }
+
+    /// Grows the reserve back when there is room (the daemon calls it periodically).
+    pub fn refill_reserve(&self) -> Result<u64> {
+        self.space.refill()
+    }
+
+    /// The room the store's own work may use now (free space plus the reserve).
+    pub fn room(&self) -> Result<u64> {
+        self.space.room()
+    }
+
+    /// Gives up reserve so that `need` bytes are free, if it can (before a compaction copy).
+    pub fn make_room_for(&self, need: u64, what: &str) -> Result<()> {
+        self.space.make_room_for(need, what)
+    }
+
+    /// Starts an index write transaction, after making room on a full filesystem.
+    pub fn begin_write(&self) -> Result<redb::WriteTransaction> {
+        self.space.make_room("an index write")?;
+        Ok(self.index.db().begin_write()?)
+    }
+
+    /// Whether a block can be read (indexed, or found in the log since the last checkpoint).
+    pub fn contains_block(&self, id: &BlockId) -> Result<bool> {
+        Ok(self.lookup_many(std::slice::from_ref(id))?[0].is_some())
+    }
+
+    /// A value of the `meta` table that is not one of the store's own positions (e.g.
+    /// `last_scrub`).
+    pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        use redb::ReadableDatabase;
+        let txn = self.index.db().begin_read()?;
+        let v = txn.open_table(META)?.get(key)?.map(|v| v.value().to_vec());
+        Ok(v)
+    }
+
+    /// Sets a value of the `meta` table (one durable transaction).
+    pub fn meta_put(&self, key: &str, value: &[u8]) -> Result<()> {
+        let txn = self.begin_write()?;
+        txn.open_table(META)?.insert(key, value)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The damage marks of every dataset (table `damaged`).
+    pub fn damage_marks(&self) -> Result<Vec<(u64, DamageMark)>> {
+        self.index.damage_marks()
+    }
+}
+
+/// Entries of a directory that would make it "not empty" for `vdbfs init` (a filesystem's own
+/// `lost+found` does not count).
+pub fn foreign_entries(dir: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if name != "lost+found" {
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 thread_local! {

@@ -3,10 +3,14 @@
 //!
 //! Invariants: one `Dataset` object per dataset id exists in a daemon (all mounts of it share
 //! it); checkpoints are serialized by `checkpoint_lock`, and a checkpoint commits the records of
-//! every loaded dataset in one redb transaction.
+//! every loaded dataset in one redb transaction. A dataset recovery found damaged (`damage`) is
+//! refused for mounting and snapshots until it is deleted, reset to a snapshot or its loss is
+//! accepted.
 
+pub mod damage;
 pub mod dataset;
 pub mod radix;
+pub mod scrub;
 #[cfg(test)]
 mod snapshot_tests;
 #[cfg(test)]
@@ -23,7 +27,7 @@ use redb::{ReadableDatabase, ReadableTable};
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::sync::Arc;
-use vdbfs_format::index::{CloneOrigin, DatasetRecord, SnapshotRecord};
+use vdbfs_format::index::{CloneOrigin, DatasetRecord, LogPos, SnapshotRecord};
 use vdbfs_format::BlockId;
 
 /// Errors about names and existence that the control API reports to users.
@@ -133,6 +137,8 @@ pub struct Datasets {
     loaded: Mutex<HashMap<u64, Arc<Dataset>>>,
     checkpoint_lock: Mutex<()>,
     gc_lock: Mutex<()>,
+    /// The damage marks of refused datasets, by id (the `damaged` table; see `damage`).
+    damaged: Mutex<HashMap<u64, Vec<vdbfs_format::index::DamageMark>>>,
 }
 
 /// A sortable name for an unnamed snapshot, from its creation time (UTC, milliseconds).
@@ -149,6 +155,8 @@ pub fn snapshot_name_for(t: vdbfs_format::tree::Timestamp) -> String {
 
 impl Datasets {
     /// Opens the datasets of a store, replays the journal found by recovery, and checkpoints.
+    /// Datasets that damaged log bytes may have cost fsynced changes are replayed up to the
+    /// damage and marked (see `damage`), in the same commit as the checkpoint.
     pub fn open(store: Arc<Store>, replay: Replay) -> Result<Datasets> {
         let ds = Datasets {
             store,
@@ -156,31 +164,58 @@ impl Datasets {
             loaded: Mutex::new(HashMap::new()),
             checkpoint_lock: Mutex::new(()),
             gc_lock: Mutex::new(()),
+            damaged: Mutex::new(HashMap::new()),
         };
         let records: HashMap<u64, DatasetRecord> =
             ds.list()?.into_iter().map(|r| (r.id, r)).collect();
-        let mut replayed = 0usize;
-        // Ops of a group split over several records wait here until its last record.
-        let mut groups: HashMap<u64, Vec<vdbfs_format::journal::JournalOp>> = HashMap::new();
-        for (pos, rec) in replay.journal {
-            let Some(r) = records.get(&rec.dataset) else {
-                continue; // a deleted dataset
-            };
-            if pos < r.replay_from {
+        let with_records: HashSet<u64> = replay
+            .journal
+            .iter()
+            .filter(|(pos, rec)| {
+                records
+                    .get(&rec.dataset)
+                    .is_some_and(|r| *pos >= r.replay_from)
+            })
+            .map(|(_, rec)| rec.dataset)
+            .collect();
+        let (groups, torn) = damage::groups(replay.journal, &records);
+        let assessed = damage::assess(&ds.store, &records, &groups, &with_records, &replay.damage)?;
+        let mut assessed = assessed;
+        let (mut replayed, mut held_back) = (0usize, 0usize);
+        for g in groups {
+            if assessed
+                .get(&g.dataset)
+                .is_some_and(|(cut, _)| g.last >= *cut)
+            {
+                held_back += 1;
                 continue;
             }
-            let continued = matches!(
-                rec.ops.last(),
-                Some(vdbfs_format::journal::JournalOp::Continued)
-            );
-            let group = groups.entry(rec.dataset).or_default();
-            group.extend(rec.ops);
-            if !continued {
-                ds.load(r).replay(std::mem::take(group))?;
-                replayed += 1;
+            let Some(r) = records.get(&g.dataset) else {
+                continue;
+            };
+            match ds.load(r).replay(g.ops) {
+                Ok(()) => replayed += 1,
+                // Replay reads the dataset's tree: damage the assessment could not attribute
+                // (unreadable bytes among the last checkpoint's tree objects) breaks it. The
+                // dataset is refused like the others, never the whole store.
+                Err(e) if !replay.damage.is_empty() && damage::is_data_error(&e) => {
+                    tracing::error!(
+                        dataset = %r.name,
+                        "recovery: replaying the journal failed on damaged data: {e}"
+                    );
+                    ds.loaded.lock().remove(&g.dataset);
+                    let entry = assessed
+                        .entry(g.dataset)
+                        .or_insert((LogPos::default(), Vec::new()));
+                    entry.0 = LogPos::default();
+                    if entry.1.is_empty() {
+                        entry.1 = damage::unattributed(&replay.damage);
+                    }
+                    held_back += 1;
+                }
+                Err(e) => return Err(e),
             }
         }
-        let torn = groups.values().filter(|g| !g.is_empty()).count();
         if torn > 0 {
             tracing::warn!(
                 groups = torn,
@@ -190,9 +225,52 @@ impl Datasets {
         if replayed > 0 {
             tracing::info!(records = replayed, "recovery: journal replayed");
         }
+        // A dataset cut before everything is one whose committed tree the damage broke: it
+        // stays as it was committed (not loaded, so not checkpointed either).
+        let broken: HashSet<u64> = assessed
+            .iter()
+            .filter(|(_, (cut, _))| *cut == LogPos::default())
+            .map(|(id, _)| *id)
+            .collect();
+        let new: HashMap<u64, Vec<vdbfs_format::index::DamageMark>> = assessed
+            .into_iter()
+            .map(|(id, (_, marks))| (id, marks))
+            .collect();
+        let mut marks: HashMap<u64, Vec<vdbfs_format::index::DamageMark>> = HashMap::new();
+        for (id, m) in ds.store.damage_marks()? {
+            if records.contains_key(&id) {
+                marks.entry(id).or_default().push(m);
+            }
+        }
+        for (id, ms) in &new {
+            let name = records.get(id).map_or("?", |r| r.name.as_str());
+            tracing::error!(
+                dataset = name,
+                journal_groups_not_replayed = held_back,
+                "recovery: {}",
+                damage::refusal_text(name, ms)
+            );
+            marks.entry(*id).or_default().extend(ms.iter().cloned());
+            // Loaded, so that the checkpoint below commits its state (replayed up to the damage).
+            if let (Some(r), false) = (records.get(id), broken.contains(id)) {
+                ds.load(r);
+            }
+        }
         // Always commit, even with nothing replayed: the replay start then moves past the old
-        // log, so a torn group in it can never be joined by records of this run.
-        ds.force_checkpoint()?;
+        // log, so a torn group in it can never be joined by records of this run. The marks go
+        // in the same commit: once the damaged log is behind the replay start, they are what
+        // remembers the damage.
+        ds.store.with_reserve(|| {
+            let _g = ds.checkpoint_lock.lock();
+            let loaded: Vec<Arc<Dataset>> = ds.loaded.lock().values().cloned().collect();
+            let mut records = Vec::new();
+            for d in loaded {
+                records.push(d.flush_trees()?);
+            }
+            ds.store
+                .commit_checkpoint_with(&records, |txn| damage::write_marks(txn, &new))
+        })?;
+        *ds.damaged.lock() = marks;
         Ok(ds)
     }
 
@@ -252,7 +330,7 @@ impl Datasets {
         next_ino: u64,
         origin: Option<CloneOrigin>,
     ) -> anyhow::Result<DatasetRecord> {
-        let txn = self.store.db().begin_write().map_err(Error::from)?;
+        let txn = self.store.begin_write()?;
         let rec = {
             let mut names = txn.open_table(NAMES).map_err(Error::from)?;
             if names.get(name).map_err(Error::from)?.is_some() {
@@ -297,7 +375,7 @@ impl Datasets {
         let rec = self
             .record(name)?
             .ok_or_else(|| NameError::NotFound(name.to_string()))?;
-        let txn = self.store.db().begin_write().map_err(Error::from)?;
+        let txn = self.store.begin_write()?;
         txn.open_table(NAMES)
             .map_err(Error::from)?
             .remove(name)
@@ -306,8 +384,10 @@ impl Datasets {
             .map_err(Error::from)?
             .remove(rec.id)
             .map_err(Error::from)?;
+        damage::clear_marks(&txn, rec.id)?;
         txn.commit().map_err(Error::from)?;
         self.loaded.lock().remove(&rec.id);
+        self.damaged.lock().remove(&rec.id);
         Ok(())
     }
 
@@ -427,6 +507,8 @@ impl Datasets {
         let rec = self
             .record(dataset)?
             .ok_or_else(|| NameError::NotFound(dataset.to_string()))?;
+        // A snapshot would carry the damage into clones that know nothing of it.
+        self.refuse_id_if_damaged(rec.id, dataset)?;
         // Writes the kernel still caches for the mount belong in the snapshot.
         let live = self.loaded.lock().get(&rec.id).cloned();
         if let Some(ds) = live {
@@ -486,7 +568,7 @@ impl Datasets {
     pub fn delete_snapshot(&self, dataset: &str, snap: &str) -> anyhow::Result<()> {
         let rec = self.find_snapshot(dataset, snap)?;
         let _g = self.checkpoint_lock.lock();
-        let txn = self.store.db().begin_write().map_err(Error::from)?;
+        let txn = self.store.begin_write()?;
         txn.open_table(SNAPSHOTS)
             .map_err(Error::from)?
             .remove((rec.dataset, snap))
@@ -545,7 +627,7 @@ impl Datasets {
             next_ino: s.next_ino,
             replay_from: self.store.end(),
         };
-        let txn = self.store.db().begin_write().map_err(Error::from)?;
+        let txn = self.store.begin_write()?;
         txn.open_table(DATASETS)
             .map_err(Error::from)?
             .insert(rec.id, new.encode().as_slice())
@@ -560,9 +642,12 @@ impl Datasets {
                 .insert(rec.id, origin.encode().as_slice())
                 .map_err(Error::from)?;
         }
+        // The snapshot's tree was committed whole: nothing of the damage is in it.
+        damage::clear_marks(&txn, rec.id)?;
         txn.commit().map_err(Error::from)?;
         // The next user loads the new tree.
         self.loaded.lock().remove(&rec.id);
+        self.damaged.lock().remove(&rec.id);
         Ok(())
     }
 
@@ -687,23 +772,69 @@ impl Datasets {
                 rewrite.push(p);
             }
         }
-        if !rewrite.is_empty() {
+        // Emptiest first: a pack of garbage costs no copy and gives back the most room. Packs go
+        // in batches whose live records fit in the room there is (free space and the reserve):
+        // on a full filesystem one small pack at a time, each deleted before the next is copied.
+        rewrite.sort_by_key(|p| live.get(p).copied().unwrap_or(0));
+        let mut records: HashMap<u32, Vec<(BlockId, vdbfs_format::index::BlockLoc)>> =
+            HashMap::new();
+        {
             let set: HashSet<u32> = rewrite.iter().copied().collect();
+            // What the sweep left indexed in these packs is live.
             self.store.each_indexed_block(|id, loc| {
                 if set.contains(&loc.pack) {
-                    self.store.relocate(id, loc)?;
+                    records.entry(loc.pack).or_default().push((*id, *loc));
                 }
                 Ok(())
             })?;
-            // The copies are indexed by this checkpoint before any old pack goes away.
+        }
+        const MAX_BATCH: u64 = 1 << 30;
+        let mut rewritten = 0usize;
+        let mut todo = rewrite.into_iter().peekable();
+        while todo.peek().is_some() {
+            let room = self.store.room()?.min(MAX_BATCH);
+            let (mut batch, mut need) = (Vec::new(), 0u64);
+            while let Some(&p) = todo.peek() {
+                let l = live.get(&p).copied().unwrap_or(0);
+                if need + l > room {
+                    if batch.is_empty() {
+                        tracing::warn!(
+                            pack = p,
+                            live_bytes = l,
+                            room,
+                            "gc: not enough room to rewrite this pack now; a later collection retries"
+                        );
+                        todo.next();
+                        continue;
+                    }
+                    break;
+                }
+                batch.push(p);
+                need += l;
+                todo.next();
+            }
+            if batch.is_empty() {
+                break;
+            }
+            if need > 0 {
+                self.store.make_room_for(need, "rewriting packs")?;
+            }
+            for p in &batch {
+                for (id, loc) in records.remove(p).unwrap_or_default() {
+                    self.store.relocate(&id, &loc)?;
+                }
+            }
+            // The copies (and the sweep) are committed by this checkpoint before any old pack
+            // goes away.
             self.force_checkpoint()?;
-            self.store.delete_packs(&rewrite)?;
+            self.store.delete_packs(&batch)?;
+            rewritten += batch.len();
         }
         let after = self.store.physical_bytes()? as i64;
         Ok(GcReport {
             blocks_freed,
             bytes_freed,
-            packs_rewritten: rewrite.len(),
+            packs_rewritten: rewritten,
             bytes_reclaimed: before - after,
         })
     }

@@ -336,6 +336,7 @@ fn snapshots_and_clones_match_a_full_copy_model() {
                         parent_of(&d, ts),
                         tname.as_bytes(),
                         0,
+                        (0, 0),
                     )
                     .unwrap();
                     let live = &mut m.datasets.get_mut(&name).unwrap().live;

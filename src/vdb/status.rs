@@ -17,6 +17,15 @@ impl VdbService {
         let ours = postgres.ours(&st);
         let pid = postgres.pid(&st);
         let last_error = st.rt.lock().last_error.clone();
+        if rec.pending.is_none() {
+            // Faults of the store: the VDB cannot work (or will not for long) while they last.
+            if let Some(f) = self.datasets.damage_fault(&rec.name) {
+                return (VdbState::Fault, Some(f));
+            }
+            if let Some(f) = self.datasets.store().full_fault() {
+                return (VdbState::Fault, Some(f));
+            }
+        }
         match (&rec.pending, pid, rec.running) {
             (Some(p), _, _) if p.op == VdbOp::Create => (VdbState::Creating, None),
             (Some(p), _, _) => (

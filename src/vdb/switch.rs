@@ -110,21 +110,33 @@ impl VdbService {
             self.stop_with_hooks(&rec, st)
                 .map_err(|e| e.context(format!("{op} of VDB {name}: stopping it failed")))?;
         }
+        // No undo point for a damaged dataset: it would carry the damage, and going back to
+        // it would hide it. A failure before the switch leaves the dataset damaged (and
+        // refused); after it, on the new tree.
+        let damaged = !self.datasets.damage_of(&name)?.is_empty();
         let undo_name = format!(
             "auto-before-{op}-{}",
             crate::tree::snapshot_name_for(crate::tree::dataset::now())
         );
-        let undo = self.take_snapshot(&rec, st, Some(&undo_name), SnapshotKind::Auto)?;
+        let undo = if damaged {
+            None
+        } else {
+            Some(self.take_snapshot(&rec, st, Some(&undo_name), SnapshotKind::Auto)?)
+        };
+        let undo_label = undo.as_ref().map_or_else(
+            || "none: the dataset is damaged".to_string(),
+            |u| u.name.clone(),
+        );
         let old_parent = rec.parent.clone();
         let pending = Pending {
             op,
-            rollback: Some(undo_name.clone()),
+            rollback: undo.as_ref().map(|_| undo_name.clone()),
             parent: old_parent.clone(),
             was_running,
         };
         rec.pending = Some(pending.clone());
         self.records.put(&rec)?;
-        dir.log_line(&format!("{op} onto {ds}@{snap} (undo point {})", undo.name));
+        dir.log_line(&format!("{op} onto {ds}@{snap} (undo point {undo_label})"));
         let target = if refresh {
             self.recovery_target(ds, snap)
         } else {
@@ -169,17 +181,15 @@ impl VdbService {
                     .map_err(|e| e.context(format!("VDB {name}: {op} done, but")))
             }
             Err(e) => {
-                dir.log_line(&format!("{op} failed: {e:#}; going back to {}", undo.name));
+                dir.log_line(&format!("{op} failed: {e:#}; going back to {undo_label}"));
                 rec.parent = old_parent;
                 match self.undo_switch(&mut rec, st, &pending) {
                     Ok(()) => Err(e.context(format!(
-                        "{op} of VDB {name} failed; it is back as it was (from {})",
-                        undo.name
+                        "{op} of VDB {name} failed; it is back as it was (from {undo_label})"
                     ))),
                     Err(e2) => Err(e.context(format!(
-                        "{op} of VDB {name} failed, and going back to {} failed too ({e2:#}); \
-                         'vdbfs vdb rewind {name} --to {}' retries",
-                        undo.name, undo_name
+                        "{op} of VDB {name} failed, and going back to {undo_label} failed too \
+                         ({e2:#}); 'vdbfs vdb rewind {name} --to {undo_name}' retries"
                     ))),
                 }
             }

@@ -30,8 +30,9 @@ pub struct Daemon {
     mounts: Mutex<Vec<PathBuf>>,
     /// This daemon's VDB port pool (`LO-HI`), apart from other tests' daemons running at once.
     vdb_ports: String,
-    /// More `vdbfs serve` arguments and environment (see [`Daemon::restart_with`]).
+    /// More `vdbfs serve` arguments (see [`Daemon::restart_with`]).
     serve_args: Vec<String>,
+    /// More environment for the next `vdbfs serve` (e.g. `VDBFS_SCRUB_EVERY`).
     serve_env: Vec<(String, String)>,
 }
 
@@ -80,6 +81,13 @@ impl Daemon {
         d
     }
 
+    /// Sets an environment variable for the next start of `vdbfs serve` ([`Daemon::restart`],
+    /// [`Daemon::start_again`]).
+    pub fn set_serve_env(&mut self, key: &str, value: &str) {
+        self.serve_env.retain(|(k, _)| k != key);
+        self.serve_env.push((key.to_string(), value.to_string()));
+    }
+
     /// The VDB port pool this daemon was started with (`vdbfs serve --vdb-ports`).
     pub fn vdb_ports(&self) -> (u16, u16) {
         let (lo, hi) = self.vdb_ports.split_once('-').expect("LO-HI");
@@ -122,8 +130,8 @@ impl Daemon {
             .arg(&self.store)
             .args(&self.serve_args)
             .env_remove("VDBFS_STORE")
-            .envs(self.serve_env.iter().map(|(k, v)| (k, v)))
             .env("VDBFS_VDB_PORTS", &self.vdb_ports)
+            .envs(self.serve_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
