@@ -75,6 +75,7 @@ require_root() {
 #                         (amcheck, ...). It also provides the virtual postgresql-contrib-15.
 #   postgresql-client-15  psql, pg_amcheck, pg_isready, pg_basebackup
 #   jq                    /usr/bin/jq (scripts read `vdbfs ... --json` with it)
+#   e2fsprogs             /sbin/mkfs.ext4 (the full-disk test makes a small loop-mounted ext4)
 _DEP_FILES=(
     "fuse3:/usr/bin/fusermount3"
     "fuse3:/sbin/mount.fuse3"
@@ -88,6 +89,7 @@ _DEP_FILES=(
     "postgresql-client-15:$PGBIN/pg_amcheck"
     "postgresql-client-15:$PGBIN/pg_basebackup"
     "jq:/usr/bin/jq"
+    "e2fsprogs:/sbin/mkfs.ext4"
 )
 _APT_UPDATED=""
 
@@ -127,7 +129,7 @@ ensure_deps() {
         [[ -e "$file" ]] || die "$file still missing after installing ${entry%%:*}"
     done
     id postgres >/dev/null 2>&1 || die "OS user 'postgres' does not exist (postgresql-common should have created it)"
-    ok "packages: fuse3, postgresql-15, postgresql-client-15, jq (PGBIN=$PGBIN)"
+    ok "packages: fuse3, postgresql-15, postgresql-client-15, jq, e2fsprogs (PGBIN=$PGBIN)"
 
     if [[ ! -c /dev/fuse ]]; then
         modprobe fuse 2>/dev/null || true

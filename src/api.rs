@@ -7,6 +7,9 @@
 //! [`ErrorKind`]; the daemon decides the kind in one place (`daemon::dispatch`) and the CLI turns
 //! it into an exit code ([`ErrorKind::exit_code`]); an HTTP server will use
 //! [`ErrorKind::http_status`]. See `docs/error-handling.md`.
+//!
+//! Size: every request and reply type of the contract is here so that the wire format reads in
+//! one place, with the tests that pin it at the end.
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -23,6 +26,15 @@ pub enum Request {
         name: String,
         #[serde(default)]
         with_snapshots: bool,
+    },
+    /// Use a dataset that recovery found damaged as it is (its last intact fsync).
+    DatasetAcceptDamage {
+        name: String,
+    },
+    /// Read back and verify every live block; `rate_mib` MiB/s at most (0: no bound).
+    Scrub {
+        #[serde(default)]
+        rate_mib: Option<u64>,
     },
     SnapshotCreate {
         dataset: String,
@@ -43,6 +55,9 @@ pub enum Request {
     Mount {
         dataset: String,
         mountpoint: PathBuf,
+        /// Mount over a directory that is not empty (its entries are hidden meanwhile).
+        #[serde(default)]
+        nonempty: bool,
     },
     Umount {
         mountpoint: PathBuf,
@@ -54,6 +69,9 @@ pub enum Request {
     },
     SourceSnapshot {
         name: String,
+        /// `--name`: the snapshot's name (else its time); retention leaves a named one alone.
+        #[serde(default)]
+        snapshot: Option<String>,
     },
     SourceEnable {
         name: String,
@@ -117,6 +135,139 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The request's name on the wire (`"op"`), for logs.
+    pub fn op(&self) -> &'static str {
+        use Request as R;
+        match self {
+            R::Status => "status",
+            R::DatasetCreate { .. } => "dataset_create",
+            R::DatasetList => "dataset_list",
+            R::DatasetDelete { .. } => "dataset_delete",
+            R::SnapshotCreate { .. } => "snapshot_create",
+            R::SnapshotList { .. } => "snapshot_list",
+            R::SnapshotDelete { .. } => "snapshot_delete",
+            R::Clone { .. } => "clone",
+            R::Df => "df",
+            R::Gc => "gc",
+            R::Mount { .. } => "mount",
+            R::Umount { .. } => "umount",
+            R::SourceLink(_) => "source_link",
+            R::SourceList => "source_list",
+            R::SourceStatus { .. } => "source_status",
+            R::SourceSnapshot { .. } => "source_snapshot",
+            R::SourceEnable { .. } => "source_enable",
+            R::SourceSet { .. } => "source_set",
+            R::SourceDisable { .. } => "source_disable",
+            R::SourceUnlink { .. } => "source_unlink",
+            R::VdbCreate(_) => "vdb_create",
+            R::VdbList => "vdb_list",
+            R::VdbStatus { .. } => "vdb_status",
+            R::VdbStart { .. } => "vdb_start",
+            R::VdbStop { .. } => "vdb_stop",
+            R::VdbSnapshot { .. } => "vdb_snapshot",
+            R::VdbRewind { .. } => "vdb_rewind",
+            R::VdbRefresh { .. } => "vdb_refresh",
+            R::VdbDelete { .. } => "vdb_delete",
+            R::Timeflow { .. } => "timeflow",
+            R::Scrub { .. } => "scrub",
+            R::DatasetAcceptDamage { .. } => "dataset_accept_damage",
+        }
+    }
+
+    /// What the request is about (a dataset, snapshot, source, VDB or mount point), for logs.
+    pub fn target(&self) -> String {
+        use Request as R;
+        match self {
+            R::DatasetCreate { name }
+            | R::DatasetDelete { name, .. }
+            | R::SnapshotDelete { name }
+            | R::SourceStatus { name }
+            | R::SourceSnapshot { name, .. }
+            | R::SourceEnable { name }
+            | R::SourceSet { name, .. }
+            | R::SourceDisable { name }
+            | R::SourceUnlink { name, .. }
+            | R::VdbStatus { name }
+            | R::VdbStart { name }
+            | R::VdbStop { name }
+            | R::VdbSnapshot { name, .. }
+            | R::VdbRewind { name, .. }
+            | R::VdbRefresh { name, .. }
+            | R::VdbDelete { name }
+            | R::DatasetAcceptDamage { name } => name.clone(),
+            R::SnapshotCreate { dataset, .. } | R::Mount { dataset, .. } => dataset.clone(),
+            R::SnapshotList { dataset } | R::Timeflow { dataset } => {
+                dataset.clone().unwrap_or_default()
+            }
+            R::Clone { name, .. } => name.clone(),
+            R::Umount { mountpoint } => mountpoint.display().to_string(),
+            R::SourceLink(s) => s.name.clone(),
+            R::VdbCreate(s) => s.name.clone(),
+            R::Status
+            | R::DatasetList
+            | R::Df
+            | R::Gc
+            | R::SourceList
+            | R::VdbList
+            | R::Scrub { .. } => String::new(),
+        }
+    }
+
+    /// Whether the request only reads (it is logged at debug level, not info).
+    pub fn reads_only(&self) -> bool {
+        use Request as R;
+        matches!(
+            self,
+            R::Status
+                | R::DatasetList
+                | R::SnapshotList { .. }
+                | R::Df
+                | R::SourceList
+                | R::SourceStatus { .. }
+                | R::VdbList
+                | R::VdbStatus { .. }
+                | R::Timeflow { .. }
+        )
+    }
+
+    /// Whether a cancel (Ctrl-C) rolls the operation back: the operations that undo
+    /// themselves on failure and can take long.
+    pub fn cancellable(&self) -> bool {
+        matches!(
+            self,
+            Request::SourceLink(_)
+                | Request::VdbCreate(_)
+                | Request::VdbRefresh { .. }
+                | Request::VdbRewind { .. }
+        )
+    }
+
+    /// The command that shows how the operation goes on when the CLI stops waiting for it.
+    pub fn follow(&self) -> String {
+        use Request as R;
+        match self {
+            R::SourceLink(s) => format!("vdbfs source status {}", s.name),
+            R::SourceSnapshot { name, .. }
+            | R::SourceEnable { name }
+            | R::SourceSet { name, .. }
+            | R::SourceDisable { name }
+            | R::SourceUnlink { name, .. } => format!("vdbfs source status {name}"),
+            R::VdbCreate(s) => format!("vdbfs vdb status {}", s.name),
+            R::VdbStart { name }
+            | R::VdbStop { name }
+            | R::VdbSnapshot { name, .. }
+            | R::VdbRewind { name, .. }
+            | R::VdbRefresh { name, .. }
+            | R::VdbDelete { name } => format!("vdbfs vdb status {name}"),
+            R::SnapshotCreate { dataset, .. } => format!("vdbfs snapshot list {dataset}"),
+            R::Mount { .. } | R::Umount { .. } => "vdbfs status".into(),
+            R::Gc => "vdbfs df".into(),
+            _ => "the daemon's log".into(),
+        }
+    }
+}
+
 /// What the user asked `vdbfs vdb create` for.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct VdbSpec {
@@ -167,6 +318,16 @@ pub struct VdbStatus {
     /// or refresh).
     #[serde(default)]
     pub history: Option<Range>,
+    /// The undo snapshots taken before each refresh and rewind (`NAME@auto-before-*`), oldest
+    /// first; the daemon keeps the last `undo_keep` (`vdbfs serve --keep-undo`).
+    #[serde(default)]
+    pub undo_snapshots: Vec<String>,
+    /// Stored bytes that only the undo snapshots hold (each one's unique bytes, summed): what
+    /// expiring them frees. 0 in `vdb list`.
+    #[serde(default)]
+    pub undo_bytes: u64,
+    #[serde(default)]
+    pub undo_keep: u32,
 }
 
 /// A snapshot or bookmark of a VDB.
@@ -219,29 +380,168 @@ pub struct ProgressLine {
     pub done_kb: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_kb: Option<u64>,
+    /// The answer to a cancel request: whether the operation is being cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelling: Option<bool>,
 }
 
-/// Where a long operation reports progress (to the CLI's stderr).
+/// Where a long operation reports progress (to the CLI's stderr), and how it learns that the
+/// client asked to cancel it ([`Cancel`]).
 #[derive(Clone, Copy)]
-pub struct Progress<'a>(pub &'a dyn Fn(ProgressLine));
+pub struct Progress<'a> {
+    report: &'a dyn Fn(ProgressLine),
+    cancel: &'a Cancel,
+}
 
-impl Progress<'_> {
+impl<'a> Progress<'a> {
+    pub fn new(report: &'a dyn Fn(ProgressLine), cancel: &'a Cancel) -> Progress<'a> {
+        Progress { report, cancel }
+    }
+
     /// A step, as one line.
     pub fn say(&self, text: impl Into<String>) {
-        (self.0)(ProgressLine {
+        (self.report)(ProgressLine {
             progress: text.into(),
             done_kb: None,
             total_kb: None,
+            cancelling: None,
         })
     }
 
     /// How far a copy is; `text` is the plain line for a log or a pipe.
     pub fn copied(&self, text: String, done_kb: u64, total_kb: u64) {
-        (self.0)(ProgressLine {
+        (self.report)(ProgressLine {
             progress: text,
             done_kb: Some(done_kb),
             total_kb: Some(total_kb),
+            cancelling: None,
         })
+    }
+
+    /// The request's cancellation state (dispatch arms it for the operations that undo
+    /// themselves).
+    pub fn cancel(&self) -> &'a Cancel {
+        self.cancel
+    }
+
+    /// Whether the client asked to cancel.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.requested()
+    }
+
+    /// A cancellation point between two steps that a failure undoes: a [`Refusal`] of kind
+    /// [`ErrorKind::Cancelled`] once the client asked to cancel, so the operation rolls back
+    /// like after any failure.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.cancel.requested() {
+            return Err(Refusal::new(ErrorKind::Cancelled, CANCELLED).into());
+        }
+        Ok(())
+    }
+
+    /// The operation is past the point where a cancel could undo it: a cancel request from
+    /// here on is answered with `why` (and that the operation finishes by itself).
+    pub fn past_return(&self, why: impl Into<String>) {
+        self.cancel.disarm(why);
+    }
+
+    /// Runs a long step `f` that a cancel request may cut short with `interrupt` (e.g. killing
+    /// the copy it waits for); a failure of `f` after such a request is the cancellation.
+    pub fn interruptible<T>(
+        &self,
+        interrupt: impl Fn() + Send + Sync + 'static,
+        f: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        self.check()?;
+        *lock(&self.cancel.interrupt) = Some(std::sync::Arc::new(interrupt));
+        let r = f();
+        *lock(&self.cancel.interrupt) = None;
+        match r {
+            Err(_) if self.cancel.requested() => {
+                Err(Refusal::new(ErrorKind::Cancelled, CANCELLED).into())
+            }
+            r => r,
+        }
+    }
+}
+
+/// The message of a cancelled operation (what rolls it back follows as context).
+pub const CANCELLED: &str = "cancelled (Ctrl-C)";
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A client's request to cancel the operation it is waiting for: the line `{"cancel":true}`
+/// it sends after its request on the same connection (the CLI does on SIGINT/SIGTERM). A
+/// client that just hangs up cancels nothing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CancelLine {
+    pub cancel: bool,
+}
+
+type Interrupt = std::sync::Arc<dyn Fn() + Send + Sync>;
+
+/// The cancellation state of one request. An operation that can be undone (`source link`, `vdb
+/// create`, `vdb refresh`, `vdb rewind`) is armed by dispatch and polls [`Progress::check`]
+/// between its steps; any other request answers a cancel with why it goes on.
+#[derive(Default)]
+pub struct Cancel {
+    requested: std::sync::atomic::AtomicBool,
+    /// Why a cancel is not honoured (None once armed).
+    refused: std::sync::Mutex<Option<String>>,
+    interrupt: std::sync::Mutex<Option<Interrupt>>,
+}
+
+impl Cancel {
+    /// A request that cannot be cancelled (until [`Cancel::arm`]): `why` says so.
+    pub fn new(why: impl Into<String>) -> Cancel {
+        Cancel {
+            refused: std::sync::Mutex::new(Some(why.into())),
+            ..Cancel::default()
+        }
+    }
+
+    /// This operation rolls back when cancelled.
+    pub fn arm(&self) {
+        *lock(&self.refused) = None;
+    }
+
+    /// From here on a cancel request is refused with `why` (e.g. the operation is past the
+    /// point where it could be undone).
+    pub fn disarm(&self, why: impl Into<String>) {
+        *lock(&self.refused) = Some(why.into());
+    }
+
+    pub fn requested(&self) -> bool {
+        self.requested.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The client asked to cancel; returns what to tell it (whether the operation is being
+    /// cancelled, and a line for people). Runs the interrupt of a step in progress on a
+    /// thread of its own (it may wait).
+    pub fn request(&self) -> (bool, String) {
+        if let Some(why) = lock(&self.refused).clone() {
+            return (false, format!("cannot cancel: {why}"));
+        }
+        if self
+            .requested
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return (
+                true,
+                "already cancelling: the operation is being rolled back".into(),
+            );
+        }
+        if let Some(f) = lock(&self.interrupt).clone() {
+            let _ = std::thread::Builder::new()
+                .name("cancel".into())
+                .spawn(move || f());
+        }
+        (
+            true,
+            "cancelling: the operation stops at its next step and rolls back".into(),
+        )
     }
 }
 
@@ -353,6 +653,9 @@ pub struct Response {
     pub kind: Option<ErrorKind>,
     #[serde(default)]
     pub message: String,
+    /// What to do about a failure, when the message does not say it already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
     #[serde(default)]
     pub data: serde_json::Value,
 }
@@ -363,6 +666,7 @@ impl Response {
             ok: true,
             kind: None,
             message,
+            hint: None,
             data,
         }
     }
@@ -372,9 +676,25 @@ impl Response {
             ok: false,
             kind: Some(kind),
             message,
+            hint: None,
             data: serde_json::Value::Null,
         }
     }
+}
+
+/// What `--json` prints on stdout for a failed command: `{"error": {"kind", "message",
+/// "hint"}}`; the exit status is the kind's ([`ErrorKind::exit_code`]), or 2 for a usage error
+/// (kind `invalid`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub error: ErrorBody,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub kind: ErrorKind,
+    pub message: String,
+    pub hint: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -388,6 +708,71 @@ pub struct Status {
     pub pid: u32,
     pub store: PathBuf,
     pub mounts: Vec<MountInfo>,
+    /// What is wrong with the store now: "store full: ...", damaged datasets, bad blocks the
+    /// last scrub found. Empty when all is well.
+    #[serde(default)]
+    pub faults: Vec<String>,
+    #[serde(default)]
+    pub space: Option<SpaceStatus>,
+    /// The scrub running now, else the last one (None: never scrubbed).
+    #[serde(default)]
+    pub scrub: Option<ScrubReport>,
+    /// When the scheduled scrub runs next (RFC 3339), if scheduled.
+    #[serde(default)]
+    pub next_scrub: Option<String>,
+}
+
+/// The filesystem under the store, and the store's reserve on it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpaceStatus {
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+    /// The ballast file the store gives up only to its own checkpoints, gc and deletes.
+    pub reserve_bytes: u64,
+    pub reserve_target_bytes: u64,
+    /// Writes stop this far above the reserve.
+    pub margin_bytes: u64,
+    /// Writes to datasets are refused (ENOSPC) now.
+    pub full: bool,
+}
+
+/// A scrub: every live block read back and verified.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScrubReport {
+    /// "command" (`vdbfs scrub`) or "schedule" (`serve --scrub-every`).
+    pub trigger: String,
+    pub started: String,
+    /// None while it runs.
+    pub finished: Option<String>,
+    pub running: bool,
+    pub blocks_total: u64,
+    pub blocks_checked: u64,
+    pub bytes_checked: u64,
+    pub seconds: f64,
+    pub bad_blocks: Vec<BadBlockReport>,
+    /// Why it stopped early, if it did.
+    pub error: Option<String>,
+}
+
+/// A block a scrub found bad, and who references it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BadBlockReport {
+    pub block: String,
+    pub pack: Option<u32>,
+    pub offset: Option<u64>,
+    pub error: String,
+    pub references: Vec<BlockReference>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockReference {
+    /// Datasets (`name`) and snapshots (`name@snap`) whose tree holds the block.
+    pub roots: Vec<String>,
+    /// "data", "block map", "directory", "inode table", "file unlinked while open".
+    pub what: String,
+    pub path: Option<String>,
+    pub inode: Option<u64>,
+    pub file_offset: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -396,6 +781,80 @@ pub struct DatasetInfo {
     pub id: u64,
     pub created: String,
     pub mountpoint: Option<PathBuf>,
+    /// For a clone: the snapshot it was made from (`dataset@snapshot`).
+    #[serde(default)]
+    pub origin: Option<String>,
+    /// Why the dataset is refused (damage found by recovery), if it is.
+    #[serde(default)]
+    pub fault: Option<String>,
+}
+
+/// `vdbfs dataset delete --json`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DatasetDeleted {
+    pub name: String,
+    /// The snapshots deleted with it (`--with-snapshots`).
+    pub snapshots: Vec<String>,
+    /// VDBs made from its snapshots: they keep their data but can no longer refresh.
+    pub vdbs_orphaned: Vec<String>,
+}
+
+/// `vdbfs snapshot delete --json`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotDeleted {
+    pub name: String,
+    /// VDBs whose current data came from it: they keep their data, but cannot refresh (or be
+    /// created again) from it.
+    pub vdbs_from_it: Vec<String>,
+}
+
+/// `vdbfs vdb delete --json`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VdbDeleted {
+    pub name: String,
+    /// VDBs made from its snapshots: they keep their data but can no longer refresh.
+    pub children: Vec<String>,
+}
+
+/// `vdbfs source unlink --json`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SourceUnlinked {
+    pub name: String,
+    /// Whether dataset NAME stays (without `--delete-snapshots`), as a plain dataset.
+    pub dataset_kept: bool,
+    /// Its snapshots: kept in the dataset, or deleted with it.
+    pub snapshots: Vec<String>,
+    /// The replication slot `--force` left on the source, and the SQL that drops it there.
+    pub slot_left: Option<SlotLeft>,
+    /// VDBs made from its snapshots that can no longer refresh (`--delete-snapshots`), or
+    /// that refresh only onto the kept snapshots.
+    pub vdbs: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SlotLeft {
+    pub slot: String,
+    /// Run on the source to drop it.
+    pub sql: String,
+}
+
+impl SlotLeft {
+    pub fn new(slot: &str) -> SlotLeft {
+        SlotLeft {
+            slot: slot.to_string(),
+            sql: format!("SELECT pg_drop_replication_slot('{slot}');"),
+        }
+    }
+}
+
+/// `vdbfs gc --json`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GcDone {
+    pub blocks_freed: u64,
+    pub bytes_freed: u64,
+    pub packs_rewritten: usize,
+    /// Bytes returned to the filesystem (pack files rewritten or removed).
+    pub bytes_reclaimed: i64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -647,9 +1106,9 @@ words! {
 }
 
 words! {
-    /// What kind of failure a control request met. Every kind exits 1 from the CLI today (usage
-    /// errors, found by clap before any request, exit 2); an HTTP API answers with
-    /// [`ErrorKind::http_status`].
+    /// What kind of failure a control request met. Every kind but `cancelled` (130) exits 1
+    /// from the CLI (usage errors, found by clap before any request, exit 2); an HTTP API
+    /// answers with [`ErrorKind::http_status`].
     pub enum ErrorKind {
         /// No such dataset, snapshot, source, VDB or mount.
         NotFound = "not_found",
@@ -666,13 +1125,20 @@ words! {
         Unavailable = "unavailable",
         /// Anything else: a bug, corruption, or a failure vdbfs did not classify.
         Internal = "internal",
+        /// The client cancelled the operation (Ctrl-C) and it was rolled back.
+        Cancelled = "cancelled",
     }
 }
 
 impl ErrorKind {
-    /// The CLI's exit status for this kind (see `docs/CLI-CONTRACT.md`).
+    /// The CLI's exit status for this kind (see `docs/CLI-CONTRACT.md`): 130 (128 + SIGINT,
+    /// what a shell reports for a command stopped by Ctrl-C) for a cancelled operation, 1 for
+    /// every other failure.
     pub fn exit_code(self) -> i32 {
-        1
+        match self {
+            ErrorKind::Cancelled => 130,
+            _ => 1,
+        }
     }
 
     /// The status code an HTTP control API answers with.
@@ -684,6 +1150,8 @@ impl ErrorKind {
             ErrorKind::Busy => 423,
             ErrorKind::Unavailable => 503,
             ErrorKind::Internal => 500,
+            // nginx's "client closed request": nothing standard says "cancelled by the client".
+            ErrorKind::Cancelled => 499,
         }
     }
 }
@@ -696,6 +1164,9 @@ impl ErrorKind {
 pub struct Refusal {
     pub kind: ErrorKind,
     pub message: String,
+    /// What to do, kept apart from the message (`--json` shows it as `hint`; text output
+    /// prints `MESSAGE; HINT`).
+    pub hint: Option<String>,
 }
 
 impl Refusal {
@@ -703,8 +1174,21 @@ impl Refusal {
         Refusal {
             kind,
             message: message.into(),
+            hint: None,
         }
     }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Refusal {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+/// The hint of the first [`Refusal`] in an error's chain that has one.
+pub fn hint_of(e: &anyhow::Error) -> Option<String> {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<Refusal>())
+        .find_map(|r| r.hint.clone())
 }
 
 /// `return Err(Refusal)`, like `anyhow::bail!` with a kind: `refuse!(Conflict, "...", args)`.
@@ -741,6 +1225,97 @@ mod tests {
             serde_json::to_string(&ok).ok().as_deref(),
             Some(r#"{"ok":true,"message":"m","data":null}"#),
             "a success carries no kind"
+        );
+    }
+
+    #[test]
+    fn op_names_are_the_wire_names() {
+        let spec = || VdbSpec::default();
+        let name = || "x".to_string();
+        let all = [
+            Request::Status,
+            Request::DatasetCreate { name: name() },
+            Request::DatasetList,
+            Request::DatasetDelete {
+                name: name(),
+                with_snapshots: false,
+            },
+            Request::SnapshotCreate {
+                dataset: name(),
+                name: None,
+            },
+            Request::SnapshotList { dataset: None },
+            Request::SnapshotDelete { name: name() },
+            Request::Clone {
+                snapshot: name(),
+                name: name(),
+            },
+            Request::Df,
+            Request::Gc,
+            Request::Mount {
+                dataset: name(),
+                mountpoint: "/m".into(),
+                nonempty: false,
+            },
+            Request::Scrub { rate_mib: None },
+            Request::DatasetAcceptDamage { name: name() },
+            Request::Umount {
+                mountpoint: "/m".into(),
+            },
+            Request::SourceLink(Box::default()),
+            Request::SourceList,
+            Request::SourceStatus { name: name() },
+            Request::SourceSnapshot {
+                name: name(),
+                snapshot: None,
+            },
+            Request::SourceEnable { name: name() },
+            Request::SourceSet {
+                name: name(),
+                verify: Some(true),
+            },
+            Request::SourceDisable { name: name() },
+            Request::SourceUnlink {
+                name: name(),
+                delete_snapshots: false,
+                force: false,
+            },
+            Request::VdbCreate(Box::new(spec())),
+            Request::VdbList,
+            Request::VdbStatus { name: name() },
+            Request::VdbStart { name: name() },
+            Request::VdbStop { name: name() },
+            Request::VdbSnapshot {
+                name: name(),
+                snapshot: None,
+                bookmark: false,
+            },
+            Request::VdbRewind {
+                name: name(),
+                to: Some(name()),
+                at: None,
+            },
+            Request::VdbRefresh {
+                name: name(),
+                to: None,
+                at: None,
+                at_lsn: None,
+            },
+            Request::VdbDelete { name: name() },
+            Request::Timeflow { dataset: None },
+        ];
+        for r in &all {
+            let wire = serde_json::to_value(r).unwrap();
+            assert_eq!(wire["op"], r.op(), "{r:?}");
+        }
+        let cancellable: Vec<&str> = all
+            .iter()
+            .filter(|r| r.cancellable())
+            .map(Request::op)
+            .collect();
+        assert_eq!(
+            cancellable,
+            ["source_link", "vdb_create", "vdb_rewind", "vdb_refresh"]
         );
     }
 

@@ -306,6 +306,7 @@ impl WalArchive {
                 dir,
                 name.as_bytes(),
                 0,
+                (0, 0),
             )
             .map_err(tree_err)?;
         }

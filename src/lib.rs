@@ -18,6 +18,7 @@ pub mod catalog;
 pub mod cli;
 pub mod daemon;
 pub mod fs;
+pub mod logging;
 pub mod mounts;
 pub mod pg;
 pub mod source;

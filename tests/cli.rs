@@ -61,6 +61,76 @@ fn init_creates_store_and_refuses_twice() {
     assert!(store.join("index.redb").is_file());
 }
 
+// The bug: `vdbfs init DIR` on a PostgreSQL data directory succeeded and chmodded it 0711, so
+// postgres refused to start on it. Now a non-empty directory that is not a store is refused
+// (exit 1, the reason and what to do), and nothing in it changes: not its files, not its mode.
+// An existing empty directory becomes a store and keeps its mode (with a note when the postgres
+// user could not traverse it); a file is refused.
+#[test]
+fn init_refuses_what_is_not_its_own_and_changes_no_mode() {
+    let tmp = util::tempdir("vdbfs-cli-");
+    let pgdata = tmp.path().join("pgdata");
+    fs::create_dir(&pgdata).unwrap();
+    fs::write(pgdata.join("PG_VERSION"), "15\n").unwrap();
+    fs::create_dir(pgdata.join("base")).unwrap();
+    fs::set_permissions(&pgdata, fs::Permissions::from_mode(0o700)).unwrap();
+    let out = run(vdbfs().arg("--store").arg(&pgdata).arg("init"));
+    assert_error(&out, "init on a data directory");
+    let err = stderr(&out);
+    assert!(
+        err.contains("not empty") && err.contains("choose another --store"),
+        "the refusal must say why and what to do\n{}",
+        describe(&out)
+    );
+    let mode = fs::metadata(&pgdata).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(
+        mode, 0o700,
+        "init changed the mode of a directory it did not create"
+    );
+    let mut names: Vec<String> = fs::read_dir(&pgdata)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["PG_VERSION", "base"], "init left something behind");
+
+    let file = tmp.path().join("a-file");
+    fs::write(&file, "x").unwrap();
+    assert_error(
+        &run(vdbfs().arg("--store").arg(&file).arg("init")),
+        "init on a file",
+    );
+
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    fs::set_permissions(&empty, fs::Permissions::from_mode(0o750)).unwrap();
+    let out = run(vdbfs().arg("--store").arg(&empty).arg("init"));
+    assert!(
+        out.status.success(),
+        "init of an empty directory\n{}",
+        describe(&out)
+    );
+    assert!(empty.join("index.redb").is_file());
+    assert_eq!(
+        fs::metadata(&empty).unwrap().permissions().mode() & 0o7777,
+        0o750,
+        "init changed the mode of a directory it did not create"
+    );
+    assert!(
+        stderr(&out).contains("o+x"),
+        "a store the postgres user cannot traverse deserves a note\n{}",
+        describe(&out)
+    );
+    // A directory init creates is 0711, as the contract says.
+    let fresh = tmp.path().join("fresh");
+    let out = run(vdbfs().arg("--store").arg(&fresh).arg("init"));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        fs::metadata(&fresh).unwrap().permissions().mode() & 0o7777,
+        0o711
+    );
+}
+
 // Without a running daemon every daemon command fails with exit 1 and tells the user exactly
 // which socket did not answer and how to start a daemon.
 #[test]
@@ -459,4 +529,188 @@ fn a_second_daemon_on_a_store_is_refused() {
         describe(&out)
     );
     d.ok(&["status"]);
+}
+
+// A user who may not use the control socket is told "permission denied" and who may use it,
+// not that no daemon answers (issue 14); with --json the same as a JSON error.
+#[test]
+fn a_user_without_access_to_the_socket_is_told_permission_denied() {
+    let d = Daemon::start();
+    let out = run(Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(util::bin())
+        .arg("--store")
+        .arg(d.store())
+        .args(["status", "--json"])
+        .env_remove("VDBFS_STORE"));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("permission denied")
+            && err.contains("owner root")
+            && err.contains("run the command as root")
+            && !err.contains("no vdbfs daemon answers"),
+        "{}",
+        describe(&out)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("permission denied")),
+        "{v}"
+    );
+}
+
+// `--store X status` where X is not a store (missing, a file, a directory without
+// index.redb) says so and how to make one, instead of "no daemon answers" (issue 14).
+#[test]
+fn a_store_option_that_is_not_a_store_says_so() {
+    let tmp = util::tempdir("vdbfs-cli-");
+    let file = tmp.path().join("file");
+    fs::write(&file, "x").unwrap();
+    for (dir, says) in [
+        (tmp.path().join("missing"), "does not exist"),
+        (file.clone(), "is not a directory"),
+        (
+            tmp.path().to_path_buf(),
+            "is not a vdbfs store (it has no index.redb)",
+        ),
+    ] {
+        let out = run(vdbfs().arg("--store").arg(&dir).arg("status"));
+        assert_error(&out, &format!("status on {}", dir.display()));
+        let err = stderr(&out);
+        assert!(
+            err.contains(says) && err.contains(&format!("'vdbfs init --store {}'", dir.display())),
+            "{}",
+            describe(&out)
+        );
+        let out = run(vdbfs().arg("--store").arg(&dir).args(["status", "--json"]));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["error"]["kind"], "not_found", "{v}");
+        assert!(
+            v["error"]["hint"]
+                .as_str()
+                .is_some_and(|h| h.contains("vdbfs init")),
+            "{v}"
+        );
+    }
+}
+
+// Completion scripts for bash, zsh and fish, and a man page per command, come from the same
+// definitions as --help; every command's --help works (issue 14).
+#[test]
+fn completions_man_pages_and_help_for_every_command() {
+    for (shell, marker) in [
+        ("bash", "_vdbfs()"),
+        ("zsh", "#compdef vdbfs"),
+        ("fish", "complete -c vdbfs"),
+    ] {
+        let out = run(vdbfs().args(["completions", shell]));
+        assert!(out.status.success(), "{}", describe(&out));
+        let text = stdout(&out);
+        assert!(
+            text.contains(marker) && text.contains("refresh") && text.contains("keep-undo"),
+            "{shell} completions:\n{}",
+            &text[..text.len().min(400)]
+        );
+    }
+    let tmp = util::tempdir("vdbfs-man-");
+    let out = run(vdbfs().arg("manpages").arg(tmp.path()));
+    assert!(out.status.success(), "{}", describe(&out));
+    for page in [
+        "vdbfs.1",
+        "vdbfs-source-link.1",
+        "vdbfs-vdb-refresh.1",
+        "vdbfs-completions.1",
+    ] {
+        let p = tmp.path().join(page);
+        let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{page} is not a man page"
+        );
+    }
+    let link = fs::read_to_string(tmp.path().join("vdbfs-source-link.1")).unwrap();
+    assert!(
+        link.contains("pg\\-bin"),
+        "--pg-bin is documented in the man page"
+    );
+    let listed = stdout(&out);
+    for cmd in [
+        vec!["dataset", "create"],
+        vec!["dataset", "list"],
+        vec!["dataset", "delete"],
+        vec!["snapshot", "create"],
+        vec!["vdb", "rewind"],
+        vec!["source", "link"],
+    ] {
+        let page = format!("vdbfs-{}.1", cmd.join("-"));
+        assert!(
+            listed.contains(&page),
+            "manpages did not list {page}: {listed}"
+        );
+        let mut a = cmd.clone();
+        a.push("--help");
+        let out = run(vdbfs().args(&a));
+        assert!(out.status.success(), "{}", describe(&out));
+        let help = stdout(&out);
+        assert!(
+            help.contains("--json") && help.contains("Print the result as JSON"),
+            "{help}"
+        );
+    }
+    let help = stdout(&run(vdbfs().args(["vdb", "refresh", "--help"])));
+    assert!(help.contains("newer or older"), "{help}");
+}
+
+// VDBFS_LOG (else RUST_LOG) sets the daemon's log level: debug shows each request, the default
+// does not; `serve --log-format json` writes one JSON object per line; every operation that
+// changes something is logged at info with its duration (issue 14).
+#[test]
+fn log_level_from_the_environment_and_json_log_lines() {
+    let mut d = Daemon::start();
+    d.restart_with(&[], &[("VDBFS_LOG", "info"), ("RUST_LOG", "debug")]);
+    d.create_dataset("quiet");
+    d.ok(&["dataset", "list"]);
+    let log = d.log_since_start();
+    assert!(
+        log.contains("request done")
+            && log.contains("op=\"dataset_create\"")
+            && log.contains("ms="),
+        "{log}"
+    );
+    assert!(
+        !log.contains("DEBUG"),
+        "VDBFS_LOG=info wins over RUST_LOG: {log}"
+    );
+
+    d.restart_with(&[], &[("RUST_LOG", "vdbfs=debug")]);
+    d.ok(&["dataset", "list"]);
+    let log = d.log_since_start();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("DEBUG") && l.contains("op=\"dataset_list\"")),
+        "RUST_LOG=vdbfs=debug shows read requests: {log}"
+    );
+
+    d.restart_with(&["--log-format", "json"], &[("VDBFS_LOG", "debug")]);
+    d.ok(&["snapshot", "create", "quiet", "--name", "s"]);
+    d.ok(&["snapshot", "delete", "quiet@s"]);
+    let log = d.log_since_start();
+    let mut ops = Vec::new();
+    for l in log.lines().skip(1).filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"));
+        assert!(v["timestamp"].is_string() && v["level"].is_string(), "{v}");
+        if v["message"] == "request done" {
+            assert!(v["ms"].is_number(), "{v}");
+            ops.push(v["op"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    assert!(
+        ops.contains(&"snapshot_create".to_string())
+            && ops.contains(&"snapshot_delete".to_string()),
+        "{ops:?}\n{log}"
+    );
 }

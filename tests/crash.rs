@@ -14,17 +14,17 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::util::{self, require_root_fuse_postgres, Daemon, Postgres};
+use crate::util::{self, require_root_fuse_postgres, Daemon, Mount, Postgres};
 
 /// A client that inserts increasing ids, one autocommit statement at a time, through one psql
 /// session, and appends every id postgres acknowledged to a file outside the mount.
-struct Inserter {
+pub(crate) struct Inserter {
     thread: JoinHandle<String>,
-    last_acked: Arc<AtomicI64>,
+    pub(crate) last_acked: Arc<AtomicI64>,
 }
 
 impl Inserter {
-    fn start(pg: &Postgres, first_id: i64, ack_file: &Path) -> Inserter {
+    pub(crate) fn start(pg: &Postgres, first_id: i64, ack_file: &Path) -> Inserter {
         let mut child = pg
             .psql_command()
             .stdin(Stdio::piped())
@@ -40,7 +40,7 @@ impl Inserter {
     }
 
     /// Waits (bounded) for the session to end; it ends when postgres goes away.
-    fn join(self) -> i64 {
+    pub(crate) fn join(self) -> i64 {
         let ok = util::wait_until(Duration::from_secs(60), || self.thread.is_finished());
         assert!(
             ok,
@@ -107,7 +107,31 @@ impl StderrOutput for Child {
     }
 }
 
-fn acked_ids(path: &Path) -> Vec<i64> {
+/// A dataset `name` mounted with a postgres cluster on it (pgbench tables at scale 2 and the
+/// table `acked (id bigint PRIMARY KEY)`), running.
+pub(crate) fn postgres_for_acks(d: &Daemon, name: &str) -> (Mount, Postgres) {
+    let m = d.create_and_mount(name);
+    let mut pg = Postgres::initdb(&m.join("pgdata"));
+    pg.start();
+    pg.pgbench(&["-i", "-s", "2", "-q"]);
+    pg.psql("CREATE TABLE acked (id bigint PRIMARY KEY)");
+    (m, pg)
+}
+
+/// The ids of `acked` missing from `rows`, the output of `SELECT id FROM acked`.
+pub(crate) fn missing_ids(acked: &[i64], rows: &str) -> Vec<i64> {
+    let present: HashSet<i64> = rows
+        .lines()
+        .map(|l| l.trim().parse().expect("id"))
+        .collect();
+    acked
+        .iter()
+        .copied()
+        .filter(|i| !present.contains(i))
+        .collect()
+}
+
+pub(crate) fn acked_ids(path: &Path) -> Vec<i64> {
     fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -116,7 +140,7 @@ fn acked_ids(path: &Path) -> Vec<i64> {
 }
 
 /// pgbench tpcb-like moves money in one transaction per step: the four sums must agree.
-fn assert_balances_agree(pg: &Postgres, when: &str) {
+pub(crate) fn assert_balances_agree(pg: &Postgres, when: &str) {
     let row = pg.psql(
         "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ',' || \
                 (SELECT sum(bbalance) FROM pgbench_branches) || ',' || \
@@ -155,12 +179,8 @@ fn daemon_kill9_during_postgres_writes_loses_no_acknowledged_commit() {
     let bench_log = outside.path().join("pgbench.log");
 
     let mut d = Daemon::start();
-    let m = d.create_and_mount("crash");
+    let (m, mut pg) = postgres_for_acks(&d, "crash");
     let mp = m.path.clone();
-    let mut pg = Postgres::initdb(&m.join("pgdata"));
-    pg.start();
-    pg.pgbench(&["-i", "-s", "2", "-q"]);
-    pg.psql("CREATE TABLE acked (id bigint PRIMARY KEY)");
 
     let mut next_id = 1i64;
     for cycle in 1..=cycles {
@@ -221,15 +241,11 @@ fn daemon_kill9_during_postgres_writes_loses_no_acknowledged_commit() {
         assert_balances_agree(&pg, &format!("cycle {cycle}"));
 
         let acked = acked_ids(&ack_file);
-        let present: HashSet<i64> = pg
-            .psql("SELECT id FROM acked")
+        let rows = pg.psql("SELECT id FROM acked");
+        let missing = missing_ids(&acked, &rows);
+        let present: HashSet<i64> = rows
             .lines()
             .map(|l| l.trim().parse().expect("id"))
-            .collect();
-        let missing: Vec<i64> = acked
-            .iter()
-            .copied()
-            .filter(|i| !present.contains(i))
             .collect();
         assert!(
             missing.is_empty(),

@@ -176,3 +176,275 @@ fn full_store_disk_gives_enospc_and_keeps_synced_data() {
     drop(m);
     drop(d);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A full filesystem never locks the store (issue 11, item 1)
+// ---------------------------------------------------------------------------------------------
+
+use crate::util::source::{
+    self as src_util, link_small, source_snapshot, wait_json, SourceDb, Staged,
+};
+use crate::util::vdb::{self as vdb_util, Vdbd};
+use serde_json::Value;
+
+/// A loop-mounted ext4 filesystem of `mib` MiB with no blocks reserved for root (so 100 % full
+/// means full for the daemon too), unmounted on drop (the loop device goes with it).
+struct LoopExt4 {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl LoopExt4 {
+    fn mount(mib: u64) -> LoopExt4 {
+        let dir = util::tempdir("vdbfs-full-");
+        let image = dir.path().join("fs.img");
+        let path = dir.path().join("fs");
+        fs::create_dir(&path).unwrap();
+        fs::File::create(&image)
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+        let out = util::run_timeout(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-m", "0"])
+                .arg(&image),
+            util::COMMAND_TIMEOUT,
+        );
+        assert!(out.status.success(), "mkfs.ext4 failed\n{}", describe(&out));
+        let out = util::run_timeout(
+            Command::new("mount")
+                .args(["-t", "ext4", "-o", "loop"])
+                .arg(&image)
+                .arg(&path),
+            util::COMMAND_TIMEOUT,
+        );
+        assert!(
+            out.status.success(),
+            "mount -o loop failed (no loop devices?)\n{}",
+            describe(&out)
+        );
+        util::chmod(&path, 0o755);
+        LoopExt4 { _dir: dir, path }
+    }
+
+    /// Free bytes (statvfs f_bavail).
+    fn free(&self) -> u64 {
+        let st = util::statfs(&self.path).unwrap();
+        st.f_bavail * st.f_bsize as u64
+    }
+}
+
+impl Drop for LoopExt4 {
+    fn drop(&mut self) {
+        let c = CString::new(self.path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: c is a NUL-terminated path that outlives the call.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Appends to `path` until the filesystem refuses; returns the error and the bytes written.
+fn fill_plain_file(path: &Path) -> (std::io::Error, u64) {
+    let mut f = fs::File::create(path).unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => return (std::io::Error::from_raw_os_error(libc::ENOSPC), n),
+            Ok(w) => n += w as u64,
+            Err(e) => {
+                let _ = f.sync_all();
+                return (e, n);
+            }
+        }
+    }
+}
+
+fn fault_of(v: &Value) -> String {
+    v["fault"].as_str().unwrap_or("").to_string()
+}
+
+// The scenario of issue 11: a store on a small filesystem (here a 320 MiB loop-mounted ext4)
+// with a linked source and a VDB; a dataset fills it until writers get ENOSPC (never EIO), then
+// a plain file takes the last free bytes: the filesystem is 100 % full. `source status` and `vdb
+// status` say "store full" with the numbers; `df` works; without adding space the daemon
+// restarts, a VDB, a snapshot and the filler dataset are deleted, `gc` gives the space back (the
+// store's reserve, a ballast file only its own checkpoints, recovery, gc and deletes may use,
+// made that possible); then staging catches up with the source and the VDB answers with every
+// row it acknowledged.
+#[test]
+fn a_full_filesystem_never_locks_the_store() {
+    let fsys = LoopExt4::mount(320);
+    let store = fsys.path.join("store");
+    let src = SourceDb::start(false, &[]);
+    src.insert_rows(1, 100, "before");
+    let mut d = Vdbd {
+        s: Staged::start_at(&store),
+    };
+    let reserve = fs::metadata(store.join("reserve"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(
+        reserve >= 30 << 20,
+        "init made a reserve of {reserve} bytes"
+    );
+    link_small(&d, &src, "prod");
+    let snap = source_snapshot(&d, "prod");
+    let vdb = vdb_util::create(&d, "dev", &snap, &[]);
+    vdb_util::create(&d, "scratch", &snap, &[]);
+    vdb.sql("CREATE TABLE acked (id int PRIMARY KEY)");
+    let mut acked: Vec<i64> = Vec::new();
+    for i in 1..=50 {
+        vdb.sql(&format!("INSERT INTO acked VALUES ({i})"));
+        acked.push(i);
+    }
+
+    // A dataset fills the store until writers are refused.
+    d.create_dataset("filler");
+    let filler_mp = d.new_mountpoint("filler");
+    let filler = d.mount("filler", &filler_mp);
+    let mut rng = StdRng::seed_from_u64(11);
+    let (err, written) = {
+        let mut f = fs::File::create(filler.join("fill.bin")).unwrap();
+        let mut written = 0usize;
+        let mut unsynced = 0usize;
+        loop {
+            assert!(
+                written < 1 << 30,
+                "wrote 1 GiB into a store on 320 MiB without an error"
+            );
+            let buf = random_bytes(&mut rng, 1 << 20);
+            if let Err(e) = f.write_all(&buf) {
+                break (e, written);
+            }
+            written += 1 << 20;
+            unsynced += 1 << 20;
+            if unsynced >= 8 << 20 {
+                unsynced = 0;
+                if let Err(e) = f.sync_all() {
+                    break (e, written);
+                }
+            }
+        }
+    };
+    eprintln!("the filler stopped after {written} bytes: {err}");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOSPC),
+        "writers must get ENOSPC, never EIO: {err:?}\n{}",
+        d.log_tail(30)
+    );
+    // Rows the VDB acknowledges while the store is full (most are refused: postgres cannot
+    // write its WAL); every acknowledged one must survive.
+    for i in 51..=60 {
+        if vdb
+            .try_sql(&format!("INSERT INTO acked VALUES ({i})"))
+            .status
+            .success()
+        {
+            acked.push(i);
+        }
+    }
+    // The last free bytes go to a plain file: 100 % full.
+    let (e, n) = fill_plain_file(&fsys.path.join("junk"));
+    eprintln!(
+        "junk took {n} bytes more ({e}); {} bytes free now",
+        fsys.free()
+    );
+    assert!(
+        fsys.free() < 1 << 20,
+        "not full: {} bytes free",
+        fsys.free()
+    );
+
+    let full = |v: &Value| fault_of(v).contains("store full");
+    let st = wait_json(
+        &d,
+        &["source", "status", "prod", "--json"],
+        "a store full fault",
+        Duration::from_secs(60),
+        String::new,
+        full,
+    );
+    eprintln!("source status while full: {}", fault_of(&st));
+    assert!(
+        fault_of(&st).contains("MiB free of") && fault_of(&st).contains("vdbfs gc"),
+        "the fault gives the numbers and what to do: {st}"
+    );
+    assert!(full(&vdb_util::status(&d, "dev")), "vdb status");
+    d.ok(&["df"]);
+    let status = d.status_json();
+    assert_eq!(status["space"]["full"], true, "{status}");
+
+    // Without adding space: restart, delete a VDB, a snapshot and the filler, collect.
+    drop(filler);
+    d.restart();
+    d.ok(&["df"]);
+    d.ok(&["vdb", "delete", "scratch"]);
+    d.ok(&["snapshot", "delete", &snap]);
+    let _ = d.vdbfs(&["umount", filler_mp.to_str().unwrap()]);
+    d.ok(&["dataset", "delete", "filler"]);
+    let free_before = fsys.free();
+    let gc = d.ok(&["gc"]);
+    eprintln!("gc: {gc}");
+    let free_after = fsys.free();
+    assert!(
+        free_after > free_before + (150 << 20),
+        "gc gave back {} bytes only ({free_before} -> {free_after} free); {gc}",
+        free_after.saturating_sub(free_before)
+    );
+    assert!(
+        fsys.path.join("junk").exists(),
+        "the space came from the store, not the junk"
+    );
+
+    // Staging catches up with the source.
+    src.insert_rows(101, 200, "after");
+    let target = src.lsn();
+    wait_json(
+        &d,
+        &["source", "status", "prod", "--json"],
+        "staging syncing and caught up",
+        Duration::from_secs(240),
+        || src_util::staging_log(&d, "prod"),
+        |s| {
+            s["state"] == "syncing"
+                && src_util::lsn_field(s, "replay_lsn").is_some_and(|l| l >= target)
+        },
+    );
+    let snap2 = source_snapshot(&d, "prod");
+    eprintln!("a validated snapshot after the full disk: {snap2}");
+
+    // The VDB answers with every row it acknowledged.
+    vdb_util::wait_vdb(&d, "dev", "running again", vdb_util::running);
+    let missing = crate::crash::missing_ids(&acked, &vdb.sql("SELECT id FROM acked"));
+    assert!(missing.is_empty(), "acknowledged rows lost: {missing:?}");
+    vdb.amcheck();
+    // The reserve is whole again once there is room.
+    assert!(
+        util::wait_until(Duration::from_secs(30), || {
+            fs::metadata(store.join("reserve"))
+                .map(|m| m.len())
+                .unwrap_or(0)
+                >= reserve
+        }),
+        "the reserve did not grow back"
+    );
+    // No FUSE request was answered EIO (the daemon logs every EIO it answers), and the log
+    // never gave up on a write.
+    let log = d.log();
+    let eio: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ERROR") && l.contains("vdbfs::fs"))
+        .collect();
+    assert!(
+        eio.is_empty(),
+        "a full store answers ENOSPC, never EIO: {eio:?}"
+    );
+    assert!(
+        !log.contains("read-only until restart"),
+        "the store gave up writing:\n{}",
+        d.log_tail(40)
+    );
+    drop(d);
+    drop(fsys);
+}

@@ -227,3 +227,142 @@ fn mount8_through_mount_fuse_vdbfs_helper() {
         "umount(8) did not go through the daemon: it still lists the mount"
     );
 }
+
+// `mount -o ro` through the helper mounts a snapshot (always read-only) and is refused for a
+// dataset with a message saying to mount a snapshot (mount-helpers/README.md).
+#[test]
+fn mount8_ro_is_for_snapshots() {
+    let d = Daemon::start();
+    let m = d.create_and_mount("rods");
+    write_synced(&m.join("f"), b"frozen");
+    d.ok(&["snapshot", "create", "rods", "--name", "s1"]);
+    let _helper = InstalledHelper::install(d.store());
+    let mount8 = |src: &str, mp: &Path| {
+        fs::create_dir_all(mp).unwrap();
+        util::run_timeout(
+            Command::new("mount")
+                .env("VDBFS_BIN", util::bin())
+                .env_remove("VDBFS_STORE")
+                .args(["-t", "fuse.vdbfs", src])
+                .arg(mp)
+                .arg("-o")
+                .arg(format!("store={},ro", d.store().display())),
+            util::COMMAND_TIMEOUT,
+        )
+    };
+    let mp = d.new_mountpoint("ro-dataset");
+    let out = mount8("rods", &mp);
+    assert!(
+        !out.status.success(),
+        "ro for a dataset must fail\n{}",
+        describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("DATASET@SNAPSHOT"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!is_mounted(&mp));
+    let mp = d.new_mountpoint("ro-snapshot");
+    let out = mount8("rods@s1", &mp);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        describe(&out),
+        d.log_tail(20)
+    );
+    let snap = Mount::adopt(&d, "rods@s1", &mp);
+    assert_eq!(fs::read(snap.join("f")).unwrap(), b"frozen");
+    assert!(
+        fs::write(snap.join("g"), b"x").is_err(),
+        "a snapshot mount is read-only"
+    );
+}
+
+// `mount-helpers/install` (here into DESTDIR) puts the completions for bash, zsh and fish and
+// a man page per command in place, and --uninstall removes them.
+#[test]
+fn install_puts_completions_and_man_pages_in_place() {
+    let tmp = util::tempdir("vdbfs-install-");
+    let dest = tmp.path().join("root");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("mount-helpers/install");
+    let out = util::run_timeout(
+        Command::new(&script)
+            .env("DESTDIR", &dest)
+            .env("VDBFS_BIN", util::bin()),
+        util::COMMAND_TIMEOUT,
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    for f in [
+        "usr/share/bash-completion/completions/vdbfs",
+        "usr/share/zsh/vendor-completions/_vdbfs",
+        "usr/share/fish/vendor_completions.d/vdbfs.fish",
+        "usr/local/share/man/man1/vdbfs.1",
+        "usr/local/share/man/man1/vdbfs-vdb-refresh.1",
+        "usr/local/share/man/man1/vdbfs-source-link.1",
+        "sbin/mount.fuse.vdbfs",
+    ] {
+        let p = dest.join(f);
+        assert!(
+            fs::metadata(&p).is_ok_and(|m| m.len() > 0),
+            "{} is missing or empty",
+            p.display()
+        );
+    }
+    let out = util::run_timeout(
+        Command::new(&script)
+            .arg("--uninstall")
+            .env("DESTDIR", &dest),
+        util::COMMAND_TIMEOUT,
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(!dest.join("usr/local/share/man/man1/vdbfs.1").exists());
+    assert!(!dest
+        .join("usr/share/bash-completion/completions/vdbfs")
+        .exists());
+}
+
+// The bug: `vdbfs mount DS DIR` on a directory with files hid them (while `vdb create --mount`
+// refused). Now it is refused (exit 1, the files stay visible, nothing is mounted) unless
+// `--nonempty`; and a failed mount removes the directories it created.
+#[test]
+fn mount_refuses_a_nonempty_directory_unless_asked_and_cleans_up_after_failing() {
+    let d = Daemon::start();
+    d.create_dataset("m");
+    let busy = d.root().join("busy");
+    fs::create_dir(&busy).unwrap();
+    fs::write(busy.join("keep"), b"mine").unwrap();
+    let out = d.vdbfs(&["mount", "m", busy.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not empty") && err.contains("--nonempty"),
+        "the refusal must say why and what to do\n{}",
+        describe(&out)
+    );
+    assert!(!is_mounted(&busy), "refused, yet mounted");
+    assert_eq!(fs::read(busy.join("keep")).unwrap(), b"mine");
+
+    d.ok(&["mount", "--nonempty", "m", busy.to_str().unwrap()]);
+    assert!(is_mounted(&busy));
+    assert!(
+        !busy.join("keep").exists(),
+        "the mount hides the directory's files"
+    );
+    let m = Mount::adopt(&d, "m", &busy);
+    m.umount();
+    assert_eq!(
+        fs::read(busy.join("keep")).unwrap(),
+        b"mine",
+        "and gives them back"
+    );
+
+    // A mount that fails leaves no directory it made.
+    let fresh = d.root().join("made/by/mount");
+    let out = d.vdbfs(&["mount", "no-such-dataset", fresh.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        !d.root().join("made").exists(),
+        "a failed mount left the directories it created"
+    );
+}

@@ -578,7 +578,7 @@ fn expect_link_error(d: &Daemon, name: &str, args: &[&str], phrase: &str) -> Str
 /// After a refused link: no dataset NAME (unless it existed before), no source record, no slot
 /// on the source, no new mount, no process on the store.
 #[track_caller]
-fn assert_nothing_left(
+pub(crate) fn assert_nothing_left(
     d: &Daemon,
     src: &Postgres,
     name: &str,

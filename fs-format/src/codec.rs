@@ -51,3 +51,24 @@ pub fn decompress(codec: Codec, payload: &[u8], raw_len: usize) -> Result<Vec<u8
         }
     }
 }
+
+/// Decompress a payload into `out`, which must be exactly the content length (`raw_len`).
+pub fn decompress_into(codec: Codec, payload: &[u8], out: &mut [u8]) -> Result<(), FormatError> {
+    match codec {
+        Codec::Raw => {
+            if payload.len() != out.len() {
+                return Err(FormatError::Invalid("raw payload length"));
+            }
+            out.copy_from_slice(payload);
+            Ok(())
+        }
+        Codec::Lz4 => {
+            let n = lz4_flex::block::decompress_into(payload, out)
+                .map_err(|_| FormatError::Invalid("lz4 payload"))?;
+            if n != out.len() {
+                return Err(FormatError::Invalid("lz4 payload length"));
+            }
+            Ok(())
+        }
+    }
+}

@@ -179,3 +179,77 @@ impl CloneOrigin {
         Ok(CloneOrigin { dataset, snapshot })
     }
 }
+
+pub const DAMAGE_MARK_VERSION: u8 = 1;
+
+/// What damaged log bytes cost a dataset (the value of the index table `damaged`, keyed by
+/// dataset id and the position of the damage). See FORMAT.md, "Recovery".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DamageKind {
+    /// A block record is lost and the dataset's replayed journal references the block.
+    Block = 1,
+    /// A journal record of this dataset is unreadable.
+    Journal = 2,
+    /// Unreadable bytes whose header does not say what they held: they may have held a journal
+    /// record of this dataset.
+    Unknown = 3,
+}
+
+/// A dataset refused because recovery found acknowledged log bytes that no longer verify.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DamageMark {
+    /// Where the damaged bytes start (the key's second part).
+    pub at: LogPos,
+    /// How many bytes are damaged.
+    pub len: u64,
+    pub kind: DamageKind,
+    /// The lost block (kind `Block`).
+    pub block: Option<BlockId>,
+    /// When recovery found it.
+    pub found: Timestamp,
+}
+
+impl DamageMark {
+    /// The value stored under the key `(dataset, at.pack, at.offset)`.
+    pub fn encode_value(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u8(DAMAGE_MARK_VERSION);
+        w.u64(self.len);
+        w.u8(self.kind as u8);
+        put_opt_id(&mut w, &self.block);
+        w.i64(self.found.secs);
+        w.u32(self.found.nsecs);
+        w.buf
+    }
+    /// Decodes a value stored under the key whose position is `at`.
+    pub fn decode_value(at: LogPos, buf: &[u8]) -> Result<DamageMark, FormatError> {
+        let mut r = Reader::new(buf, "damage mark");
+        if r.u8()? != DAMAGE_MARK_VERSION {
+            return Err(FormatError::Invalid("damage mark version"));
+        }
+        let len = r.u64()?;
+        let kind = match r.u8()? {
+            1 => DamageKind::Block,
+            2 => DamageKind::Journal,
+            3 => DamageKind::Unknown,
+            _ => return Err(FormatError::Invalid("damage kind")),
+        };
+        let block = get_opt_id(&mut r)?;
+        let found = Timestamp {
+            secs: r.i64()?,
+            nsecs: r.u32()?,
+        };
+        if found.nsecs >= 1_000_000_000 {
+            return Err(FormatError::Invalid("timestamp nanoseconds"));
+        }
+        r.finish()?;
+        Ok(DamageMark {
+            at,
+            len,
+            kind,
+            block,
+            found,
+        })
+    }
+}

@@ -16,7 +16,9 @@
 use proptest::prelude::*;
 use std::path::PathBuf;
 use vdbfs_format::codec::{self, Codec};
-use vdbfs_format::index::{BlockLoc, CloneOrigin, DatasetRecord, LogPos, SnapshotRecord};
+use vdbfs_format::index::{
+    BlockLoc, CloneOrigin, DamageKind, DamageMark, DatasetRecord, LogPos, SnapshotRecord,
+};
 use vdbfs_format::journal::{JournalOp, JournalRecord};
 use vdbfs_format::pack::{
     self, RecordFormat, RecordKind, MAX_PAYLOAD, PACK_HEADER_LEN, PACK_MAGIC, PACK_VERSION,
@@ -554,6 +556,7 @@ fn decode_everything(b: &[u8]) {
     let _ = SnapshotRecord::decode(b);
     let _ = CloneOrigin::decode(b);
     let _ = BlockLoc::decode(b);
+    let _ = DamageMark::decode_value(LogPos::default(), b);
     for codec in [Codec::Raw, Codec::Lz4] {
         for raw_len in [0, 1, b.len(), BLOCK_SIZE] {
             let rec = pack::encode_record(
@@ -1529,7 +1532,25 @@ fn golden_v2_files() -> Vec<(&'static str, Vec<u8>)> {
         ("block_record_raw.bin", golden_raw_block_record(V2)),
         ("block_record_lz4.bin", golden_lz4_block_record(V2)),
         ("journal_record.bin", journal_record(&golden_journal())),
+        ("damage_mark.bin", golden_damage_mark().encode_value()),
     ]
+}
+
+/// The value of the index table `damaged` (introduced with pack version 2).
+fn golden_damage_mark() -> DamageMark {
+    DamageMark {
+        at: LogPos {
+            pack: 4,
+            offset: 0x2_0000,
+        },
+        len: 8252,
+        kind: DamageKind::Block,
+        block: Some(BlockId::of(&golden_random_page())),
+        found: Timestamp {
+            secs: 1_796_000_000,
+            nsecs: 250_000_000,
+        },
+    }
 }
 
 /// Every golden file of version 1: its name and the bytes the encoders produce for its value
@@ -1711,4 +1732,55 @@ fn golden_v2_files_decode_and_reencode() {
     assert_eq!(j, golden_journal());
     assert_eq!(pack::journal_record_dataset(&hdr.id), Some(j.dataset));
     assert_eq!(journal_record(&j), b);
+    let b = read_golden_of(2, "damage_mark.bin");
+    let m = golden_damage_mark();
+    assert_eq!(DamageMark::decode_value(m.at, &b), Ok(m.clone()));
+    assert_eq!(m.encode_value(), b);
+}
+
+#[test]
+fn layout_damage_mark() {
+    let m = DamageMark {
+        at: LogPos {
+            pack: 9,
+            offset: 77,
+        },
+        len: 0x0102_0304,
+        kind: DamageKind::Journal,
+        block: None,
+        found: Timestamp { secs: 5, nsecs: 6 },
+    };
+    assert_eq!(
+        m.encode_value(),
+        [
+            &[1u8][..],
+            &0x0102_0304u64.to_le_bytes(),
+            &[2],
+            &[0],
+            &5i64.to_le_bytes(),
+            &6u32.to_le_bytes(),
+        ]
+        .concat()
+    );
+    let with_block = DamageMark {
+        kind: DamageKind::Block,
+        block: Some(BlockId([7; 32])),
+        ..m.clone()
+    };
+    let b = with_block.encode_value();
+    assert_eq!(b.len(), 1 + 8 + 1 + 33 + 12);
+    assert_eq!(&b[10..43], &[[1u8].as_slice(), &[7; 32]].concat()[..]);
+    assert_eq!(DamageMark::decode_value(m.at, &b), Ok(with_block));
+    // Rejected: another version, an unknown kind, a bad id tag, nanoseconds out of range,
+    // missing or trailing bytes.
+    let enc = m.encode_value();
+    for (at, v) in [(0usize, 2u8), (9, 4), (10, 2)] {
+        assert!(
+            DamageMark::decode_value(m.at, &with_byte(&enc, at, v)).is_err(),
+            "byte {at} = {v}"
+        );
+    }
+    assert!(DamageMark::decode_value(m.at, &with_u32(&enc, enc.len() - 4, 1_000_000_000)).is_err());
+    assert!(DamageMark::decode_value(m.at, &enc[..enc.len() - 1]).is_err());
+    assert!(DamageMark::decode_value(m.at, &[enc.as_slice(), &[0]].concat()).is_err());
 }

@@ -1,21 +1,40 @@
 //! The `vdbfs` command line: parses arguments, talks to the daemon over its socket, prints.
+//!
+//! Output contract (docs/CLI-CONTRACT.md): text for people on stdout; with `--json` (anywhere
+//! on the line, like `--store`) the reply's data as one JSON document, and an error as
+//! `{"error": {"kind", "message", "hint"}}` on stdout with the same exit status as without.
+//! The `vdbfs: error: ...` line and progress lines go to stderr either way. Module map: `client` (the socket, Ctrl-C),
+//! `libpq` (PG* environment and password files for `source link`), `vdb`, `progress`, `docs`
+//! (completions and man pages).
+//!
+//! Size: the clap definitions of every subcommand with their help texts (the user's reference)
+//! and their text printers; the parts with logic of their own are the submodules above.
 
-use crate::api::{self, DatasetInfo, ErrorKind, ProgressLine, Refusal, Request, Response, Status};
-use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use crate::api::{self, DatasetInfo, ErrorKind, Refusal, Request, Response, Status};
+use anyhow::Context;
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
+mod client;
+mod docs;
+mod libpq;
 mod progress;
 mod vdb;
+
+pub use client::call;
 
 #[derive(Parser)]
 #[command(
     name = "vdbfs",
     version,
-    about = "Virtual PostgreSQL databases on a copy-on-write FUSE store"
+    about = "Virtual PostgreSQL databases on a copy-on-write FUSE store",
+    long_about = "Virtual PostgreSQL databases on a copy-on-write FUSE store.\n\n\
+        `vdbfs serve` runs the daemon that owns a store; every other command talks to it over \
+        the store's control socket (STORE/vdbfs.sock). Errors exit 1 (130 when cancelled with \
+        Ctrl-C), usage errors 2.",
+    after_help = "Environment: VDBFS_STORE (the store), VDBFS_LOG or RUST_LOG (log filter, e.g. \
+        debug), and for `source link` libpq's PGHOST, PGPORT, PGUSER, PGDATABASE, PGSSLMODE, \
+        PGPASSWORD, PGPASSFILE and ~/.pgpass."
 )]
 pub struct Cli {
     /// The store directory.
@@ -26,8 +45,22 @@ pub struct Cli {
         default_value = "/var/lib/vdbfs"
     )]
     pub store: PathBuf,
+    /// Print the result as JSON on stdout: the object listed, made or changed; an error as
+    /// {"error": {"kind", "message", "hint"}} with the same exit status.
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub cmd: Cmd,
+}
+
+/// How `vdbfs serve` writes its log lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event.
+    Text,
+    /// One JSON object per line (timestamp, level, target, message and fields), for log
+    /// shippers.
+    Json,
 }
 
 // Parsed once per run: the size of a variant does not matter.
@@ -41,12 +74,19 @@ pub enum Cmd {
         /// Ports new VDBs get when `vdb create` has no --port: LO-HI.
         #[arg(long, env = "VDBFS_VDB_PORTS", default_value = "6000-6999")]
         vdb_ports: String,
+        /// How many undo snapshots (NAME@auto-before-*, taken before each refresh and rewind)
+        /// each VDB keeps; older ones expire after the next refresh or rewind.
+        #[arg(long, env = "VDBFS_KEEP_UNDO", default_value_t = crate::vdb::DEFAULT_UNDO_KEEP)]
+        keep_undo: u32,
+        /// Log lines as text or as JSON objects (level from VDBFS_LOG or RUST_LOG).
+        #[arg(long, value_enum, env = "VDBFS_LOG_FORMAT", default_value = "text")]
+        log_format: LogFormat,
+        /// Scrub (read back and verify every live block) this often: 12h, 7d, ...; "off" never.
+        #[arg(long, env = "VDBFS_SCRUB_EVERY", default_value = "7d")]
+        scrub_every: String,
     },
-    /// Show the daemon's pid and mounts.
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
+    /// Show the daemon's pid, its store and the mounts.
+    Status,
     /// Manage datasets.
     Dataset {
         #[command(subcommand)]
@@ -59,24 +99,37 @@ pub enum Cmd {
     },
     /// Create a writable dataset from a snapshot, sharing all its blocks.
     Clone {
-        /// DATASET@SNAPSHOT
+        /// The snapshot to clone: DATASET@SNAPSHOT.
         snapshot: String,
+        /// Name of the new dataset.
         name: String,
     },
     /// Mount a dataset, or a snapshot (DATASET@SNAPSHOT) read-only.
     Mount {
+        /// DATASET, or DATASET@SNAPSHOT for a read-only mount.
         dataset: String,
+        /// Where to mount it (created if missing).
+        mountpoint: PathBuf,
+        /// Mount over a directory that is not empty (its files are hidden while mounted).
+        #[arg(long)]
+        nonempty: bool,
+    },
+    /// Flush and unmount (refused while files are open there).
+    Umount {
+        /// The mount point to unmount.
         mountpoint: PathBuf,
     },
-    /// Flush and unmount.
-    Umount { mountpoint: PathBuf },
     /// Space used by each dataset and snapshot, and by the store.
-    Df {
-        #[arg(long)]
-        json: bool,
-    },
+    Df,
     /// Reclaim the space of blocks nothing references (also runs by itself).
     Gc,
+    /// Read back and verify every live block (also runs by itself: serve --scrub-every); exits
+    /// 1 when it finds bad blocks, naming the datasets, snapshots and files that hold them.
+    Scrub {
+        /// Read at most this many MiB/s (0: no bound).
+        #[arg(long, default_value_t = crate::daemon::SCRUB_RATE_MIB)]
+        rate: u64,
+    },
     /// Link source databases (dSources) and keep them in sync through a staging standby.
     Source {
         #[command(subcommand)]
@@ -89,14 +142,23 @@ pub enum Cmd {
     },
     /// The tree of datasets, snapshots, bookmarks and VDBs (all, or from one dataset).
     Timeflow {
+        /// Show only this dataset (a source, a VDB or a plain dataset) and what came from it.
         dataset: Option<String>,
-        #[arg(long)]
-        json: bool,
     },
     /// This host's PostgreSQL installations and clusters.
     Env {
         #[command(subcommand)]
         cmd: EnvCmd,
+    },
+    /// Print a shell completion script: `vdbfs completions bash > /etc/bash_completion.d/vdbfs`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Write a man page per command (vdbfs.1, vdbfs-source-link.1, ...) into DIR.
+    Manpages {
+        /// Where to write them (e.g. /usr/local/share/man/man1); created if missing.
+        dir: PathBuf,
     },
 }
 
@@ -104,20 +166,25 @@ pub enum Cmd {
 pub enum EnvCmd {
     /// List PostgreSQL installations (bin dir, version) and clusters (data dir, port, running,
     /// role). Needs no daemon.
-    Discover {
-        #[arg(long)]
-        json: bool,
-    },
+    Discover,
 }
 
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum SourceCmd {
-    /// Copy a running PostgreSQL into a staging dataset NAME and keep it in sync.
+    /// Copy a running PostgreSQL into a staging dataset NAME and keep it in sync. Ctrl-C
+    /// cancels the link and removes all it made.
+    #[command(
+        after_help = "Connection and password as for psql: what --conn does not name comes from \
+        PGHOST, PGPORT, PGUSER, PGDATABASE and PGSSLMODE; the password from --conn, PGPASSWORD, \
+        --passfile, PGPASSFILE or ~/.pgpass (a password file must be mode 0600 or stricter)."
+    )]
     Link {
+        /// The source's name: also the name of its staging dataset and of its snapshots'
+        /// dataset.
         name: String,
         /// How to reach the source: 'postgresql://USER@HOST:PORT/DB' or 'host=.. port=.. user=..'
-        /// (a role with REPLICATION). The password may come from PGPASSWORD or --passfile.
+        /// (a role with REPLICATION). Default: from PGHOST, PGPORT, PGUSER, PGDATABASE.
         #[arg(long)]
         conn: Option<String>,
         /// backup-stream (vdbfs runs pg_basebackup, then streams), stream (your --backup, then
@@ -139,18 +206,19 @@ pub enum SourceCmd {
         /// Take a validated-sync snapshot this often (30s, 15m, 2h, 1d).
         #[arg(long)]
         snapshot_every: Option<String>,
-        /// Keep this many of the source's snapshots.
+        /// Keep this many of the source's snapshots (named ones are always kept).
         #[arg(long)]
         keep: Option<u32>,
-        /// Keep the source's snapshots this long (e.g. 7d).
+        /// Keep the source's snapshots this long (e.g. 7d; named ones are always kept).
         #[arg(long)]
         keep_for: Option<String>,
-        /// A libpq passfile (mode 0600) with the password.
+        /// A libpq password file (mode 0600: host:port:db:user:password lines); the daemon keeps
+        /// a copy. Default: PGPASSFILE, else ~/.pgpass (only the matching password is kept).
         #[arg(long)]
         passfile: Option<PathBuf>,
-        /// PostgreSQL bin directory for the staging standby (default: the source's version
-        /// under /usr/lib/postgresql).
-        #[arg(long, hide = true)]
+        /// PostgreSQL bin directory for the staging standby, for installations outside
+        /// /usr/lib/postgresql/MAJOR/bin (default: the source's major version there).
+        #[arg(long)]
         pg_bin: Option<PathBuf>,
         /// Check each snapshot's prepared image with pg_amcheck --heapallindexed in the
         /// background ('vdb create --verified' takes the newest that passed).
@@ -159,39 +227,49 @@ pub enum SourceCmd {
     },
     /// Change a source's settings.
     Set {
+        /// The source.
         name: String,
         /// Verify each prepared snapshot with pg_amcheck (on|off).
         #[arg(long, value_parser = ["on", "off"])]
         verify: Option<String>,
     },
     /// Sources with their state and lag.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    List,
     /// State, replay position, lag, faults and last snapshot of a source.
     Status {
+        /// The source.
         name: String,
-        #[arg(long)]
-        json: bool,
     },
     /// Take a validated-sync snapshot now; prints its full name.
     Snapshot {
+        /// The source.
         name: String,
-        #[arg(long)]
-        json: bool,
+        /// Name the snapshot (default: its time); retention (--keep, --keep-for) never deletes
+        /// a named one.
+        #[arg(long = "name", value_name = "SNAPSHOT")]
+        snapshot: Option<String>,
     },
     /// Stop syncing (the staging standby stops); everything is kept.
-    Disable { name: String },
-    /// Resume syncing.
-    Enable { name: String },
-    /// Stop staging, drop the replication slot, detach the source.
-    Unlink {
+    Disable {
+        /// The source.
         name: String,
-        /// Also delete the staging dataset and its snapshots (default: keep them as a dataset).
+    },
+    /// Resume syncing.
+    Enable {
+        /// The source.
+        name: String,
+    },
+    /// Stop staging, drop the replication slot, detach the source; says what it leaves behind
+    /// and which VDBs it affects.
+    Unlink {
+        /// The source.
+        name: String,
+        /// Also delete the staging dataset and its snapshots (default: keep them as a dataset);
+        /// VDBs made from them can no longer refresh.
         #[arg(long)]
         delete_snapshots: bool,
-        /// Unlink even when the slot cannot be dropped on an unreachable source.
+        /// Unlink even when the slot cannot be dropped on an unreachable source (prints the SQL
+        /// that drops it there).
         #[arg(long)]
         force: bool,
     },
@@ -201,34 +279,48 @@ pub enum SourceCmd {
 pub enum SnapshotCmd {
     /// Freeze a dataset as it is now.
     Create {
+        /// The dataset.
         dataset: String,
+        /// Name the snapshot (default: its time, e.g. 20261126T085733.587Z).
         #[arg(long)]
         name: Option<String>,
     },
-    /// List snapshots (of one dataset, or all), oldest first.
+    /// List snapshots (of one dataset, or all), oldest first, with the LSN, timeline and
+    /// replay time of a source's snapshots and the kind of a VDB's.
     List {
+        /// Only this dataset's snapshots.
         dataset: Option<String>,
-        #[arg(long)]
-        json: bool,
     },
-    /// Delete DATASET@SNAPSHOT (clones made from it keep working).
-    Delete { name: String },
+    /// Delete DATASET@SNAPSHOT (clones made from it keep working; names the VDBs that can no
+    /// longer refresh from it).
+    Delete {
+        /// DATASET@SNAPSHOT
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
 pub enum DatasetCmd {
+    /// Create an empty dataset (its root directory owned by root, mode 0755).
     Create {
+        /// The new dataset's name (1-64 of A-Z a-z 0-9 . _ -).
         name: String,
     },
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    /// List datasets with their id, creation time, mount point and origin.
+    List,
+    /// Delete a dataset (refused while mounted, or while it has snapshots unless asked).
     Delete {
+        /// The dataset.
         name: String,
         /// Also delete the dataset's snapshots.
         #[arg(long)]
         with_snapshots: bool,
+    },
+    /// Use a dataset recovery found damaged as it is (as of its last intact fsync before the
+    /// damage); `dataset list` and `vdbfs status` show damaged datasets.
+    AcceptDamage {
+        /// The damaged dataset.
+        name: String,
     },
 }
 
@@ -255,43 +347,414 @@ pub(crate) fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
     })
 }
 
-pub fn call(store: &Path, req: &Request) -> anyhow::Result<Response> {
-    let sock = api::socket_path(store);
-    let mut s = UnixStream::connect(&sock).map_err(|_| {
-        api::refusal(
-            ErrorKind::Unavailable,
-            format!(
-                "no vdbfs daemon answers at {}; start one with 'vdbfs serve --store {}'",
-                sock.display(),
-                store.display()
-            ),
-        )
-    })?;
-    s.set_read_timeout(Some(Duration::from_secs(600)))?;
-    let mut line = serde_json::to_string(req)?;
-    line.push('\n');
-    s.write_all(line.as_bytes())?;
-    let mut r = BufReader::new(s);
-    let mut shown = progress::Shown::new();
-    loop {
-        let mut resp = String::new();
-        let n = r
-            .read_line(&mut resp)
-            .context("the daemon closed the connection without answering")?;
-        if n == 0 {
-            bail!("the daemon closed the connection without answering");
-        }
-        if let Ok(p) = serde_json::from_str::<ProgressLine>(&resp) {
-            shown.show(&p);
-            continue;
-        }
-        shown.done();
-        return serde_json::from_str(&resp).context("malformed answer from the daemon");
+pub(crate) fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or("-".to_string(), |x| x.to_string())
+}
+
+/// The exit status of a failed command: its kind's (see [`ErrorKind::exit_code`]); 1 for a
+/// failure the CLI met itself.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    kind_of(e).exit_code()
+}
+
+fn kind_of(e: &anyhow::Error) -> ErrorKind {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<Refusal>())
+        .map_or(ErrorKind::Internal, |r| r.kind)
+}
+
+/// Sends a request; a failure is a [`Refusal`] with the daemon's kind, message and hint.
+pub(crate) fn run_req(store: &Path, req: Request) -> anyhow::Result<Response> {
+    let r = call(store, &req)?;
+    if !r.ok {
+        let mut refusal = Refusal::new(r.kind.unwrap_or(ErrorKind::Internal), r.message);
+        refusal.hint = r.hint;
+        return Err(refusal.into());
+    }
+    Ok(r)
+}
+
+/// Prints a reply: its data as JSON, or its message.
+pub(crate) fn say(json: bool, r: &Response) {
+    if json {
+        println!("{}", r.data);
+    } else if !r.message.is_empty() {
+        println!("{}", r.message);
     }
 }
 
-fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
-    v.as_ref().map_or("-".to_string(), |x| x.to_string())
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
+}
+
+/// The whole command line: parse, log setup, run, report. Returns the exit status.
+pub fn main() -> i32 {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => return usage_error(e, args.iter().any(|a| a == "--json")),
+    };
+    init_logging(&cli);
+    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+        // A CLI whose output is piped into `head` ends quietly, like other Unix tools. Never
+        // for the daemon: a client hanging up must not kill it.
+        // SAFETY: setting a signal disposition before any thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    let json = cli.json;
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => report(&e, json),
+    }
+}
+
+/// A usage error found by clap: its usual text on stderr and exit status 2, with `--json` also
+/// the JSON error (kind `invalid`) on stdout. Help and version are printed as they are.
+fn usage_error(e: clap::Error, json: bool) -> i32 {
+    use clap::error::ErrorKind as K;
+    let _ = e.print();
+    if matches!(e.kind(), K::DisplayHelp | K::DisplayVersion) || !json {
+        return e.exit_code();
+    }
+    let text = e.render().to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let message = lines
+        .next()
+        .unwrap_or("invalid command line")
+        .trim_start_matches("error: ")
+        .to_string();
+    let hint: Vec<&str> = lines.collect();
+    let reply = api::ErrorReply {
+        error: api::ErrorBody {
+            kind: ErrorKind::Invalid,
+            message,
+            hint: (!hint.is_empty()).then(|| hint.join("; ")),
+        },
+    };
+    println!("{}", serde_json::to_string(&reply).unwrap_or_default());
+    2
+}
+
+/// Prints a failed command's error and returns its exit status: the `vdbfs: error:` line on
+/// stderr, and with `--json` also the JSON error on stdout (where a script reads the result).
+pub fn report(e: &anyhow::Error, json: bool) -> i32 {
+    let kind = kind_of(e);
+    let hint = api::hint_of(e);
+    let message = format!("{e:#}");
+    match &hint {
+        Some(h) => eprintln!("vdbfs: error: {message}; {h}"),
+        None => eprintln!("vdbfs: error: {message}"),
+    }
+    if json {
+        let reply = api::ErrorReply {
+            error: api::ErrorBody {
+                kind,
+                message,
+                hint,
+            },
+        };
+        println!("{}", serde_json::to_string(&reply).unwrap_or_default());
+    }
+    kind.exit_code()
+}
+
+/// Log lines on stderr, filtered by `VDBFS_LOG`, else `RUST_LOG` (tracing's env-filter
+/// syntax: `debug`, `vdbfs=debug,fuser=warn`, ...), else `info`; `serve --log-format json`
+/// writes them as JSON objects.
+fn init_logging(cli: &Cli) {
+    let json = matches!(
+        cli.cmd,
+        Cmd::Serve {
+            log_format: LogFormat::Json,
+            ..
+        }
+    );
+    crate::logging::init(json);
+}
+
+/// Commands whose result has no JSON form.
+fn no_json(what: &str, instead: &str) -> anyhow::Error {
+    Refusal::new(
+        ErrorKind::Invalid,
+        format!("vdbfs {what} prints no result to show as JSON"),
+    )
+    .with_hint(instead.to_string())
+    .into()
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let store = absolute(&cli.store)?;
+    let json = cli.json;
+    match cli.cmd {
+        Cmd::Init => init(&store, json)?,
+        Cmd::Serve {
+            vdb_ports,
+            keep_undo,
+            scrub_every,
+            ..
+        } => {
+            if json {
+                return Err(no_json(
+                    "serve",
+                    "'vdbfs serve --log-format json' writes its log lines as JSON",
+                ));
+            }
+            crate::daemon::serve(&store, &vdb_ports, keep_undo, &scrub_every)?
+        }
+        Cmd::Completions { shell } => {
+            if json {
+                return Err(no_json("completions", "leave out --json"));
+            }
+            docs::completions(shell, &mut Cli::command());
+        }
+        Cmd::Manpages { dir } => {
+            let written = docs::manpages(&absolute(&dir)?, Cli::command())?;
+            if json {
+                print_json(&written)?;
+            } else {
+                for p in written {
+                    println!("{}", p.display());
+                }
+            }
+        }
+        Cmd::Status => {
+            let r = run_req(&store, Request::Status)?;
+            if json {
+                println!("{}", r.data);
+            } else {
+                print_status(&serde_json::from_value(r.data)?);
+            }
+        }
+        Cmd::Scrub { rate } => {
+            let r = run_req(
+                &store,
+                Request::Scrub {
+                    rate_mib: Some(rate),
+                },
+            )?;
+            if json {
+                println!("{}", r.data);
+            } else {
+                println!("{}", r.message);
+            }
+            let rep: api::ScrubReport = serde_json::from_value(r.data)?;
+            if !rep.bad_blocks.is_empty() && json {
+                // The report printed above is the one JSON object of this command; it lists
+                // the bad blocks, so no error object follows it. Still a failure: exit 1.
+                eprintln!(
+                    "vdbfs: error: scrub found {} bad block(s) (in the report): their data is lost",
+                    rep.bad_blocks.len()
+                );
+                std::process::exit(ErrorKind::Internal.exit_code());
+            }
+            if !rep.bad_blocks.is_empty() {
+                return Err(Refusal::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "scrub found {} bad block(s) (listed above): their data is lost",
+                        rep.bad_blocks.len()
+                    ),
+                )
+                .with_hint(
+                    "restore what references them (delete or reset those datasets, or rewrite \
+                     the files), and check the disk"
+                        .to_string(),
+                )
+                .into());
+            }
+        }
+        Cmd::Dataset { cmd } => match cmd {
+            DatasetCmd::Create { name } => {
+                say(json, &run_req(&store, Request::DatasetCreate { name })?)
+            }
+            DatasetCmd::Delete {
+                name,
+                with_snapshots,
+            } => say(
+                json,
+                &run_req(
+                    &store,
+                    Request::DatasetDelete {
+                        name,
+                        with_snapshots,
+                    },
+                )?,
+            ),
+            DatasetCmd::List => {
+                let r = run_req(&store, Request::DatasetList)?;
+                if json {
+                    println!("{}", r.data);
+                } else {
+                    let list: Vec<DatasetInfo> = serde_json::from_value(r.data)?;
+                    println!(
+                        "{:<24} {:>5} {:<21} {:<40} ORIGIN",
+                        "NAME", "ID", "CREATED", "MOUNTPOINT"
+                    );
+                    for d in list {
+                        let mp = d
+                            .mountpoint
+                            .map_or("-".to_string(), |p| p.display().to_string());
+                        println!(
+                            "{:<24} {:>5} {:<21} {:<40} {}",
+                            d.name,
+                            d.id,
+                            d.created,
+                            mp,
+                            opt(&d.origin)
+                        );
+                        if let Some(f) = d.fault {
+                            println!("  FAULT: {f}");
+                        }
+                    }
+                }
+            }
+            DatasetCmd::AcceptDamage { name } => say(
+                json,
+                &run_req(&store, Request::DatasetAcceptDamage { name })?,
+            ),
+        },
+        Cmd::Mount {
+            dataset,
+            mountpoint,
+            nonempty,
+        } => {
+            let mountpoint = absolute(&mountpoint)?;
+            say(
+                json,
+                &run_req(
+                    &store,
+                    Request::Mount {
+                        dataset,
+                        mountpoint,
+                        nonempty,
+                    },
+                )?,
+            );
+        }
+        Cmd::Snapshot { cmd } => match cmd {
+            SnapshotCmd::Create { dataset, name } => say(
+                json,
+                &run_req(&store, Request::SnapshotCreate { dataset, name })?,
+            ),
+            SnapshotCmd::Delete { name } => {
+                say(json, &run_req(&store, Request::SnapshotDelete { name })?)
+            }
+            SnapshotCmd::List { dataset } => {
+                let r = run_req(&store, Request::SnapshotList { dataset })?;
+                if json {
+                    println!("{}", r.data);
+                } else {
+                    let list: Vec<api::SnapshotInfo> = serde_json::from_value(r.data)?;
+                    print_snapshots(&list);
+                }
+            }
+        },
+        Cmd::Clone { snapshot, name } => {
+            say(json, &run_req(&store, Request::Clone { snapshot, name })?)
+        }
+        Cmd::Gc => say(json, &run_req(&store, Request::Gc)?),
+        Cmd::Df => {
+            let r = run_req(&store, Request::Df)?;
+            if json {
+                println!("{}", r.data);
+            } else {
+                let df: api::Df = serde_json::from_value(r.data)?;
+                println!(
+                    "{:<40} {:<8} {:>12} {:>12} {:>12}",
+                    "NAME", "KIND", "LOGICAL", "UNIQUE", "SHARED"
+                );
+                for d in &df.datasets {
+                    println!(
+                        "{:<40} {:<8} {:>12} {:>12} {:>12}",
+                        d.name,
+                        d.kind,
+                        human(d.logical_bytes),
+                        human(d.unique_bytes),
+                        human(d.shared_bytes)
+                    );
+                }
+                println!(
+                    "store: {} in pack files, {} live; compression {:.2}x, dedup {:.2}x",
+                    human(df.physical_bytes),
+                    human(df.live_stored_bytes),
+                    df.compression_ratio,
+                    df.dedup_ratio
+                );
+            }
+        }
+        Cmd::Env {
+            cmd: EnvCmd::Discover,
+        } => {
+            let env = crate::pg::discover::discover();
+            if json {
+                print_json(&env)?;
+            } else {
+                println!("installations:");
+                for i in &env.installations {
+                    println!(
+                        "  PostgreSQL {:<8} (major {:>2}) {}",
+                        i.version,
+                        i.major,
+                        i.bin_dir.display()
+                    );
+                }
+                println!("clusters:");
+                for c in &env.clusters {
+                    println!(
+                        "  {:<48} version {:<4} port {:<6} {:<8} pid {:<8} {}",
+                        c.data_dir.display(),
+                        opt(&c.version),
+                        opt(&c.port),
+                        if c.running { "running" } else { "stopped" },
+                        opt(&c.pid),
+                        c.role
+                    );
+                }
+            }
+        }
+        Cmd::Source { cmd } => run_source(&store, cmd, json)?,
+        Cmd::Vdb { cmd } => vdb::run(&store, cmd, json)?,
+        Cmd::Timeflow { dataset } => vdb::timeflow(&store, dataset, json)?,
+        Cmd::Umount { mountpoint } => {
+            let mountpoint = absolute(&mountpoint)?;
+            say(json, &run_req(&store, Request::Umount { mountpoint })?);
+        }
+    }
+    Ok(())
+}
+
+/// `snapshot list`: every field of the JSON that is not part of the name.
+fn print_snapshots(list: &[api::SnapshotInfo]) {
+    println!(
+        "{:<48} {:<20} {:<18} {:>12} {:>3}  {:<9} {:<8} REPLAY TIME",
+        "NAME", "CREATED", "KIND", "LSN", "TL", "PREPARED", "VERIFIED"
+    );
+    for s in list {
+        let kind = match (&s.kind, &s.mode) {
+            (Some(k), _) => k.to_string(),
+            (None, Some(m)) => format!("sync/{m}"),
+            (None, None) => "-".into(),
+        };
+        println!(
+            "{:<48} {:<20} {:<18} {:>12} {:>3}  {:<9} {:<8} {}{}",
+            s.name,
+            s.created,
+            kind,
+            opt(&s.lsn),
+            opt(&s.timeline),
+            opt(&s.marks.prepared),
+            opt(&s.marks.verified),
+            opt(&s.replay_time),
+            s.marks
+                .verify_failures
+                .first()
+                .map(|f| format!(" ({f})"))
+                .unwrap_or_default()
+        );
+    }
 }
 
 fn print_source(s: &api::SourceStatus) {
@@ -328,11 +791,13 @@ fn print_source(s: &api::SourceStatus) {
     );
     match &s.last_snapshot {
         Some(l) => println!(
-            "  {} snapshot(s); last {} at LSN {} (timeline {}), {}; prepared {}, verified {}{}",
+            "  {} snapshot(s); last {} at LSN {} (timeline {}, {}), replayed up to {}, {}; prepared {}, verified {}{}",
             s.snapshots,
             l.name,
             l.lsn,
             l.timeline,
+            l.mode,
+            opt(&l.replay_time),
             l.created,
             opt(&l.marks.prepared),
             opt(&l.marks.verified),
@@ -352,220 +817,132 @@ fn print_source(s: &api::SourceStatus) {
         s.wal_archive_files,
         human(s.wal_archive_bytes)
     );
+    let every = s
+        .snapshot_every_secs
+        .map_or("on demand".to_string(), |x| format!("every {x} s"));
+    let keep = match (s.keep, s.keep_for_secs) {
+        (Some(n), _) => format!("keeps the last {n}"),
+        (None, Some(secs)) => format!("keeps {secs} s"),
+        (None, None) => "keeps all".into(),
+    };
+    println!("  snapshots {every}; {keep}");
     if s.restarts > 0 {
         println!("  staging restarted {} time(s) after a crash", s.restarts);
     }
 }
 
-/// The exit status of a failed command: its kind's (see [`ErrorKind::exit_code`]); 1 for a
-/// failure the CLI met itself.
-pub fn exit_code(e: &anyhow::Error) -> i32 {
-    e.chain()
-        .find_map(|c| c.downcast_ref::<Refusal>())
-        .map_or(1, |r| r.kind.exit_code())
-}
-
-/// Sends a request; a failure is a [`Refusal`] with the daemon's kind and message.
-pub(crate) fn run_req(store: &Path, req: Request) -> anyhow::Result<Response> {
-    let r = call(store, &req)?;
-    if !r.ok {
-        return Err(Refusal::new(r.kind.unwrap_or(ErrorKind::Internal), r.message).into());
+/// `vdbfs init`: a new store in a new or empty directory; anything else is refused before a
+/// byte changes.
+fn init(store: &Path, json: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if crate::store::index_path(store).exists() {
+        return Err(Refusal::new(
+            ErrorKind::Conflict,
+            format!("{} already holds a vdbfs store", store.display()),
+        )
+        .with_hint(format!(
+            "serve it with 'vdbfs serve --store {}'",
+            store.display()
+        ))
+        .into());
     }
-    Ok(r)
-}
-
-pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let store = absolute(&cli.store)?;
-    match cli.cmd {
-        Cmd::Init => {
-            if crate::store::index_path(&store).exists() {
-                bail!("{} already holds a vdbfs store", store.display());
-            }
-            crate::store::Store::create(&store)
-                .with_context(|| format!("cannot create a store in {}", store.display()))?;
-            println!("initialized an empty vdbfs store in {}", store.display());
-        }
-        Cmd::Serve { vdb_ports } => crate::daemon::serve(&store, &vdb_ports)?,
-        Cmd::Status { json } => {
-            let r = run_req(&store, Request::Status)?;
-            if json {
-                println!("{}", r.data);
-            } else {
-                let s: Status = serde_json::from_value(r.data)?;
-                println!("daemon pid {} serving {}", s.pid, s.store.display());
-                for m in s.mounts {
-                    println!("  {} on {}", m.dataset, m.mountpoint.display());
-                }
-            }
-        }
-        Cmd::Dataset { cmd } => match cmd {
-            DatasetCmd::Create { name } => println!(
-                "{}",
-                run_req(&store, Request::DatasetCreate { name })?.message
-            ),
-            DatasetCmd::Delete {
-                name,
-                with_snapshots,
-            } => println!(
-                "{}",
-                run_req(
-                    &store,
-                    Request::DatasetDelete {
-                        name,
-                        with_snapshots
-                    }
-                )?
-                .message
-            ),
-            DatasetCmd::List { json } => {
-                let r = run_req(&store, Request::DatasetList)?;
-                if json {
-                    println!("{}", r.data);
-                } else {
-                    let list: Vec<DatasetInfo> = serde_json::from_value(r.data)?;
-                    println!("{:<24} {:>5} {:<21} MOUNTPOINT", "NAME", "ID", "CREATED");
-                    for d in list {
-                        let mp = d
-                            .mountpoint
-                            .map_or("-".to_string(), |p| p.display().to_string());
-                        println!("{:<24} {:>5} {:<21} {}", d.name, d.id, d.created, mp);
-                    }
-                }
-            }
-        },
-        Cmd::Mount {
-            dataset,
-            mountpoint,
-        } => {
-            let mountpoint = absolute(&mountpoint)?;
-            println!(
-                "{}",
-                run_req(
-                    &store,
-                    Request::Mount {
-                        dataset,
-                        mountpoint
-                    }
-                )?
-                .message
-            );
-        }
-        Cmd::Snapshot { cmd } => match cmd {
-            SnapshotCmd::Create { dataset, name } => {
-                println!(
-                    "{}",
-                    run_req(&store, Request::SnapshotCreate { dataset, name })?.message
-                )
-            }
-            SnapshotCmd::Delete { name } => {
-                println!(
-                    "{}",
-                    run_req(&store, Request::SnapshotDelete { name })?.message
-                )
-            }
-            SnapshotCmd::List { dataset, json } => {
-                let r = run_req(&store, Request::SnapshotList { dataset })?;
-                if json {
-                    println!("{}", r.data);
-                } else {
-                    let list: Vec<api::SnapshotInfo> = serde_json::from_value(r.data)?;
-                    println!(
-                        "{:<48} {:<21} {:<14} {:<9} VERIFIED",
-                        "NAME", "CREATED", "LSN", "PREPARED"
-                    );
-                    for s in list {
-                        println!(
-                            "{:<48} {:<21} {:<14} {:<9} {}{}",
-                            s.name,
-                            s.created,
-                            opt(&s.lsn),
-                            opt(&s.marks.prepared),
-                            opt(&s.marks.verified),
-                            s.marks
-                                .verify_failures
-                                .first()
-                                .map(|f| format!(" ({f})"))
-                                .unwrap_or_default()
-                        );
-                    }
-                }
-            }
-        },
-        Cmd::Clone { snapshot, name } => {
-            println!(
-                "{}",
-                run_req(&store, Request::Clone { snapshot, name })?.message
+    let existing = match std::fs::metadata(store) {
+        Ok(m) if !m.is_dir() => {
+            return Err(Refusal::new(
+                ErrorKind::Invalid,
+                format!(
+                    "{} exists and is not a directory; choose another --store",
+                    store.display()
+                ),
             )
+            .into())
         }
-        Cmd::Gc => println!("{}", run_req(&store, Request::Gc)?.message),
-        Cmd::Df { json } => {
-            let r = run_req(&store, Request::Df)?;
-            if json {
-                println!("{}", r.data);
-            } else {
-                let df: api::Df = serde_json::from_value(r.data)?;
-                println!(
-                    "{:<40} {:<8} {:>12} {:>12} {:>12}",
-                    "NAME", "KIND", "LOGICAL", "UNIQUE", "SHARED"
-                );
-                for d in &df.datasets {
-                    println!(
-                        "{:<40} {:<8} {:>12} {:>12} {:>12}",
-                        d.name,
-                        d.kind,
-                        human(d.logical_bytes),
-                        human(d.unique_bytes),
-                        human(d.shared_bytes)
-                    );
-                }
-                println!(
-                    "store: {} in pack files, {} live; compression {:.2}x, dedup {:.2}x",
-                    human(df.physical_bytes),
-                    human(df.live_stored_bytes),
-                    df.compression_ratio,
-                    df.dedup_ratio
-                );
-            }
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot look at {}", store.display()));
         }
-        Cmd::Env {
-            cmd: EnvCmd::Discover { json },
-        } => {
-            let env = crate::pg::discover::discover();
-            if json {
-                println!("{}", serde_json::to_string(&env)?);
-            } else {
-                println!("installations:");
-                for i in &env.installations {
-                    println!("  PostgreSQL {:<8} {}", i.version, i.bin_dir.display());
-                }
-                println!("clusters:");
-                for c in &env.clusters {
-                    println!(
-                        "  {:<48} version {:<4} port {:<6} {:<8} {}",
-                        c.data_dir.display(),
-                        opt(&c.version),
-                        opt(&c.port),
-                        if c.running { "running" } else { "stopped" },
-                        c.role
-                    );
-                }
-            }
+    };
+    if existing.is_some() {
+        let entries = crate::store::foreign_entries(store)
+            .with_context(|| format!("cannot read {}", store.display()))?;
+        if !entries.is_empty() {
+            return Err(Refusal::new(
+                ErrorKind::Invalid,
+                format!(
+                    "{} is not empty ({}, e.g. {:?}) and holds no vdbfs store; vdbfs init needs a \
+                     new or empty directory: choose another --store",
+                    store.display(),
+                    crate::mounts::entries_text(entries.len()),
+                    entries[0]
+                ),
+            )
+            .into());
         }
-        Cmd::Source { cmd } => run_source(&store, cmd)?,
-        Cmd::Vdb { cmd } => vdb::run(&store, cmd)?,
-        Cmd::Timeflow { dataset, json } => vdb::timeflow(&store, dataset, json)?,
-        Cmd::Umount { mountpoint } => {
-            let mountpoint = absolute(&mountpoint)?;
-            println!(
-                "{}",
-                run_req(&store, Request::Umount { mountpoint })?.message
+    }
+    crate::store::Store::create(store)
+        .with_context(|| format!("cannot create a store in {}", store.display()))?;
+    if json {
+        print_json(&serde_json::json!({ "store": store }))?;
+    } else {
+        println!("initialized an empty vdbfs store in {}", store.display());
+    }
+    if let Some(m) = existing {
+        if m.permissions().mode() & 0o001 == 0 {
+            eprintln!(
+                "note: {} keeps its mode {:o}; sources and VDBs need the postgres user to \
+                 traverse it ('chmod o+x {}')",
+                store.display(),
+                m.permissions().mode() & 0o7777,
+                store.display()
             );
         }
     }
     Ok(())
 }
 
-fn run_source(store: &Path, cmd: SourceCmd) -> anyhow::Result<()> {
+fn print_status(s: &Status) {
+    println!("daemon pid {} serving {}", s.pid, s.store.display());
+    for m in &s.mounts {
+        println!("  {} on {}", m.dataset, m.mountpoint.display());
+    }
+    if let Some(sp) = &s.space {
+        println!(
+            "  space: {} free of {}; reserve {} of {}{}",
+            human(sp.free_bytes),
+            human(sp.total_bytes),
+            human(sp.reserve_bytes),
+            human(sp.reserve_target_bytes),
+            if sp.full { "; STORE FULL" } else { "" }
+        );
+    }
+    match &s.scrub {
+        Some(r) if r.running => println!(
+            "  scrub running since {}: {} of {} blocks checked",
+            r.started, r.blocks_checked, r.blocks_total
+        ),
+        Some(r) => println!(
+            "  last scrub {} ({}): {} blocks, {} bad{}",
+            r.finished.as_deref().unwrap_or(&r.started),
+            r.trigger,
+            r.blocks_checked,
+            r.bad_blocks.len(),
+            r.error
+                .as_ref()
+                .map(|e| format!(", stopped early: {e}"))
+                .unwrap_or_default()
+        ),
+        None => println!("  never scrubbed"),
+    }
+    if let Some(n) = &s.next_scrub {
+        println!("  next scheduled scrub {n}");
+    }
+    for f in &s.faults {
+        println!("  FAULT: {f}");
+    }
+}
+
+fn run_source(store: &Path, cmd: SourceCmd, json: bool) -> anyhow::Result<()> {
     match cmd {
         SourceCmd::Link {
             name,
@@ -582,11 +959,18 @@ fn run_source(store: &Path, cmd: SourceCmd) -> anyhow::Result<()> {
             pg_bin,
             verify,
         } => {
+            let passfile = passfile.map(|p| absolute(&p)).transpose()?;
+            let env = libpq::resolve(
+                conn.as_deref(),
+                passfile.as_deref(),
+                mode != "log-shipping",
+                &libpq::Env::from_process(),
+            )?;
             let spec = api::LinkSpec {
                 name,
-                conn,
-                password: std::env::var("PGPASSWORD").ok(),
-                passfile: passfile.map(|p| absolute(&p)).transpose()?,
+                conn: env.conn,
+                password: env.password,
+                passfile: env.passfile,
                 mode: Some(mode),
                 backup: backup.map(|p| absolute(&p)).transpose()?,
                 archive: archive.map(|p| absolute(&p)).transpose()?,
@@ -598,12 +982,9 @@ fn run_source(store: &Path, cmd: SourceCmd) -> anyhow::Result<()> {
                 pg_bin: pg_bin.map(|p| absolute(&p)).transpose()?,
                 verify,
             };
-            println!(
-                "{}",
-                run_req(store, Request::SourceLink(Box::new(spec)))?.message
-            );
+            say(json, &run_req(store, Request::SourceLink(Box::new(spec)))?);
         }
-        SourceCmd::List { json } => {
+        SourceCmd::List => {
             let r = run_req(store, Request::SourceList)?;
             if json {
                 println!("{}", r.data);
@@ -627,7 +1008,7 @@ fn run_source(store: &Path, cmd: SourceCmd) -> anyhow::Result<()> {
                 }
             }
         }
-        SourceCmd::Status { name, json } => {
+        SourceCmd::Status { name } => {
             let r = run_req(store, Request::SourceStatus { name })?;
             if json {
                 println!("{}", r.data);
@@ -635,53 +1016,92 @@ fn run_source(store: &Path, cmd: SourceCmd) -> anyhow::Result<()> {
                 print_source(&serde_json::from_value(r.data)?);
             }
         }
-        SourceCmd::Snapshot { name, json } => {
-            let r = run_req(store, Request::SourceSnapshot { name })?;
-            if json {
-                println!("{}", r.data);
-            } else {
-                println!("{}", r.message);
-            }
+        SourceCmd::Snapshot { name, snapshot } => {
+            say(
+                json,
+                &run_req(store, Request::SourceSnapshot { name, snapshot })?,
+            );
         }
-        SourceCmd::Set { name, verify } => println!(
-            "{}",
-            run_req(
-                store,
-                Request::SourceSet {
-                    name,
-                    verify: verify.map(|v| v == "on"),
-                }
-            )?
-            .message
-        ),
-        SourceCmd::Disable { name } => {
-            println!(
-                "{}",
-                run_req(store, Request::SourceDisable { name })?.message
-            )
+        SourceCmd::Set { name, verify } => {
+            say(
+                json,
+                &run_req(
+                    store,
+                    Request::SourceSet {
+                        name,
+                        verify: verify.map(|v| v == "on"),
+                    },
+                )?,
+            );
         }
-        SourceCmd::Enable { name } => {
-            println!(
-                "{}",
-                run_req(store, Request::SourceEnable { name })?.message
-            )
-        }
+        SourceCmd::Disable { name } => say(json, &run_req(store, Request::SourceDisable { name })?),
+        SourceCmd::Enable { name } => say(json, &run_req(store, Request::SourceEnable { name })?),
         SourceCmd::Unlink {
             name,
             delete_snapshots,
             force,
-        } => println!(
-            "{}",
-            run_req(
+        } => say(
+            json,
+            &run_req(
                 store,
                 Request::SourceUnlink {
                     name,
                     delete_snapshots,
-                    force
-                }
-            )?
-            .message
+                    force,
+                },
+            )?,
         ),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command and every option says what it is for (`--help`, man pages,
+    /// completions); clap's own checks of the definitions pass.
+    #[test]
+    fn every_command_and_flag_has_help_text() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", c.get_name());
+            if c.get_about().is_none() && path != "vdbfs" {
+                missing.push(format!("command `{}`", path.trim()));
+            }
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("`{}` argument {id}", path.trim()));
+                }
+            }
+            for s in c.get_subcommands() {
+                walk(s, &path, missing);
+            }
+        }
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cmd, "", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+        let hidden: Vec<String> = cmd
+            .get_subcommands()
+            .flat_map(|s| s.get_subcommands().chain(std::iter::once(s)))
+            .flat_map(|s| s.get_arguments())
+            .filter(|a| a.is_hide_set())
+            .map(|a| a.get_id().to_string())
+            .collect();
+        assert!(hidden.is_empty(), "hidden arguments: {hidden:?}");
+    }
+
+    #[test]
+    fn refresh_help_says_older_snapshots_are_allowed() {
+        let mut cmd = Cli::command();
+        let vdb = cmd.find_subcommand_mut("vdb").unwrap();
+        let refresh = vdb.find_subcommand_mut("refresh").unwrap();
+        let about = refresh.get_about().unwrap().to_string();
+        assert!(about.contains("newer or older"), "{about}");
+    }
 }

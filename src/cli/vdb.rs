@@ -1,6 +1,6 @@
 //! `vdbfs vdb ...` and `vdbfs timeflow`: virtual databases and the tree they live in.
 
-use super::{absolute, human, run_req};
+use super::{absolute, human, run_req, say};
 use crate::api::{self, NodeKind, Request, TimeflowNode, VdbSpec};
 use clap::Subcommand;
 use std::path::{Path, PathBuf};
@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 #[derive(Subcommand)]
 pub enum VdbCmd {
     /// Provision a VDB from a snapshot, or a moment of a source, and start its postgres; prints
-    /// how to connect.
+    /// how to connect. Ctrl-C cancels it and removes all it made.
     Create {
+        /// The VDB's name (also the name of its dataset).
         name: String,
         /// DATASET@SNAPSHOT, or DATASET for its latest snapshot (a source or a VDB).
         #[arg(long)]
@@ -36,57 +37,62 @@ pub enum VdbCmd {
         /// Hooks directory for this VDB (default STORE/hooks when it exists).
         #[arg(long)]
         hooks: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
     },
     /// VDBs with their state, port and parent.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
-    /// One VDB: state, port, mount, parent snapshot, space, snapshots and bookmarks.
+    List,
+    /// One VDB: state, port, mount, parent snapshot, space (its undo snapshots' too), snapshots
+    /// and bookmarks, recent events.
     Status {
+        /// The VDB.
         name: String,
-        #[arg(long)]
-        json: bool,
     },
     /// Stop its postgres (it stays stopped across daemon restarts).
-    Stop { name: String },
+    Stop {
+        /// The VDB.
+        name: String,
+    },
     /// Start its postgres.
-    Start { name: String },
+    Start {
+        /// The VDB.
+        name: String,
+    },
     /// Take a snapshot of the VDB (its own TimeFlow).
     Snapshot {
+        /// The VDB.
         name: String,
         /// Snapshot name (default: the time).
         #[arg(long = "name", value_name = "SNAPSHOT")]
         snapshot: Option<String>,
-        #[arg(long)]
-        json: bool,
     },
     /// Mark the VDB's current state with a name to come back to.
     Bookmark {
+        /// The VDB.
         name: String,
+        /// The bookmark's name.
         bookmark: String,
-        #[arg(long)]
-        json: bool,
     },
     /// Put the VDB back to one of its own snapshots or bookmarks, or to a moment of its own
-    /// history (same name, port and mount).
+    /// history (same name, port and mount). An undo snapshot is taken first; Ctrl-C cancels and
+    /// puts it back as it was.
     Rewind {
+        /// The VDB.
         name: String,
-        /// One of its snapshots or bookmarks.
+        /// One of its snapshots or bookmarks: SNAPSHOT or NAME@SNAPSHOT ('vdbfs vdb status
+        /// NAME' lists them, undo snapshots included).
         #[arg(long, required_unless_present = "at", conflicts_with = "at")]
         to: Option<String>,
         /// A moment since its last create or refresh, with its UTC offset.
         #[arg(long, value_name = "TIME")]
         at: Option<String>,
     },
-    /// Move the VDB onto a newer snapshot, or a moment, of its parent (same name, port, mount and
-    /// settings).
+    /// Move the VDB onto another snapshot of its parent, newer or older, or a moment of its
+    /// parent source (same name, port, mount and settings). An undo snapshot is taken first;
+    /// Ctrl-C cancels and puts it back as it was.
     Refresh {
+        /// The VDB.
         name: String,
-        /// PARENT@SNAPSHOT (default: a new validated snapshot of a linked source, else the
-        /// parent's latest snapshot).
+        /// PARENT@SNAPSHOT, any snapshot of its parent, older ones included (default: a new
+        /// validated snapshot of a linked source, else the parent's latest snapshot).
         #[arg(long, conflicts_with_all = ["at", "at_lsn"])]
         to: Option<String>,
         /// A moment of the parent source, with its UTC offset.
@@ -96,19 +102,15 @@ pub enum VdbCmd {
         #[arg(long, value_name = "LSN")]
         at_lsn: Option<String>,
     },
-    /// Stop and delete the VDB with its snapshots; VDBs made from it keep working.
-    Delete { name: String },
+    /// Stop and delete the VDB with its snapshots; VDBs made from it keep their data but can no
+    /// longer refresh.
+    Delete {
+        /// The VDB.
+        name: String,
+    },
 }
 
-fn print_or_json(r: api::Response, json: bool) {
-    if json {
-        println!("{}", r.data);
-    } else if !r.message.is_empty() {
-        println!("{}", r.message);
-    }
-}
-
-pub fn run(store: &Path, cmd: VdbCmd) -> anyhow::Result<()> {
+pub fn run(store: &Path, cmd: VdbCmd, json: bool) -> anyhow::Result<()> {
     match cmd {
         VdbCmd::Create {
             name,
@@ -120,7 +122,6 @@ pub fn run(store: &Path, cmd: VdbCmd) -> anyhow::Result<()> {
             mount,
             settings,
             hooks,
-            json,
         } => {
             let spec = VdbSpec {
                 name,
@@ -133,9 +134,9 @@ pub fn run(store: &Path, cmd: VdbCmd) -> anyhow::Result<()> {
                 at_lsn,
                 verified,
             };
-            print_or_json(run_req(store, Request::VdbCreate(Box::new(spec)))?, json);
+            say(json, &run_req(store, Request::VdbCreate(Box::new(spec)))?);
         }
-        VdbCmd::List { json } => {
+        VdbCmd::List => {
             let r = run_req(store, Request::VdbList)?;
             if json {
                 println!("{}", r.data);
@@ -158,61 +159,19 @@ pub fn run(store: &Path, cmd: VdbCmd) -> anyhow::Result<()> {
                 );
             }
         }
-        VdbCmd::Status { name, json } => {
+        VdbCmd::Status { name } => {
             let r = run_req(store, Request::VdbStatus { name })?;
             if json {
                 println!("{}", r.data);
                 return Ok(());
             }
-            let s: api::VdbStatus = serde_json::from_value(r.data)?;
-            println!("VDB {}: {}", s.name, s.state);
-            if let Some(f) = &s.fault {
-                println!("  fault: {f}");
-            }
-            println!("  connect:  psql '{}'", s.conn);
-            println!("  over TCP: {}", s.tcp_conn);
-            println!(
-                "  port {}, pid {}, data directory {}",
-                s.port,
-                s.pid.map_or("-".into(), |p| p.to_string()),
-                s.data_dir.display()
-            );
-            println!("  parent:   {}", s.parent);
-            if let Some(h) = &s.history {
-                println!(
-                    "  history:  rewind --at any moment from {} (timeline {})",
-                    h.from_time, h.timeline
-                );
-            }
-            println!(
-                "  space:    {} logical, {} unique (what deleting it frees)",
-                human(s.logical_bytes),
-                human(s.unique_bytes)
-            );
-            for (k, v) in &s.settings {
-                println!("  set {k} = {v}");
-            }
-            if let Some(h) = &s.hooks {
-                println!("  hooks:    {}", h.display());
-            }
-            println!("  snapshots: {}", list_or_none(&s.snapshots));
-            println!("  bookmarks: {}", list_or_none(&s.bookmarks));
-            println!(
-                "  logs:     {} (vdbfs, hooks), {}",
-                s.log.display(),
-                s.postgres_log.display()
-            );
+            print_status(&serde_json::from_value(r.data)?);
         }
-        VdbCmd::Stop { name } => println!("{}", run_req(store, Request::VdbStop { name })?.message),
-        VdbCmd::Start { name } => {
-            println!("{}", run_req(store, Request::VdbStart { name })?.message)
-        }
-        VdbCmd::Snapshot {
-            name,
-            snapshot,
+        VdbCmd::Stop { name } => say(json, &run_req(store, Request::VdbStop { name })?),
+        VdbCmd::Start { name } => say(json, &run_req(store, Request::VdbStart { name })?),
+        VdbCmd::Snapshot { name, snapshot } => say(
             json,
-        } => print_or_json(
-            run_req(
+            &run_req(
                 store,
                 Request::VdbSnapshot {
                     name,
@@ -220,14 +179,10 @@ pub fn run(store: &Path, cmd: VdbCmd) -> anyhow::Result<()> {
                     bookmark: false,
                 },
             )?,
-            json,
         ),
-        VdbCmd::Bookmark {
-            name,
-            bookmark,
+        VdbCmd::Bookmark { name, bookmark } => say(
             json,
-        } => print_or_json(
-            run_req(
+            &run_req(
                 store,
                 Request::VdbSnapshot {
                     name,
@@ -235,39 +190,93 @@ pub fn run(store: &Path, cmd: VdbCmd) -> anyhow::Result<()> {
                     bookmark: true,
                 },
             )?,
-            json,
         ),
         VdbCmd::Rewind { name, to, at } => {
-            println!(
-                "{}",
-                run_req(store, Request::VdbRewind { name, to, at })?.message
-            )
+            say(json, &run_req(store, Request::VdbRewind { name, to, at })?)
         }
         VdbCmd::Refresh {
             name,
             to,
             at,
             at_lsn,
-        } => {
-            println!(
-                "{}",
-                run_req(
-                    store,
-                    Request::VdbRefresh {
-                        name,
-                        to,
-                        at,
-                        at_lsn
-                    }
-                )?
-                .message
-            )
-        }
-        VdbCmd::Delete { name } => {
-            println!("{}", run_req(store, Request::VdbDelete { name })?.message)
-        }
+        } => say(
+            json,
+            &run_req(
+                store,
+                Request::VdbRefresh {
+                    name,
+                    to,
+                    at,
+                    at_lsn,
+                },
+            )?,
+        ),
+        VdbCmd::Delete { name } => say(json, &run_req(store, Request::VdbDelete { name })?),
     }
     Ok(())
+}
+
+/// How many of a VDB's latest events `vdb status` shows (`--json` has them all).
+const EVENTS_SHOWN: usize = 5;
+
+fn print_status(s: &api::VdbStatus) {
+    println!("VDB {}: {}", s.name, s.state);
+    if let Some(f) = &s.fault {
+        println!("  fault: {f}");
+    }
+    println!("  connect:  psql '{}'", s.conn);
+    println!("  over TCP: {}", s.tcp_conn);
+    println!(
+        "  port {}, pid {}, data directory {}, socket directory {}",
+        s.port,
+        s.pid.map_or("-".into(), |p| p.to_string()),
+        s.data_dir.display(),
+        s.socket_dir.display()
+    );
+    println!("  parent:   {} (dataset {})", s.parent, s.parent_dataset);
+    println!("  created:  {}", s.created);
+    if let Some(h) = &s.history {
+        println!(
+            "  history:  rewind --at any moment from {} (timeline {})",
+            h.from_time, h.timeline
+        );
+    }
+    println!(
+        "  space:    {} logical, {} unique (what deleting it frees)",
+        human(s.logical_bytes),
+        human(s.unique_bytes)
+    );
+    println!(
+        "  undo:     {} undo snapshot(s), {} held by them alone (keeps the last {}; \
+         'vdbfs serve --keep-undo N')",
+        s.undo_snapshots.len(),
+        human(s.undo_bytes),
+        s.undo_keep
+    );
+    for (k, v) in &s.settings {
+        println!("  set {k} = {v}");
+    }
+    if let Some(h) = &s.hooks {
+        println!("  hooks:    {}", h.display());
+    }
+    println!("  snapshots: {}", list_or_none(&s.snapshots));
+    println!("  bookmarks: {}", list_or_none(&s.bookmarks));
+    println!(
+        "  logs:     {} (vdbfs, hooks), {}",
+        s.log.display(),
+        s.postgres_log.display()
+    );
+    let skip = s.events.len().saturating_sub(EVENTS_SHOWN);
+    if !s.events.is_empty() {
+        println!(
+            "  events ({} of {}):",
+            s.events.len() - skip,
+            s.events.len()
+        );
+    }
+    for (when, what) in &s.events[skip..] {
+        println!("    {when} {what}");
+    }
 }
 
 fn list_or_none(v: &[String]) -> String {

@@ -1,13 +1,17 @@
 //! Dispatch: one control request to the function of its area (store and datasets, sources,
 //! VDBs), and the one place where an error becomes a reply: its message (the whole context
-//! chain) and its [`ErrorKind`].
+//! chain), its [`ErrorKind`] and its hint.
 //!
-//! Invariant: errors are logged here, where they are handled, not where they pass through.
+//! Invariants: errors are logged here, where they are handled, not where they pass through;
+//! every request is logged once with its duration (info for those that change something,
+//! debug for those that only read); every reply to a request that changes something carries
+//! the object it made or changed as data (what `--json` prints).
 
 use super::Daemon;
 use crate::api::{
-    self, DatasetInfo, Df, ErrorKind, Progress, Refusal, Request, Response, RootKind, RootUsage,
-    Status,
+    self, DatasetDeleted, DatasetInfo, Df, ErrorKind, GcDone, MountInfo, Progress, Refusal,
+    Request, Response, RootKind, RootUsage, SnapshotDeleted, SourceUnlinked, SpaceStatus, Status,
+    VdbDeleted,
 };
 use crate::refuse;
 use crate::tree::{NameError, StoreUsage};
@@ -20,8 +24,18 @@ fn data<T: serde::Serialize>(v: T) -> anyhow::Result<Reply> {
     Ok((String::new(), serde_json::to_value(v)?))
 }
 
+/// A reply that is only a message (its JSON result is null).
 fn said(message: String) -> anyhow::Result<Reply> {
     Ok((message, Value::Null))
+}
+
+fn with<T: serde::Serialize>(message: String, v: T) -> anyhow::Result<Reply> {
+    Ok((message, serde_json::to_value(v)?))
+}
+
+/// ", made from it: a, b" style list, or nothing.
+fn names(v: &[String]) -> String {
+    v.join(", ")
 }
 
 /// The kind of a failure: the first error in its chain that knows one.
@@ -38,6 +52,9 @@ pub fn kind_of(e: &anyhow::Error) -> ErrorKind {
                 NameError::HasSnapshots(..) => ErrorKind::Conflict,
                 NameError::NotFound(_) | NameError::SnapshotNotFound(_) => ErrorKind::NotFound,
             };
+        }
+        if c.downcast_ref::<crate::tree::damage::Refused>().is_some() {
+            return ErrorKind::Conflict;
         }
         if let Some(s) = c.downcast_ref::<crate::store::Error>() {
             return store_kind(s);
@@ -128,17 +145,63 @@ impl Daemon {
         let req: Request = match serde_json::from_str(line) {
             Ok(r) => r,
             Err(e) => {
-                return Response::failed(ErrorKind::Invalid, format!("malformed request: {e}"))
+                tracing::info!("malformed request: {e}");
+                return Response::failed(ErrorKind::Invalid, format!("malformed request: {e}"));
             }
         };
-        match self.handle(req, progress) {
-            Ok((message, data)) => Response::ok(message, data),
+        let (op, target, reads_only) = (req.op(), req.target(), req.reads_only());
+        if req.cancellable() {
+            progress.cancel().arm();
+        } else {
+            progress.cancel().disarm(format!(
+                "{} is not an operation that can be undone; it finishes in the daemon",
+                op.replace('_', " ")
+            ));
+        }
+        tracing::debug!(op, name = %target, "request");
+        let t = std::time::Instant::now();
+        let r = self.handle(req, progress);
+        let ms = (t.elapsed().as_secs_f64() * 1e4).round() / 10.0;
+        match r {
+            Ok((message, data)) => {
+                if reads_only {
+                    tracing::debug!(op, name = %target, ms, "request done");
+                } else {
+                    tracing::info!(op, name = %target, ms, "request done");
+                }
+                Response::ok(message, data)
+            }
             Err(e) => {
-                let kind = kind_of(&e);
-                tracing::info!(%kind, "request failed: {e:#}");
-                Response::failed(kind, format!("{e:#}"))
+                // A failure after the client asked to cancel is the cancellation, whatever
+                // step it cut short.
+                let kind = if progress.cancelled() {
+                    ErrorKind::Cancelled
+                } else {
+                    kind_of(&e)
+                };
+                tracing::info!(op, name = %target, ms, %kind, "request failed: {e:#}");
+                let mut r = Response::failed(kind, format!("{e:#}"));
+                r.hint = api::hint_of(&e).or_else(|| {
+                    (kind == ErrorKind::Internal).then(|| {
+                        "the daemon's log (stderr of 'vdbfs serve', or journalctl -u vdbfs) has \
+                         the details"
+                            .to_string()
+                    })
+                });
+                r
             }
         }
+    }
+
+    /// VDBs whose parent is in dataset `ds` (they refresh from it).
+    fn vdbs_of_dataset(&self, ds: &str) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .vdbs
+            .records()?
+            .into_iter()
+            .filter(|r| r.parent_dataset() == ds)
+            .map(|r| r.name)
+            .collect())
     }
 
     fn handle(&self, req: Request, progress: Progress) -> anyhow::Result<Reply> {
@@ -162,6 +225,12 @@ impl Daemon {
             | R::VdbRefresh { .. }
             | R::VdbDelete { .. }
             | R::Timeflow { .. }) => self.vdb_request(r, progress),
+            R::Scrub { rate_mib } => {
+                let rate = rate_mib.unwrap_or(super::scrub::DEFAULT_RATE_MIB);
+                let r = self.scrub("command", rate, progress)?;
+                let msg = scrub_summary(&r);
+                Ok((msg, serde_json::to_value(&r)?))
+            }
             r => self.store_request(r),
         }
     }
@@ -171,23 +240,68 @@ impl Daemon {
         let s = &self.sources;
         match req {
             Request::SourceLink(spec) => {
-                let (message, snap) = s.link(*spec, progress)?;
-                Ok((message, serde_json::to_value(&snap)?))
+                let name = spec.name.clone();
+                let (message, _) = s.link(*spec, progress)?;
+                with(message, s.status(&name)?)
             }
             Request::SourceList => data(s.list()?),
             Request::SourceStatus { name } => data(s.status(&name)?),
-            Request::SourceSnapshot { name } => {
-                let snap = s.snapshot(&name, progress)?;
+            Request::SourceSnapshot { name, snapshot } => {
+                let snap = s.snapshot(&name, snapshot.as_deref(), progress)?;
                 Ok((snap.name.clone(), serde_json::to_value(&snap)?))
             }
-            Request::SourceEnable { name } => said(s.set_enabled(&name, true)?),
-            Request::SourceSet { name, verify } => said(s.set(&name, verify)?),
-            Request::SourceDisable { name } => said(s.set_enabled(&name, false)?),
+            Request::SourceEnable { name } => {
+                let message = s.set_enabled(&name, true)?;
+                with(message, s.status(&name)?)
+            }
+            Request::SourceSet { name, verify } => {
+                let message = s.set(&name, verify)?;
+                with(message, s.status(&name)?)
+            }
+            Request::SourceDisable { name } => {
+                let message = s.set_enabled(&name, false)?;
+                with(message, s.status(&name)?)
+            }
             Request::SourceUnlink {
                 name,
                 delete_snapshots,
                 force,
-            } => said(s.unlink(&name, delete_snapshots, force)?),
+            } => {
+                let snapshots: Vec<String> = self
+                    .datasets
+                    .snapshots(Some(&name))
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|s| s.full_name())
+                    .collect();
+                let vdbs = self.vdbs_of_dataset(&name)?;
+                let (mut message, slot_left) = s.unlink(&name, delete_snapshots, force)?;
+                if !vdbs.is_empty() {
+                    message.push_str(&if delete_snapshots {
+                        format!(
+                            "\nVDBs made from its snapshots keep their data but can no longer \
+                             refresh: {}",
+                            names(&vdbs)
+                        )
+                    } else {
+                        format!(
+                            "\nVDBs made from its snapshots refresh only onto the kept snapshots \
+                             now: {}",
+                            names(&vdbs)
+                        )
+                    });
+                }
+                with(
+                    message,
+                    SourceUnlinked {
+                        name,
+                        dataset_kept: !delete_snapshots,
+                        snapshots,
+                        slot_left: slot_left.as_deref().map(api::SlotLeft::new),
+                        vdbs,
+                    },
+                )
+            }
             _ => refuse!(Internal, "not a source request"),
         }
     }
@@ -216,10 +330,12 @@ impl Daemon {
             Request::VdbList => data(v.list()?),
             Request::VdbStatus { name } => data(v.status(&name)?),
             Request::VdbStart { name } => {
-                said(v.start(&name).map_err(|e| e.context(ctx("start", &name)))?)
+                let message = v.start(&name).map_err(|e| e.context(ctx("start", &name)))?;
+                with(message, v.brief_status(&name)?)
             }
             Request::VdbStop { name } => {
-                said(v.stop(&name).map_err(|e| e.context(ctx("stop", &name)))?)
+                let message = v.stop(&name).map_err(|e| e.context(ctx("stop", &name)))?;
+                with(message, v.brief_status(&name)?)
             }
             Request::VdbSnapshot {
                 name,
@@ -232,29 +348,50 @@ impl Daemon {
                     .map_err(|e| e.context(ctx(what, &name)))?;
                 Ok((s.name.clone(), serde_json::to_value(&s)?))
             }
-            Request::VdbRewind { name, to, at } => said(
-                v.rewind(&name, to.as_deref(), at.as_deref(), progress)
-                    .map_err(|e| e.context(ctx("rewind", &name)))?,
-            ),
+            Request::VdbRewind { name, to, at } => {
+                let message = v
+                    .rewind(&name, to.as_deref(), at.as_deref(), progress)
+                    .map_err(|e| e.context(ctx("rewind", &name)))?;
+                with(message, v.brief_status(&name)?)
+            }
             Request::VdbRefresh {
                 name,
                 to,
                 at,
                 at_lsn,
-            } => said(
-                v.refresh(
-                    &name,
-                    to.as_deref(),
-                    at.as_deref(),
-                    at_lsn.as_deref(),
-                    progress,
-                )
-                .map_err(|e| e.context(ctx("refresh", &name)))?,
-            ),
-            Request::VdbDelete { name } => said(
-                v.delete(&name)
-                    .map_err(|e| e.context(ctx("delete", &name)))?,
-            ),
+            } => {
+                let before = v
+                    .records()?
+                    .into_iter()
+                    .find(|r| r.name == name)
+                    .map(|r| r.parent);
+                let mut message = v
+                    .refresh(
+                        &name,
+                        to.as_deref(),
+                        at.as_deref(),
+                        at_lsn.as_deref(),
+                        progress,
+                    )
+                    .map_err(|e| e.context(ctx("refresh", &name)))?;
+                let st = v.brief_status(&name)?;
+                if let Some(before) = before.filter(|b| self.created_after(b, &st.parent)) {
+                    message.push_str(&format!(
+                        " (an older snapshot than its previous parent {before})"
+                    ));
+                }
+                with(message, st)
+            }
+            Request::VdbDelete { name } => {
+                let children = self.vdbs_of_dataset(&name)?;
+                let mut message = v
+                    .delete(&name)
+                    .map_err(|e| e.context(ctx("delete", &name)))?;
+                if !children.is_empty() {
+                    message.push_str(", but can no longer refresh (their parent is gone)");
+                }
+                with(message, VdbDeleted { name, children })
+            }
             Request::Timeflow { dataset } => data(self.timeflow(dataset.as_deref())?),
             _ => refuse!(Internal, "not a VDB request"),
         }
@@ -284,6 +421,34 @@ impl Daemon {
                 snapshot_info(s, marks.unwrap_or_default())
             })
             .collect()
+    }
+
+    fn dataset_info(&self, name: &str) -> anyhow::Result<DatasetInfo> {
+        let r = self
+            .datasets
+            .record(name)?
+            .ok_or_else(|| NameError::NotFound(name.to_string()))?;
+        Ok(DatasetInfo {
+            mountpoint: self.mounts.mounted_at(&r.name),
+            created: crate::time::rfc3339(r.created.secs),
+            origin: self.datasets.origin(r.id)?,
+            fault: self.datasets.damage_fault(&r.name),
+            name: r.name,
+            id: r.id,
+        })
+    }
+
+    /// Whether snapshot `a` (`ds@snap`) was taken after snapshot `b` of the same dataset.
+    fn created_after(&self, a: &str, b: &str) -> bool {
+        let (Some((da, _)), Some((db, _))) = (a.split_once('@'), b.split_once('@')) else {
+            return false;
+        };
+        if da != db {
+            return false;
+        }
+        let snaps = self.datasets.snapshots(Some(da)).unwrap_or_default();
+        let at = |n: &str| snaps.iter().position(|s| s.full_name() == n);
+        matches!((at(a), at(b)), (Some(x), Some(y)) if x > y)
     }
 
     /// The staging dataset of a linked source is managed through `vdbfs source`, a VDB's
@@ -327,32 +492,18 @@ impl Daemon {
     fn store_request(&self, req: Request) -> anyhow::Result<Reply> {
         let ds = &self.datasets;
         match req {
-            Request::Status => data(Status {
-                pid: std::process::id(),
-                store: self.store_dir.clone(),
-                mounts: self
-                    .mounts
-                    .list()
-                    .into_iter()
-                    .filter(|m| !crate::tree::is_internal(&m.dataset))
-                    .collect(),
-            }),
+            Request::Status => data(self.status()?),
             Request::DatasetCreate { name } => {
                 ds.create(&name)?;
-                said(format!("created dataset {name}"))
+                with(format!("created dataset {name}"), self.dataset_info(&name)?)
             }
             Request::DatasetList => {
-                let list: Vec<DatasetInfo> = ds
+                let list = ds
                     .list()?
                     .into_iter()
                     .filter(|r| !crate::tree::is_internal(&r.name))
-                    .map(|r| DatasetInfo {
-                        mountpoint: self.mounts.mounted_at(&r.name),
-                        created: crate::time::rfc3339(r.created.secs),
-                        name: r.name,
-                        id: r.id,
-                    })
-                    .collect();
+                    .map(|r| self.dataset_info(&r.name))
+                    .collect::<anyhow::Result<Vec<DatasetInfo>>>()?;
                 data(list)
             }
             Request::DatasetDelete {
@@ -369,8 +520,40 @@ impl Daemon {
                 for s in &snaps {
                     self.refuse_if_mounted(&s.full_name(), "snapshot", false)?;
                 }
+                let vdbs_orphaned = self.vdbs_of_dataset(&name)?;
                 crate::catalog::delete_dataset(ds, &name)?;
-                said(format!("deleted dataset {name}"))
+                let mut message = format!("deleted dataset {name}");
+                if !snaps.is_empty() {
+                    message.push_str(&format!(" and its {} snapshot(s)", snaps.len()));
+                }
+                if !vdbs_orphaned.is_empty() {
+                    message.push_str(&format!(
+                        "; VDBs made from its snapshots keep their data but can no longer \
+                         refresh: {}",
+                        names(&vdbs_orphaned)
+                    ));
+                }
+                with(
+                    message,
+                    DatasetDeleted {
+                        name,
+                        snapshots: snaps.iter().map(|s| s.full_name()).collect(),
+                        vdbs_orphaned,
+                    },
+                )
+            }
+            Request::DatasetAcceptDamage { name } => {
+                let marks = ds.accept_damage(&name)?;
+                if marks.is_empty() {
+                    return said(format!("dataset {name} is not damaged; nothing to accept"));
+                }
+                let what: Vec<String> = marks.iter().map(crate::tree::damage::describe).collect();
+                said(format!(
+                    "accepted the loss for dataset {name} ({}): it can be mounted and snapshotted \
+                     again, as of its last intact fsync before the damage; postgres on it \
+                     recovers from what is there (check it, e.g. with pg_amcheck)",
+                    what.join("; ")
+                ))
             }
             Request::SnapshotCreate { dataset, name } => {
                 refuse_internal(&dataset)?;
@@ -400,44 +583,169 @@ impl Daemon {
                 refuse_internal(&name)?;
                 let (d, s) = crate::tree::parse_snapshot_ref(&name)?;
                 self.refuse_if_mounted(&name, "snapshot", true)?;
+                let full = format!("{d}@{s}");
+                let vdbs_from_it: Vec<String> = self
+                    .vdbs
+                    .records()?
+                    .into_iter()
+                    .filter(|r| r.parent == full)
+                    .map(|r| r.name)
+                    .collect();
                 ds.delete_snapshot(d, s)?;
-                said(format!(
-                    "deleted snapshot {name}; clones of it keep their data"
-                ))
+                let mut message = format!("deleted snapshot {name}; clones of it keep their data");
+                if !vdbs_from_it.is_empty() {
+                    message.push_str(&format!(
+                        "; VDBs provisioned or refreshed from it keep running but can no longer \
+                         refresh (or be created again) from it: {}",
+                        names(&vdbs_from_it)
+                    ));
+                }
+                with(message, SnapshotDeleted { name, vdbs_from_it })
             }
             Request::Clone { snapshot, name } => {
                 refuse_internal(&snapshot)?;
                 let (d, s) = crate::tree::parse_snapshot_ref(&snapshot)?;
                 let t = std::time::Instant::now();
                 ds.clone_snapshot(d, s, &name)?;
-                said(format!(
+                let message = format!(
                     "created dataset {name} as a clone of {snapshot} in {:.1} ms",
                     t.elapsed().as_secs_f64() * 1e3
-                ))
+                );
+                with(message, self.dataset_info(&name)?)
             }
             Request::Df => data(df(ds.usage()?)),
             Request::Gc => {
                 let r = ds.gc()?;
-                said(format!(
-                    "freed {} blocks ({} bytes), rewrote {} pack(s), {} bytes returned to the filesystem",
-                    r.blocks_freed, r.bytes_freed, r.packs_rewritten, r.bytes_reclaimed
-                ))
+                with(
+                    format!(
+                        "freed {} blocks ({} bytes), rewrote {} pack(s), {} bytes returned to the filesystem",
+                        r.blocks_freed, r.bytes_freed, r.packs_rewritten, r.bytes_reclaimed
+                    ),
+                    GcDone {
+                        blocks_freed: r.blocks_freed,
+                        bytes_freed: r.bytes_freed,
+                        packs_rewritten: r.packs_rewritten,
+                        bytes_reclaimed: r.bytes_reclaimed,
+                    },
+                )
             }
             Request::Mount {
                 dataset,
                 mountpoint,
+                nonempty,
             } => {
                 refuse_internal(&dataset)?;
-                said(self.mounts.mount(&dataset, &mountpoint)?)
+                let message = self.mounts.mount_new(&dataset, &mountpoint, nonempty)?;
+                let mountpoint = self.mounts.mounted_at(&dataset).unwrap_or(mountpoint);
+                with(
+                    message,
+                    MountInfo {
+                        dataset,
+                        mountpoint,
+                    },
+                )
             }
             Request::Umount { mountpoint } => {
-                if let Some(ds) = self.mounts.dataset_at(&mountpoint) {
-                    self.refuse_if_managed(&ds, "unmount")?;
+                let dataset = self.mounts.dataset_at(&mountpoint);
+                if let Some(ds) = &dataset {
+                    self.refuse_if_managed(ds, "unmount")?;
                 }
-                said(self.mounts.umount(&mountpoint)?)
+                let message = self.mounts.umount(&mountpoint)?;
+                with(
+                    message,
+                    MountInfo {
+                        dataset: dataset.unwrap_or_default(),
+                        mountpoint,
+                    },
+                )
             }
             _ => refuse!(Internal, "not a store request"),
         }
+    }
+}
+
+/// One line about a scrub, for people.
+fn scrub_summary(r: &api::ScrubReport) -> String {
+    let mut s = format!(
+        "scrub {}: {} blocks ({:.1} MiB) read back in {:.1} s",
+        if r.bad_blocks.is_empty() {
+            "found every live block intact"
+        } else {
+            "found bad blocks"
+        },
+        r.blocks_checked,
+        r.bytes_checked as f64 / (1 << 20) as f64,
+        r.seconds
+    );
+    for b in &r.bad_blocks {
+        s.push_str(&format!(
+            "\nBAD block {} ({}): {}",
+            b.block,
+            match (b.pack, b.offset) {
+                (Some(p), Some(o)) => format!("pack {p:08} offset {o}"),
+                _ => "not in the store".to_string(),
+            },
+            b.error
+        ));
+        if b.references.is_empty() {
+            s.push_str("\n  referenced by nothing any more");
+        }
+        for r in &b.references {
+            s.push_str("\n  ");
+            s.push_str(&crate::tree::scrub::describe(
+                &r.roots,
+                &r.what,
+                r.path.as_deref(),
+                r.inode,
+                r.file_offset,
+            ));
+        }
+    }
+    s
+}
+
+impl Daemon {
+    /// `vdbfs status`: the daemon, its mounts, space, the last scrub and every fault.
+    fn status(&self) -> anyhow::Result<Status> {
+        let store = self.datasets.store();
+        let mut faults = Vec::new();
+        if let Some(f) = store.full_fault() {
+            faults.push(f);
+        }
+        for (_, text) in self.datasets.damaged()? {
+            faults.push(text);
+        }
+        let scrub = self.scrubs.report.lock().clone();
+        if let Some(r) = scrub.as_ref().filter(|r| !r.bad_blocks.is_empty()) {
+            faults.push(format!(
+                "the last scrub ({}) found {} bad block(s); 'vdbfs status --json' lists them with \
+                 the datasets, snapshots and files that reference them",
+                r.finished.as_deref().unwrap_or(&r.started),
+                r.bad_blocks.len()
+            ));
+        }
+        let space = store.space_report().ok().map(|r| SpaceStatus {
+            free_bytes: r.free,
+            total_bytes: r.total,
+            reserve_bytes: r.reserve_held,
+            reserve_target_bytes: r.reserve_target,
+            margin_bytes: r.margin,
+            full: r.full,
+        });
+        Ok(Status {
+            pid: std::process::id(),
+            store: self.store_dir.clone(),
+            mounts: self
+                .mounts
+                .list()
+                .into_iter()
+                .filter(|m| !crate::tree::is_internal(&m.dataset))
+                .collect(),
+            faults,
+            space,
+            scrub,
+            next_scrub: self.next_scrub(),
+        })
     }
 }
 

@@ -1,7 +1,8 @@
 //! `vdbfs serve`: the daemon that owns a store. It opens the store (one daemon per store),
 //! wires the services to their handles, re-establishes the recorded mounts, and runs three
 //! things until SIGTERM/SIGINT: the control server (`server`, requests dispatched by area in
-//! `dispatch`), the checkpointer (checkpoints and background gc), and the supervisor
+//! `dispatch`), the checkpointer (checkpoints, background gc, the store's reserve grown back,
+//! the scheduled scrub of `scrub`), and the supervisor
 //! (`supervise`: recovery of cut-short operations at start, then staging standbys and VDBs kept
 //! running), and two background workers at a lower CPU priority: the archiver (WAL files the
 //! staging standbys and VDBs mark ready go into the store's archive) and the preparer (each
@@ -17,9 +18,12 @@
 //! `store::records`); every postgres is stopped before the mount under it goes away.
 
 mod dispatch;
+mod scrub;
 mod server;
 mod supervise;
 mod timeflow;
+
+pub use scrub::DEFAULT_RATE_MIB as SCRUB_RATE_MIB;
 
 use crate::mounts::MountTable;
 use crate::source::SourceService;
@@ -42,6 +46,8 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
 const CHECKPOINT_BLOCKS: usize = 65_536;
 /// Garbage collection runs by itself this often.
 const GC_INTERVAL: Duration = Duration::from_secs(600);
+/// The store's reserve is grown back (when it was given up and there is room) this often.
+const REFILL_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct Daemon {
     store_dir: PathBuf,
@@ -54,6 +60,9 @@ pub struct Daemon {
     archiving_done: AtomicBool,
     /// Set once the supervisor undid what a dead daemon cut short (the preparer waits for it).
     recovered: AtomicBool,
+    /// How often the scheduled scrub runs (None: never).
+    scrub_every: Option<Duration>,
+    scrubs: scrub::Scrubs,
     /// The exclusive lock on the store directory (released when the process ends).
     _lock: std::fs::File,
 }
@@ -94,7 +103,12 @@ fn lock_store(store_dir: &Path) -> anyhow::Result<std::fs::File> {
 }
 
 impl Daemon {
-    fn open(store_dir: &Path, vdb_ports: (u16, u16)) -> anyhow::Result<Daemon> {
+    fn open(
+        store_dir: &Path,
+        vdb_ports: (u16, u16),
+        keep_undo: u32,
+        scrub_every: Option<Duration>,
+    ) -> anyhow::Result<Daemon> {
         if !crate::store::index_path(store_dir).exists() {
             crate::refuse!(
                 NotFound,
@@ -117,15 +131,18 @@ impl Daemon {
             Records::new(store.clone()),
             archive,
         ));
-        let vdbs = Arc::new(VdbService::new(
-            store_dir.to_path_buf(),
-            datasets.clone(),
-            mounts.clone(),
-            Records::new(store),
-            sources.clone(),
-            vdb_ports,
-        ));
-        Ok(Daemon {
+        let vdbs = Arc::new(
+            VdbService::new(
+                store_dir.to_path_buf(),
+                datasets.clone(),
+                mounts.clone(),
+                Records::new(store),
+                sources.clone(),
+                vdb_ports,
+            )
+            .keep_undo(keep_undo),
+        );
+        let d = Daemon {
             store_dir: store_dir.to_path_buf(),
             datasets,
             mounts,
@@ -134,8 +151,12 @@ impl Daemon {
             stopping: AtomicBool::new(false),
             archiving_done: AtomicBool::new(false),
             recovered: AtomicBool::new(false),
+            scrub_every,
+            scrubs: scrub::Scrubs::default(),
             _lock: lock,
-        })
+        };
+        d.load_scrub_state();
+        Ok(d)
     }
 
     /// Re-establishes the mounts that were active when the last daemon stopped or died.
@@ -154,6 +175,7 @@ impl Daemon {
     fn checkpointer(self: Arc<Self>) {
         let mut last = Instant::now();
         let mut last_gc = Instant::now();
+        let mut last_refill = Instant::now();
         while !self.stopping.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(200));
             let due = self.datasets.store().recent_blocks() >= CHECKPOINT_BLOCKS
@@ -179,6 +201,13 @@ impl Daemon {
                 }
                 last_gc = Instant::now();
             }
+            if last_refill.elapsed() >= REFILL_INTERVAL {
+                if let Err(e) = self.datasets.store().refill_reserve() {
+                    tracing::warn!("cannot grow the store's reserve back: {e}");
+                }
+                self.scrub_if_due();
+                last_refill = Instant::now();
+            }
         }
     }
 
@@ -200,11 +229,21 @@ impl Daemon {
 }
 
 /// Runs the daemon of `store_dir` in the foreground until SIGTERM or SIGINT; new VDBs take
-/// their ports from `vdb_ports` (`LO-HI`).
-pub fn serve(store_dir: &Path, vdb_ports: &str) -> anyhow::Result<()> {
+/// their ports from `vdb_ports` (`LO-HI`); each VDB keeps its last `keep_undo` undo snapshots;
+/// a scrub runs every `scrub_every` ("off": never).
+pub fn serve(
+    store_dir: &Path,
+    vdb_ports: &str,
+    keep_undo: u32,
+    scrub_every: &str,
+) -> anyhow::Result<()> {
     let vdb_ports = crate::vdb::parse_port_range(vdb_ports)?;
+    let scrub_every = match scrub_every.trim() {
+        "off" | "never" | "0" => None,
+        s => Some(crate::time::parse_interval(s, "--scrub-every")?),
+    };
     raise_fd_limit();
-    let daemon = Arc::new(Daemon::open(store_dir, vdb_ports)?);
+    let daemon = Arc::new(Daemon::open(store_dir, vdb_ports, keep_undo, scrub_every)?);
     let _ = std::fs::remove_file(socket_path(store_dir));
     daemon.remount()?;
     {

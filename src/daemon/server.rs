@@ -1,11 +1,14 @@
 //! The control server: the unix socket `STORE/vdbfs.sock` (mode 0600), one request per
 //! connection (see `crate::api`). A request runs on a blocking thread; its progress lines are
-//! written as they come, then the response.
+//! written as they come, then the response. While it runs, the client may send `{"cancel":
+//! true}` on the same connection (the CLI does on Ctrl-C): the request's [`Cancel`] answers
+//! with a progress line saying what happens.
 //!
-//! Invariant: a client that hangs up never stops the daemon or the request it sent.
+//! Invariant: a client that hangs up never stops the daemon or the request it sent; only an
+//! explicit cancel line does, and only for an operation that undoes itself.
 
 use super::Daemon;
-use crate::api::{socket_path, ErrorKind, Progress, ProgressLine, Response};
+use crate::api::{socket_path, Cancel, CancelLine, ErrorKind, Progress, ProgressLine, Response};
 use anyhow::Context;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -46,23 +49,57 @@ async fn write_line<T: serde::Serialize>(w: &mut tokio::net::unix::OwnedWriteHal
 
 async fn serve_one(d: Arc<Daemon>, stream: UnixStream) {
     let (r, mut w) = stream.into_split();
+    let mut reader = BufReader::new(r);
     let mut line = String::new();
-    if BufReader::new(r).read_line(&mut line).await.is_err() {
+    if reader.read_line(&mut line).await.is_err() {
         return;
     }
+    tracing::debug!("control connection");
     // Long operations send progress lines before their answer.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ProgressLine>();
-    let task = tokio::task::spawn_blocking(move || {
+    let cancel = Arc::new(Cancel::new("the request has not started yet"));
+    // Lines after the request: cancel requests, answered with what happens.
+    let watcher = {
+        let (cancel, tx) = (cancel.clone(), tx.clone());
+        tokio::spawn(async move {
+            let mut l = String::new();
+            loop {
+                l.clear();
+                match reader.read_line(&mut l).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        if serde_json::from_str::<CancelLine>(&l).is_ok_and(|c| c.cancel) {
+                            let (cancelling, said) = cancel.request();
+                            tracing::info!("the client asked to cancel: {said}");
+                            let _ = tx.send(ProgressLine {
+                                progress: said,
+                                done_kb: None,
+                                total_kb: None,
+                                cancelling: Some(cancelling),
+                            });
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let mut task = tokio::task::spawn_blocking(move || {
         let send = move |p: ProgressLine| {
             let _ = tx.send(p);
         };
-        d.respond(&line, Progress(&send))
+        d.respond(&line, Progress::new(&send, &cancel))
     });
-    while let Some(p) = rx.recv().await {
+    let resp = loop {
+        tokio::select! {
+            Some(p) = rx.recv() => write_line(&mut w, &p).await,
+            r = &mut task => break r.unwrap_or_else(|e| {
+                Response::failed(ErrorKind::Internal, format!("internal error: {e}"))
+            }),
+        }
+    };
+    watcher.abort();
+    while let Ok(p) = rx.try_recv() {
         write_line(&mut w, &p).await;
     }
-    let resp = task
-        .await
-        .unwrap_or_else(|e| Response::failed(ErrorKind::Internal, format!("internal error: {e}")));
     write_line(&mut w, &resp).await;
 }

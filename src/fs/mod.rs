@@ -41,6 +41,11 @@ use vdbfs_format::BLOCK_SIZE;
 
 const TTL: Duration = Duration::from_secs(60);
 
+thread_local! {
+    /// Each FUSE worker's buffer for READ replies (reused: no allocation or zeroing per read).
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// One entry of a directory as listed at opendir: name, inode, kind.
 type DirListing = (Vec<u8>, u64, FileKind);
 
@@ -103,11 +108,14 @@ fn kind_of_mode(mode: u32) -> Option<FileKind> {
     })
 }
 
-pub fn attr(ino: u64, m: &InodeMeta) -> FileAttr {
+/// The attributes the kernel gets. `stored` is the number of stored (non-hole) 8 KiB blocks of
+/// a regular file: `st_blocks` counts what the file really takes (holes are free); other kinds
+/// (and a file whose count could not be had) report their size.
+pub fn attr(ino: u64, m: &InodeMeta, stored: Option<u64>) -> FileAttr {
     FileAttr {
         ino: INodeNo(ino),
         size: m.size,
-        blocks: m.size.div_ceil(512),
+        blocks: stored.map_or(m.size.div_ceil(512), |n| n * (BLOCK_SIZE as u64 / 512)),
         atime: to_system(m.atime),
         mtime: to_system(m.mtime),
         ctime: to_system(m.ctime),
@@ -139,6 +147,29 @@ fn writeback_cache_wanted() -> bool {
     )
 }
 
+/// Readahead of a mount: large enough that a sequential read keeps several 1 MiB READ requests in
+/// flight (the kernel's default for a FUSE mount is 128 KiB, one small request at a time).
+const READ_AHEAD_KB: u32 = 4096;
+/// Dirty page-cache bytes a mount may hold (the kernel allows a FUSE mount 1 % of its dirty
+/// limit, strictly, which throttles bulk writers at a few tens of MiB): room for a checkpoint's
+/// worth of relation pages to be rewritten in memory before they are sent.
+const MAX_DIRTY_BYTES: u64 = 512 << 20;
+
+/// Sets the kernel's readahead and dirty-memory limits of the FUSE mount whose device is
+/// `dev` (`major:minor`), through `/sys/class/bdi`. Best effort: the defaults work, only slower.
+pub fn tune_kernel_cache(dev: &str, read_only: bool) {
+    let bdi = Path::new("/sys/class/bdi").join(dev);
+    let mut settings = vec![("read_ahead_kb", READ_AHEAD_KB.to_string())];
+    if !read_only && writeback_cache_wanted() {
+        settings.push(("max_bytes", MAX_DIRTY_BYTES.to_string()));
+    }
+    for (knob, value) in settings {
+        if let Err(e) = std::fs::write(bdi.join(knob), &value) {
+            tracing::debug!(bdi = %bdi.display(), "cannot set {knob} = {value}: {e}");
+        }
+    }
+}
+
 /// Makes the kernel send every dirty page it caches for the filesystem mounted at `mountpoint`
 /// (syncfs(2) on it), and waits until they are written to the daemon. Must not be called with
 /// any lock the FUSE workers take.
@@ -155,10 +186,20 @@ pub fn flush_kernel_cache(mountpoint: &Path) -> std::io::Result<()> {
     };
     let dir = std::fs::File::open(mountpoint).map_err(with_path)?;
     // SAFETY: syncfs takes a valid open file descriptor, which `dir` holds for the call.
-    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-        return Err(with_path(std::io::Error::last_os_error()));
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } == 0 {
+        return Ok(());
     }
-    Ok(())
+    // The error may be old: the kernel reports a writeback error that nobody saw yet to the
+    // first syncfs after it, however long ago it happened (a full store refused some pages;
+    // their writer was told at its fsync). A second syncfs on the same descriptor reports only
+    // what failed during the first: when it succeeds, every dirty page reached the daemon.
+    let first = std::io::Error::last_os_error();
+    // SAFETY: as above.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } == 0 {
+        tracing::debug!(mountpoint = %mountpoint.display(), "syncfs reported an earlier writeback error: {first}");
+        return Ok(());
+    }
+    Err(with_path(std::io::Error::last_os_error()))
 }
 
 impl VdbFs {
@@ -179,6 +220,23 @@ impl VdbFs {
         errno::errno(&e)
     }
 
+    /// [`attr`] with the stored block count of a regular file.
+    fn attr_of(&self, ino: u64, m: &InodeMeta) -> FileAttr {
+        let stored = if m.kind == FileKind::Regular {
+            match self.ds.stored_blocks(ino) {
+                Ok(n) => n,
+                Err(e) => {
+                    // The size stands in; a read of the file reports the fault.
+                    tracing::warn!(dataset = %self.ds.name, ino, "cannot count the stored blocks: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        attr(ino, m, stored)
+    }
+
     fn writable(&self) -> Result<()> {
         if self.read_only {
             Err(Error::ReadOnly)
@@ -189,7 +247,7 @@ impl VdbFs {
 
     fn entry(&self, op: &str, parent: u64, r: Result<(u64, InodeMeta)>, reply: ReplyEntry) {
         match r {
-            Ok((ino, m)) => reply.entry(&TTL, &attr(ino, &m), Generation(0)),
+            Ok((ino, m)) => reply.entry(&TTL, &self.attr_of(ino, &m), Generation(0)),
             Err(e) => reply.error(self.fail(op, parent, e)),
         }
     }
@@ -264,7 +322,7 @@ impl Filesystem for VdbFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.ds.getattr(ino.0) {
-            Ok(m) => reply.attr(&TTL, &attr(ino.0, &m)),
+            Ok(m) => reply.attr(&TTL, &self.attr_of(ino.0, &m)),
             Err(e) => reply.error(self.fail("getattr", ino.0, e)),
         }
     }
@@ -301,7 +359,7 @@ impl Filesystem for VdbFs {
             )
         });
         match r {
-            Ok(m) => reply.attr(&TTL, &attr(ino.0, &m)),
+            Ok(m) => reply.attr(&TTL, &self.attr_of(ino.0, &m)),
             Err(e) => reply.error(self.fail("setattr", ino.0, e)),
         }
     }
@@ -382,7 +440,7 @@ impl Filesystem for VdbFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -397,6 +455,7 @@ impl Filesystem for VdbFs {
                 newparent.0,
                 newname.as_bytes(),
                 flags.bits(),
+                (req.uid(), req.gid()),
             )
         });
         self.empty("rename", parent.0, r, reply);
@@ -442,10 +501,13 @@ impl Filesystem for VdbFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.ds.read(ino.0, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(self.fail("read", ino.0, e)),
-        }
+        READ_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            match self.ds.read_to(ino.0, offset, size, &mut b) {
+                Ok(()) => reply.data(&b),
+                Err(e) => reply.error(self.fail("read", ino.0, e)),
+            }
+        })
     }
 
     fn write(
@@ -612,7 +674,7 @@ impl Filesystem for VdbFs {
         match r {
             Ok((ino, m)) => reply.created(
                 &TTL,
-                &attr(ino, &m),
+                &self.attr_of(ino, &m),
                 Generation(0),
                 FileHandle(0),
                 FopenFlags::FOPEN_KEEP_CACHE,

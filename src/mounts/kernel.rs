@@ -34,6 +34,18 @@ fn kernel_mounts() -> Vec<PathBuf> {
         .collect()
 }
 
+/// The device number (`major:minor`) of the filesystem mounted at `mountpoint`, from the
+/// kernel's mount table (no access to the mount itself).
+fn device_of(mountpoint: &Path) -> Option<String> {
+    let s = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    s.lines().rev().find_map(|l| {
+        let mut f = l.split(' ');
+        let dev = f.nth(2)?;
+        let mp = f.nth(1)?;
+        (Path::new(&unescape_mountinfo(mp)) == mountpoint).then(|| dev.to_string())
+    })
+}
+
 /// mountinfo escapes space, tab, newline and backslash as `\ooo` (octal).
 pub fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
@@ -191,6 +203,9 @@ pub fn mount(
     let bg = session
         .spawn()
         .context("cannot start the FUSE session threads")?;
+    if let Some(dev) = device_of(mountpoint) {
+        crate::fs::tune_kernel_cache(&dev, read_only);
+    }
     let by_us = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam::channel::bounded::<()>(1);
     {

@@ -79,14 +79,50 @@ impl MountTable {
     /// Mounts `dataset` (or `dataset@snapshot`, read-only) at `mountpoint` and records it.
     /// The same dataset at the same place again is a success.
     pub fn mount(&self, dataset: &str, mountpoint: &Path) -> anyhow::Result<String> {
+        self.mount_with(dataset, mountpoint, true)
+    }
+
+    /// `vdbfs mount`: like [`MountTable::mount`], but a directory that is not empty is refused
+    /// unless `nonempty` (mounting would hide what is there).
+    pub fn mount_new(
+        &self,
+        dataset: &str,
+        mountpoint: &Path,
+        nonempty: bool,
+    ) -> anyhow::Result<String> {
+        self.mount_with(dataset, mountpoint, nonempty)
+    }
+
+    fn mount_with(
+        &self,
+        dataset: &str,
+        mountpoint: &Path,
+        allow_nonempty: bool,
+    ) -> anyhow::Result<String> {
         // A mount point left by a daemon that died answers ENOTCONN to everything: clear it
         // first (unless this daemon serves it).
         let lexical = resolve(mountpoint);
         if !self.mounts.lock().contains_key(&lexical) {
             kernel::clear_stale(&lexical)?;
         }
-        std::fs::create_dir_all(mountpoint)
+        let created = create_dirs(mountpoint)
             .with_context(|| format!("cannot create the mount point {}", mountpoint.display()))?;
+        let r = self.mount_at(dataset, mountpoint, allow_nonempty);
+        if r.is_err() {
+            // A failed mount leaves nothing it made behind.
+            for d in created.iter().rev() {
+                let _ = std::fs::remove_dir(d);
+            }
+        }
+        r
+    }
+
+    fn mount_at(
+        &self,
+        dataset: &str,
+        mountpoint: &Path,
+        allow_nonempty: bool,
+    ) -> anyhow::Result<String> {
         let mp = mountpoint
             .canonicalize()
             .with_context(|| format!("cannot resolve the mount point {}", mountpoint.display()))?;
@@ -113,14 +149,33 @@ impl MountTable {
                 m.mountpoint.display()
             );
         }
+        if !allow_nonempty {
+            let n = std::fs::read_dir(&mp)
+                .with_context(|| format!("cannot read the mount point {}", mp.display()))?
+                .count();
+            if n > 0 {
+                refuse!(
+                    Conflict,
+                    "{} is not empty ({}): mounting dataset {dataset} there would hide what it \
+                     holds; choose an empty directory, or pass --nonempty to mount over it \
+                     ('vdbfs mount --nonempty {dataset} {}')",
+                    mp.display(),
+                    entries_text(n),
+                    mp.display()
+                );
+            }
+        }
         let (ds, read_only) = match dataset.split_once('@') {
             Some((d, s)) => (self.datasets.snapshot_view(d, s)?, true),
-            None => (
-                self.datasets
-                    .get(dataset)?
-                    .ok_or_else(|| NameError::NotFound(dataset.to_string()))?,
-                false,
-            ),
+            None => {
+                self.datasets.refuse_if_damaged(dataset)?;
+                (
+                    self.datasets
+                        .get(dataset)?
+                        .ok_or_else(|| NameError::NotFound(dataset.to_string()))?,
+                    false,
+                )
+            }
         };
         let me = self.me.clone();
         let mp2 = mp.clone();
@@ -209,6 +264,43 @@ impl MountTable {
         }
         mounts.clear();
     }
+}
+
+/// "1 entry", "3 entries": how much a directory holds, for messages.
+pub fn entries_text(n: usize) -> String {
+    if n == 1 {
+        "1 entry".to_string()
+    } else {
+        format!("{n} entries")
+    }
+}
+
+/// `mkdir -p`: the directories it created, outermost first.
+fn create_dirs(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut p = Some(path);
+    while let Some(d) = p {
+        if d.as_os_str().is_empty() || d.exists() {
+            break;
+        }
+        missing.push(d.to_path_buf());
+        p = d.parent();
+    }
+    missing.reverse();
+    let mut created = Vec::new();
+    for d in missing {
+        match std::fs::create_dir(&d) {
+            Ok(()) => created.push(d),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                for c in created.iter().rev() {
+                    let _ = std::fs::remove_dir(c);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(created)
 }
 
 /// `STORE/mnt`, where staging datasets and VDBs are mounted by default (0755; the store

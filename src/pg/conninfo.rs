@@ -22,7 +22,8 @@ pub struct Parsed {
     pub password: Option<String>,
 }
 
-fn quote_value(v: &str) -> String {
+/// A libpq `key=value` value, quoted when it must be.
+pub(crate) fn quote_value(v: &str) -> String {
     if !v.is_empty()
         && v.chars()
             .all(|c| !c.is_whitespace() && c != '\'' && c != '\\')
@@ -106,6 +107,41 @@ impl Conn {
     pub fn redacted(&self) -> String {
         format!("{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
     }
+}
+
+/// libpq ignores a password file that is not a plain file, or that group or others may read
+/// or write (`passwordFromFile` in fe-connect.c, with a warning); vdbfs refuses one, with
+/// libpq's reason, so a password is never taken from a file others can read.
+pub fn check_passfile(path: &Path) -> Result<(), crate::api::Refusal> {
+    use crate::api::{ErrorKind, Refusal};
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(path).map_err(|e| {
+        Refusal::new(
+            ErrorKind::Invalid,
+            format!("cannot read the passfile {}: {e}", path.display()),
+        )
+    })?;
+    if !md.is_file() {
+        return Err(Refusal::new(
+            ErrorKind::Invalid,
+            format!("password file \"{}\" is not a plain file", path.display()),
+        ));
+    }
+    if md.mode() & 0o077 != 0 {
+        return Err(Refusal::new(
+            ErrorKind::Invalid,
+            format!(
+                "password file \"{}\" has group or world access; permissions should be u=rw \
+                 (0600) or less",
+                path.display()
+            ),
+        )
+        .with_hint(format!(
+            "libpq ignores such a file; chmod 0600 {}",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// One passfile line matching any host, port and database for `user`.

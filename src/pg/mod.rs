@@ -309,6 +309,8 @@ fn run_inner(
     mut on_stderr: impl FnMut(&str),
 ) -> anyhow::Result<Output> {
     let what = describe(cmd);
+    tracing::debug!(command = %what, "running");
+    let started = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -385,6 +387,12 @@ fn run_inner(
         }
     }
     let stdout = reader.join().unwrap_or_default();
+    tracing::debug!(
+        command = %what,
+        %status,
+        ms = started.elapsed().as_millis() as u64,
+        "external command done"
+    );
     Ok(Output {
         status,
         stdout,

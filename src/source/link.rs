@@ -2,7 +2,8 @@
 //! the staging standby, the first validated-sync snapshot; any failure removes all of it.
 //!
 //! Invariant: nothing exists before preflight passed; from the record on (`linking = true`),
-//! a failure or a daemon that dies leaves what [`SourceService::teardown`] removes.
+//! a failure, a cancel (Ctrl-C: checked between steps, and the first copy is killed) or a
+//! daemon that dies leaves what [`SourceService::teardown`] removes.
 
 use super::service::SourceService;
 use super::{health, ingest, preflight, LinkSpec, Mode, SourceDir, SourceRecord};
@@ -71,7 +72,8 @@ impl SourceService {
             (None, true) => refuse!(
                 Invalid,
                 "--mode {} needs --conn: how to reach the source, e.g. \
-                 'postgresql://replicator@127.0.0.1:5432/postgres'",
+                 'postgresql://replicator@127.0.0.1:5432/postgres' (or PGHOST, PGPORT, PGUSER \
+                 in the environment, as for psql)",
                 mode.as_str()
             ),
             (None, false) => None,
@@ -81,12 +83,18 @@ impl SourceService {
             .and_then(|p| p.password.clone())
             .or(spec.password.clone());
         let passfile_text = match (&spec.passfile, &password, &parsed) {
-            (Some(f), _, _) => Some(std::fs::read_to_string(f).map_err(|e| {
-                refusal(
-                    ErrorKind::Invalid,
-                    format!("cannot read the passfile {}: {e}", f.display()),
-                )
-            })?),
+            (Some(f), _, _) => Some(
+                pg::conninfo::check_passfile(f)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|()| {
+                        std::fs::read_to_string(f).map_err(|e| {
+                            refusal(
+                                ErrorKind::Invalid,
+                                format!("cannot read the passfile {}: {e}", f.display()),
+                            )
+                        })
+                    })?,
+            ),
             (None, Some(pw), Some(p)) => Some(pg::conninfo::passfile_line(&p.conn.user, pw)),
             _ => None,
         };
@@ -109,6 +117,7 @@ impl SourceService {
                 }
                 None => None,
             };
+            progress.check()?;
             let (major, version) = match (&facts, &spec.backup) {
                 (Some(f), _) => (f.major, f.version.clone()),
                 (None, Some(b)) => {
@@ -230,6 +239,7 @@ impl SourceService {
             self.create_slot(rec, slot, conn)?;
             *slot_created = true;
         }
+        progress.check()?;
         self.records.put(rec)?;
         self.datasets.create(&rec.name)?;
         let msg = self.mounts.mount(&rec.name, &rec.data_dir)?;
@@ -251,14 +261,21 @@ impl SourceService {
                     passfile.as_deref(),
                     &[("application_name", "vdbfs_basebackup")],
                 );
-                ingest::basebackup(
-                    &rec.install,
-                    &conninfo,
-                    slot,
-                    &rec.data_dir,
-                    &format!("vdbfs link {}", rec.name),
-                    &copy_pid_file(rec, &self.store_dir),
-                    progress,
+                let pid_file = copy_pid_file(rec, &self.store_dir);
+                let kill = pid_file.clone();
+                progress.interruptible(
+                    move || ingest::stop_leftover_copy(&kill),
+                    || {
+                        ingest::basebackup(
+                            &rec.install,
+                            &conninfo,
+                            slot,
+                            &rec.data_dir,
+                            &format!("vdbfs link {}", rec.name),
+                            &pid_file,
+                            progress,
+                        )
+                    },
                 )?;
             }
             (Mode::BackupStream, ..) => {
@@ -270,11 +287,13 @@ impl SourceService {
             (_, Some(b), ..) => ingest::import_backup(&rec.install, b, &rec.data_dir, progress)?,
             (_, None, ..) => refuse!(Invalid, "no backup to import"),
         }
+        progress.check()?;
         progress.say(format!(
             "copied in {:.1} s; configuring the staging standby",
             t.elapsed().as_secs_f64()
         ));
         ingest::configure_staging(rec, store)?;
+        progress.check()?;
         progress.say(format!(
             "starting the staging standby on port {} (waits until it is consistent)",
             rec.staging_port
@@ -283,6 +302,7 @@ impl SourceService {
         if rec.mode.streams() {
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
+                progress.check()?;
                 let r = health::query_replay(&rec.cluster(store))?;
                 if r.receiver.as_deref() == Some("streaming") {
                     break;
@@ -297,8 +317,11 @@ impl SourceService {
                 std::thread::sleep(Duration::from_millis(250));
             }
         }
+        progress.check()?;
         progress.say("taking the first validated-sync snapshot");
-        let snap = self.validated_snapshot(rec)?;
+        let snap = self.validated_snapshot(rec, None)?;
+        progress.check()?;
+        progress.past_return(format!("source {} is linked", rec.name));
         let mut done = rec.clone();
         done.linking = false;
         self.records.put(&done)?;

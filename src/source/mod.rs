@@ -108,6 +108,9 @@ pub struct SnapshotProps {
     /// Its verification, once done (set by the preparer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified: Option<Verified>,
+    /// Named by the user (`source snapshot --name`): retention leaves it alone.
+    #[serde(default)]
+    pub named: bool,
 }
 
 /// What pg_amcheck said of a snapshot's prepared image.

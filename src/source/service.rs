@@ -169,12 +169,14 @@ impl SourceService {
         }
     }
 
+    /// Unlinks a source; returns the message and the replication slot `force` left on an
+    /// unreachable source (the caller tells the user how to drop it).
     pub fn unlink(
         &self,
         name: &str,
         delete_snapshots: bool,
         force: bool,
-    ) -> anyhow::Result<String> {
+    ) -> anyhow::Result<(String, Option<String>)> {
         let mut rec = self.record(name)?;
         let st = self.slots.state(name);
         let _g = st.op.lock();
@@ -189,6 +191,7 @@ impl SourceService {
             refuse!(Conflict, "snapshot {snap} is mounted; unmount it first");
         }
         self.stop_staging(&rec, &st);
+        let mut slot_left = None;
         if let Err(e) = self.drop_slot(&rec) {
             if !force {
                 rec.enabled = false;
@@ -202,18 +205,28 @@ impl SourceService {
                 );
             }
             tracing::warn!(source = %name, "unlink --force: slot left on the source: {e:#}");
+            slot_left = rec.slot.clone();
         }
         self.drop_prepared(name);
         self.teardown(&rec, &st, false, delete_snapshots, false);
         self.slots.forget(name);
-        Ok(if delete_snapshots {
+        let mut msg = if delete_snapshots {
             format!("unlinked source {name}; its dataset and snapshots are deleted")
         } else {
             format!(
                 "unlinked source {name}; its snapshots stay in dataset {name} \
                  ('vdbfs dataset delete {name} --with-snapshots' removes them)"
             )
-        })
+        };
+        if let Some(slot) = &slot_left {
+            let at = rec.conn.as_ref().map(|c| c.redacted()).unwrap_or_default();
+            msg.push_str(&format!(
+                "\nthe replication slot {slot} could not be dropped and stays on the source {at}, \
+                 where it keeps WAL until dropped; run there: {}",
+                crate::api::SlotLeft::new(slot).sql
+            ));
+        }
+        Ok((msg, slot_left))
     }
 
     // ---- recovery and supervision --------------------------------------------------------
@@ -272,7 +285,7 @@ impl SourceService {
             if let Some(every) = rec.snapshot_every_secs {
                 let (_, last) = self.last_snapshot(&rec.name);
                 if last.is_none_or(|(_, t)| crate::time::now_unix() - t >= every as i64) {
-                    if let Err(e) = self.validated_snapshot(&rec) {
+                    if let Err(e) = self.validated_snapshot(&rec, None) {
                         tracing::error!(source = %rec.name, "policy snapshot failed: {e:#}");
                     }
                 }

@@ -29,11 +29,25 @@ impl Drop for Resume<'_> {
 }
 
 impl SourceService {
-    /// An on-demand validated-sync snapshot. A streaming source is asked for its WAL position
-    /// first and the snapshot waits (bounded) until staging replayed that far: it holds what
-    /// the source had committed when the command ran.
-    pub fn snapshot(&self, name: &str, progress: Progress) -> anyhow::Result<api::SourceSnapshot> {
+    /// An on-demand validated-sync snapshot, named `snapshot` (else by its time). A streaming
+    /// source is asked for its WAL position first and the snapshot waits (bounded) until
+    /// staging replayed that far: it holds what the source had committed when the command ran.
+    pub fn snapshot(
+        &self,
+        name: &str,
+        snapshot: Option<&str>,
+        progress: Progress,
+    ) -> anyhow::Result<api::SourceSnapshot> {
         let rec = self.record(name)?;
+        if let Some(s) = snapshot {
+            crate::tree::check_snapshot_name(s)?;
+            if crate::catalog::has_snapshot(&self.datasets, name, s)? {
+                refuse!(
+                    Conflict,
+                    "source {name} already has a snapshot {s}; pick another --name"
+                );
+            }
+        }
         if rec.linking {
             refuse!(
                 Busy,
@@ -49,7 +63,7 @@ impl SourceService {
         let st = self.slots.state(name);
         let _g = st.op.lock();
         self.catch_up(&rec, progress);
-        self.validated_snapshot(&rec)
+        self.validated_snapshot(&rec, snapshot)
     }
 
     /// Waits until staging replayed the source's current WAL position (streaming modes; at
@@ -118,6 +132,7 @@ impl SourceService {
     pub(super) fn validated_snapshot(
         &self,
         rec: &SourceRecord,
+        snapshot: Option<&str>,
     ) -> anyhow::Result<api::SourceSnapshot> {
         let cluster = rec.cluster(&self.store_dir);
         let q = |sql: &str, secs: u64| cluster.query(sql, Duration::from_secs(secs));
@@ -166,10 +181,11 @@ impl SourceService {
             redo_lsn: get(5),
             prepare_error: None,
             verified: None,
+            named: snapshot.is_some(),
         };
         let s = self.datasets.snapshot_with_props(
             &rec.name,
-            None,
+            snapshot,
             Some(serde_json::to_vec(&props)?),
         )?;
         drop(resume);
@@ -188,7 +204,8 @@ impl SourceService {
         Ok(out)
     }
 
-    /// Retention: delete the source's validated-sync snapshots beyond --keep / --keep-for.
+    /// Retention: delete the source's validated-sync snapshots beyond --keep / --keep-for
+    /// (those named with `source snapshot --name` stay).
     fn prune(&self, rec: &SourceRecord) {
         if rec.keep.is_none() && rec.keep_for_secs.is_none() {
             return;
@@ -198,7 +215,7 @@ impl SourceService {
         };
         let list: Vec<(String, i64)> = snaps
             .iter()
-            .filter(|s| s.props.is_some())
+            .filter(|s| super::snapshot_props(s).is_some_and(|p| !p.named))
             .map(|s| (s.rec.name.clone(), s.rec.created.secs))
             .collect();
         let keep_for = rec.keep_for_secs.map(Duration::from_secs);

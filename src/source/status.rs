@@ -10,7 +10,28 @@ use std::time::Duration;
 const STREAM_GRACE: Duration = Duration::from_secs(20);
 
 impl SourceService {
+    /// A source's status; faults of the store (its staging dataset damaged, the store full)
+    /// come first: while they last, staging cannot work.
     pub fn status(&self, name: &str) -> anyhow::Result<SourceStatus> {
+        let mut s = self.staging_status(name)?;
+        if s.state == SourceState::Linking {
+            return Ok(s);
+        }
+        let store_fault = self
+            .datasets
+            .damage_fault(name)
+            .or_else(|| self.datasets.store().full_fault());
+        if let Some(f) = store_fault {
+            s.fault = Some(match s.fault.take() {
+                Some(other) => format!("{f}; also: {other}"),
+                None => f,
+            });
+            s.state = SourceState::Fault;
+        }
+        Ok(s)
+    }
+
+    fn staging_status(&self, name: &str) -> anyhow::Result<SourceStatus> {
         let rec = self.record(name)?;
         let st = self.slots.state(name);
         let (pid, started, restarts, last_error) = {
@@ -59,6 +80,7 @@ impl SourceService {
             s.state = SourceState::Linking;
             return Ok(s);
         }
+
         if !rec.enabled {
             s.state = SourceState::Disabled;
             return Ok(s);

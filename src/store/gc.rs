@@ -42,6 +42,19 @@ impl Store {
         self.index.blocks()
     }
 
+    /// Number of indexed blocks.
+    pub fn indexed_count(&self) -> Result<u64> {
+        self.index.block_count()
+    }
+
+    /// Calls `f` with every indexed block and its location (streaming; see `Index::each_block`).
+    pub fn each_indexed_block(
+        &self,
+        f: impl FnMut(&BlockId, &BlockLoc) -> Result<()>,
+    ) -> Result<()> {
+        self.index.each_block(f)
+    }
+
     /// Removes unreferenced blocks from the index (the collector's sweep). Blocks appended
     /// since the collection started are kept whatever the list says. Returns (blocks, bytes).
     pub fn sweep(&self, garbage: &[BlockId]) -> Result<(u64, u64)> {

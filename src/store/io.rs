@@ -108,6 +108,8 @@ pub trait PackIo: Send + Sync {
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
     /// Names of the files in `dir`.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Removes a file (a pack whose creation failed).
+    fn remove(&self, path: &Path) -> io::Result<()>;
 }
 
 /// The real thing: std files, pread/pwrite, O_DIRECT where the filesystem has it, fdatasync.
@@ -214,10 +216,7 @@ impl PackIo for OsIo {
     }
     fn open(&self, path: &Path) -> io::Result<Arc<dyn PackFile>> {
         let f = OpenOptions::new().read(true).write(true).open(path)?;
-        Ok(Arc::new(OsFile {
-            file: f,
-            direct: None,
-        }))
+        Ok(Arc::new(OsFile::new(f, path)))
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
@@ -228,5 +227,8 @@ impl PackIo for OsIo {
             out.push(e?.file_name().to_string_lossy().into_owned());
         }
         Ok(out)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
     }
 }

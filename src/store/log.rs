@@ -15,7 +15,9 @@
 //! - A write error other than ENOSPC, or any sync error, poisons the log: nothing is reported
 //!   durable again until the store is reopened. After ENOSPC the unwritten bytes stay buffered.
 //! - The active pack is zero-filled ahead of its end (`allocated`) after syncs, so a synced
-//!   write overwrites allocated blocks and needs no filesystem metadata commit.
+//!   write overwrites allocated blocks and needs no filesystem metadata commit. The zero-fill
+//!   runs beside the writer on a range it announces (`Tail::prefilling`) that starts past the
+//!   log end; a write that would reach into that range waits for it.
 //! - Packs before the active one were synced in full when they were closed.
 
 use super::io::{AlignedBuf, PackFile, PackIo, ALIGN};
@@ -27,17 +29,18 @@ use std::sync::Arc;
 use vdbfs_format::index::LogPos;
 use vdbfs_format::pack::{self, PACK_HEADER_LEN};
 
-/// A pack is closed and a new one started once it grows past this size.
-pub const PACK_TARGET_SIZE: u64 = 256 << 20;
 /// An append that finds this much unwritten data in the tail writes it out (no sync).
 const FLUSH_AT: usize = 4 << 20;
 /// Appenders wait while this much is buffered and a flush is already under way.
 const HARD_CAP: usize = 64 << 20;
 /// After a sync the active pack is zero-filled this far ahead of the log end (when less than
-/// half of it is left); bulk writes outrun it and simply extend the file.
-const PREFILL_WINDOW: u64 = 2 << 20;
-/// Prefill writes this much at a time, so a sync waits for one chunk at most.
-const PREFILL_CHUNK: usize = 256 << 10;
+/// half of it is left): a log that syncs at every commit grows by tens of MiB/s under load.
+/// Bulk writes outrun it and simply extend the file.
+const PREFILL_WINDOW: u64 = 16 << 20;
+/// Prefill writes this much at a time.
+const PREFILL_CHUNK: usize = 2 << 20;
+/// Prefill starts at least this far past the log end, so the writer rarely meets it.
+const PREFILL_GAP: u64 = 1 << 20;
 
 fn align_down(x: u64) -> u64 {
     x & !(ALIGN as u64 - 1)
@@ -73,6 +76,8 @@ struct Tail {
     flushing: bool,
     /// The pack is being closed: appends wait (they belong in the next pack).
     rolling: bool,
+    /// The range the zero-fill is writing now (beside the writer; see the module docs).
+    prefilling: Option<(u64, u64)>,
     /// While a flush runs: the file offset of the swapped-out buffer and the buffer.
     inflight: Option<(u64, Arc<AlignedBuf>)>,
     spare: AlignedBuf,
@@ -88,11 +93,17 @@ struct Shared {
     dir: PathBuf,
     io: Arc<dyn PackIo>,
     tail: Mutex<Tail>,
+    /// Writers, syncers and appenders waiting for a flush, a roll or a zero-fill.
     cv: Condvar,
+    /// The zero-fill thread waits here (apart, so that a flush wakes no one who is not waiting
+    /// for it).
+    prefill_cv: Condvar,
     durable: AtomicU64,
     poisoned: AtomicBool,
     stop: AtomicBool,
     prefill_wanted: AtomicBool,
+    /// A pack is closed and a new one started once it grows past this size.
+    pack_target: u64,
 }
 
 pub struct Log {
@@ -108,8 +119,14 @@ pub struct Appended {
 }
 
 impl Log {
-    /// Starts a new active pack `no` in `dir` (which must not exist yet).
-    pub fn start(dir: &Path, io: Arc<dyn PackIo>, no: u32) -> Result<(Log, Arc<dyn PackFile>)> {
+    /// Starts a new active pack `no` in `dir` (which must not exist yet); packs are closed past
+    /// `pack_target` bytes.
+    pub fn start(
+        dir: &Path,
+        io: Arc<dyn PackIo>,
+        no: u32,
+        pack_target: u64,
+    ) -> Result<(Log, Arc<dyn PackFile>)> {
         let file = create_pack(&*io, dir, no)?;
         let mut buf = AlignedBuf::with_capacity(FLUSH_AT + ALIGN);
         buf.extend_from_slice(&pack::encode_pack_header(no));
@@ -123,6 +140,7 @@ impl Log {
             allocated: ALIGN as u64,
             flushing: false,
             rolling: false,
+            prefilling: None,
             inflight: None,
             spare: AlignedBuf::with_capacity(FLUSH_AT + ALIGN),
         };
@@ -131,6 +149,7 @@ impl Log {
             io,
             tail: Mutex::new(tail),
             cv: Condvar::new(),
+            prefill_cv: Condvar::new(),
             durable: AtomicU64::new(encode_pos(LogPos {
                 pack: no,
                 offset: PACK_HEADER_LEN as u64,
@@ -138,6 +157,7 @@ impl Log {
             poisoned: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             prefill_wanted: AtomicBool::new(false),
+            pack_target,
         });
         let sh2 = sh.clone();
         let prefiller = std::thread::Builder::new()
@@ -204,7 +224,7 @@ impl Log {
             }
             t = self.flush_locked(t, false)?;
         }
-        if t.end() >= PACK_TARGET_SIZE {
+        if t.end() >= self.sh.pack_target {
             t = self.roll_locked(t, new_pack)?;
         }
         let at = Appended {
@@ -255,47 +275,69 @@ impl Log {
         self.sync_to(self.end())
     }
 
-    /// Reads `len` bytes at `offset` of pack `no` into `out` if that pack is the active one;
-    /// returns false (and reads nothing) for a closed pack.
+    /// Reads `out.len()` bytes at `offset` of pack `no` into `out` if that pack is the active
+    /// one; returns false (and reads nothing) for a closed pack. Bytes from the oldest one still
+    /// in memory (the block being rewritten, or a write in flight) on come from memory; bytes
+    /// before it are final in the file.
     pub fn read_active(&self, no: u32, offset: u64, out: &mut [u8]) -> Result<bool> {
         let t = self.sh.tail.lock();
         if no != t.no {
             return Ok(false);
         }
         let end = offset + out.len() as u64;
-        if let Some((ib, ibuf)) = &t.inflight {
-            if offset >= *ib && end <= ib + ibuf.len() as u64 {
-                let ibuf = ibuf.clone();
-                let ib = *ib;
-                drop(t);
-                let from = (offset - ib) as usize;
-                out.copy_from_slice(&ibuf.as_slice()[from..from + out.len()]);
-                return Ok(true);
+        if end > t.end() {
+            return Err(Error::Io(std::io::Error::from(
+                std::io::ErrorKind::UnexpectedEof,
+            )));
+        }
+        let inflight = t.inflight.clone();
+        let mem_lo = inflight
+            .as_ref()
+            .map_or(t.base, |(ib, _)| (*ib).min(t.base));
+        // The part in memory, copied under the lock (the tail buffer changes without it).
+        if end > mem_lo {
+            let lo = offset.max(mem_lo);
+            let mut pos = lo;
+            while pos < end {
+                let dst = &mut out[(pos - offset) as usize..];
+                let n = if pos >= t.base {
+                    let from = (pos - t.base) as usize;
+                    let n = (end - pos) as usize;
+                    dst[..n].copy_from_slice(&t.buf.as_slice()[from..from + n]);
+                    n
+                } else {
+                    // Below the tail buffer: in the buffer being written.
+                    let (ib, ibuf) = inflight.as_ref().ok_or_else(|| {
+                        Error::Io(std::io::Error::other(
+                            "log bytes neither written nor buffered",
+                        ))
+                    })?;
+                    let from = (pos - ib) as usize;
+                    let n = ((t.base - pos) as usize).min((end - pos) as usize);
+                    dst[..n].copy_from_slice(&ibuf.as_slice()[from..from + n]);
+                    n
+                };
+                pos += n as u64;
             }
         }
-        if offset >= t.base {
-            if end > t.end() {
-                return Err(Error::Io(std::io::Error::from(
-                    std::io::ErrorKind::UnexpectedEof,
-                )));
-            }
-            let from = (offset - t.base) as usize;
-            out.copy_from_slice(&t.buf.as_slice()[from..from + out.len()]);
+        let file = t.file.clone();
+        drop(t);
+        if offset >= mem_lo {
             return Ok(true);
         }
         // Final bytes in the file. Written directly: read directly, aligned (the page cache
         // never holds pages of the active pack, so no stale page can be read later).
-        let file = t.file.clone();
-        drop(t);
+        let disk_end = end.min(mem_lo);
+        let part = &mut out[..(disk_end - offset) as usize];
         if !file.direct() {
-            file.read_exact_at(out, offset)?;
+            file.read_exact_at(part, offset)?;
             return Ok(true);
         }
         let from = align_down(offset);
-        let mut pages = AlignedBuf::zeroed((align_up(end) - from) as usize);
+        let mut pages = AlignedBuf::zeroed((align_up(disk_end) - from) as usize);
         file.read_log_at(pages.padded_mut(), from)?;
         let at = (offset - from) as usize;
-        out.copy_from_slice(&pages.as_slice()[at..at + out.len()]);
+        part.copy_from_slice(&pages.as_slice()[at..at + part.len()]);
         Ok(true)
     }
 
@@ -307,11 +349,15 @@ impl Log {
         sync: bool,
     ) -> Result<MutexGuard<'a, Tail>> {
         debug_assert!(!t.flushing);
-        let end = t.end();
-        if t.written == end && (!sync || t.synced == end) {
+        if t.written == t.end() && (!sync || t.synced == t.end()) {
             return Ok(t);
         }
         t.flushing = true;
+        // A zero-fill running where this write goes finishes first.
+        while t.prefilling.is_some_and(|(lo, _)| lo < align_up(t.end())) {
+            self.sh.cv.wait(&mut t);
+        }
+        let end = t.end();
         let from = align_down(t.written);
         let new_base = align_down(end);
         let out_base = t.base;
@@ -355,8 +401,10 @@ impl Log {
                         }),
                         Ordering::SeqCst,
                     );
-                    if t.allocated < end + PREFILL_WINDOW / 2 {
-                        self.sh.prefill_wanted.store(true, Ordering::SeqCst);
+                    if t.allocated < end + PREFILL_WINDOW / 2
+                        && !self.sh.prefill_wanted.swap(true, Ordering::SeqCst)
+                    {
+                        self.sh.prefill_cv.notify_one();
                     }
                 }
                 Ok(())
@@ -418,6 +466,9 @@ impl Log {
                 }
             };
         }
+        while t.prefilling.is_some() {
+            self.sh.cv.wait(&mut t);
+        }
         let end = t.end();
         let created = match t.file.set_len(end) {
             Ok(()) => create_pack(&*self.sh.io, &self.sh.dir, t.no + 1),
@@ -453,36 +504,40 @@ impl Drop for Log {
     fn drop(&mut self) {
         self.sh.stop.store(true, Ordering::SeqCst);
         self.sh.cv.notify_all();
+        self.sh.prefill_cv.notify_all();
         if let Some(h) = self.prefiller.take() {
             let _ = h.join();
         }
     }
 }
 
-/// Creates pack `no`: its header written and synced, then the directory synced.
+/// Creates pack `no`: its header written and synced, then the directory synced. A creation
+/// that fails (a full disk) removes the file again, so the next attempt can create it.
 fn create_pack(io: &dyn PackIo, dir: &Path, no: u32) -> Result<Arc<dyn PackFile>> {
-    let file = io.create(&pack_path(dir, no))?;
+    let path = pack_path(dir, no);
+    let file = io.create(&path)?;
     let mut first = AlignedBuf::with_capacity(ALIGN);
     first.extend_from_slice(&pack::encode_pack_header(no));
-    file.write_log_at(first.padded(), 0, true)?;
-    io.sync_dir(&dir.join("packs"))?;
+    let r = file
+        .write_log_at(first.padded(), 0, true)
+        .and_then(|()| io.sync_dir(&dir.join("packs")));
+    if let Err(e) = r {
+        drop(file);
+        let _ = io.remove(&path);
+        return Err(e.into());
+    }
     Ok(file)
 }
 
 /// Zero-fills the active pack ahead of its end when a sync asked for it (see the module docs),
-/// a chunk at a time, holding the flusher role for each chunk.
+/// beside the writer, a chunk at a time.
 fn prefill_loop(sh: &Shared) {
-    let zeros = {
-        let mut z = AlignedBuf::with_capacity(PREFILL_CHUNK);
-        z.extend_from_slice(&vec![0u8; PREFILL_CHUNK]);
-        z
-    };
+    let zeros = AlignedBuf::zeroed(PREFILL_CHUNK);
     loop {
         {
             let mut t = sh.tail.lock();
             while !sh.stop.load(Ordering::SeqCst) && !sh.prefill_wanted.load(Ordering::SeqCst) {
-                sh.cv
-                    .wait_for(&mut t, std::time::Duration::from_millis(200));
+                sh.prefill_cv.wait(&mut t);
             }
         }
         if sh.stop.load(Ordering::SeqCst) {
@@ -491,26 +546,24 @@ fn prefill_loop(sh: &Shared) {
         sh.prefill_wanted.store(false, Ordering::SeqCst);
         loop {
             let mut t = sh.tail.lock();
-            while t.flushing {
-                sh.cv.wait(&mut t);
-            }
             if sh.poisoned.load(Ordering::SeqCst) || sh.stop.load(Ordering::SeqCst) {
                 return;
             }
-            let from = t.allocated.max(align_up(t.end()));
-            let goal = t.end() + PREFILL_WINDOW;
-            if from >= goal || t.end() >= PACK_TARGET_SIZE {
+            let end = t.end();
+            let from = t.allocated.max(align_up(end + PREFILL_GAP));
+            let goal = (end + PREFILL_WINDOW).min(sh.pack_target);
+            if from >= goal || t.rolling || end >= sh.pack_target {
                 break;
             }
-            let len = ((goal - from) as usize).min(PREFILL_CHUNK);
-            let len = align_up(len as u64) as usize;
-            t.flushing = true;
+            let len = align_up(((goal - from) as usize).min(PREFILL_CHUNK) as u64) as usize;
+            t.prefilling = Some((from, from + len as u64));
             let file = t.file.clone();
             drop(t);
             let r = file.write_log_at(&zeros.padded()[..len], from, false);
             let mut t = sh.tail.lock();
-            t.flushing = false;
-            if r.is_ok() {
+            t.prefilling = None;
+            // Bytes the writer put past `from` meanwhile are not there: it waited for us.
+            if r.is_ok() && Arc::ptr_eq(&t.file, &file) {
                 t.allocated = t.allocated.max(from + len as u64);
             }
             sh.cv.notify_all();

@@ -2,8 +2,13 @@
 //! index. Bottom of the data path (FUSE op -> tree layer -> block store -> packs and index).
 //!
 //! Modules: `log` (the active pack, appends and group commit), `recovery` (reading the log
-//! back), `index` (redb), `space` (the reserve), `gc` (the store side of collection), `io` (the
-//! seam to the disk, `sim` its crash-test double).
+//! back), `index` (redb), `space` (the reserve: a ballast file only the store's own work may
+//! use), `gc` (the store side of collection), `scrub` (reading every live block back), `io`
+//! (the seam to the disk, `sim` its crash-test double).
+//!
+//! Size: what stays here is the `Store` type itself (open, put, read, the checkpoint and gc
+//! hooks), whose methods share its private state and locks; each concern with a state of its own
+//! is a submodule.
 //!
 //! Invariants (see fs-format/FORMAT.md, "Commit protocol"):
 //! - Pack files are append-only and never rewritten in place (the log's last partial block is
@@ -19,6 +24,9 @@
 //!   never wrong bytes.
 //! - After a failed sync the store is poisoned: every later write or sync fails, so a lost write
 //!   is never reported as durable by a later, successful fsync.
+//! - Every index write transaction starts through [`Store::begin_write`] (or a checkpoint), which
+//!   first makes room on a full filesystem by giving up reserve: redb never meets ENOSPC (after a
+//!   failed write it refuses every later one until reopened).
 
 pub mod error;
 mod gc;
@@ -27,6 +35,7 @@ pub mod io;
 mod log;
 pub mod records;
 pub mod recovery;
+pub mod scrub;
 #[cfg(test)]
 pub mod sim;
 mod space;
@@ -36,17 +45,18 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use vdbfs_format::index::{BlockLoc, DatasetRecord, LogPos};
+use vdbfs_format::index::{BlockLoc, DamageMark, DatasetRecord, LogPos};
 use vdbfs_format::journal::JournalRecord;
 use vdbfs_format::pack::{self, RecordFormat, RecordKind, MAX_RECORD_HEADER_LEN};
 use vdbfs_format::{codec, BlockId};
 
 pub use error::{Error, Result};
 pub use index::{
-    index_path, BLOCKS, DATASETS, META, MOUNTS, NAMES, ORIGINS, SNAPSHOTS, SNAPSHOT_PROPS, SOURCES,
-    VDBS,
+    index_path, BLOCKS, DAMAGED, DATASETS, META, MOUNTS, NAMES, ORIGINS, SNAPSHOTS, SNAPSHOT_PROPS,
+    SOURCES, VDBS,
 };
 pub use recovery::{Damage, Damaged};
+pub use space::{ballast_path, SpaceReport};
 
 use index::Index;
 use io::{OsIo, PackFile, PackIo};
@@ -88,15 +98,34 @@ fn pack_path(dir: &Path, no: u32) -> PathBuf {
 }
 
 impl Store {
-    /// Creates a new, empty store in `dir` (which may exist but must not hold a store).
+    /// Creates a new, empty store in `dir`: a new directory (mode 0711), or an existing empty
+    /// one (its mode is left as it is). Anything else is refused before a byte changes.
     pub fn create(dir: &Path) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(dir.join("packs"))?;
-        // Block data is only for the daemon; the store directory itself stays traversable so
-        // that the postgres user reaches the mount points and source files inside it.
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+        let existed = match std::fs::metadata(dir) {
+            Ok(m) if !m.is_dir() => return Err(Error::NotDir),
+            Ok(_) => {
+                if !foreign_entries(dir)?.is_empty() {
+                    return Err(Error::NotEmpty);
+                }
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e.into()),
+        };
+        std::fs::create_dir_all(dir)?;
+        if !existed {
+            // Block data is only for the daemon; the store directory itself stays traversable
+            // so that the postgres user reaches the mount points and source files inside it.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+        }
+        std::fs::create_dir(dir.join("packs"))?;
         std::fs::set_permissions(dir.join("packs"), std::fs::Permissions::from_mode(0o700))?;
         Index::create(dir)?;
+        if let Err(e) = Space::create_ballast(dir) {
+            // The daemon grows it when there is room.
+            tracing::warn!("cannot allocate the store's reserve yet: {e}");
+        }
         OsIo.sync_dir(dir)?;
         Ok(())
     }
@@ -107,6 +136,10 @@ impl Store {
 
     /// Opens the store, scans the log written since the last checkpoint and starts a new pack.
     pub fn open_with(dir: &Path, io: Arc<dyn PackIo>) -> Result<(Store, Replay)> {
+        // Opening the index writes to it, and recovery checkpoints: on a full filesystem the
+        // reserve makes the room (see `space`).
+        let space = Space::open(dir);
+        space.make_room("recovery")?;
         let (index, pos) = Index::open(dir)?;
         let mut numbers = Vec::new();
         for name in io.list(&dir.join("packs"))? {
@@ -148,7 +181,12 @@ impl Store {
         }
 
         let next_no = last.map_or(1, |n| n + 1);
-        let (log, file) = Log::start(dir, io.clone(), next_no)?;
+        let (log, file) = Log::start(
+            dir,
+            io.clone(),
+            next_no,
+            space::pack_target_for(space.total()),
+        )?;
         packs.insert(
             next_no,
             Pack {
@@ -171,7 +209,7 @@ impl Store {
                 log,
                 packs: RwLock::new(packs),
                 recent: RwLock::new(found.recent),
-                space: Space::new(dir),
+                space,
                 gc_active: AtomicBool::new(false),
                 gc_start: Mutex::new(LogPos::default()),
                 dedup_guard: RwLock::new(()),
@@ -199,8 +237,13 @@ impl Store {
 
     /// Appends encoded records after checking the space they need; returns where they start.
     fn append(&self, recs: &[u8]) -> Result<BlockLoc> {
-        self.log.check_poisoned()?;
         self.space.check(recs.len() as u64)?;
+        self.append_unchecked(recs)
+    }
+
+    /// Appends without the space check (journal records: see `space`).
+    fn append_unchecked(&self, recs: &[u8]) -> Result<BlockLoc> {
+        self.log.check_poisoned()?;
         let at = self.log.append(recs, &mut |no, file| {
             self.packs.write().insert(
                 no,
@@ -376,6 +419,185 @@ impl Store {
         .collect()
     }
 
+    /// Reads and verifies blocks straight into `outs` (one per id, in order): each gets the
+    /// block's first `out.len()` bytes, zeros past the block's end.
+    ///
+    /// A block is checked against the id it was asked for (the record header's kind and id, and
+    /// the blake3 of its content), so the record crc adds nothing here and is left to scans.
+    /// That also makes it safe to *guess* where a block is: blocks written one after another
+    /// (a file written sequentially) lie one after another in the log, so after the first block
+    /// of a run is located through the index, the next ids are looked for right behind it and
+    /// the index is asked again only where the guess fails. A record found by guessing is the
+    /// right content whether or not the index points at it (content addressing).
+    pub fn read_into(&self, ids: &[BlockId], outs: &mut [&mut [u8]]) -> Result<()> {
+        let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        let r = self.read_into_with(ids, outs, &mut scratch);
+        SCRATCH.with(|s| *s.borrow_mut() = scratch);
+        r
+    }
+
+    fn read_into_with(
+        &self,
+        ids: &[BlockId],
+        outs: &mut [&mut [u8]],
+        scratch: &mut io::AlignedBuf,
+    ) -> Result<()> {
+        // The largest record of a data block (stored raw), for sizing windows.
+        let max_rec = (pack::MAX_RECORD_HEADER_LEN + vdbfs_format::BLOCK_SIZE) as u64;
+        let Some(first_id) = ids.first() else {
+            return Ok(());
+        };
+        // Guess: the blocks follow the first one in the log. Windows grow while the guess holds.
+        let first = self.lookup_many(&ids[..1])?[0].ok_or(Error::MissingBlock(*first_id))?;
+        let limit = self.readable_end(first.pack)?;
+        let mut at = first.offset;
+        let mut window = SPECULATE_FIRST;
+        let mut i = 0;
+        while i < ids.len() {
+            let want = ((ids.len() - i) as u64 * max_rec).min(window);
+            let stop = (at + want).min(limit);
+            if stop <= at {
+                break;
+            }
+            let run = BlockLoc {
+                pack: first.pack,
+                offset: at,
+                len: (stop - at) as u32,
+            };
+            let (format, buf) = self.read_window(&ids[i], &run, scratch)?;
+            let (n, used) = open_following(&ids[i..], &mut outs[i..], &run, format, buf)?;
+            i += n;
+            at += used as u64;
+            if n == 0 || (used as u64) + max_rec <= run.len as u64 {
+                break; // the guess failed inside this window
+            }
+            window = (window * 4).min(SPECULATE_MAX);
+        }
+        if i == ids.len() {
+            return Ok(());
+        }
+        // The rest: located through the index, read in runs of adjacent records.
+        let rest = &ids[i..];
+        let locs = self.lookup_many(rest)?;
+        let mut order: Vec<usize> = (0..rest.len()).collect();
+        for (k, l) in locs.iter().enumerate() {
+            l.ok_or(Error::MissingBlock(rest[k]))?;
+        }
+        let loc = |k: usize| {
+            locs[k].unwrap_or(BlockLoc {
+                pack: 0,
+                offset: 0,
+                len: 0,
+            })
+        };
+        order.sort_by_key(|&k| (loc(k).pack, loc(k).offset));
+        let outs = &mut outs[i..];
+        let mut g = 0;
+        while g < order.len() {
+            let mut h = g + 1;
+            while h < order.len()
+                && loc(order[h]).pack == loc(order[g]).pack
+                && loc(order[h - 1]).offset + loc(order[h - 1]).len as u64 == loc(order[h]).offset
+            {
+                h += 1;
+            }
+            let start = loc(order[g]);
+            let end = loc(order[h - 1]);
+            let run = BlockLoc {
+                pack: start.pack,
+                offset: start.offset,
+                len: (end.offset + end.len as u64 - start.offset) as u32,
+            };
+            let (format, buf) = self.read_window(&rest[order[g]], &run, scratch)?;
+            for &k in &order[g..h] {
+                let l = loc(k);
+                let rec = &buf[(l.offset - run.offset) as usize..][..l.len as usize];
+                open_block_into(&rest[k], &l, format, rec, outs[k])?;
+            }
+            g = h;
+        }
+        Ok(())
+    }
+
+    /// Reads `run` into `scratch` (4 KiB-aligned there, for direct I/O) and returns its bytes.
+    fn read_window<'s>(
+        &self,
+        id: &BlockId,
+        run: &BlockLoc,
+        scratch: &'s mut io::AlignedBuf,
+    ) -> Result<(RecordFormat, &'s [u8])> {
+        let a = io::ALIGN as u64;
+        let from = run.offset / a * a;
+        let to = (run.offset + run.len as u64).div_ceil(a) * a;
+        let need = (to - from) as usize;
+        if scratch.len() < need {
+            *scratch = io::AlignedBuf::zeroed(need);
+        }
+        let format = self.read_run(id, run, from, &mut scratch.padded_mut()[..need])?;
+        let lo = (run.offset - from) as usize;
+        Ok((format, &scratch.padded()[lo..lo + run.len as usize]))
+    }
+
+    /// How far pack `no` can be read: the log end for the active pack, the file's length else.
+    fn readable_end(&self, no: u32) -> Result<u64> {
+        let end = self.log.end();
+        if end.pack == no {
+            return Ok(end.offset);
+        }
+        match self.packs.read().get(&no) {
+            Some(p) => Ok(p.file.len()?),
+            None => Ok(0),
+        }
+    }
+
+    /// Reads the bytes of `run` into `dest`, which holds the file's bytes from the aligned
+    /// offset `from` on (the run starts at `run.offset - from` in it): the log's memory or file
+    /// for the active pack; for closed packs direct I/O for large runs, a plain read else.
+    fn read_run(
+        &self,
+        id: &BlockId,
+        run: &BlockLoc,
+        from: u64,
+        dest: &mut [u8],
+    ) -> Result<RecordFormat> {
+        let pack = self
+            .packs
+            .read()
+            .get(&run.pack)
+            .cloned()
+            .ok_or_else(|| corrupt(id, run, "pack file is missing".into()))?;
+        let at = (run.offset - from) as usize;
+        let records = at..at + run.len as usize;
+        let r = match self
+            .log
+            .read_active(run.pack, run.offset, &mut dest[records.clone()])
+        {
+            Ok(true) => Ok(()),
+            // Large runs straight into our buffer; small ones through the page cache, whose
+            // readahead and caching serve scattered and repeated reads (other clones' mounts
+            // read the same shared blocks).
+            Ok(false) if pack.file.direct() && run.len as usize >= DIRECT_READ_MIN => {
+                // The last block of a closed pack may be short: direct reads need whole blocks.
+                let avail = pack.file.len().map(|l| l.saturating_sub(from) as usize);
+                match avail {
+                    Ok(n) if n >= dest.len() => pack.file.read_log_at(dest, from),
+                    Ok(_) => pack
+                        .file
+                        .read_exact_at(&mut dest[records.clone()], run.offset),
+                    Err(e) => Err(e),
+                }
+                .map_err(Error::from)
+            }
+            Ok(false) => pack
+                .file
+                .read_exact_at(&mut dest[records], run.offset)
+                .map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        r.map_err(|e| corrupt(id, run, format!("read failed: {e}")))?;
+        Ok(pack.format)
+    }
+
     /// Stores `content` (deduplicated by its blake3) and returns its id.
     pub fn put(&self, content: &[u8]) -> Result<BlockId> {
         Ok(self.put_many(&[content])?[0])
@@ -441,7 +663,7 @@ impl Store {
             &payload,
             self.log.durable(),
         );
-        let loc = self.append(&bytes)?;
+        let loc = self.append_unchecked(&bytes)?;
         Ok(LogPos {
             pack: loc.pack,
             offset: loc.offset + loc.len as u64,
@@ -463,6 +685,7 @@ impl Store {
         datasets: &[DatasetRecord],
         extra: impl FnOnce(&redb::WriteTransaction) -> Result<()>,
     ) -> Result<()> {
+        self.space.make_room("a checkpoint")?;
         let upto = self.sync_all()?;
         let batch: Vec<(BlockId, BlockLoc)> = self
             .recent
@@ -487,12 +710,26 @@ impl Store {
         Ok(())
     }
 
+    /// Commits dataset records (and `extra` writes) without indexing the blocks appended since
+    /// the last checkpoint and without moving `indexed_upto`/`replay_start`: after syncing the
+    /// log, the records' trees are durable, and recovery still scans from before every
+    /// unindexed block and every older replay position. Cheap: for snapshots.
+    pub fn commit_roots_with(
+        &self,
+        datasets: &[DatasetRecord],
+        extra: impl FnOnce(&redb::WriteTransaction) -> Result<()>,
+    ) -> Result<()> {
+        self.sync_all()?;
+        self.index.commit_records(datasets, extra)
+    }
+
     /// Number of blocks appended since the last checkpoint (drives checkpoint frequency).
     pub fn recent_blocks(&self) -> usize {
         self.recent.read().len()
     }
 
-    /// Runs `f` with permission to use the space reserve (checkpoints, snapshots, GC copies).
+    /// Runs `f` with permission to use the space reserve (checkpoints, snapshots, GC copies);
+    /// on a full filesystem, ballast is given up first.
     pub fn with_reserve<R>(&self, f: impl FnOnce() -> R) -> R {
         self.space.with_reserve(f)
     }
@@ -501,6 +738,102 @@ impl Store {
     pub fn statvfs(&self) -> Result<(u64, u64)> {
         self.space.statvfs()
     }
+
+    /// Free space, the reserve, and whether writers are refused.
+    pub fn space_report(&self) -> Result<SpaceReport> {
+        self.space.report()
+    }
+
+    /// The fault `source status`, `vdb status` and `vdbfs status` show while writers are
+    /// refused, with the numbers, or None.
+    pub fn full_fault(&self) -> Option<String> {
+        let r = self.space.report().ok()?;
+        if !r.full {
+            return None;
+        }
+        let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+        let packs = self.physical_bytes().map_or("?".to_string(), mib);
+        Some(format!(
+            "store full: {} free of {} on the filesystem of {} (its packs hold {packs}; {} held \
+             back as the store's reserve for checkpoints, gc and deletes, writes stop {} before \
+             it); writes to datasets fail with ENOSPC. Free space with 'vdbfs dataset delete', \
+             'vdbfs snapshot delete' or 'vdbfs vdb delete', then 'vdbfs gc' ('vdbfs df' shows \
+             what each holds), or grow the filesystem",
+            mib(r.free),
+            mib(r.total),
+            self.dir.display(),
+            mib(r.reserve_held),
+            mib(r.margin),
+        ))
+    }
+
+    /// Grows the reserve back when there is room (the daemon calls it periodically).
+    pub fn refill_reserve(&self) -> Result<u64> {
+        self.space.refill()
+    }
+
+    /// The room the store's own work may use now (free space plus the reserve).
+    pub fn room(&self) -> Result<u64> {
+        self.space.room()
+    }
+
+    /// Gives up reserve so that `need` bytes are free, if it can (before a compaction copy).
+    pub fn make_room_for(&self, need: u64, what: &str) -> Result<()> {
+        self.space.make_room_for(need, what)
+    }
+
+    /// Starts an index write transaction, after making room on a full filesystem.
+    pub fn begin_write(&self) -> Result<redb::WriteTransaction> {
+        self.space.make_room("an index write")?;
+        Ok(self.index.db().begin_write()?)
+    }
+
+    /// Whether a block can be read (indexed, or found in the log since the last checkpoint).
+    pub fn contains_block(&self, id: &BlockId) -> Result<bool> {
+        Ok(self.lookup_many(std::slice::from_ref(id))?[0].is_some())
+    }
+
+    /// A value of the `meta` table that is not one of the store's own positions (e.g.
+    /// `last_scrub`).
+    pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        use redb::ReadableDatabase;
+        let txn = self.index.db().begin_read()?;
+        let v = txn.open_table(META)?.get(key)?.map(|v| v.value().to_vec());
+        Ok(v)
+    }
+
+    /// Sets a value of the `meta` table (one durable transaction).
+    pub fn meta_put(&self, key: &str, value: &[u8]) -> Result<()> {
+        let txn = self.begin_write()?;
+        txn.open_table(META)?.insert(key, value)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The damage marks of every dataset (table `damaged`).
+    pub fn damage_marks(&self) -> Result<Vec<(u64, DamageMark)>> {
+        self.index.damage_marks()
+    }
+}
+
+/// Entries of a directory that would make it "not empty" for `vdbfs init` (a filesystem's own
+/// `lost+found` does not count).
+pub fn foreign_entries(dir: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if name != "lost+found" {
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+thread_local! {
+    /// Each thread's aligned buffer for the records a read brings in (reused, never shrunk).
+    static SCRATCH: std::cell::RefCell<io::AlignedBuf> =
+        std::cell::RefCell::new(io::AlignedBuf::default());
 }
 
 /// Maps `f` over `items`, on rayon's pool when the batch is large enough to pay for it (no
@@ -541,6 +874,82 @@ fn open_block_record(
         return Err(corrupt(id, loc, "record holds another block".into()));
     }
     pack::open_block(&hdr, payload).map_err(|e| corrupt(id, loc, e.to_string()))
+}
+
+/// The first guess window of a read (bytes after its first block), and the largest: a window
+/// grows fourfold each time every block in it was where the guess put it.
+const SPECULATE_FIRST: u64 = 64 << 10;
+/// Reads of closed packs at least this long use direct I/O.
+const DIRECT_READ_MIN: usize = 256 << 10;
+const SPECULATE_MAX: u64 = 4 << 20;
+
+/// Decodes the records at the start of `buf` (read from `run`) that are the blocks `ids` asks
+/// for, in order, into `outs`; stops at the first record that is not the next block asked for
+/// (or does not fit). Returns (blocks decoded, bytes used).
+fn open_following(
+    ids: &[BlockId],
+    outs: &mut [&mut [u8]],
+    run: &BlockLoc,
+    format: RecordFormat,
+    buf: &[u8],
+) -> Result<(usize, usize)> {
+    let hlen = format.header_len();
+    let mut at = 0usize;
+    let mut n = 0usize;
+    while n < ids.len() {
+        let len = match buf
+            .get(at..at + hlen)
+            .and_then(|h| pack::decode_record_header(h, format).ok())
+        {
+            Some(h) if h.kind == RecordKind::Block && h.id == ids[n] => h.record_len() as usize,
+            _ => break,
+        };
+        let Some(rec) = buf.get(at..at + len) else {
+            break;
+        };
+        let here = BlockLoc {
+            pack: run.pack,
+            offset: run.offset + at as u64,
+            len: len as u32,
+        };
+        open_block_into(&ids[n], &here, format, rec, outs[n])?;
+        at += len;
+        n += 1;
+    }
+    Ok((n, at))
+}
+
+/// Verifies one block record (header fields against `id`, content hash) and decodes its content
+/// into `out` (its first `out.len()` bytes; zeros past the block's end).
+fn open_block_into(
+    id: &BlockId,
+    loc: &BlockLoc,
+    format: RecordFormat,
+    rec: &[u8],
+    out: &mut [u8],
+) -> Result<()> {
+    let hlen = format.header_len();
+    let hdr = pack::decode_record_header(rec.get(..hlen).unwrap_or_default(), format)
+        .map_err(|e| corrupt(id, loc, e.to_string()))?;
+    if hdr.kind != RecordKind::Block || hdr.id != *id || hdr.record_len() != rec.len() as u64 {
+        return Err(corrupt(id, loc, "record holds another block".into()));
+    }
+    let payload = &rec[hlen..];
+    let raw_len = hdr.raw_len as usize;
+    let bad = |e: vdbfs_format::FormatError| corrupt(id, loc, e.to_string());
+    if raw_len == out.len() {
+        codec::decompress_into(hdr.codec, payload, out).map_err(bad)?;
+        if BlockId::of(out) != *id {
+            out.fill(0);
+            return Err(corrupt(id, loc, "block content hash mismatch".into()));
+        }
+    } else {
+        let content = pack::open_block(&hdr, payload).map_err(bad)?;
+        let n = content.len().min(out.len());
+        out[..n].copy_from_slice(&content[..n]);
+        out[n..].fill(0);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

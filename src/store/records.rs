@@ -93,7 +93,7 @@ impl<T: Record> Records<T> {
     pub fn put(&self, rec: &T) -> Result<()> {
         let bytes = serde_json::to_vec(rec)
             .map_err(|e| Error::CorruptMeta(format!("cannot encode {} record: {e}", T::WHAT)))?;
-        let txn = self.store.db().begin_write()?;
+        let txn = self.store.begin_write()?;
         txn.open_table(T::TABLE.def())?
             .insert(rec.key(), bytes.as_slice())?;
         txn.commit()?;
@@ -101,7 +101,7 @@ impl<T: Record> Records<T> {
     }
 
     pub fn remove(&self, name: &str) -> Result<()> {
-        let txn = self.store.db().begin_write()?;
+        let txn = self.store.begin_write()?;
         txn.open_table(T::TABLE.def())?.remove(name)?;
         txn.commit()?;
         Ok(())
@@ -133,7 +133,7 @@ impl MountRecords {
 
     /// Records (`Some(dataset)`) or forgets (`None`) the mount at `mountpoint`.
     pub fn set(&self, mountpoint: &Path, dataset: Option<&str>) -> Result<()> {
-        let txn = self.store.db().begin_write()?;
+        let txn = self.store.begin_write()?;
         {
             let mut t = txn.open_table(MOUNTS)?;
             let key = mountpoint.to_string_lossy();

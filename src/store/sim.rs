@@ -177,6 +177,10 @@ impl SimIo {
 }
 
 impl SimFile {
+    /// What the file holds now.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.data.lock().clone()
+    }
     pub fn corrupt(&self, offset: usize) {
         let mut d = self.data.lock();
         d[offset] ^= 0xff;
@@ -219,5 +223,11 @@ impl PackIo for SimIo {
             .filter(|p| p.parent() == Some(dir))
             .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect())
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        match self.files.lock().remove(path) {
+            Some(_) => Ok(()),
+            None => Err(io::Error::from(io::ErrorKind::NotFound)),
+        }
     }
 }

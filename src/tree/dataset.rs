@@ -14,6 +14,13 @@
 //!   with the writeback cache the kernel may still send its dirty pages and times, which are
 //!   accepted and dropped (inode numbers are never reused, so a tombstone never hides a file).
 //! - Lock order: an inode's `wlock` (serializes writes and truncates of one file) before `st`.
+//! - A file's `stored` set, once computed (lazily, for `st_blocks`), says for every block index
+//!   whether a block is stored there (not a hole), whatever the mix of base tree and overlay:
+//!   every change of the overlay updates it, so its count stays exact without reading the map.
+//!
+//! Size: one type, `Dataset`, whose operations all share its locks and the overlay invariants
+//! above; splitting its methods across files would spread those invariants without shortening
+//! any path through them.
 
 use crate::store::{Error, Result, Store};
 use crate::tree::radix::{self, NodeCache};
@@ -49,6 +56,72 @@ struct FileMap {
     overlay: BTreeMap<u64, Option<BlockId>>,
     jchanged: BTreeSet<u64>,
     jtrunc: Option<u64>,
+    /// Which block indexes hold a stored block; None until first asked for (`stored_blocks`).
+    stored: Option<Stored>,
+}
+
+impl FileMap {
+    fn new(base: Option<BlockId>) -> FileMap {
+        FileMap {
+            base,
+            base_limit: u64::MAX,
+            overlay: BTreeMap::new(),
+            jchanged: BTreeSet::new(),
+            jtrunc: None,
+            stored: None,
+        }
+    }
+}
+
+/// A set of block indexes (the stored blocks of one file) with its size: bitmaps of 4096
+/// indexes, allocated only where a file has blocks, so sparse files stay small.
+#[derive(Default)]
+struct Stored {
+    chunks: HashMap<u64, Box<[u64; 64]>>,
+    count: u64,
+}
+
+impl Stored {
+    fn set(&mut self, idx: u64, stored: bool) {
+        let (chunk, bit) = (idx >> 12, idx & 4095);
+        let (word, mask) = ((bit / 64) as usize, 1u64 << (bit % 64));
+        if stored {
+            let c = self
+                .chunks
+                .entry(chunk)
+                .or_insert_with(|| Box::new([0; 64]));
+            if c[word] & mask == 0 {
+                c[word] |= mask;
+                self.count += 1;
+            }
+        } else if let Some(c) = self.chunks.get_mut(&chunk) {
+            if c[word] & mask != 0 {
+                c[word] &= !mask;
+                self.count -= 1;
+            }
+        }
+    }
+
+    /// Drops every index at or past `n`.
+    fn truncate(&mut self, n: u64) {
+        let count = &mut self.count;
+        self.chunks.retain(|&chunk, c| {
+            let first = chunk << 12;
+            if first >= n {
+                *count -= c.iter().map(|w| w.count_ones() as u64).sum::<u64>();
+                return false;
+            }
+            for idx in n.max(first)..first + 4096 {
+                let bit = idx & 4095;
+                let (word, mask) = ((bit / 64) as usize, 1u64 << (bit % 64));
+                if c[word] & mask != 0 {
+                    c[word] &= !mask;
+                    *count -= 1;
+                }
+            }
+            true
+        });
+    }
 }
 
 struct DirState {
@@ -82,13 +155,7 @@ impl Inode {
     }
     fn empty_content(kind: FileKind) -> Content {
         match kind {
-            FileKind::Regular => Content::File(FileMap {
-                base: None,
-                base_limit: u64::MAX,
-                overlay: BTreeMap::new(),
-                jchanged: BTreeSet::new(),
-                jtrunc: None,
-            }),
+            FileKind::Regular => Content::File(FileMap::new(None)),
             FileKind::Directory => Content::Dir(DirState {
                 entries: BTreeMap::new(),
                 changed: true,
@@ -153,13 +220,7 @@ impl State {
             let bytes = radix::get(cx.store, cx.cache, self.root, ino)?.ok_or(Error::NotFound)?;
             let rec = InodeRecord::decode(&bytes)?;
             let content = match rec.meta.kind {
-                FileKind::Regular => Content::File(FileMap {
-                    base: rec.root,
-                    base_limit: u64::MAX,
-                    overlay: BTreeMap::new(),
-                    jchanged: BTreeSet::new(),
-                    jtrunc: None,
-                }),
+                FileKind::Regular => Content::File(FileMap::new(rec.root)),
                 FileKind::Directory => {
                     let dir = match rec.root {
                         Some(id) => DirObject::decode(&cx.store.get(&id)?)?,
@@ -247,6 +308,58 @@ impl State {
         }
     }
 
+    /// A new inode named `name` in `parent` (which has no such entry).
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &mut self,
+        cx: &Ctx,
+        parent: u64,
+        name: &[u8],
+        kind: FileKind,
+        perm: u32,
+        (uid, gid): (u32, u32),
+        rdev: u32,
+        target: Option<&[u8]>,
+    ) -> Result<(u64, InodeMeta)> {
+        let pmeta = self.inode(cx, parent)?.meta.clone();
+        let mut perm = perm & 0o7777;
+        let mut gid = gid;
+        if pmeta.perm & 0o2000 != 0 {
+            // BSD group semantics of a setgid directory, as Linux filesystems do.
+            gid = pmeta.gid;
+            if kind == FileKind::Directory {
+                perm |= 0o2000;
+            }
+        }
+        let t = now();
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        self.jnext_ino = true;
+        let meta = InodeMeta {
+            kind,
+            perm,
+            uid,
+            gid,
+            nlink: if kind == FileKind::Directory { 2 } else { 1 },
+            rdev,
+            size: target.map_or(0, |t| t.len() as u64),
+            atime: t,
+            mtime: t,
+            ctime: t,
+        };
+        let content = match target {
+            Some(t) => Content::Symlink(t.to_vec()),
+            None => Inode::empty_content(kind),
+        };
+        self.inodes.insert(ino, Inode::new(meta.clone(), content));
+        self.touch(ino);
+        self.set_entry(cx, parent, name, Some((ino, kind)))?;
+        if kind == FileKind::Directory {
+            self.add_nlink(cx, parent, 1)?;
+        }
+        Ok((ino, meta))
+    }
+
     fn block_at(&mut self, cx: &Ctx, ino: u64, idx: u64) -> Result<Option<BlockId>> {
         let Content::File(fm) = &self.inode(cx, ino)?.content else {
             return Err(Error::IsDir);
@@ -288,6 +401,7 @@ impl State {
                     fm.overlay.retain(|k, _| *k < base_limit);
                 }
                 fm.overlay.extend(entries);
+                fm.stored = None;
                 self.dirty.insert(ino);
             }
             JournalOp::DirEntry { dir, name, target } => {
@@ -531,46 +645,67 @@ impl Dataset {
         check_name(name)?;
         let cx = self.cx();
         let mut st = self.st.lock();
-        let pmeta = st.inode(&cx, parent)?.meta.clone();
         if st.dir(&cx, parent)?.entries.contains_key(name) {
             return Err(Error::Exists);
         }
-        let mut perm = perm & 0o7777;
-        let mut gid = gid;
-        if pmeta.perm & 0o2000 != 0 {
-            // BSD group semantics of a setgid directory, as Linux filesystems do.
-            gid = pmeta.gid;
-            if kind == FileKind::Directory {
-                perm |= 0o2000;
+        st.create(&cx, parent, name, kind, perm, (uid, gid), rdev, target)
+    }
+
+    /// Stored (non-hole) blocks of a regular file, for `st_blocks`; None for other kinds and
+    /// removed inodes. The first call reads the file's block map (outside the dataset lock);
+    /// writes and truncations keep the count from then on.
+    pub fn stored_blocks(&self, ino: u64) -> Result<Option<u64>> {
+        let cx = self.cx();
+        // A checkpoint that folds the overlay into a new base meanwhile means counting again.
+        for _ in 0..3 {
+            let (base, limit) = {
+                let mut st = self.st.lock();
+                let inode = match st.inode(&cx, ino) {
+                    Ok(i) => i,
+                    Err(Error::NotFound) => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                let Content::File(fm) = &inode.content else {
+                    return Ok(None);
+                };
+                if let Some(s) = &fm.stored {
+                    return Ok(Some(s.count));
+                }
+                (fm.base, fm.base_limit)
+            };
+            let mut stored = Stored::default();
+            {
+                // A collection may sweep the nodes of a base a checkpoint just replaced.
+                let _gc = self.store.read_guard();
+                radix::for_each(&self.store, &self.cache, base, limit, &mut |idx, _| {
+                    stored.set(idx, true);
+                    Ok(())
+                })?;
             }
+            let mut st = self.st.lock();
+            let Ok(inode) = st.inode(&cx, ino) else {
+                return Ok(None);
+            };
+            let Content::File(fm) = &mut inode.content else {
+                return Ok(None);
+            };
+            if let Some(s) = &fm.stored {
+                return Ok(Some(s.count));
+            }
+            if fm.base != base {
+                continue;
+            }
+            if fm.base_limit < limit {
+                stored.truncate(fm.base_limit);
+            }
+            for (idx, id) in &fm.overlay {
+                stored.set(*idx, id.is_some());
+            }
+            let n = stored.count;
+            fm.stored = Some(stored);
+            return Ok(Some(n));
         }
-        let t = now();
-        let ino = st.next_ino;
-        st.next_ino += 1;
-        st.jnext_ino = true;
-        let meta = InodeMeta {
-            kind,
-            perm,
-            uid,
-            gid,
-            nlink: if kind == FileKind::Directory { 2 } else { 1 },
-            rdev,
-            size: target.map_or(0, |t| t.len() as u64),
-            atime: t,
-            mtime: t,
-            ctime: t,
-        };
-        let content = match target {
-            Some(t) => Content::Symlink(t.to_vec()),
-            None => Inode::empty_content(kind),
-        };
-        st.inodes.insert(ino, Inode::new(meta.clone(), content));
-        st.touch(ino);
-        st.set_entry(&cx, parent, name, Some((ino, kind)))?;
-        if kind == FileKind::Directory {
-            st.add_nlink(&cx, parent, 1)?;
-        }
-        Ok((ino, meta))
+        Ok(None)
     }
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<InodeMeta> {
@@ -617,7 +752,9 @@ impl Dataset {
         Ok(())
     }
 
-    /// rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE.
+    /// rename(2) with RENAME_NOREPLACE, RENAME_EXCHANGE and RENAME_WHITEOUT (the old name then
+    /// becomes a whiteout: a character device 0/0 owned by `owner`, as overlayfs expects).
+    #[allow(clippy::too_many_arguments)]
     pub fn rename(
         &self,
         parent: u64,
@@ -625,8 +762,15 @@ impl Dataset {
         newparent: u64,
         newname: &[u8],
         flags: u32,
+        owner: (u32, u32),
     ) -> Result<()> {
         check_name(newname)?;
+        let whiteout = flags & libc::RENAME_WHITEOUT != 0;
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE | libc::RENAME_WHITEOUT) != 0
+            || (whiteout && flags & libc::RENAME_EXCHANGE != 0)
+        {
+            return Err(Error::Invalid("rename flags"));
+        }
         let cx = self.cx();
         let mut st = self.st.lock();
         let (ino, kind) = *st
@@ -681,6 +825,10 @@ impl Dataset {
         }
         st.inode(&cx, ino)?.meta.ctime = now();
         st.touch(ino);
+        if whiteout {
+            // In the same change as the rename: a journal record holds both or neither.
+            st.create(&cx, parent, name, FileKind::CharDevice, 0, owner, 0, None)?;
+        }
         Ok(())
     }
 
@@ -825,9 +973,15 @@ impl Dataset {
                 fm.overlay.retain(|k, _| *k < n);
                 fm.jchanged.retain(|k| *k < n);
                 fm.jtrunc = Some(fm.jtrunc.map_or(n, |j| j.min(n)));
+                if let Some(stored) = &mut fm.stored {
+                    stored.truncate(n);
+                }
                 if tail.is_some() {
                     fm.overlay.insert(size / BS, new_tail);
                     fm.jchanged.insert(size / BS);
+                    if let Some(stored) = &mut fm.stored {
+                        stored.set(size / BS, new_tail.is_some());
+                    }
                 }
             }
         }
@@ -848,6 +1002,14 @@ impl Dataset {
     }
 
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.read_to(ino, offset, size, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Dataset::read`] into `out`, replacing its contents; a buffer reused across calls saves
+    /// zeroing it (holes are zeroed explicitly).
+    pub fn read_to(&self, ino: u64, offset: u64, size: u32, out: &mut Vec<u8>) -> Result<()> {
         let cx = self.cx();
         // Ids resolved below may be overwritten concurrently; the guard keeps them readable.
         let _gc = self.store.read_guard();
@@ -859,7 +1021,8 @@ impl Dataset {
             }
             let end = (offset + size as u64).min(i.meta.size);
             if offset >= end {
-                return Ok(Vec::new());
+                out.clear();
+                return Ok(());
             }
             let mut ids = Vec::new();
             for idx in offset / BS..=(end - 1) / BS {
@@ -867,11 +1030,46 @@ impl Dataset {
             }
             (ids, end)
         };
-        let stored: Vec<BlockId> = ids.iter().filter_map(|(_, id)| *id).collect();
-        let mut blocks = self
-            .store
-            .get_many(&stored)
-            .inspect_err(|e| {
+        // Whole blocks are decoded straight into `out`; a partly covered block (at most one at
+        // each end) goes through a block-sized buffer. Holes stay zero.
+        let n = (end - offset) as usize;
+        if out.len() < n {
+            out.resize(n, 0);
+        } else {
+            out.truncate(n);
+        }
+        let mut stored: Vec<BlockId> = Vec::with_capacity(ids.len());
+        let mut partial: Vec<(usize, usize, usize, Vec<u8>)> = Vec::new(); // (at, from, to, buf)
+        {
+            let mut dests: Vec<&mut [u8]> = Vec::with_capacity(ids.len());
+            let mut rest: &mut [u8] = &mut out[..];
+            let mut at = 0usize;
+            let mut partial_of: Vec<usize> = Vec::new(); // positions in `dests` that are partial
+            for (idx, id) in &ids {
+                let bstart = idx * BS;
+                let from = (offset.max(bstart) - bstart) as usize;
+                let to = (end.min(bstart + BS) - bstart) as usize;
+                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(to - from);
+                rest = tail;
+                if id.is_none() {
+                    mine.fill(0);
+                }
+                if let Some(id) = id {
+                    stored.push(*id);
+                    if from == 0 && to == BLOCK_SIZE {
+                        dests.push(mine);
+                    } else {
+                        partial_of.push(dests.len());
+                        partial.push((at, from, to, vec![0u8; BLOCK_SIZE]));
+                        dests.push(&mut []);
+                    }
+                }
+                at += to - from;
+            }
+            for (k, p) in partial_of.iter().zip(partial.iter_mut()) {
+                dests[*k] = &mut p.3;
+            }
+            self.store.read_into(&stored, &mut dests).inspect_err(|e| {
                 let at = match e {
                     Error::Corrupt { id, .. } | Error::MissingBlock(id) => ids
                         .iter()
@@ -885,27 +1083,12 @@ impl Dataset {
                     file_offset = ?at,
                     "corrupt block: read failed: {e}"
                 );
-            })?
-            .into_iter();
-        let mut out = Vec::with_capacity((end - offset) as usize);
-        for (idx, id) in ids {
-            let bstart = idx * BS;
-            let from = (offset.max(bstart) - bstart) as usize;
-            let to = (end.min(bstart + BS) - bstart) as usize;
-            match id {
-                None => out.resize(out.len() + (to - from), 0),
-                Some(_) => {
-                    let data = blocks.next().unwrap_or_default();
-                    let avail = data.len().min(to);
-                    if from < avail {
-                        out.extend_from_slice(&data[from..avail]);
-                    }
-                    // A short block reads as zeros past its end.
-                    out.resize(out.len() + (to - avail.max(from)), 0);
-                }
-            }
+            })?;
         }
-        Ok(out)
+        for (at, from, to, buf) in partial {
+            out[at..at + (to - from)].copy_from_slice(&buf[from..to]);
+        }
+        Ok(())
     }
 
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<u32> {
@@ -998,6 +1181,9 @@ impl Dataset {
             for (idx, id) in new {
                 fm.overlay.insert(idx, id);
                 fm.jchanged.insert(idx);
+                if let Some(stored) = &mut fm.stored {
+                    stored.set(idx, id.is_some());
+                }
             }
         }
         if extend && end > inode.meta.size {
@@ -1059,7 +1245,7 @@ impl Dataset {
 
     /// Blocks referenced only from memory: files unlinked while still open. The collector
     /// marks them, since no tree holds them.
-    pub fn orphan_blocks(&self, out: &mut crate::tree::walk::Walk) -> Result<()> {
+    pub fn orphan_blocks(&self, out: &mut dyn crate::tree::walk::BlockSink) -> Result<()> {
         let cx = self.cx();
         let st = self.st.lock();
         for ino in &st.removed {
@@ -1070,8 +1256,10 @@ impl Dataset {
             else {
                 continue;
             };
-            crate::tree::walk::walk_file_map(cx.store, cx.cache, fm.base, out)?;
-            out.blocks.extend(fm.overlay.values().flatten());
+            out.file_map(cx.store, fm.base)?;
+            for id in fm.overlay.values().flatten() {
+                out.block(id);
+            }
         }
         Ok(())
     }

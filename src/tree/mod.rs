@@ -3,12 +3,20 @@
 //!
 //! Invariants: one `Dataset` object per dataset id exists in a daemon (all mounts of it share
 //! it); checkpoints are serialized by `checkpoint_lock`, and a checkpoint commits the records of
-//! every loaded dataset in one redb transaction.
+//! every loaded dataset in one redb transaction. A dataset recovery found damaged (`damage`) is
+//! refused for mounting and snapshots until it is deleted, reset to a snapshot or its loss is
+//! accepted.
+//!
+//! Size: `Datasets`, the catalog (create, delete, snapshot, clone, reset, checkpoint, the df
+//! census) is one type over one redb schema and one checkpoint lock; the parts with their own
+//! state are submodules (`dataset`, `radix`, `damage`, `scrub`).
 
 #[cfg(test)]
 mod control_tests;
+pub mod damage;
 pub mod dataset;
 pub mod radix;
+pub mod scrub;
 #[cfg(test)]
 mod snapshot_tests;
 #[cfg(test)]
@@ -25,7 +33,7 @@ use redb::{ReadableDatabase, ReadableTable};
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::sync::Arc;
-use vdbfs_format::index::{CloneOrigin, DatasetRecord, SnapshotRecord};
+use vdbfs_format::index::{CloneOrigin, DatasetRecord, LogPos, SnapshotRecord};
 use vdbfs_format::BlockId;
 
 /// Errors about names and existence that the control API reports to users.
@@ -47,6 +55,15 @@ pub enum NameError {
     SnapshotExists(String),
     #[error("dataset {0} has {1} snapshot(s); delete them first or pass --with-snapshots")]
     HasSnapshots(String, usize),
+}
+
+/// The indexes of the set bits of a bitset.
+fn bits(mask: &[u64]) -> impl Iterator<Item = usize> + '_ {
+    mask.iter().enumerate().flat_map(|(w, &word)| {
+        (0..64)
+            .filter(move |b| word & (1 << b) != 0)
+            .map(move |b| w * 64 + b)
+    })
 }
 
 /// Splits `dataset@snapshot`.
@@ -126,6 +143,8 @@ pub struct Datasets {
     loaded: Mutex<HashMap<u64, Arc<Dataset>>>,
     checkpoint_lock: Mutex<()>,
     gc_lock: Mutex<()>,
+    /// The damage marks of refused datasets, by id (the `damaged` table; see `damage`).
+    damaged: Mutex<HashMap<u64, Vec<vdbfs_format::index::DamageMark>>>,
 }
 
 /// A sortable name for an unnamed snapshot, from its creation time (UTC, milliseconds).
@@ -142,6 +161,8 @@ pub fn snapshot_name_for(t: vdbfs_format::tree::Timestamp) -> String {
 
 impl Datasets {
     /// Opens the datasets of a store, replays the journal found by recovery, and checkpoints.
+    /// Datasets that damaged log bytes may have cost fsynced changes are replayed up to the
+    /// damage and marked (see `damage`), in the same commit as the checkpoint.
     pub fn open(store: Arc<Store>, replay: Replay) -> Result<Datasets> {
         let ds = Datasets {
             store,
@@ -149,31 +170,58 @@ impl Datasets {
             loaded: Mutex::new(HashMap::new()),
             checkpoint_lock: Mutex::new(()),
             gc_lock: Mutex::new(()),
+            damaged: Mutex::new(HashMap::new()),
         };
         let records: HashMap<u64, DatasetRecord> =
             ds.list()?.into_iter().map(|r| (r.id, r)).collect();
-        let mut replayed = 0usize;
-        // Ops of a group split over several records wait here until its last record.
-        let mut groups: HashMap<u64, Vec<vdbfs_format::journal::JournalOp>> = HashMap::new();
-        for (pos, rec) in replay.journal {
-            let Some(r) = records.get(&rec.dataset) else {
-                continue; // a deleted dataset
-            };
-            if pos < r.replay_from {
+        let with_records: HashSet<u64> = replay
+            .journal
+            .iter()
+            .filter(|(pos, rec)| {
+                records
+                    .get(&rec.dataset)
+                    .is_some_and(|r| *pos >= r.replay_from)
+            })
+            .map(|(_, rec)| rec.dataset)
+            .collect();
+        let (groups, torn) = damage::groups(replay.journal, &records);
+        let assessed = damage::assess(&ds.store, &records, &groups, &with_records, &replay.damage)?;
+        let mut assessed = assessed;
+        let (mut replayed, mut held_back) = (0usize, 0usize);
+        for g in groups {
+            if assessed
+                .get(&g.dataset)
+                .is_some_and(|(cut, _)| g.last >= *cut)
+            {
+                held_back += 1;
                 continue;
             }
-            let continued = matches!(
-                rec.ops.last(),
-                Some(vdbfs_format::journal::JournalOp::Continued)
-            );
-            let group = groups.entry(rec.dataset).or_default();
-            group.extend(rec.ops);
-            if !continued {
-                ds.load(r).replay(std::mem::take(group))?;
-                replayed += 1;
+            let Some(r) = records.get(&g.dataset) else {
+                continue;
+            };
+            match ds.load(r).replay(g.ops) {
+                Ok(()) => replayed += 1,
+                // Replay reads the dataset's tree: damage the assessment could not attribute
+                // (unreadable bytes among the last checkpoint's tree objects) breaks it. The
+                // dataset is refused like the others, never the whole store.
+                Err(e) if !replay.damage.is_empty() && damage::is_data_error(&e) => {
+                    tracing::error!(
+                        dataset = %r.name,
+                        "recovery: replaying the journal failed on damaged data: {e}"
+                    );
+                    ds.loaded.lock().remove(&g.dataset);
+                    let entry = assessed
+                        .entry(g.dataset)
+                        .or_insert((LogPos::default(), Vec::new()));
+                    entry.0 = LogPos::default();
+                    if entry.1.is_empty() {
+                        entry.1 = damage::unattributed(&replay.damage);
+                    }
+                    held_back += 1;
+                }
+                Err(e) => return Err(e),
             }
         }
-        let torn = groups.values().filter(|g| !g.is_empty()).count();
         if torn > 0 {
             tracing::warn!(
                 groups = torn,
@@ -183,9 +231,52 @@ impl Datasets {
         if replayed > 0 {
             tracing::info!(records = replayed, "recovery: journal replayed");
         }
+        // A dataset cut before everything is one whose committed tree the damage broke: it
+        // stays as it was committed (not loaded, so not checkpointed either).
+        let broken: HashSet<u64> = assessed
+            .iter()
+            .filter(|(_, (cut, _))| *cut == LogPos::default())
+            .map(|(id, _)| *id)
+            .collect();
+        let new: HashMap<u64, Vec<vdbfs_format::index::DamageMark>> = assessed
+            .into_iter()
+            .map(|(id, (_, marks))| (id, marks))
+            .collect();
+        let mut marks: HashMap<u64, Vec<vdbfs_format::index::DamageMark>> = HashMap::new();
+        for (id, m) in ds.store.damage_marks()? {
+            if records.contains_key(&id) {
+                marks.entry(id).or_default().push(m);
+            }
+        }
+        for (id, ms) in &new {
+            let name = records.get(id).map_or("?", |r| r.name.as_str());
+            tracing::error!(
+                dataset = name,
+                journal_groups_not_replayed = held_back,
+                "recovery: {}",
+                damage::refusal_text(name, ms)
+            );
+            marks.entry(*id).or_default().extend(ms.iter().cloned());
+            // Loaded, so that the checkpoint below commits its state (replayed up to the damage).
+            if let (Some(r), false) = (records.get(id), broken.contains(id)) {
+                ds.load(r);
+            }
+        }
         // Always commit, even with nothing replayed: the replay start then moves past the old
-        // log, so a torn group in it can never be joined by records of this run.
-        ds.force_checkpoint()?;
+        // log, so a torn group in it can never be joined by records of this run. The marks go
+        // in the same commit: once the damaged log is behind the replay start, they are what
+        // remembers the damage.
+        ds.store.with_reserve(|| {
+            let _g = ds.checkpoint_lock.lock();
+            let loaded: Vec<Arc<Dataset>> = ds.loaded.lock().values().cloned().collect();
+            let mut records = Vec::new();
+            for d in loaded {
+                records.push(d.flush_trees()?);
+            }
+            ds.store
+                .commit_checkpoint_with(&records, |txn| damage::write_marks(txn, &new))
+        })?;
+        *ds.damaged.lock() = marks;
         Ok(ds)
     }
 
@@ -245,7 +336,7 @@ impl Datasets {
         next_ino: u64,
         origin: Option<CloneOrigin>,
     ) -> anyhow::Result<DatasetRecord> {
-        let txn = self.store.db().begin_write().map_err(Error::from)?;
+        let txn = self.store.begin_write()?;
         let rec = {
             let mut names = txn.open_table(NAMES).map_err(Error::from)?;
             if names.get(name).map_err(Error::from)?.is_some() {
@@ -290,7 +381,7 @@ impl Datasets {
         let rec = self
             .record(name)?
             .ok_or_else(|| NameError::NotFound(name.to_string()))?;
-        let txn = self.store.db().begin_write().map_err(Error::from)?;
+        let txn = self.store.begin_write()?;
         txn.open_table(NAMES)
             .map_err(Error::from)?
             .remove(name)
@@ -299,8 +390,10 @@ impl Datasets {
             .map_err(Error::from)?
             .remove(rec.id)
             .map_err(Error::from)?;
+        damage::clear_marks(&txn, rec.id)?;
         txn.commit().map_err(Error::from)?;
         self.loaded.lock().remove(&rec.id);
+        self.damaged.lock().remove(&rec.id);
         Ok(())
     }
 
@@ -420,6 +513,8 @@ impl Datasets {
         let rec = self
             .record(dataset)?
             .ok_or_else(|| NameError::NotFound(dataset.to_string()))?;
+        // A snapshot would carry the damage into clones that know nothing of it.
+        self.refuse_id_if_damaged(rec.id, dataset)?;
         // Writes the kernel still caches for the mount belong in the snapshot.
         let live = self.loaded.lock().get(&rec.id).cloned();
         if let Some(ds) = live {
@@ -438,12 +533,16 @@ impl Datasets {
                 return Err(NameError::SnapshotExists(format!("{dataset}@{name}")).into());
             }
         }
-        let loaded: Vec<Arc<Dataset>> = self.loaded.lock().values().cloned().collect();
+        // Only this dataset's tree is folded and committed: other datasets keep their state and
+        // replay positions, and the index entries of new blocks wait for the next checkpoint
+        // (recovery finds unindexed blocks by scanning from `indexed_upto`), so a snapshot
+        // costs what changed in this dataset, not a checkpoint of the store.
+        let live = self.loaded.lock().get(&rec.id).cloned();
         let mut records = Vec::new();
-        for ds in &loaded {
+        if let Some(ds) = &live {
             records.push(ds.flush_trees()?);
         }
-        let (root, next_ino) = match records.iter().find(|r| r.id == rec.id) {
+        let (root, next_ino) = match records.first() {
             Some(r) => (r.root, r.next_ino),
             None => (rec.root, rec.next_ino),
         };
@@ -455,7 +554,7 @@ impl Datasets {
             next_ino,
         };
         let bytes = snap.encode();
-        self.store.commit_checkpoint_with(&records, |txn| {
+        self.store.commit_roots_with(&records, |txn| {
             txn.open_table(SNAPSHOTS)?
                 .insert((rec.id, name.as_str()), bytes.as_slice())?;
             if let Some(p) = &props {
@@ -475,7 +574,7 @@ impl Datasets {
     pub fn delete_snapshot(&self, dataset: &str, snap: &str) -> anyhow::Result<()> {
         let rec = self.find_snapshot(dataset, snap)?;
         let _g = self.checkpoint_lock.lock();
-        let txn = self.store.db().begin_write().map_err(Error::from)?;
+        let txn = self.store.begin_write()?;
         txn.open_table(SNAPSHOTS)
             .map_err(Error::from)?
             .remove((rec.dataset, snap))
@@ -534,7 +633,7 @@ impl Datasets {
             next_ino: s.next_ino,
             replay_from: self.store.end(),
         };
-        let txn = self.store.db().begin_write().map_err(Error::from)?;
+        let txn = self.store.begin_write()?;
         txn.open_table(DATASETS)
             .map_err(Error::from)?
             .insert(rec.id, new.encode().as_slice())
@@ -549,9 +648,12 @@ impl Datasets {
                 .insert(rec.id, origin.encode().as_slice())
                 .map_err(Error::from)?;
         }
+        // The snapshot's tree was committed whole: nothing of the damage is in it.
+        damage::clear_marks(&txn, rec.id)?;
         txn.commit().map_err(Error::from)?;
         // The next user loads the new tree.
         self.loaded.lock().remove(&rec.id);
+        self.damaged.lock().remove(&rec.id);
         Ok(())
     }
 
@@ -628,34 +730,47 @@ impl Datasets {
         self.force_checkpoint()?;
         // Chosen before the index is listed: every block of these packs is in that listing.
         let closed = self.store.closed_packs()?;
-        let mut marked = walk::Walk::default();
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let mut marked = walk::Marks::new(self.store.indexed_count()?, seed);
         for (_, _, root) in self.roots()? {
-            walk::walk_root(&self.store, &self.cache, root, &mut marked)?;
+            walk::mark_root(&self.store, root, &mut marked)?;
         }
         let loaded: Vec<Arc<Dataset>> = self.loaded.lock().values().cloned().collect();
         for ds in loaded {
             ds.orphan_blocks(&mut marked)?;
         }
-        let indexed = self.store.indexed_blocks()?;
-        let garbage: Vec<BlockId> = indexed
-            .iter()
-            .filter(|(id, _)| !marked.blocks.contains(id))
-            .map(|(id, _)| *id)
-            .collect();
-        let (blocks_freed, bytes_freed) = {
-            let _g = self.checkpoint_lock.lock();
-            self.store.sweep(&garbage)?
-        };
-        self.store.set_gc_active(false);
-        // Compaction: packs where live records fill less than half the file.
-        let before = self.store.physical_bytes()? as i64;
-        let garbage: HashSet<BlockId> = garbage.into_iter().collect();
+        tracing::debug!(bytes = marked.bytes(), "gc: marks");
+        // Sweep while streaming the index, in batches; count what stays live per pack.
+        let (mut blocks_freed, mut bytes_freed) = (0u64, 0u64);
         let mut live: HashMap<u32, u64> = HashMap::new();
-        for (id, loc) in &indexed {
-            if !garbage.contains(id) {
+        let mut batch: Vec<BlockId> = Vec::with_capacity(1024);
+        let mut sweep = |batch: &mut Vec<BlockId>| -> Result<()> {
+            let _g = self.checkpoint_lock.lock();
+            let (n, b) = self.store.sweep(batch)?;
+            blocks_freed += n;
+            bytes_freed += b;
+            batch.clear();
+            Ok(())
+        };
+        self.store.each_indexed_block(|id, loc| {
+            if marked.contains(id) {
                 *live.entry(loc.pack).or_default() += loc.len as u64;
+            } else {
+                batch.push(*id);
+                if batch.len() == 1024 {
+                    sweep(&mut batch)?;
+                }
             }
-        }
+            Ok(())
+        })?;
+        sweep(&mut batch)?;
+        drop(marked);
+        self.store.set_gc_active(false);
+        // Compaction: packs where live records fill less than half the file. What is still
+        // indexed in them after the sweep is live: it moves to the log end.
+        let before = self.store.physical_bytes()? as i64;
         let mut rewrite = Vec::new();
         for p in closed {
             let len = self.store.pack_len(p)?;
@@ -663,76 +778,115 @@ impl Datasets {
                 rewrite.push(p);
             }
         }
-        if !rewrite.is_empty() {
+        // Emptiest first: a pack of garbage costs no copy and gives back the most room. Packs go
+        // in batches whose live records fit in the room there is (free space and the reserve):
+        // on a full filesystem one small pack at a time, each deleted before the next is copied.
+        rewrite.sort_by_key(|p| live.get(p).copied().unwrap_or(0));
+        let mut records: HashMap<u32, Vec<(BlockId, vdbfs_format::index::BlockLoc)>> =
+            HashMap::new();
+        {
             let set: HashSet<u32> = rewrite.iter().copied().collect();
-            for (id, loc) in &indexed {
-                if set.contains(&loc.pack) && !garbage.contains(id) {
-                    self.store.relocate(id, loc)?;
+            // What the sweep left indexed in these packs is live.
+            self.store.each_indexed_block(|id, loc| {
+                if set.contains(&loc.pack) {
+                    records.entry(loc.pack).or_default().push((*id, *loc));
+                }
+                Ok(())
+            })?;
+        }
+        const MAX_BATCH: u64 = 1 << 30;
+        let mut rewritten = 0usize;
+        let mut todo = rewrite.into_iter().peekable();
+        while todo.peek().is_some() {
+            let room = self.store.room()?.min(MAX_BATCH);
+            let (mut batch, mut need) = (Vec::new(), 0u64);
+            while let Some(&p) = todo.peek() {
+                let l = live.get(&p).copied().unwrap_or(0);
+                if need + l > room {
+                    if batch.is_empty() {
+                        tracing::warn!(
+                            pack = p,
+                            live_bytes = l,
+                            room,
+                            "gc: not enough room to rewrite this pack now; a later collection retries"
+                        );
+                        todo.next();
+                        continue;
+                    }
+                    break;
+                }
+                batch.push(p);
+                need += l;
+                todo.next();
+            }
+            if batch.is_empty() {
+                break;
+            }
+            if need > 0 {
+                self.store.make_room_for(need, "rewriting packs")?;
+            }
+            for p in &batch {
+                for (id, loc) in records.remove(p).unwrap_or_default() {
+                    self.store.relocate(&id, &loc)?;
                 }
             }
-            // The copies are indexed by this checkpoint before any old pack goes away.
+            // The copies (and the sweep) are committed by this checkpoint before any old pack
+            // goes away.
             self.force_checkpoint()?;
-            self.store.delete_packs(&rewrite)?;
+            self.store.delete_packs(&batch)?;
+            rewritten += batch.len();
         }
         let after = self.store.physical_bytes()? as i64;
         Ok(GcReport {
             blocks_freed,
             bytes_freed,
-            packs_rewritten: rewrite.len(),
+            packs_rewritten: rewritten,
             bytes_reclaimed: before - after,
         })
     }
 
-    /// Space accounting for `vdbfs df`.
+    /// Space accounting for `vdbfs df`: one census of every root (each tree object read once),
+    /// then one pass over the index for stored sizes.
     pub fn usage(&self) -> Result<StoreUsage> {
         self.checkpoint()?;
         let roots = self.roots()?;
-        let walks: Vec<walk::Walk> = roots
-            .iter()
-            .map(|(_, _, root)| {
-                let mut w = walk::Walk::default();
-                walk::walk_root(&self.store, &self.cache, *root, &mut w).map(|()| w)
-            })
-            .collect::<Result<_>>()?;
-        let mut refs: HashMap<BlockId, u32> = HashMap::new();
-        for w in &walks {
-            for id in &w.blocks {
-                *refs.entry(*id).or_default() += 1;
-            }
-        }
-        let locs: HashMap<BlockId, vdbfs_format::index::BlockLoc> =
-            self.store.indexed_blocks()?.into_iter().collect();
-        let mut raw: HashMap<BlockId, u32> = HashMap::new();
-        let (mut live_stored, mut live_raw) = (0u64, 0u64);
-        for id in refs.keys() {
-            if let Some(loc) = locs.get(id) {
-                let r = self.store.raw_len(loc)?;
-                raw.insert(*id, r);
-                live_stored += loc.len as u64;
-                live_raw += r as u64;
-            }
-        }
-        let mut out = Vec::new();
-        let mut referenced_raw = 0u64;
-        for ((name, is_snapshot, _), w) in roots.into_iter().zip(&walks) {
-            let (mut unique, mut shared) = (0u64, 0u64);
-            for id in &w.blocks {
-                let stored = locs.get(id).map_or(0, |l| l.len as u64);
-                referenced_raw += *raw.get(id).unwrap_or(&0) as u64;
-                if refs.get(id) == Some(&1) {
-                    unique += stored;
+        let census = walk::Census::of(&self.store, &roots.iter().map(|r| r.2).collect::<Vec<_>>())?;
+        let n = roots.len();
+        let (mut unique, mut shared) = (vec![0u64; n], vec![0u64; n]);
+        let (mut live_stored, mut live_raw, mut referenced_raw) = (0u64, 0u64, 0u64);
+        self.store.each_indexed_block(|id, loc| {
+            let Some((mask, raw)) = census.get(id) else {
+                return Ok(());
+            };
+            let raw = match raw {
+                0 => self.store.raw_len(loc)? as u64,
+                r => r as u64,
+            };
+            let stored = loc.len as u64;
+            let refs: u32 = mask.iter().map(|w| w.count_ones()).sum();
+            live_stored += stored;
+            live_raw += raw;
+            referenced_raw += raw * refs as u64;
+            for r in bits(mask) {
+                if refs == 1 {
+                    unique[r] += stored;
                 } else {
-                    shared += stored;
+                    shared[r] += stored;
                 }
             }
-            out.push(Usage {
+            Ok(())
+        })?;
+        let out = roots
+            .into_iter()
+            .enumerate()
+            .map(|(r, (name, is_snapshot, _))| Usage {
                 name,
                 is_snapshot,
-                logical_bytes: w.logical_bytes,
-                unique_bytes: unique,
-                shared_bytes: shared,
-            });
-        }
+                logical_bytes: census.logical[r],
+                unique_bytes: unique[r],
+                shared_bytes: shared[r],
+            })
+            .collect();
         Ok(StoreUsage {
             roots: out,
             physical_bytes: self.store.physical_bytes()?,
@@ -747,58 +901,48 @@ impl Datasets {
     pub fn dataset_usage(&self) -> Result<HashMap<String, (u64, u64)>> {
         self.checkpoint()?;
         let datasets = self.list()?;
-        let mut roots: Vec<(u64, bool, Option<BlockId>)> =
-            datasets.iter().map(|r| (r.id, true, r.root)).collect();
+        // Roots: each dataset's live tree, then every snapshot; `group` maps a root to the
+        // position of its dataset in `datasets`.
+        let mut roots: Vec<Option<BlockId>> = datasets.iter().map(|r| r.root).collect();
+        let mut group: Vec<Option<usize>> = (0..datasets.len()).map(Some).collect();
         {
+            let pos: HashMap<u64, usize> = datasets
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.id, i))
+                .collect();
             let txn = self.store.db().begin_read()?;
             for row in txn.open_table(SNAPSHOTS)?.iter()? {
                 let (_, v) = row?;
                 let s = SnapshotRecord::decode(v.value())?;
-                roots.push((s.dataset, false, s.root));
+                roots.push(s.root);
+                group.push(pos.get(&s.dataset).copied());
             }
         }
-        // Block -> the one dataset referencing it, or None once a second one does.
-        let mut owner: HashMap<BlockId, Option<u64>> = HashMap::new();
-        let mut logical: HashMap<u64, u64> = HashMap::new();
-        let mut seen_roots: HashSet<(u64, BlockId)> = HashSet::new();
-        for (id, live, root) in roots {
-            if let Some(r) = root {
-                // Snapshots often share their dataset's root: walk each tree once per dataset.
-                if !seen_roots.insert((id, r)) && !live {
-                    continue;
+        let census = walk::Census::of(&self.store, &roots)?;
+        let mut unique = vec![0u64; datasets.len()];
+        self.store.each_indexed_block(|id, loc| {
+            let Some((mask, _)) = census.get(id) else {
+                return Ok(());
+            };
+            let mut owner = None;
+            for r in bits(mask) {
+                match (owner, group[r]) {
+                    (_, None) => return Ok(()),
+                    (None, g) => owner = g,
+                    (Some(o), Some(g)) if o != g => return Ok(()),
+                    _ => {}
                 }
             }
-            let mut w = walk::Walk::default();
-            walk::walk_root(&self.store, &self.cache, root, &mut w)?;
-            if live {
-                logical.insert(id, w.logical_bytes);
+            if let Some(o) = owner {
+                unique[o] += loc.len as u64;
             }
-            for b in w.blocks {
-                owner
-                    .entry(b)
-                    .and_modify(|o| {
-                        if *o != Some(id) {
-                            *o = None
-                        }
-                    })
-                    .or_insert(Some(id));
-            }
-        }
-        let locs: HashMap<BlockId, vdbfs_format::index::BlockLoc> =
-            self.store.indexed_blocks()?.into_iter().collect();
-        let mut unique: HashMap<u64, u64> = HashMap::new();
-        for (b, o) in owner {
-            if let (Some(id), Some(loc)) = (o, locs.get(&b)) {
-                *unique.entry(id).or_default() += loc.len as u64;
-            }
-        }
+            Ok(())
+        })?;
         Ok(datasets
             .into_iter()
-            .map(|r| {
-                let l = logical.get(&r.id).copied().unwrap_or(0);
-                let u = unique.get(&r.id).copied().unwrap_or(0);
-                (r.name, (l, u))
-            })
+            .enumerate()
+            .map(|(i, r)| (r.name, (census.logical[i], unique[i])))
             .collect())
     }
 

@@ -44,6 +44,56 @@ impl NodeCache {
     }
 }
 
+impl NodeCache {
+    /// A node from the cache if it is there, else read and decoded without caching it: for
+    /// walks over many nodes (counting a file's blocks) that must not push the hot ones out.
+    pub fn peek(&self, store: &Store, id: &BlockId) -> Result<Arc<Node>> {
+        if let Some(n) = self.map.lock().get(id) {
+            return Ok(n.clone());
+        }
+        let bytes = store.get(id)?;
+        Ok(Arc::new(Node::decode(&bytes).map_err(|e| {
+            Error::CorruptMeta(format!("tree node {id}: {e}"))
+        })?))
+    }
+}
+
+/// Calls `f(key, value)` for every entry with a key below `limit`, in key order; nodes are
+/// read with [`NodeCache::peek`].
+pub fn for_each(
+    store: &Store,
+    cache: &NodeCache,
+    root: Option<BlockId>,
+    limit: u64,
+    f: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let Some(root) = root else {
+        return Ok(());
+    };
+    // (node, the first key it covers); children pushed in reverse to visit keys in order.
+    let mut stack = vec![(root, 0u64)];
+    while let Some((id, base)) = stack.pop() {
+        let node = cache.peek(store, &id)?;
+        if node.level == 0 {
+            for (slot, v) in &node.entries {
+                let key = base + *slot as u64;
+                if key >= limit {
+                    break;
+                }
+                f(key, v)?;
+            }
+            continue;
+        }
+        for (slot, v) in node.entries.iter().rev() {
+            let child_base = base as u128 + ((*slot as u128) << shift(node.level));
+            if child_base < limit as u128 {
+                stack.push((child_id(v)?, child_base as u64));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn child_id(v: &[u8]) -> Result<BlockId> {
     let arr: [u8; 32] = v
         .try_into()

@@ -41,7 +41,7 @@ struct Model {
 }
 
 impl Model {
-    /// A checkpoint commit (checkpoint, snapshot, gc, usage): every dataset becomes durable.
+    /// A checkpoint commit (checkpoint, gc, usage): every dataset becomes durable.
     fn all_durable(&mut self) {
         for d in self.datasets.values_mut() {
             d.durable = d.live.clone();
@@ -336,6 +336,7 @@ fn snapshots_and_clones_match_a_full_copy_model() {
                         parent_of(&d, ts),
                         tname.as_bytes(),
                         0,
+                        (0, 0),
                     )
                     .unwrap();
                     let live = &mut m.datasets.get_mut(&name).unwrap().live;
@@ -387,8 +388,10 @@ fn snapshots_and_clones_match_a_full_copy_model() {
                     assert_eq!(s.full_name(), format!("{name}@{n}"));
                     n
                 };
-                m.all_durable();
-                let files = m.datasets[&name].live.clone();
+                // A snapshot commits its own dataset's tree (only).
+                let dm = m.datasets.get_mut(&name).unwrap();
+                dm.durable = dm.live.clone();
+                let files = dm.live.clone();
                 m.snapshots.insert((name, snap), files);
             }
             "clone" => {

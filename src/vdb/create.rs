@@ -119,6 +119,7 @@ impl VdbService {
         let _g = st.op.lock();
         let t = Instant::now();
         let r = (|| {
+            progress.check()?;
             configure::prepare_dir(&dir)?;
             dir.log_line(&format!(
                 "creating VDB {name} from {} on port {port}",
@@ -166,11 +167,13 @@ impl VdbService {
                     r => break r,
                 }
             }?;
+            progress.check()?;
             anyhow::Ok(())
         })();
         match r {
             Ok(()) => {
                 self.begin_epoch(&mut rec);
+                progress.past_return(format!("VDB {name} is created"));
                 rec.settle(true, format!("created from {}", prov.describe));
                 self.records.put(&rec)?;
                 dir.log_line(&format!(

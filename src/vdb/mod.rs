@@ -37,7 +37,7 @@ mod switch;
 
 pub use crate::pg::provision::{Target, PROVISION_SIGNAL};
 pub use configure::configure;
-pub use service::VdbService;
+pub use service::{VdbService, DEFAULT_UNDO_KEEP};
 
 use crate::api::{refusal, ErrorKind, SnapshotKind};
 use crate::pg::managed::Managed;

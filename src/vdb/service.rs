@@ -45,7 +45,12 @@ pub struct VdbService {
     /// Held while a VDB's tree and its record's archive generation change together, and by
     /// the archiver for each VDB it serves (see the module invariants).
     pub(super) archive_lock: Mutex<()>,
+    /// How many undo snapshots (`NAME@auto-before-*`) each VDB keeps.
+    pub(super) undo_keep: u32,
 }
+
+/// How many undo snapshots each VDB keeps unless `vdbfs serve --keep-undo` says otherwise.
+pub const DEFAULT_UNDO_KEEP: u32 = 3;
 
 impl VdbService {
     pub fn new(
@@ -66,7 +71,14 @@ impl VdbService {
             create_lock: Mutex::new(()),
             ports,
             archive_lock: Mutex::new(()),
+            undo_keep: DEFAULT_UNDO_KEEP,
         }
+    }
+
+    /// Each VDB keeps its last `n` undo snapshots (taken before refresh and rewind).
+    pub fn keep_undo(mut self, n: u32) -> VdbService {
+        self.undo_keep = n;
+        self
     }
 
     // ---- records -------------------------------------------------------------------------
@@ -460,7 +472,9 @@ impl VdbService {
 /// Progress nobody reads (operations started by the daemon itself).
 pub(super) fn quiet() -> Progress<'static> {
     fn nobody(_: crate::api::ProgressLine) {}
-    Progress(&nobody)
+    static NEVER: std::sync::OnceLock<crate::api::Cancel> = std::sync::OnceLock::new();
+    let never = NEVER.get_or_init(|| crate::api::Cancel::new("the daemon's own operation"));
+    Progress::new(&nobody, never)
 }
 
 /// A VDB in the middle of an operation takes no other.

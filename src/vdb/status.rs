@@ -17,6 +17,15 @@ impl VdbService {
         let ours = postgres.ours(&st);
         let pid = postgres.pid(&st);
         let last_error = st.rt.lock().last_error.clone();
+        if rec.pending.is_none() {
+            // Faults of the store: the VDB cannot work (or will not for long) while they last.
+            if let Some(f) = self.datasets.damage_fault(&rec.name) {
+                return (VdbState::Fault, Some(f));
+            }
+            if let Some(f) = self.datasets.store().full_fault() {
+                return (VdbState::Fault, Some(f));
+            }
+        }
         match (&rec.pending, pid, rec.running) {
             (Some(p), _, _) if p.op == VdbOp::Create => (VdbState::Creating, None),
             (Some(p), _, _) => (
@@ -42,14 +51,29 @@ impl VdbService {
     pub(super) fn status_of(&self, rec: &VdbRecord, with_usage: bool) -> anyhow::Result<VdbStatus> {
         let (state, fault) = self.state_of(rec);
         let pid = self.pid(rec, &self.slots.state(&rec.name));
-        let (mut snapshots, mut bookmarks) = (Vec::new(), Vec::new());
+        let (mut snapshots, mut bookmarks, mut undo) = (Vec::new(), Vec::new(), Vec::new());
         for s in self.datasets.snapshots(Some(&rec.name)).unwrap_or_default() {
             match super::snapshot_props(&s).map(|p| p.kind) {
                 Some(SnapshotKind::Bookmark) => bookmarks.push(s.full_name()),
                 Some(SnapshotKind::Base) => {}
+                Some(SnapshotKind::Auto) => {
+                    undo.push(s.full_name());
+                    snapshots.push(s.full_name());
+                }
                 _ => snapshots.push(s.full_name()),
             }
         }
+        let undo_bytes = if with_usage && !undo.is_empty() {
+            self.datasets
+                .usage()?
+                .roots
+                .iter()
+                .filter(|r| undo.contains(&r.name))
+                .map(|r| r.unique_bytes)
+                .sum()
+        } else {
+            0
+        };
         let (logical, unique) = if with_usage {
             self.datasets
                 .dataset_usage()?
@@ -83,12 +107,22 @@ impl VdbService {
             fault,
             events: rec.events.clone(),
             history: self.history_range(rec),
+            undo_snapshots: undo,
+            undo_bytes,
+            undo_keep: self.undo_keep,
         })
     }
 
     /// The moments `vdb rewind --at` can go back to (timeflow).
     pub fn history_of(&self, rec: &VdbRecord) -> Option<crate::api::Range> {
         self.history_range(rec)
+    }
+
+    /// The status without the space figures (they walk every tree of the store): what an
+    /// operation answers with.
+    pub fn brief_status(&self, name: &str) -> anyhow::Result<VdbStatus> {
+        let rec = self.record(name)?;
+        self.status_of(&rec, false)
     }
 
     pub fn status(&self, name: &str) -> anyhow::Result<VdbStatus> {

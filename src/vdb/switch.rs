@@ -3,8 +3,10 @@
 //! identity (name, port, mount point, settings, hooks) kept.
 //!
 //! Invariant: an undo snapshot is taken and recorded in `pending` before the dataset changes;
-//! any failure, or the next daemon after a crash, goes back to it ([`VdbService::undo_switch`]).
-//! The timeline the VDB leaves is sealed (its last WAL archived) before the dataset changes.
+//! any failure, a cancel (Ctrl-C), or the next daemon after a crash, goes back to it
+//! ([`VdbService::undo_switch`]). The timeline the VDB leaves is sealed (its last WAL archived)
+//! before the dataset changes. After a switch, undo snapshots beyond the newest `undo_keep`
+//! expire ([`VdbService::expire_undo`]).
 
 use super::configure;
 use super::hooks::{self, Hook};
@@ -15,6 +17,7 @@ use crate::api::{Progress, SnapshotKind};
 use crate::pg::managed::Slot;
 use crate::pg::provision::FirstStart;
 use crate::refuse;
+use std::collections::HashSet;
 
 /// What a switch moves the VDB onto.
 enum Onto {
@@ -75,6 +78,7 @@ impl VdbService {
             Onto::Tree(p) => p.describe.clone(),
             Onto::OwnMoment(t) => format!("{name} at {}", crate::time::rfc3339_us(*t)),
         };
+        progress.say(format!("rewinding VDB {name} to {what}"));
         self.switch(rec, &st, VdbOp::Rewind, onto, progress)
             .map(|()| format!("rewound VDB {name} to {what}"))
     }
@@ -112,7 +116,7 @@ impl VdbService {
                         progress.say(format!(
                             "taking a validated-sync snapshot of source {parent_ds}"
                         ));
-                        let s = self.sources.snapshot(&parent_ds, progress)?;
+                        let s = self.sources.snapshot(&parent_ds, None, progress)?;
                         let (d, sn) = crate::tree::parse_snapshot_ref(&s.name)?;
                         (d.to_string(), sn.to_string())
                     } else {
@@ -159,17 +163,30 @@ impl VdbService {
         let dir = rec.dir(&store);
         hooks::run(&rec, &store, pre)
             .map_err(|e| e.context(format!("{op} of VDB {name} refused by its hook")))?;
+        progress.check()?;
         let was_running = self.pid(&rec, st).is_some();
         if was_running {
             self.stop_with_hooks(&rec, st)
                 .map_err(|e| e.context(format!("{op} of VDB {name}: stopping it failed")))?;
         }
         let end = self.wal_end(&rec);
+        // No undo point for a damaged dataset: it would carry the damage, and going back to
+        // it would hide it. A failure before the switch leaves the dataset damaged (and
+        // refused); after it, on the new tree.
+        let damaged = !self.datasets.damage_of(&name)?.is_empty();
         let undo_name = format!(
             "auto-before-{op}-{}",
             crate::tree::snapshot_name_for(crate::tree::dataset::now())
         );
-        let undo = self.take_snapshot(&rec, st, Some(&undo_name), SnapshotKind::Auto)?;
+        let undo = if damaged {
+            None
+        } else {
+            Some(self.take_snapshot(&rec, st, Some(&undo_name), SnapshotKind::Auto)?)
+        };
+        let undo_label = undo.as_ref().map_or_else(
+            || "none: the dataset is damaged".to_string(),
+            |u| u.name.clone(),
+        );
         // The timeline it leaves now: its last WAL goes into the archive.
         if let Err(e) = self.seal(&mut rec, end) {
             tracing::error!(vdb = %name, "cannot archive the end of its timeline: {e:#}");
@@ -178,7 +195,7 @@ impl VdbService {
         let old_history = rec.history.clone();
         let pending = Pending {
             op,
-            rollback: Some(undo_name.clone()),
+            rollback: undo.as_ref().map(|_| undo_name.clone()),
             parent: old_parent.clone(),
             was_running,
             history: old_history.clone(),
@@ -186,13 +203,14 @@ impl VdbService {
         rec.pending = Some(pending.clone());
         self.records.put(&rec)?;
         let r = (|| {
+            progress.check()?;
             let p = match onto {
                 Onto::Tree(p) => *p,
                 Onto::OwnMoment(t) => self.provision_own_moment(&rec, t)?,
             };
             dir.log_line(&format!(
                 "{op} onto {} (undo point {})",
-                p.describe, undo.name
+                p.describe, undo_label
             ));
             self.checkpoint_and_unmount(&rec)?;
             let history = if p.new_history {
@@ -216,6 +234,7 @@ impl VdbService {
             self.mount(&rec)?;
             configure::configure(&rec, &store, &p.start, refresh)?;
             configure::check_config(&rec)?;
+            progress.check()?;
             if refresh || was_running {
                 let configure_clone = || {
                     if refresh {
@@ -226,6 +245,7 @@ impl VdbService {
                 };
                 self.start_with_hooks(&rec, st, progress, &configure_clone)?;
                 self.begin_epoch(&mut rec);
+                progress.check()?;
                 if !was_running {
                     // configure-clone needed it up; it goes back to stopped, as it was.
                     self.stop_with_hooks(&rec, st)?;
@@ -240,14 +260,16 @@ impl VdbService {
                         self.drop_history(&rec, old);
                     }
                 }
+                progress.past_return(format!("the {op} of VDB {name} is done"));
                 rec.settle(was_running, format!("{op} onto {}", rec.parent));
                 self.records.put(&rec)?;
                 dir.log_line(&format!("{op} done"));
+                self.expire_undo(&rec);
                 hooks::run(&rec, &store, post)
                     .map_err(|e| e.context(format!("VDB {name}: {op} done, but")))
             }
             Err(e) => {
-                dir.log_line(&format!("{op} failed: {e:#}; going back to {}", undo.name));
+                dir.log_line(&format!("{op} failed: {e:#}; going back to {undo_label}"));
                 let failed_history = rec.history.clone();
                 rec.parent = old_parent;
                 match self.undo_switch(&mut rec, st, &pending) {
@@ -258,14 +280,12 @@ impl VdbService {
                             self.drop_history(&rec, &h);
                         }
                         Err(e.context(format!(
-                            "{op} of VDB {name} failed; it is back as it was (from {})",
-                            undo.name
+                            "{op} of VDB {name} failed; it is back as it was (from {undo_label})"
                         )))
                     }
                     Err(e2) => Err(e.context(format!(
-                        "{op} of VDB {name} failed, and going back to {} failed too ({e2:#}); \
-                         'vdbfs vdb rewind {name} --to {}' retries",
-                        undo.name, undo_name
+                        "{op} of VDB {name} failed, and going back to {undo_label} failed too \
+                         ({e2:#}); 'vdbfs vdb rewind {name} --to {undo_name}' retries"
                     ))),
                 }
             }
@@ -305,5 +325,44 @@ impl VdbService {
         }
         rec.settle(p.was_running, format!("{} undone", p.op));
         Ok(self.records.put(rec)?)
+    }
+
+    /// Deletes a VDB's undo snapshots beyond the newest `undo_keep`, oldest first; one that is
+    /// mounted, or that a VDB's data came from, stays. Best effort: logs what it cannot do.
+    pub(super) fn expire_undo(&self, rec: &VdbRecord) {
+        let snaps = match self.datasets.snapshots(Some(&rec.name)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(vdb = %rec.name, "cannot list undo snapshots to expire: {e:#}");
+                return;
+            }
+        };
+        let undo: Vec<_> = snaps
+            .iter()
+            .filter(|s| super::snapshot_props(s).is_some_and(|p| p.kind == SnapshotKind::Auto))
+            .collect();
+        let parents: HashSet<String> = self
+            .records()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.parent)
+            .collect();
+        let excess = undo.len().saturating_sub(self.undo_keep as usize);
+        for s in undo.into_iter().take(excess) {
+            let full = s.full_name();
+            if self.mounts.mounted_at(&full).is_some() || parents.contains(&full) {
+                continue;
+            }
+            match self.datasets.delete_snapshot(&rec.name, &s.rec.name) {
+                Ok(()) => {
+                    tracing::info!(vdb = %rec.name, snapshot = %full, keep = self.undo_keep, "undo snapshot expired");
+                    rec.dir(&self.store_dir)
+                        .log_line(&format!("undo snapshot {full} expired"));
+                }
+                Err(e) => {
+                    tracing::warn!(vdb = %rec.name, "cannot expire undo snapshot {full}: {e:#}")
+                }
+            }
+        }
     }
 }

@@ -30,6 +30,10 @@ pub struct Daemon {
     mounts: Mutex<Vec<PathBuf>>,
     /// This daemon's VDB port pool (`LO-HI`), apart from other tests' daemons running at once.
     vdb_ports: String,
+    /// More `vdbfs serve` arguments (see [`Daemon::restart_with`]).
+    serve_args: Vec<String>,
+    /// More environment for the next `vdbfs serve` (e.g. `VDBFS_SCRUB_EVERY`).
+    serve_env: Vec<(String, String)>,
 }
 
 /// A 20-port window below the ephemeral range, different for each daemon of this run: two tests'
@@ -69,10 +73,19 @@ impl Daemon {
             child: None,
             mounts: Mutex::new(Vec::new()),
             vdb_ports: vdb_port_window(),
+            serve_args: Vec::new(),
+            serve_env: Vec::new(),
         };
         d.ok(&["init"]);
         d.spawn_serve();
         d
+    }
+
+    /// Sets an environment variable for the next start of `vdbfs serve` ([`Daemon::restart`],
+    /// [`Daemon::start_again`]).
+    pub fn set_serve_env(&mut self, key: &str, value: &str) {
+        self.serve_env.retain(|(k, _)| k != key);
+        self.serve_env.push((key.to_string(), value.to_string()));
     }
 
     /// The VDB port pool this daemon was started with (`vdbfs serve --vdb-ports`).
@@ -115,8 +128,10 @@ impl Daemon {
         cmd.arg("serve")
             .arg("--store")
             .arg(&self.store)
+            .args(&self.serve_args)
             .env_remove("VDBFS_STORE")
             .env("VDBFS_VDB_PORTS", &self.vdb_ports)
+            .envs(self.serve_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -151,6 +166,24 @@ impl Daemon {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Like [`Daemon::restart`], serving with more arguments (e.g. `--keep-undo 1`) and
+    /// environment (e.g. `VDBFS_LOG=debug`) from now on.
+    pub fn restart_with(&mut self, args: &[&str], env: &[(&str, &str)]) {
+        self.serve_args = args.iter().map(|a| a.to_string()).collect();
+        self.serve_env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.restart();
+    }
+
+    /// The daemon's log since it was last started.
+    pub fn log_since_start(&self) -> String {
+        let log = self.log();
+        let start = log.rfind(SERVE_HEADER).unwrap_or(0);
+        log[start..].to_string()
     }
 
     /// SIGTERM, wait (bounded) for a clean exit 0, then serve again on the same store.
@@ -192,10 +225,14 @@ impl Daemon {
         self.spawn_serve();
     }
 
-    /// A CLI command for this store, environment cleaned (no VDBFS_STORE).
+    /// A CLI command for this store, environment cleaned: no VDBFS_STORE, none of libpq's
+    /// variables, and HOME in the test's directory (so no real ~/.pgpass is read).
     pub fn command(&self) -> Command {
         let mut c = Command::new(bin());
-        c.env_remove("VDBFS_STORE").arg("--store").arg(&self.store);
+        clean_cli_env(&mut c);
+        c.env("HOME", self.root.path())
+            .arg("--store")
+            .arg(&self.store);
         c
     }
 

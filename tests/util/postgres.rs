@@ -14,7 +14,8 @@ pub struct Postgres {
     pub datadir: PathBuf,
     rundir: tempfile::TempDir,
     port: u16,
-    pid: Option<i32>,
+    /// The postmaster, by PID and start time (see [`ProcId`]).
+    pid: Option<ProcId>,
 }
 
 /// Path of a PostgreSQL 15 program.
@@ -24,53 +25,68 @@ pub fn pg(bin: &str) -> String {
 
 /// Processes of the cluster: the postmaster's children, and anything running in its data
 /// directory (backends orphaned by a postmaster that already died have their cwd there).
-fn cluster_processes(postmaster: i32, datadir: &Path) -> Vec<i32> {
-    let mut v = children_of(postmaster);
+fn cluster_processes(postmaster: ProcId, datadir: &Path) -> Vec<i32> {
+    let mut v = if postmaster.exists() {
+        children_of(postmaster.pid)
+    } else {
+        Vec::new()
+    };
     for p in processes_with_cwd(|cwd| cwd == datadir) {
-        if p != postmaster && !v.contains(&p) {
+        if p != postmaster.pid && !v.contains(&p) {
             v.push(p);
         }
     }
     v
 }
 
+/// How long a cluster's processes may take to go after SIGKILL (an init that reaps late
+/// included) before the test fails: generous, since a loaded CI machine is slow, and never a
+/// reason to go on while they are there.
+const GONE_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// SIGKILL a postmaster, then make sure every process of its cluster is gone (bounded): grace
-/// period, SIGQUIT, SIGKILL. Waits until the postmaster is reaped: postgres refuses to start
-/// while the PID in postmaster.pid answers kill(pid, 0), which a zombie does.
-fn kill_cluster(postmaster: i32, datadir: &Path) -> Result<(), String> {
-    let procs = cluster_processes(postmaster, datadir);
-    // Only if that PID still is this cluster's postmaster (PIDs get reused).
-    let ours = fs::read_link(format!("/proc/{postmaster}/cwd")).is_ok_and(|c| c == datadir);
-    if ours {
-        signal(postmaster, libc::SIGKILL);
+/// period, SIGQUIT, SIGKILL. The postmaster is named by PID and start time, so a postmaster that
+/// already exited on its own (after a PANIC when its filesystem went away) and is a zombie not
+/// yet reaped is still recognised and waited for: postgres refuses to start while the PID in
+/// postmaster.pid answers kill(pid, 0), which a zombie does. Processes the postmaster started
+/// while it was being killed (a crash restart in progress) are found by their working directory.
+fn kill_cluster(postmaster: ProcId, datadir: &Path) -> Result<(), String> {
+    if postmaster.alive() {
+        signal(postmaster.pid, libc::SIGKILL);
     }
-    let all_gone =
-        |procs: &[i32]| (!ours || !pid_alive(postmaster)) && procs.iter().all(|c| !pid_alive(*c));
-    let mut ok = wait_until(Duration::from_secs(10), || all_gone(&procs));
+    let left = || -> Vec<i32> {
+        cluster_processes(postmaster, datadir)
+            .into_iter()
+            .filter(|p| pid_alive(*p))
+            .collect()
+    };
+    let gone = || !postmaster.alive() && left().is_empty();
+    let mut ok = wait_until(Duration::from_secs(10), &gone);
     for (sig, name) in [(libc::SIGQUIT, "SIGQUIT"), (libc::SIGKILL, "SIGKILL")] {
         if ok {
             break;
         }
-        let left: Vec<i32> = procs.iter().copied().filter(|c| pid_alive(*c)).collect();
-        let what: Vec<String> = left.iter().map(|p| describe_pid(*p)).collect();
+        let now = left();
+        let what: Vec<String> = now.iter().map(|p| describe_pid(*p)).collect();
         eprintln!(
             "postgres processes still running after the postmaster was killed, {name}: {what:?}"
         );
-        for c in &left {
+        for c in &now {
             signal(*c, sig);
         }
-        ok = wait_until(Duration::from_secs(10), || all_gone(&procs));
+        ok = wait_until(GONE_TIMEOUT / 2, &gone);
     }
     if !ok {
-        let left: Vec<String> = procs
-            .iter()
-            .filter(|p| pid_alive(**p))
-            .map(|p| describe_pid(*p))
-            .collect();
-        return Err(format!("postgres processes would not die: {left:?}"));
+        let what: Vec<String> = left().iter().map(|p| describe_pid(*p)).collect();
+        return Err(format!("postgres processes would not die: {what:?}"));
     }
-    if ours && !wait_until(Duration::from_secs(30), || !pid_exists(postmaster)) {
-        eprintln!("killed postmaster {postmaster} is still an unreaped zombie after 30 s");
+    if !wait_until(GONE_TIMEOUT, || !postmaster.exists()) {
+        return Err(format!(
+            "the killed postmaster {} is still an unreaped zombie after {GONE_TIMEOUT:?}: a new \
+             postmaster on {} would refuse to start",
+            postmaster.pid,
+            datadir.display()
+        ));
     }
     Ok(())
 }
@@ -202,7 +218,7 @@ impl Postgres {
     }
 
     pub fn postmaster_pid(&self) -> Option<i32> {
-        self.pid
+        self.pid.map(|p| p.pid)
     }
 
     fn server_options(&self) -> String {
@@ -278,7 +294,14 @@ impl Postgres {
             format!("{pid}\n"),
         )
         .unwrap();
-        self.pid = Some(pid);
+        let id = ProcId::of(pid).unwrap_or_else(|| {
+            panic!(
+                "postmaster {pid} of {} is gone right after pg_ctl start -w; postgres log tail:\n{}",
+                self.datadir.display(),
+                self.log_tail(40)
+            )
+        });
+        self.pid = Some(id);
     }
 
     /// `pg_ctl stop -m fast -w -t 60`; panics with the log tail on failure.
@@ -304,9 +327,12 @@ impl Postgres {
             self.log_tail(60)
         );
         if let Some(pid) = self.pid.take() {
+            // Reaped, not just exited: the next start checks the PID in postmaster.pid.
             assert!(
-                wait_until(Duration::from_secs(30), || !pid_alive(pid)),
-                "postmaster {pid} still alive after pg_ctl stop"
+                wait_until(GONE_TIMEOUT, || !pid.exists()),
+                "postmaster {} still exists {GONE_TIMEOUT:?} after pg_ctl stop: {}",
+                pid.pid,
+                describe_pid(pid.pid)
             );
         }
     }
@@ -322,7 +348,7 @@ impl Postgres {
 
     /// Whether the saved postmaster is running.
     pub fn running(&self) -> bool {
-        self.pid.map(pid_alive).unwrap_or(false)
+        self.pid.is_some_and(|p| p.alive())
     }
 
     /// A psql command line for this server (database `postgres`, no psqlrc, unaligned tuples).
@@ -402,7 +428,7 @@ impl Drop for Postgres {
         let Some(pid) = self.pid.take() else {
             return;
         };
-        if pid_alive(pid) {
+        if pid.alive() {
             let c = as_postgres(&pg("pg_ctl"))
                 .args([
                     "-D",

@@ -2,6 +2,31 @@
 
 use super::*;
 
+/// The variables a CLI run must not inherit from the user running the tests: the store, libpq's
+/// connection and password settings, the log filter.
+pub const CLI_ENV: [&str; 12] = [
+    "VDBFS_STORE",
+    "VDBFS_LOG",
+    "RUST_LOG",
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGUSER",
+    "PGDATABASE",
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGSSLMODE",
+    "PGSERVICE",
+];
+
+/// Removes [`CLI_ENV`] from a command's environment.
+pub fn clean_cli_env(c: &mut Command) -> &mut Command {
+    for v in CLI_ENV {
+        c.env_remove(v);
+    }
+    c
+}
+
 /// Runs a command with a bounded wait; on timeout kills it and panics with what it printed.
 pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
     try_run_timeout(cmd, timeout).unwrap_or_else(|e| panic!("{e}"))
@@ -125,6 +150,45 @@ pub fn pid_alive(pid: i32) -> bool {
 /// Whether /proc has an entry for the pid (zombies included).
 pub fn pid_exists(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// When the process started (clock ticks since boot, field 22 of /proc/PID/stat), zombies
+/// included: with the PID it names one process, whatever PIDs get reused.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the ")" that closes comm: state is field 3, starttime field 22.
+    s.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// A process named by PID and start time (see [`start_time`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcId {
+    pub pid: i32,
+    pub started: u64,
+}
+
+impl ProcId {
+    /// The process now running (or a zombie) as `pid`, if any.
+    pub fn of(pid: i32) -> Option<ProcId> {
+        start_time(pid).map(|started| ProcId { pid, started })
+    }
+
+    /// Whether this very process still has an entry in /proc (running, or a zombie not yet
+    /// reaped: postgres refuses to start while the PID in postmaster.pid answers kill(pid, 0),
+    /// which a zombie does).
+    pub fn exists(&self) -> bool {
+        start_time(self.pid) == Some(self.started)
+    }
+
+    /// Whether this very process runs (exists and is not a zombie).
+    pub fn alive(&self) -> bool {
+        self.exists() && pid_alive(self.pid)
+    }
 }
 
 /// "PID STATE wchan cmdline" of a process, for messages.

@@ -257,6 +257,13 @@ impl Staged {
     pub fn start() -> Staged {
         Staged { d: Daemon::start() }
     }
+
+    /// With the store at `store` (e.g. on a small filesystem; see [`Daemon::start_at`]).
+    pub fn start_at(store: &Path) -> Staged {
+        Staged {
+            d: Daemon::start_at(store),
+        }
+    }
 }
 
 /// For Drop impls (never panics): the `name`s of the entries of a JSON array `vdbfs ARGS`
