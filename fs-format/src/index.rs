@@ -42,6 +42,57 @@ pub struct LogPos {
     pub offset: u64,
 }
 
+impl LogPos {
+    /// `pack u32 | offset u64`, 12 bytes (the values of `meta.indexed_upto` and
+    /// `meta.replay_start`).
+    pub fn encode(&self) -> [u8; 12] {
+        let mut out = [0u8; 12];
+        out[..4].copy_from_slice(&self.pack.to_le_bytes());
+        out[4..].copy_from_slice(&self.offset.to_le_bytes());
+        out
+    }
+    pub fn decode(buf: &[u8]) -> Result<LogPos, FormatError> {
+        let mut r = Reader::new(buf, "log position");
+        let pos = LogPos {
+            pack: r.u32()?,
+            offset: r.u64()?,
+        };
+        r.finish()?;
+        Ok(pos)
+    }
+}
+
+/// The `meta` entries that hold a number: `format_version` (u32) and `next_dataset_id` (u64),
+/// little-endian, exactly their width.
+pub mod meta {
+    use crate::wire::Reader;
+    use crate::FormatError;
+
+    pub const FORMAT_VERSION: &str = "format_version";
+    pub const NEXT_DATASET_ID: &str = "next_dataset_id";
+    pub const INDEXED_UPTO: &str = "indexed_upto";
+    pub const REPLAY_START: &str = "replay_start";
+
+    pub fn encode_u32(v: u32) -> [u8; 4] {
+        v.to_le_bytes()
+    }
+    pub fn decode_u32(buf: &[u8], what: &'static str) -> Result<u32, FormatError> {
+        let mut r = Reader::new(buf, what);
+        let v = r.u32()?;
+        r.finish()?;
+        Ok(v)
+    }
+    pub fn encode_u64(v: u64) -> [u8; 8] {
+        v.to_le_bytes()
+    }
+    pub fn decode_u64(buf: &[u8], what: &'static str) -> Result<u64, FormatError> {
+        let mut r = Reader::new(buf, what);
+        let v = r.u64()?;
+        r.finish()?;
+        Ok(v)
+    }
+}
+
 /// A dataset as committed at the last checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DatasetRecord {

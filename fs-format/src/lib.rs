@@ -28,6 +28,12 @@ impl BlockId {
     pub fn of(content: &[u8]) -> BlockId {
         BlockId(*blake3::hash(content).as_bytes())
     }
+    /// An id stored as 32 bytes (an index key); any other length is invalid.
+    pub fn from_slice(b: &[u8]) -> Result<BlockId, FormatError> {
+        b.try_into()
+            .map(BlockId)
+            .map_err(|_| FormatError::Invalid("block id length"))
+    }
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }

@@ -446,6 +446,22 @@ proptest! {
     }
 
     #[test]
+    fn log_pos_and_meta_numbers_round_trip(pack in any::<u32>(), offset in any::<u64>(), n in any::<u64>()) {
+        let p = LogPos { pack, offset };
+        let b = p.encode();
+        prop_assert_eq!(LogPos::decode(&b).unwrap(), p);
+        check_truncation_and_trailing(&b, LogPos::decode);
+        let b = vdbfs_format::index::meta::encode_u64(n);
+        prop_assert_eq!(vdbfs_format::index::meta::decode_u64(&b, "n").unwrap(), n);
+        check_truncation_and_trailing(&b, |b| vdbfs_format::index::meta::decode_u64(b, "n"));
+        let b = vdbfs_format::index::meta::encode_u32(pack);
+        prop_assert_eq!(vdbfs_format::index::meta::decode_u32(&b, "n").unwrap(), pack);
+        check_truncation_and_trailing(&b, |b| vdbfs_format::index::meta::decode_u32(b, "n"));
+        prop_assert!(BlockId::from_slice(&b).is_err());
+        prop_assert_eq!(BlockId::from_slice(&[7u8; 32]).unwrap(), BlockId([7u8; 32]));
+    }
+
+    #[test]
     fn codec_round_trips(content in arb_content()) {
         let (c, payload) = codec::compress(&content);
         prop_assert_eq!(codec::decompress(c, &payload, content.len()).unwrap(), content.clone());

@@ -7,7 +7,9 @@
 use super::{Error, Result};
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::path::{Path, PathBuf};
-use vdbfs_format::index::{BlockLoc, DamageMark, DatasetRecord, LogPos, INDEX_VERSION};
+use vdbfs_format::index::{
+    meta as fmeta, BlockLoc, DamageMark, DatasetRecord, LogPos, INDEX_VERSION,
+};
 use vdbfs_format::BlockId;
 
 pub const BLOCKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blocks");
@@ -79,8 +81,11 @@ impl Index {
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
-            meta.insert("format_version", INDEX_VERSION.to_le_bytes().as_slice())?;
-            meta.insert("next_dataset_id", 1u64.to_le_bytes().as_slice())?;
+            meta.insert(
+                fmeta::FORMAT_VERSION,
+                fmeta::encode_u32(INDEX_VERSION).as_slice(),
+            )?;
+            meta.insert(fmeta::NEXT_DATASET_ID, fmeta::encode_u64(1).as_slice())?;
         }
         create_tables(&txn)?;
         txn.commit()?;
@@ -104,22 +109,23 @@ impl Index {
             let txn = idx.db.begin_read()?;
             let meta = txn.open_table(META)?;
             let version = meta
-                .get("format_version")?
-                .map(|v| v.value().to_vec())
+                .get(fmeta::FORMAT_VERSION)?
+                .map(|v| fmeta::decode_u32(v.value(), "meta.format_version"))
+                .transpose()?
                 .ok_or_else(|| Error::CorruptMeta("index has no format_version".into()))?;
-            if version != INDEX_VERSION.to_le_bytes() {
+            if version != INDEX_VERSION {
                 return Err(Error::CorruptMeta(format!(
-                    "index format version {version:?} is not supported by this build ({INDEX_VERSION})"
+                    "index format version {version} is not supported by this build ({INDEX_VERSION})"
                 )));
             }
-            let indexed_upto = match meta.get("indexed_upto")? {
-                Some(v) => decode_pos(v.value())?,
+            let indexed_upto = match meta.get(fmeta::INDEXED_UPTO)? {
+                Some(v) => LogPos::decode(v.value())?,
                 None => LogPos::default(),
             };
             // Only datasets loaded at a checkpoint can have journal records after it, and every
             // checkpoint records their oldest replay position here.
-            let replay_start = match meta.get("replay_start")? {
-                Some(v) => decode_pos(v.value())?.min(indexed_upto),
+            let replay_start = match meta.get(fmeta::REPLAY_START)? {
+                Some(v) => LogPos::decode(v.value())?.min(indexed_upto),
                 None => LogPos::default(),
             };
             Positions {
@@ -138,12 +144,12 @@ impl Index {
     pub fn replay_start(&self) -> Result<LogPos> {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(META)?;
-        let rs = match meta.get("replay_start")? {
-            Some(v) => decode_pos(v.value())?,
+        let rs = match meta.get(fmeta::REPLAY_START)? {
+            Some(v) => LogPos::decode(v.value())?,
             None => LogPos::default(),
         };
-        let iu = match meta.get("indexed_upto")? {
-            Some(v) => decode_pos(v.value())?,
+        let iu = match meta.get(fmeta::INDEXED_UPTO)? {
+            Some(v) => LogPos::decode(v.value())?,
             None => LogPos::default(),
         };
         Ok(rs.min(iu))
@@ -192,7 +198,10 @@ impl Index {
         let mut out = Vec::new();
         for row in table.iter()? {
             let (k, v) = row?;
-            out.push((block_id(k.value())?, BlockLoc::decode(v.value())?));
+            out.push((
+                BlockId::from_slice(k.value())?,
+                BlockLoc::decode(v.value())?,
+            ));
         }
         Ok(out)
     }
@@ -210,7 +219,10 @@ impl Index {
         let table = txn.open_table(BLOCKS)?;
         for row in table.iter()? {
             let (k, v) = row?;
-            f(&block_id(k.value())?, &BlockLoc::decode(v.value())?)?;
+            f(
+                &BlockId::from_slice(k.value())?,
+                &BlockLoc::decode(v.value())?,
+            )?;
         }
         Ok(())
     }
@@ -252,7 +264,7 @@ impl Index {
         blocks: &[(BlockId, BlockLoc)],
         datasets: &[DatasetRecord],
         upto: LogPos,
-        extra: impl FnOnce(&redb::WriteTransaction) -> Result<()>,
+        extra: impl FnOnce(&super::CatalogTxn) -> Result<()>,
     ) -> Result<()> {
         let txn = self.db.begin_write()?;
         {
@@ -269,10 +281,10 @@ impl Index {
                 .map(|d| d.replay_from)
                 .fold(upto, LogPos::min);
             let mut meta = txn.open_table(META)?;
-            meta.insert("indexed_upto", encode_pos(upto).as_slice())?;
-            meta.insert("replay_start", encode_pos(replay_start).as_slice())?;
+            meta.insert(fmeta::INDEXED_UPTO, upto.encode().as_slice())?;
+            meta.insert(fmeta::REPLAY_START, replay_start.encode().as_slice())?;
         }
-        extra(&txn)?;
+        extra(&super::CatalogTxn::new(&txn))?;
         txn.commit()?;
         Ok(())
     }
@@ -282,7 +294,7 @@ impl Index {
     pub fn commit_records(
         &self,
         datasets: &[DatasetRecord],
-        extra: impl FnOnce(&redb::WriteTransaction) -> Result<()>,
+        extra: impl FnOnce(&super::CatalogTxn) -> Result<()>,
     ) -> Result<()> {
         let txn = self.db.begin_write()?;
         {
@@ -291,7 +303,7 @@ impl Index {
                 table.insert(rec.id, rec.encode().as_slice())?;
             }
         }
-        extra(&txn)?;
+        extra(&super::CatalogTxn::new(&txn))?;
         txn.commit()?;
         Ok(())
     }
@@ -321,30 +333,6 @@ pub fn compact_if_mostly_free(db: &mut redb::Database, path: &Path) -> Result<Op
     }
     db.compact().map_err(|e| Error::Index(e.to_string()))?;
     Ok(Some((before, std::fs::metadata(path)?.len())))
-}
-
-fn block_id(b: &[u8]) -> Result<BlockId> {
-    let arr: [u8; 32] = b
-        .try_into()
-        .map_err(|_| Error::CorruptMeta("index key length".into()))?;
-    Ok(BlockId(arr))
-}
-
-fn encode_pos(p: LogPos) -> [u8; 12] {
-    let mut b = [0u8; 12];
-    b[..4].copy_from_slice(&p.pack.to_le_bytes());
-    b[4..].copy_from_slice(&p.offset.to_le_bytes());
-    b
-}
-
-fn decode_pos(b: &[u8]) -> Result<LogPos> {
-    if b.len() != 12 {
-        return Err(Error::CorruptMeta("log position".into()));
-    }
-    Ok(LogPos {
-        pack: u32::from_le_bytes(b[..4].try_into().unwrap_or_default()),
-        offset: u64::from_le_bytes(b[4..].try_into().unwrap_or_default()),
-    })
 }
 
 #[cfg(test)]

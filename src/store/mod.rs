@@ -28,6 +28,7 @@
 //!   first makes room on a full filesystem by giving up reserve: redb never meets ENOSPC (after a
 //!   failed write it refuses every later one until reopened).
 
+pub mod catalog;
 pub mod error;
 mod gc;
 pub mod index;
@@ -50,6 +51,7 @@ use vdbfs_format::journal::JournalRecord;
 use vdbfs_format::pack::{self, RecordFormat, RecordKind, MAX_RECORD_HEADER_LEN};
 use vdbfs_format::{codec, BlockId};
 
+pub use catalog::{CatalogTxn, StoredSnapshot};
 pub use error::{Error, Result};
 pub use index::{
     index_path, BLOCKS, DAMAGED, DATASETS, META, MOUNTS, NAMES, ORIGINS, SNAPSHOTS, SNAPSHOT_PROPS,
@@ -226,7 +228,7 @@ impl Store {
         &self.dir
     }
 
-    pub fn db(&self) -> &redb::Database {
+    pub(in crate::store) fn db(&self) -> &redb::Database {
         self.index.db()
     }
 
@@ -683,7 +685,7 @@ impl Store {
     pub fn commit_checkpoint_with(
         &self,
         datasets: &[DatasetRecord],
-        extra: impl FnOnce(&redb::WriteTransaction) -> Result<()>,
+        extra: impl FnOnce(&CatalogTxn) -> Result<()>,
     ) -> Result<()> {
         self.space.make_room("a checkpoint")?;
         let upto = self.sync_all()?;
@@ -717,7 +719,7 @@ impl Store {
     pub fn commit_roots_with(
         &self,
         datasets: &[DatasetRecord],
-        extra: impl FnOnce(&redb::WriteTransaction) -> Result<()>,
+        extra: impl FnOnce(&CatalogTxn) -> Result<()>,
     ) -> Result<()> {
         self.sync_all()?;
         self.index.commit_records(datasets, extra)
@@ -783,7 +785,7 @@ impl Store {
     }
 
     /// Starts an index write transaction, after making room on a full filesystem.
-    pub fn begin_write(&self) -> Result<redb::WriteTransaction> {
+    pub(in crate::store) fn begin_write(&self) -> Result<redb::WriteTransaction> {
         self.space.make_room("an index write")?;
         Ok(self.index.db().begin_write()?)
     }

@@ -251,3 +251,28 @@ fn version_1_packs_stay_readable() {
     assert_eq!(s.get(&id).unwrap(), content);
     assert_eq!(s.get(&other).unwrap(), block(78));
 }
+
+#[test]
+fn dataset_ids_grow_and_a_lost_or_malformed_counter_is_corruption_never_id_1_again() {
+    let (_d, s) = new_store(SimIo::new());
+    let take = |s: &Store| s.catalog_write(|c| c.allocate_dataset_id());
+    assert_eq!(take(&s).unwrap(), 1);
+    assert_eq!(take(&s).unwrap(), 2);
+    s.meta_put(vdbfs_format::index::meta::NEXT_DATASET_ID, &[1, 2, 3])
+        .unwrap();
+    let e = take(&s).unwrap_err();
+    assert!(matches!(e, Error::CorruptMeta(_)), "{e}");
+    {
+        let txn = s.db().begin_write().unwrap();
+        txn.open_table(index::META)
+            .unwrap()
+            .remove(vdbfs_format::index::meta::NEXT_DATASET_ID)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let e = take(&s).unwrap_err();
+    assert!(
+        matches!(&e, Error::CorruptMeta(m) if m.contains("next_dataset_id")),
+        "{e}"
+    );
+}

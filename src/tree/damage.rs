@@ -22,7 +22,7 @@
 
 use super::walk::{walk_root, Walk};
 use super::{Datasets, NameError};
-use crate::store::{Damage, Damaged, Error, Result, Store, DAMAGED};
+use crate::store::{Damage, Damaged, Error, Result, Store};
 use std::collections::{HashMap, HashSet};
 use vdbfs_format::index::{DamageKind, DamageMark, DatasetRecord, LogPos};
 use vdbfs_format::journal::{JournalOp, JournalRecord};
@@ -367,9 +367,7 @@ impl Datasets {
         if marks.is_empty() {
             return Ok(marks);
         }
-        let txn = self.store.begin_write()?;
-        clear_marks(&txn, rec.id)?;
-        txn.commit().map_err(Error::from)?;
+        self.store.catalog_write(|c| c.clear_damage(rec.id))?;
         self.damaged.lock().remove(&rec.id);
         tracing::warn!(
             dataset = name,
@@ -377,24 +375,4 @@ impl Datasets {
         );
         Ok(marks)
     }
-}
-
-/// Removes the marks of a dataset, in the caller's transaction.
-pub(super) fn clear_marks(txn: &redb::WriteTransaction, id: u64) -> Result<()> {
-    txn.open_table(DAMAGED)?.retain(|(ds, _, _), _| ds != id)?;
-    Ok(())
-}
-
-/// Writes marks, in the caller's transaction.
-pub(super) fn write_marks(
-    txn: &redb::WriteTransaction,
-    marks: &HashMap<u64, Vec<DamageMark>>,
-) -> Result<()> {
-    let mut t = txn.open_table(DAMAGED)?;
-    for (ds, ms) in marks {
-        for m in ms {
-            t.insert((*ds, m.at.pack, m.at.offset), m.encode_value().as_slice())?;
-        }
-    }
-    Ok(())
 }

@@ -23,13 +23,10 @@ mod snapshot_tests;
 mod tests;
 pub mod walk;
 
-use crate::store::{
-    Error, Replay, Result, Store, DATASETS, META, NAMES, ORIGINS, SNAPSHOTS, SNAPSHOT_PROPS,
-};
+use crate::store::{Replay, Result, Store, StoredSnapshot};
 use dataset::Dataset;
 use parking_lot::Mutex;
 use radix::NodeCache;
-use redb::{ReadableDatabase, ReadableTable};
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -274,7 +271,7 @@ impl Datasets {
                 records.push(d.flush_trees()?);
             }
             ds.store
-                .commit_checkpoint_with(&records, |txn| damage::write_marks(txn, &new))
+                .commit_checkpoint_with(&records, |c| c.put_damage(&new))
         })?;
         *ds.damaged.lock() = marks;
         Ok(ds)
@@ -293,28 +290,13 @@ impl Datasets {
     }
 
     pub fn list(&self) -> Result<Vec<DatasetRecord>> {
-        let txn = self.store.db().begin_read()?;
-        let table = txn.open_table(DATASETS)?;
-        let mut out = Vec::new();
-        for row in table.iter()? {
-            let (_, v) = row?;
-            out.push(DatasetRecord::decode(v.value())?);
-        }
+        let mut out = self.store.dataset_records()?;
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 
     pub fn record(&self, name: &str) -> Result<Option<DatasetRecord>> {
-        let txn = self.store.db().begin_read()?;
-        let Some(id) = txn.open_table(NAMES)?.get(name)?.map(|v| v.value()) else {
-            return Ok(None);
-        };
-        match txn.open_table(DATASETS)?.get(id)? {
-            Some(v) => Ok(Some(DatasetRecord::decode(v.value())?)),
-            None => Err(Error::CorruptMeta(format!(
-                "dataset name {name} points to missing id {id}"
-            ))),
-        }
+        self.store.dataset_record(name)
     }
 
     pub fn get(&self, name: &str) -> Result<Option<Arc<Dataset>>> {
@@ -336,43 +318,24 @@ impl Datasets {
         next_ino: u64,
         origin: Option<CloneOrigin>,
     ) -> anyhow::Result<DatasetRecord> {
-        let txn = self.store.begin_write()?;
-        let rec = {
-            let mut names = txn.open_table(NAMES).map_err(Error::from)?;
-            if names.get(name).map_err(Error::from)?.is_some() {
+        self.store.catalog_write(|c| {
+            if c.name_taken(name)? {
                 return Err(NameError::Exists(name.to_string()).into());
             }
-            let mut meta = txn.open_table(META).map_err(Error::from)?;
-            let id = meta
-                .get("next_dataset_id")
-                .map_err(Error::from)?
-                .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes))
-                .unwrap_or(1);
-            meta.insert("next_dataset_id", (id + 1).to_le_bytes().as_slice())
-                .map_err(Error::from)?;
             let rec = DatasetRecord {
-                id,
+                id: c.allocate_dataset_id()?,
                 name: name.to_string(),
                 created: dataset::now(),
                 root,
                 next_ino,
                 replay_from: self.store.end(),
             };
-            names.insert(name, id).map_err(Error::from)?;
-            txn.open_table(DATASETS)
-                .map_err(Error::from)?
-                .insert(id, rec.encode().as_slice())
-                .map_err(Error::from)?;
-            if let Some(origin) = origin {
-                txn.open_table(ORIGINS)
-                    .map_err(Error::from)?
-                    .insert(id, origin.encode().as_slice())
-                    .map_err(Error::from)?;
+            c.insert_dataset(&rec)?;
+            if let Some(origin) = &origin {
+                c.put_origin(rec.id, origin)?;
             }
-            rec
-        };
-        txn.commit().map_err(Error::from)?;
-        Ok(rec)
+            Ok(rec)
+        })
     }
 
     /// Deletes a dataset that is not in use (the caller checks mounts). Its blocks become garbage.
@@ -381,17 +344,10 @@ impl Datasets {
         let rec = self
             .record(name)?
             .ok_or_else(|| NameError::NotFound(name.to_string()))?;
-        let txn = self.store.begin_write()?;
-        txn.open_table(NAMES)
-            .map_err(Error::from)?
-            .remove(name)
-            .map_err(Error::from)?;
-        txn.open_table(DATASETS)
-            .map_err(Error::from)?
-            .remove(rec.id)
-            .map_err(Error::from)?;
-        damage::clear_marks(&txn, rec.id)?;
-        txn.commit().map_err(Error::from)?;
+        self.store.catalog_write(|c| {
+            c.remove_dataset(name, rec.id)?;
+            c.clear_damage(rec.id)
+        })?;
         self.loaded.lock().remove(&rec.id);
         self.damaged.lock().remove(&rec.id);
         Ok(())
@@ -428,13 +384,10 @@ impl Datasets {
         let rec = self
             .record(dataset)?
             .ok_or_else(|| NameError::NotFound(dataset.to_string()))?;
-        let txn = self.store.db().begin_read().map_err(Error::from)?;
-        let t = txn.open_table(SNAPSHOTS).map_err(Error::from)?;
-        let v = t
-            .get((rec.id, snap))
-            .map_err(Error::from)?
-            .ok_or_else(|| NameError::SnapshotNotFound(format!("{dataset}@{snap}")))?;
-        Ok(SnapshotRecord::decode(v.value())?)
+        Ok(self
+            .store
+            .snapshot_record(rec.id, snap)?
+            .ok_or_else(|| NameError::SnapshotNotFound(format!("{dataset}@{snap}")))?)
     }
 
     /// Snapshots, of one dataset or of all, oldest first.
@@ -451,13 +404,8 @@ impl Datasets {
             None => None,
         };
         let names: HashMap<u64, String> = datasets.into_iter().map(|r| (r.id, r.name)).collect();
-        let txn = self.store.db().begin_read().map_err(Error::from)?;
-        let t = txn.open_table(SNAPSHOTS).map_err(Error::from)?;
-        let props = txn.open_table(SNAPSHOT_PROPS).map_err(Error::from)?;
         let mut out = Vec::new();
-        for row in t.iter().map_err(Error::from)? {
-            let (_, v) = row.map_err(Error::from)?;
-            let rec = SnapshotRecord::decode(v.value())?;
+        for StoredSnapshot { rec, props } in self.store.snapshot_records(true)? {
             if want.is_some_and(|w| w != rec.dataset) {
                 continue;
             }
@@ -465,10 +413,6 @@ impl Datasets {
                 .get(&rec.dataset)
                 .cloned()
                 .unwrap_or_else(|| format!("#{}", rec.dataset));
-            let props = props
-                .get((rec.dataset, rec.name.as_str()))
-                .map_err(Error::from)?
-                .map(|v| v.value().to_vec());
             out.push(SnapshotInfo {
                 dataset,
                 rec,
@@ -521,17 +465,8 @@ impl Datasets {
             ds.flush_cache()?;
         }
         let _g = self.checkpoint_lock.lock();
-        {
-            let txn = self.store.db().begin_read().map_err(Error::from)?;
-            if txn
-                .open_table(SNAPSHOTS)
-                .map_err(Error::from)?
-                .get((rec.id, name.as_str()))
-                .map_err(Error::from)?
-                .is_some()
-            {
-                return Err(NameError::SnapshotExists(format!("{dataset}@{name}")).into());
-            }
+        if self.store.snapshot_record(rec.id, &name)?.is_some() {
+            return Err(NameError::SnapshotExists(format!("{dataset}@{name}")).into());
         }
         // Only this dataset's tree is folded and committed: other datasets keep their state and
         // replay positions, and the index entries of new blocks wait for the next checkpoint
@@ -553,16 +488,8 @@ impl Datasets {
             root,
             next_ino,
         };
-        let bytes = snap.encode();
-        self.store.commit_roots_with(&records, |txn| {
-            txn.open_table(SNAPSHOTS)?
-                .insert((rec.id, name.as_str()), bytes.as_slice())?;
-            if let Some(p) = &props {
-                txn.open_table(SNAPSHOT_PROPS)?
-                    .insert((rec.id, name.as_str()), p.as_slice())?;
-            }
-            Ok(())
-        })?;
+        self.store
+            .commit_roots_with(&records, |c| c.put_snapshot(&snap, props.as_deref()))?;
         Ok(SnapshotInfo {
             dataset: dataset.to_string(),
             rec: snap,
@@ -574,16 +501,8 @@ impl Datasets {
     pub fn delete_snapshot(&self, dataset: &str, snap: &str) -> anyhow::Result<()> {
         let rec = self.find_snapshot(dataset, snap)?;
         let _g = self.checkpoint_lock.lock();
-        let txn = self.store.begin_write()?;
-        txn.open_table(SNAPSHOTS)
-            .map_err(Error::from)?
-            .remove((rec.dataset, snap))
-            .map_err(Error::from)?;
-        txn.open_table(SNAPSHOT_PROPS)
-            .map_err(Error::from)?
-            .remove((rec.dataset, snap))
-            .map_err(Error::from)?;
-        txn.commit().map_err(Error::from)?;
+        self.store
+            .catalog_write(|c| c.remove_snapshot(rec.dataset, snap))?;
         Ok(())
     }
 
@@ -633,24 +552,18 @@ impl Datasets {
             next_ino: s.next_ino,
             replay_from: self.store.end(),
         };
-        let txn = self.store.begin_write()?;
-        txn.open_table(DATASETS)
-            .map_err(Error::from)?
-            .insert(rec.id, new.encode().as_slice())
-            .map_err(Error::from)?;
-        if set_origin {
-            let origin = CloneOrigin {
-                dataset: s.dataset,
-                snapshot: s.name.clone(),
-            };
-            txn.open_table(ORIGINS)
-                .map_err(Error::from)?
-                .insert(rec.id, origin.encode().as_slice())
-                .map_err(Error::from)?;
-        }
-        // The snapshot's tree was committed whole: nothing of the damage is in it.
-        damage::clear_marks(&txn, rec.id)?;
-        txn.commit().map_err(Error::from)?;
+        self.store.catalog_write(|c| {
+            c.put_dataset_record(&new)?;
+            if set_origin {
+                let origin = CloneOrigin {
+                    dataset: s.dataset,
+                    snapshot: s.name.clone(),
+                };
+                c.put_origin(rec.id, &origin)?;
+            }
+            // The snapshot's tree was committed whole: nothing of the damage is in it.
+            c.clear_damage(rec.id)
+        })?;
         // The next user loads the new tree.
         self.loaded.lock().remove(&rec.id);
         self.damaged.lock().remove(&rec.id);
@@ -659,17 +572,11 @@ impl Datasets {
 
     /// The snapshot a clone was made from, as `dataset@snapshot` (dataset by id if deleted).
     pub fn origin(&self, id: u64) -> Result<Option<String>> {
-        let txn = self.store.db().begin_read()?;
-        let Some(v) = txn
-            .open_table(ORIGINS)?
-            .get(id)?
-            .map(|v| v.value().to_vec())
-        else {
+        let Some(o) = self.store.clone_origin(id)? else {
             return Ok(None);
         };
-        let o = CloneOrigin::decode(&v)?;
-        let name = match txn.open_table(DATASETS)?.get(o.dataset)? {
-            Some(r) => DatasetRecord::decode(r.value())?.name,
+        let name = match self.store.dataset_record_by_id(o.dataset)? {
+            Some(r) => r.name,
             None => format!("#{}", o.dataset),
         };
         Ok(Some(format!("{name}@{}", o.snapshot)))
@@ -701,10 +608,7 @@ impl Datasets {
             .into_iter()
             .map(|r| (r.name, false, r.root))
             .collect();
-        let txn = self.store.db().begin_read()?;
-        for row in txn.open_table(SNAPSHOTS)?.iter()? {
-            let (_, v) = row?;
-            let s = SnapshotRecord::decode(v.value())?;
+        for StoredSnapshot { rec: s, .. } in self.store.snapshot_records(false)? {
             let ds = names
                 .get(&s.dataset)
                 .cloned()
@@ -911,10 +815,7 @@ impl Datasets {
                 .enumerate()
                 .map(|(i, r)| (r.id, i))
                 .collect();
-            let txn = self.store.db().begin_read()?;
-            for row in txn.open_table(SNAPSHOTS)?.iter()? {
-                let (_, v) = row?;
-                let s = SnapshotRecord::decode(v.value())?;
+            for StoredSnapshot { rec: s, .. } in self.store.snapshot_records(false)? {
                 roots.push(s.root);
                 group.push(pos.get(&s.dataset).copied());
             }
@@ -971,12 +872,8 @@ impl Datasets {
     ) -> anyhow::Result<()> {
         let rec = self.find_snapshot(dataset, snap)?;
         let _g = self.checkpoint_lock.lock();
-        let txn = self.store.db().begin_write().map_err(Error::from)?;
-        txn.open_table(SNAPSHOT_PROPS)
-            .map_err(Error::from)?
-            .insert((rec.dataset, snap), props)
-            .map_err(Error::from)?;
-        txn.commit().map_err(Error::from)?;
+        self.store
+            .catalog_write(|c| c.put_snapshot_props(rec.dataset, snap, props))?;
         Ok(())
     }
 
@@ -1004,22 +901,15 @@ impl Datasets {
             root: from.root,
             next_ino: from.next_ino,
         };
-        let txn = self.store.db().begin_write().map_err(Error::from)?;
-        {
-            let mut t = txn.open_table(SNAPSHOTS).map_err(Error::from)?;
-            if t.get((rec.id, name)).map_err(Error::from)?.is_some() {
-                return Err(NameError::SnapshotExists(format!("{dataset}@{name}")).into());
+        self.store.catalog_write(|c| {
+            if c.snapshot_exists(rec.id, name)? {
+                return Err(anyhow::Error::from(NameError::SnapshotExists(format!(
+                    "{dataset}@{name}"
+                ))));
             }
-            t.insert((rec.id, name), snap.encode().as_slice())
-                .map_err(Error::from)?;
-            if let Some(p) = &props {
-                txn.open_table(SNAPSHOT_PROPS)
-                    .map_err(Error::from)?
-                    .insert((rec.id, name), p.as_slice())
-                    .map_err(Error::from)?;
-            }
-        }
-        txn.commit().map_err(Error::from)?;
+            c.put_snapshot(&snap, props.as_deref())?;
+            Ok(())
+        })?;
         Ok(SnapshotInfo {
             dataset: dataset.to_string(),
             rec: snap,
