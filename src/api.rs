@@ -133,6 +133,18 @@ pub enum Request {
     Timeflow {
         dataset: Option<String>,
     },
+    /// `vdbfs token create NAME --role ROLE [--expires 30d]`: an API token for the HTTP API,
+    /// shown once (only its hash is kept).
+    TokenCreate {
+        name: String,
+        role: Role,
+        #[serde(default)]
+        expires: Option<String>,
+    },
+    TokenList,
+    TokenRevoke {
+        name: String,
+    },
 }
 
 impl Request {
@@ -172,6 +184,9 @@ impl Request {
             R::Timeflow { .. } => "timeflow",
             R::Scrub { .. } => "scrub",
             R::DatasetAcceptDamage { .. } => "dataset_accept_damage",
+            R::TokenCreate { .. } => "token_create",
+            R::TokenList => "token_list",
+            R::TokenRevoke { .. } => "token_revoke",
         }
     }
 
@@ -195,7 +210,9 @@ impl Request {
             | R::VdbRewind { name, .. }
             | R::VdbRefresh { name, .. }
             | R::VdbDelete { name }
-            | R::DatasetAcceptDamage { name } => name.clone(),
+            | R::DatasetAcceptDamage { name }
+            | R::TokenCreate { name, .. }
+            | R::TokenRevoke { name } => name.clone(),
             R::SnapshotCreate { dataset, .. } | R::Mount { dataset, .. } => dataset.clone(),
             R::SnapshotList { dataset } | R::Timeflow { dataset } => {
                 dataset.clone().unwrap_or_default()
@@ -210,6 +227,7 @@ impl Request {
             | R::Gc
             | R::SourceList
             | R::VdbList
+            | R::TokenList
             | R::Scrub { .. } => String::new(),
         }
     }
@@ -228,6 +246,7 @@ impl Request {
                 | R::VdbList
                 | R::VdbStatus { .. }
                 | R::Timeflow { .. }
+                | R::TokenList
         )
     }
 
@@ -263,6 +282,7 @@ impl Request {
             R::SnapshotCreate { dataset, .. } => format!("vdbfs snapshot list {dataset}"),
             R::Mount { .. } | R::Umount { .. } => "vdbfs status".into(),
             R::Gc => "vdbfs df".into(),
+            R::TokenCreate { .. } | R::TokenRevoke { .. } => "vdbfs token list".into(),
             _ => "the daemon's log".into(),
         }
     }
@@ -277,6 +297,7 @@ pub struct VdbSpec {
     pub port: Option<u16>,
     pub mount: Option<PathBuf>,
     /// KEY=VALUE
+    #[serde(default)]
     pub settings: Vec<String>,
     pub hooks: Option<PathBuf>,
     /// A moment of the source `from` names: a time (`--at`)...
@@ -288,6 +309,10 @@ pub struct VdbSpec {
     /// The newest snapshot of `from` that passed verification (`--verified`).
     #[serde(default)]
     pub verified: bool,
+    /// Who owns it (the API token's name that created it; a developer may only touch the VDBs
+    /// they own). The HTTP API sets it from the token; over the socket `--owner`.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// A VDB as `vdb list/status` show it.
@@ -328,6 +353,29 @@ pub struct VdbStatus {
     pub undo_bytes: u64,
     #[serde(default)]
     pub undo_keep: u32,
+    /// The API token's name that owns it (None: made over the socket without `--owner`).
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
+/// An API token as `vdbfs token list` shows it (never the token itself).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub name: String,
+    pub role: Role,
+    pub created: String,
+    /// When it stops working (RFC 3339); None: never.
+    pub expires: Option<String>,
+    pub expired: bool,
+}
+
+/// `vdbfs token create --json`: the token, shown this once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub name: String,
+    pub role: Role,
+    pub token: String,
+    pub expires: Option<String>,
 }
 
 /// A snapshot or bookmark of a VDB.
@@ -1098,6 +1146,15 @@ impl From<VdbState> for NodeState {
 }
 
 words! {
+    /// What an API token may do: an admin everything, a developer list sources, snapshots and
+    /// VDBs and create, start, stop, snapshot, refresh, rewind and delete the VDBs they own.
+    pub enum Role {
+        Admin = "admin",
+        Developer = "developer",
+    }
+}
+
+words! {
     /// What a row of `vdbfs df` is.
     pub enum RootKind {
         Dataset = "dataset",
@@ -1127,6 +1184,10 @@ words! {
         Internal = "internal",
         /// The client cancelled the operation (Ctrl-C) and it was rolled back.
         Cancelled = "cancelled",
+        /// The HTTP API got no token, an unknown, revoked or expired one.
+        Unauthenticated = "unauthenticated",
+        /// The token's role may not do this, or the VDB belongs to another token.
+        Forbidden = "forbidden",
     }
 }
 
@@ -1152,6 +1213,8 @@ impl ErrorKind {
             ErrorKind::Internal => 500,
             // nginx's "client closed request": nothing standard says "cancelled by the client".
             ErrorKind::Cancelled => 499,
+            ErrorKind::Unauthenticated => 401,
+            ErrorKind::Forbidden => 403,
         }
     }
 }
@@ -1303,6 +1366,13 @@ mod tests {
             },
             Request::VdbDelete { name: name() },
             Request::Timeflow { dataset: None },
+            Request::TokenCreate {
+                name: name(),
+                role: Role::Developer,
+                expires: None,
+            },
+            Request::TokenList,
+            Request::TokenRevoke { name: name() },
         ];
         for r in &all {
             let wire = serde_json::to_value(r).unwrap();

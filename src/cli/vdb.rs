@@ -37,6 +37,10 @@ pub enum VdbCmd {
         /// Hooks directory for this VDB (default STORE/hooks when it exists).
         #[arg(long)]
         hooks: Option<PathBuf>,
+        /// The API token name that owns it (a developer's token may then manage it); over
+        /// the HTTP API a developer's VDB is always theirs.
+        #[arg(long)]
+        owner: Option<String>,
     },
     /// VDBs with their state, port and parent.
     List,
@@ -122,8 +126,10 @@ pub fn run(store: &Path, cmd: VdbCmd, json: bool) -> anyhow::Result<()> {
             mount,
             settings,
             hooks,
+            owner,
         } => {
             let spec = VdbSpec {
+                owner,
                 name,
                 from,
                 port,

@@ -53,7 +53,7 @@ use vdbfs_format::{codec, BlockId};
 pub use error::{Error, Result};
 pub use index::{
     index_path, BLOCKS, DAMAGED, DATASETS, META, MOUNTS, NAMES, ORIGINS, SNAPSHOTS, SNAPSHOT_PROPS,
-    SOURCES, VDBS,
+    SOURCES, TOKENS, VDBS,
 };
 pub use recovery::{Damage, Damaged};
 pub use space::{ballast_path, SpaceReport};

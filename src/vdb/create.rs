@@ -108,6 +108,7 @@ impl VdbService {
             created: crate::time::rfc3339_now(),
             events: Vec::new(),
             history: None,
+            owner: spec.owner.clone(),
         };
         let dir = rec.dir(&self.store_dir);
         if dir.0.exists() {

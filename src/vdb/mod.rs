@@ -125,6 +125,9 @@ pub struct VdbRecord {
     /// Its history for `rewind --at` (none for a VDB made before vdbfs kept one).
     #[serde(default)]
     pub history: Option<History>,
+    /// The API token's name that owns it (a developer token touches only its own VDBs).
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// Properties recorded with a VDB's snapshot (`snapshot_props`, JSON).
@@ -441,6 +444,7 @@ mod tests {
             created: String::new(),
             events: vec![],
             history: None,
+            owner: None,
         };
         assert_eq!(
             rec.tcp_conn(),

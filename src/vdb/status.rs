@@ -110,6 +110,7 @@ impl VdbService {
             undo_snapshots: undo,
             undo_bytes,
             undo_keep: self.undo_keep,
+            owner: rec.owner.clone(),
         })
     }
 
