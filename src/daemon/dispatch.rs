@@ -177,7 +177,7 @@ impl Daemon {
             )),
         };
         if let Err(r) = allowed {
-            tracing::info!(op, name = %target, by, kind = %r.kind, "request refused: {r}");
+            tracing::info!(op, name = %target, by = %by, kind = %r.kind, "request refused: {r}");
             self.metrics.count(op, r.kind.as_str(), 0.0);
             return Response::failed(r.kind, r.message);
         }
@@ -189,7 +189,7 @@ impl Daemon {
                 op.replace('_', " ")
             ));
         }
-        tracing::debug!(op, name = %target, by, "request");
+        tracing::debug!(op, name = %target, by = %by, "request");
         let t = std::time::Instant::now();
         let r = self.handle(req, progress);
         let secs = t.elapsed().as_secs_f64();
@@ -198,9 +198,9 @@ impl Daemon {
             Ok((message, data)) => {
                 self.metrics.count(op, "ok", secs);
                 if reads_only {
-                    tracing::debug!(op, name = %target, by, ms, "request done");
+                    tracing::debug!(op, name = %target, by = %by, ms, "request done");
                 } else {
-                    tracing::info!(op, name = %target, by, ms, "request done");
+                    tracing::info!(op, name = %target, by = %by, ms, "request done");
                 }
                 Response::ok(message, data)
             }
@@ -213,7 +213,7 @@ impl Daemon {
                     kind_of(&e)
                 };
                 self.metrics.count(op, kind.as_str(), secs);
-                tracing::info!(op, name = %target, by, ms, %kind, "request failed: {e:#}");
+                tracing::info!(op, name = %target, by = %by, ms, %kind, "request failed: {e:#}");
                 let mut r = Response::failed(kind, format!("{e:#}"));
                 r.hint = api::hint_of(&e).or_else(|| {
                     (kind == ErrorKind::Internal).then(|| {

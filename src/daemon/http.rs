@@ -174,7 +174,7 @@ impl Daemon {
             )
         })?;
         crate::auth::authenticate(&tokens, token, crate::time::now_unix()).map_err(|r| {
-            tracing::info!(op, by = "-", kind = %r.kind, "HTTP request refused: {r}");
+            tracing::info!(op, by = %"-", kind = %r.kind, "HTTP request refused: {r}");
             Response::failed(r.kind, r.message)
         })
     }

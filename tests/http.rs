@@ -1,0 +1,294 @@
+//! The HTTP API for a team (issue 15), over real HTTP on loopback: `vdbfs serve --http`, API
+//! tokens (`vdbfs token create/list/revoke`), what each role may do, the CLI talking HTTP
+//! (`VDBFS_URL`, `VDBFS_TOKEN`), `/metrics` and the web page's assets.
+//!
+//! Pinned here: no, a wrong, a revoked or an expired token is 401 (with `WWW-Authenticate`);
+//! error kinds come back with their HTTP status (404, 409, 400); a developer gets 403 for
+//! anything but listing and their own VDBs; a token is printed once and never stored or listed;
+//! every request is logged with the token's name; the CLI with `VDBFS_URL` works with no store
+//! and no socket, and its exit status and `--json` error follow the daemon's kind; a `/metrics`
+//! scrape parses as Prometheus text and counts the operations; two developers create VDBs at the
+//! same time and each manages only their own.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::util::source::wait_syncing;
+use crate::util::vdb::*;
+use crate::util::http::Http;
+use crate::util::*;
+
+/// Every sample line of a Prometheus text scrape as (name, labels, value); panics on a line
+/// that is not a comment, blank, or `name{labels} value`.
+fn parse_metrics(text: &str) -> Vec<(String, String, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("metrics line without a value: {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("metrics value is not a number: {line:?}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => {
+                let labels = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("unclosed labels: {line:?}"));
+                for pair in labels.split("\",").filter(|p| !p.is_empty()) {
+                    let (k, v) = pair
+                        .split_once("=\"")
+                        .unwrap_or_else(|| panic!("bad label {pair:?} in {line:?}"));
+                    assert!(
+                        k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !v.is_empty(),
+                        "bad label {pair:?} in {line:?}"
+                    );
+                }
+                (n, labels.to_string())
+            }
+            None => (series, String::new()),
+        };
+        assert!(
+            name.starts_with("vdbfs_")
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "bad metric name in {line:?}"
+        );
+        out.push((name.to_string(), labels, value));
+    }
+    out
+}
+
+fn sample(m: &[(String, String, f64)], name: &str, labels: &str) -> Option<f64> {
+    m.iter()
+        .find(|(n, l, _)| n == name && l == labels)
+        .map(|s| s.2)
+}
+
+#[test]
+fn tokens_roles_and_status_codes_over_http() {
+    let (d, http) = Daemon::start_http();
+    // Nothing without a token.
+    let none = http.get(None, "/api/v1/status");
+    assert_eq!(none.status, 401, "{none:?}");
+    assert_eq!(none.json()["kind"], "unauthenticated");
+    assert!(
+        none.www_authenticate
+            .as_deref()
+            .is_some_and(|h| h.starts_with("Bearer")),
+        "a 401 says how to authenticate: {none:?}"
+    );
+    let admin = d.token("ops", "admin", None);
+    let dev = d.token("alice", "developer", None);
+    assert_eq!(http.get(Some("vdbfs_0000"), "/api/v1/status").status, 401);
+    assert_eq!(
+        http.get(Some(&format!("{admin}x")), "/api/v1/status")
+            .status,
+        401
+    );
+
+    // The token is shown once: not in the list, not in the store's records.
+    let list = d.ok(&["token", "list", "--json"]);
+    assert!(!list.contains(&admin) && !list.contains(&dev), "{list}");
+    let list: Value = serde_json::from_str(&list).unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["alice", "ops"]);
+    assert_eq!(list[0]["role"], "developer");
+    let index = std::fs::read(d.store().join("index.redb")).unwrap();
+    assert!(
+        !index.windows(admin.len()).any(|w| w == admin.as_bytes()),
+        "the token itself must not be stored"
+    );
+
+    // An admin: every kind with its status.
+    let ok = http.get(Some(&admin), "/api/v1/status");
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(ok.json()["data"]["pid"], d.pid().unwrap());
+    let made = http.post(Some(&admin), "dataset_create", json!({"name": "d1"}));
+    assert_eq!(made.status, 200, "{made:?}");
+    assert_eq!(made.json()["data"]["name"], "d1");
+    let again = http.post(Some(&admin), "dataset_create", json!({"name": "d1"}));
+    assert_eq!((again.status, again.json()["kind"].clone()), (409, json!("conflict")));
+    let missing = http.post(Some(&admin), "vdb_stop", json!({"name": "nope"}));
+    assert_eq!((missing.status, missing.json()["kind"].clone()), (404, json!("not_found")));
+    let bad = http.post(Some(&admin), "dataset_create", json!({"name": "a/b"}));
+    assert_eq!((bad.status, bad.json()["kind"].clone()), (400, json!("invalid")));
+    assert_eq!(http.post_raw(Some(&admin), "dataset_create", "{").status, 400);
+    assert_eq!(http.post(Some(&admin), "no_such_op", json!({})).status, 400);
+    assert_eq!(
+        http.get(Some(&admin), "/api/v1/gc").status,
+        400,
+        "a request that changes something is not a GET"
+    );
+    let listed = http.get(Some(&admin), "/api/v1/snapshot_list?dataset=d1");
+    assert_eq!(listed.status, 200, "{listed:?}");
+
+    // A developer: lists, but nothing of the store or of the tokens.
+    assert_eq!(http.get(Some(&dev), "/api/v1/source_list").status, 200);
+    assert_eq!(http.get(Some(&dev), "/api/v1/vdb_list").status, 200);
+    for (op, body) in [
+        ("dataset_create", json!({"name": "d2"})),
+        ("gc", json!({})),
+        ("token_list", json!({})),
+        ("token_create", json!({"name": "x", "role": "admin"})),
+    ] {
+        let r = http.post(Some(&dev), op, body);
+        assert_eq!((r.status, r.json()["kind"].clone()), (403, json!("forbidden")), "{op}: {r:?}");
+    }
+    assert!(!d.ok(&["dataset", "list"]).contains("d2"));
+
+    // Every request is logged with the token's name.
+    let log = d.log_since_start();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("dataset_create") && l.contains("by=ops") && l.contains("done")),
+        "the admin's request should be logged with by=ops:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("gc") && l.contains("by=alice") && l.contains("refused")),
+        "the developer's refused request should be logged with by=alice:\n{log}"
+    );
+
+    // The CLI over HTTP: no store, no socket.
+    let out = d.vdbfs_http(&http, &admin, &["dataset", "list", "--json"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["name"], "d1");
+    let out = d.vdbfs_http(&http, &dev, &["gc", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(err["error"]["kind"], "forbidden", "{err}");
+    let out = d.vdbfs_http(&http, "vdbfs_wrong", &["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no valid API token"),
+        "{}",
+        describe(&out)
+    );
+
+    // Revoked and expired tokens stop working.
+    d.ok(&["token", "revoke", "alice"]);
+    assert_eq!(http.get(Some(&dev), "/api/v1/vdb_list").status, 401);
+    let short = d.token("short", "admin", Some("2s"));
+    assert_eq!(http.get(Some(&short), "/api/v1/vdb_list").status, 200);
+    std::thread::sleep(Duration::from_millis(3100));
+    assert_eq!(http.get(Some(&short), "/api/v1/vdb_list").status, 401);
+    let listed = d.ok(&["token", "list"]);
+    assert!(
+        listed.lines().any(|l| l.starts_with("short") && l.contains("(expired)")),
+        "{listed}"
+    );
+    let dup = d.vdbfs(&["token", "create", "ops", "--role", "admin"]);
+    assert_eq!(dup.status.code(), Some(1), "a name is taken once");
+
+    // The metrics scrape: needs a token, parses, counts what happened.
+    assert_eq!(http.get(None, "/metrics").status, 401);
+    let m = http.get(Some(&admin), "/metrics");
+    assert_eq!(m.status, 200, "{m:?}");
+    let m = parse_metrics(&m.body);
+    assert_eq!(
+        sample(&m, "vdbfs_operations_total", "op=\"dataset_create\",outcome=\"ok\""),
+        Some(1.0),
+        "{m:?}"
+    );
+    assert_eq!(
+        sample(&m, "vdbfs_operations_total", "op=\"dataset_create\",outcome=\"conflict\""),
+        Some(1.0)
+    );
+    assert!(sample(&m, "vdbfs_operations_total", "op=\"gc\",outcome=\"forbidden\"").is_some());
+    assert!(sample(&m, "vdbfs_store_free_bytes", "").is_some_and(|v| v > 0.0));
+    assert!(sample(&m, "vdbfs_store_physical_bytes", "").is_some());
+
+    // The web page is served from the binary, with nothing from elsewhere.
+    let page = http.get(None, "/");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("<title>vdbfs</title>"));
+    for outside in ["src=\"http", "href=\"http", "@import", "url(http"] {
+        assert!(!page.body.contains(outside), "the page must load nothing from elsewhere: {outside}");
+    }
+}
+
+/// Two developers create VDBs at once over HTTP; each can stop, snapshot and delete only their
+/// own, may not give a VDB `--set` values or hooks, and the metrics show the VDBs.
+#[test]
+fn developers_create_vdbs_at_once_and_manage_only_their_own() {
+    let mut s = setup(50);
+    let http = s.d.serve_http();
+    let d = &s.d;
+    wait_syncing(d, "prod");
+    let alice = d.token("alice", "developer", None);
+    let bob = d.token("bob", "developer", None);
+    let admin = d.token("ops", "admin", None);
+
+    let create = |token: String, name: &'static str| {
+        let http = http.clone();
+        std::thread::spawn(move || http.post(Some(&token), "vdb_create", json!({"name": name, "from": "prod"})))
+    };
+    let (a, b) = (create(alice.clone(), "a1"), create(bob.clone(), "b1"));
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(b.status, 200, "{b:?}");
+    assert_eq!(a.json()["data"]["owner"], "alice");
+    assert_eq!(b.json()["data"]["owner"], "bob");
+    assert_ne!(a.json()["data"]["port"], b.json()["data"]["port"]);
+    let rows = Vdb::of(&a.json()["data"]).sql("SELECT count(*) FROM marker");
+    assert_eq!(rows.trim(), "50");
+
+    let list = http.get(Some(&alice), "/api/v1/vdb_list").json();
+    let owners: Vec<(String, String)> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["name"].as_str().unwrap().into(), v["owner"].as_str().unwrap().into()))
+        .collect();
+    assert_eq!(owners, [("a1".into(), "alice".into()), ("b1".into(), "bob".into())]);
+
+    for (op, body) in [
+        ("vdb_stop", json!({"name": "b1"})),
+        ("vdb_delete", json!({"name": "b1"})),
+        ("vdb_status", json!({"name": "b1"})),
+        ("vdb_snapshot", json!({"name": "b1"})),
+        ("vdb_create", json!({"name": "a2", "from": "b1"})),
+        ("vdb_create", json!({"name": "a3", "from": "prod", "settings": ["work_mem=1MB"]})),
+        ("vdb_create", json!({"name": "a4", "from": "prod", "hooks": "/tmp"})),
+    ] {
+        let r = http.post(Some(&alice), op, body.clone());
+        assert_eq!((r.status, r.json()["kind"].clone()), (403, json!("forbidden")), "{op} {body}: {r:?}");
+    }
+    let stopped = http.post(Some(&alice), "vdb_stop", json!({"name": "a1"}));
+    assert_eq!(stopped.status, 200, "{stopped:?}");
+    assert_eq!(stopped.json()["data"]["state"], "stopped");
+    let snap = http.post(Some(&alice), "vdb_snapshot", json!({"name": "a1", "snapshot": "s1"}));
+    assert_eq!(snap.status, 200, "{snap:?}");
+
+    // The metrics know both VDBs and their states.
+    let m = parse_metrics(&http.get(Some(&admin), "/metrics").body);
+    assert_eq!(sample(&m, "vdbfs_vdb_state", "vdb=\"a1\",state=\"stopped\""), Some(1.0));
+    assert_eq!(sample(&m, "vdbfs_vdb_state", "vdb=\"b1\",state=\"running\""), Some(1.0));
+    assert!(sample(&m, "vdbfs_source_lag_bytes", "source=\"prod\"").is_some(), "{m:?}");
+    assert!(sample(&m, "vdbfs_source_last_snapshot_age_seconds", "source=\"prod\"").is_some());
+    assert!(sample(&m, "vdbfs_vdb_age_seconds", "vdb=\"b1\"").is_some());
+    assert_eq!(sample(&m, "vdbfs_operations_total", "op=\"vdb_create\",outcome=\"ok\""), Some(2.0));
+
+    // Bob deletes his own with the CLI over HTTP; alice's stays.
+    let out = d.vdbfs_http(&http, &bob, &["vdb", "delete", "b1"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = d.vdbfs_http(&http, &bob, &["vdb", "delete", "a1", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let names: Vec<String> = serde_json::from_str::<Value>(&d.ok(&["vdb", "list", "--json"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["a1"]);
+}
