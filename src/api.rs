@@ -313,6 +313,15 @@ pub struct VdbSpec {
     /// they own). The HTTP API sets it from the token; over the socket `--owner`.
     #[serde(default)]
     pub owner: Option<String>,
+    /// `--user`: a login role for the VDB's owner over TCP...
+    #[serde(default)]
+    pub user: Option<String>,
+    /// ...with this password (`--password-file`; else one is generated and shown once).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Production's roles keep their passwords in the VDB (`--keep-source-logins`).
+    #[serde(default)]
+    pub keep_source_logins: bool,
 }
 
 /// A VDB as `vdb list/status` show it.
@@ -356,6 +365,15 @@ pub struct VdbStatus {
     /// The API token's name that owns it (None: made over the socket without `--owner`).
     #[serde(default)]
     pub owner: Option<String>,
+    /// The owner's login role over TCP (`--user`), if it has one.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Whether production's roles keep their passwords in it (`--keep-source-logins`).
+    #[serde(default)]
+    pub keep_source_logins: bool,
+    /// The owner's password, in `vdb create`'s reply only when vdbfs generated it (shown once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
 }
 
 /// An API token as `vdbfs token list` shows it (never the token itself).

@@ -14,9 +14,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::util::source::wait_syncing;
+use crate::util::source::{source_snapshot, wait_replayed, wait_syncing};
 use crate::util::vdb::*;
-use crate::util::http::Http;
 use crate::util::*;
 
 /// Every sample line of a Prometheus text scrape as (name, labels, value); panics on a line
@@ -291,4 +290,104 @@ fn developers_create_vdbs_at_once_and_manage_only_their_own() {
         .map(|v| v["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(names, ["a1"]);
+}
+
+/// Per-VDB credentials: production's roles cannot log in to a VDB (their passwords are removed
+/// at every start, TCP closed until then), the owner's `--user` login can, with the password
+/// from `--password-file` or the one generated and shown once; `--keep-source-logins` keeps
+/// production's; a refresh (which brings production's roles back with the data) and a restart
+/// keep it so.
+#[test]
+fn production_logins_fail_on_a_vdb_and_the_owners_works() {
+    let s = setup(20);
+    let d = &s.d;
+    s.src
+        .psql("CREATE ROLE produser LOGIN PASSWORD 'prod-pw'; GRANT pg_read_all_data TO produser");
+    wait_replayed(d, "prod", s.src.lsn());
+    let snap = source_snapshot(d, "prod");
+    let pwfile = d.root().join("alice.pw");
+    std::fs::write(&pwfile, "alice-pw-1\n").unwrap();
+    let url = |user: &str, pw: &str, port: &Value| {
+        format!("postgresql://{user}:{pw}@127.0.0.1:{port}/postgres")
+    };
+    let login = |user: &str, pw: &str, port: &Value| {
+        try_psql(&url(user, pw, port), "SELECT count(*) FROM marker")
+    };
+    let works = |user: &str, pw: &str, port: &Value, what: &str| {
+        let out = login(user, pw, port);
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "20",
+            "{what}: {user} should log in and read the data\n{}",
+            describe(&out)
+        );
+    };
+    let fails = |user: &str, pw: &str, port: &Value, what: &str| {
+        let out = login(user, pw, port);
+        assert!(
+            !out.status.success(),
+            "{what}: {user} must not log in\n{}",
+            describe(&out)
+        );
+    };
+    // The source accepts production's login (the premise).
+    let src_port = Value::from(s.src.pg.port());
+    works("produser", "prod-pw", &src_port, "on the source");
+
+    let v1: Value = serde_json::from_str(&vdb(
+        d,
+        &[
+            "create", "v1", "--from", &snap, "--user", "alice", "--password-file",
+            pwfile.to_str().unwrap(), "--json",
+        ],
+    ))
+    .unwrap();
+    let p1 = v1["port"].clone();
+    assert_eq!(v1["user"], "alice");
+    assert!(v1["password"].is_null(), "a given password is not echoed: {v1}");
+    assert_eq!(
+        v1["tcp_conn"],
+        format!("postgresql://alice@127.0.0.1:{p1}/postgres")
+    );
+    fails("produser", "prod-pw", &p1, "v1");
+    fails("replicator", crate::util::source::REPL_PW, &p1, "v1");
+    fails("alice", "wrong", &p1, "v1");
+    works("alice", "alice-pw-1", &p1, "v1");
+    let roles = Vdb::of(&status(d, "v1"))
+        .sql("SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_authid WHERE rolpassword IS NOT NULL");
+    assert_eq!(roles, "alice", "only the owner keeps a password in v1");
+
+    // A generated password, shown once.
+    let v2: Value = serde_json::from_str(&vdb(
+        d,
+        &["create", "v2", "--from", &snap, "--user", "bob", "--json"],
+    ))
+    .unwrap();
+    let pw = v2["password"].as_str().expect("a generated password").to_string();
+    assert!(pw.len() >= 20, "{pw}");
+    works("bob", &pw, &v2["port"], "v2");
+    assert!(
+        status(d, "v2")["password"].is_null(),
+        "the password is shown only by create"
+    );
+    assert!(
+        !d.log().contains(&pw),
+        "the generated password must not be in the daemon's log"
+    );
+
+    // --keep-source-logins: production's login works there.
+    let v3: Value = serde_json::from_str(&vdb(
+        d,
+        &["create", "v3", "--from", &snap, "--keep-source-logins", "--json"],
+    ))
+    .unwrap();
+    works("produser", "prod-pw", &v3["port"], "v3 (--keep-source-logins)");
+
+    // A refresh brings production's roles back with the data; they stay locked out.
+    vdb(d, &["refresh", "v1"]);
+    fails("produser", "prod-pw", &p1, "v1 after refresh");
+    works("alice", "alice-pw-1", &p1, "v1 after refresh");
+    vdb(d, &["stop", "v1"]);
+    vdb(d, &["start", "v1"]);
+    fails("produser", "prod-pw", &p1, "v1 after a restart");
+    works("alice", "alice-pw-1", &p1, "v1 after a restart");
 }

@@ -41,6 +41,16 @@ pub enum VdbCmd {
         /// the HTTP API a developer's VDB is always theirs.
         #[arg(long)]
         owner: Option<String>,
+        /// A login role for the VDB's owner over TCP (password from --password-file, else
+        /// generated and printed once).
+        #[arg(long)]
+        user: Option<String>,
+        /// A file whose first line is the --user's password.
+        #[arg(long, requires = "user")]
+        password_file: Option<PathBuf>,
+        /// Let production's roles log in with their passwords (by default the VDB removes them).
+        #[arg(long)]
+        keep_source_logins: bool,
     },
     /// VDBs with their state, port and parent.
     List,
@@ -127,9 +137,33 @@ pub fn run(store: &Path, cmd: VdbCmd, json: bool) -> anyhow::Result<()> {
             settings,
             hooks,
             owner,
+            user,
+            password_file,
+            keep_source_logins,
         } => {
+            let password = password_file
+                .map(|f| {
+                    std::fs::read_to_string(&f)
+                        .map(|s| s.lines().next().unwrap_or_default().to_string())
+                        .map_err(|e| {
+                            crate::api::refusal(
+                                crate::api::ErrorKind::Invalid,
+                                format!("cannot read --password-file {}: {e}", f.display()),
+                            )
+                        })
+                })
+                .transpose()?;
+            if password.as_deref() == Some("") {
+                return Err(crate::api::refusal(
+                    crate::api::ErrorKind::Invalid,
+                    "--password-file: the first line is empty",
+                ));
+            }
             let spec = VdbSpec {
                 owner,
+                user,
+                password,
+                keep_source_logins,
                 name,
                 from,
                 port,

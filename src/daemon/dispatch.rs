@@ -410,10 +410,19 @@ impl Daemon {
         match req {
             Request::VdbCreate(spec) => {
                 let st = v.create(*spec, progress)?;
+                let who = match (&st.user, &st.password, st.keep_source_logins) {
+                    (Some(u), Some(p), _) => format!("{u}'s password {p}, shown only this once"),
+                    (Some(u), None, _) => format!("{u}'s password from --password-file"),
+                    (None, _, true) => "the source's passwords".into(),
+                    (None, _, false) => {
+                        "no login: production's passwords are removed; --user NAME makes one"
+                            .into()
+                    }
+                };
                 Ok((
                     format!(
-                        "{}\nVDB {} is running on port {} (from {})\n  over TCP: {} (the source's \
-                         passwords)\n  data directory: {}",
+                        "{}\nVDB {} is running on port {} (from {})\n  over TCP: {} ({who})\n  data \
+                         directory: {}",
                         st.conn,
                         st.name,
                         st.port,

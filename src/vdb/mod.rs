@@ -30,6 +30,7 @@ pub mod configure;
 mod create;
 mod history;
 pub mod hooks;
+pub mod logins;
 mod provision;
 mod service;
 mod status;
@@ -128,6 +129,9 @@ pub struct VdbRecord {
     /// The API token's name that owns it (a developer token touches only its own VDBs).
     #[serde(default)]
     pub owner: Option<String>,
+    /// Who logs in over TCP (None for VDBs made before vdbfs managed it: as they were).
+    #[serde(default)]
+    pub logins: Option<logins::Logins>,
 }
 
 /// Properties recorded with a VDB's snapshot (`snapshot_props`, JSON).
@@ -219,7 +223,12 @@ impl VdbRecord {
             .map(|(_, v)| v.split(',').next().unwrap_or("").trim().to_string())
             .filter(|h| !h.is_empty() && h != "*" && h != "0.0.0.0")
             .unwrap_or_else(|| "127.0.0.1".into());
-        format!("postgresql://postgres@{host}:{}/postgres", self.port)
+        let user = self
+            .logins
+            .as_ref()
+            .and_then(|l| l.user.as_deref())
+            .unwrap_or("postgres");
+        format!("postgresql://{user}@{host}:{}/postgres", self.port)
     }
 
     pub fn parent_dataset(&self) -> &str {
@@ -445,6 +454,7 @@ mod tests {
             events: vec![],
             history: None,
             owner: None,
+            logins: None,
         };
         assert_eq!(
             rec.tcp_conn(),

@@ -134,6 +134,7 @@ impl VdbService {
         let started = Instant::now();
         let log_tail = || postgres.log_tail(15);
         let say = |m: String| progress.say(m);
+        super::logins::close_tcp(rec, &self.store_dir)?;
         let pid = postgres.start(st, START_TIMEOUT, missing, |mut pid| {
             if !provisioning {
                 return Ok(pid);
@@ -168,6 +169,11 @@ impl VdbService {
             configure::clear_recovery(rec)?;
             Ok(pid)
         })?;
+        if let Err(e) = super::logins::apply(rec, &self.store_dir) {
+            // TCP stays closed: stop it rather than leave a VDB nobody can log in to.
+            self.stop_postgres(rec, st);
+            return Err(e);
+        }
         tracing::info!(vdb = %rec.name, pid, port = rec.port, "VDB postgres running");
         Ok(pid)
     }

@@ -111,6 +111,9 @@ impl VdbService {
             undo_bytes,
             undo_keep: self.undo_keep,
             owner: rec.owner.clone(),
+            user: rec.logins.as_ref().and_then(|l| l.user.clone()),
+            keep_source_logins: rec.logins.as_ref().is_none_or(|l| l.keep_source_logins),
+            password: None,
         })
     }
 
