@@ -130,6 +130,17 @@ pub enum Request {
     VdbDelete {
         name: String,
     },
+    /// `vdbfs vdb protect NAME [--off]`: no TTL or idle TTL deletes it.
+    VdbProtect {
+        name: String,
+        #[serde(default)]
+        off: bool,
+    },
+    /// `vdbfs vdb extend NAME BY`: due BY from now (e.g. 8h); the idle clock starts again.
+    VdbExtend {
+        name: String,
+        by: String,
+    },
     Timeflow {
         dataset: Option<String>,
     },
@@ -181,6 +192,8 @@ impl Request {
             R::VdbRewind { .. } => "vdb_rewind",
             R::VdbRefresh { .. } => "vdb_refresh",
             R::VdbDelete { .. } => "vdb_delete",
+            R::VdbProtect { .. } => "vdb_protect",
+            R::VdbExtend { .. } => "vdb_extend",
             R::Timeflow { .. } => "timeflow",
             R::Scrub { .. } => "scrub",
             R::DatasetAcceptDamage { .. } => "dataset_accept_damage",
@@ -210,6 +223,8 @@ impl Request {
             | R::VdbRewind { name, .. }
             | R::VdbRefresh { name, .. }
             | R::VdbDelete { name }
+            | R::VdbProtect { name, .. }
+            | R::VdbExtend { name, .. }
             | R::DatasetAcceptDamage { name }
             | R::TokenCreate { name, .. }
             | R::TokenRevoke { name } => name.clone(),
@@ -278,7 +293,9 @@ impl Request {
             | R::VdbSnapshot { name, .. }
             | R::VdbRewind { name, .. }
             | R::VdbRefresh { name, .. }
-            | R::VdbDelete { name } => format!("vdbfs vdb status {name}"),
+            | R::VdbDelete { name }
+            | R::VdbProtect { name, .. }
+            | R::VdbExtend { name, .. } => format!("vdbfs vdb status {name}"),
             R::SnapshotCreate { dataset, .. } => format!("vdbfs snapshot list {dataset}"),
             R::Mount { .. } | R::Umount { .. } => "vdbfs status".into(),
             R::Gc => "vdbfs df".into(),
@@ -322,6 +339,12 @@ pub struct VdbSpec {
     /// Production's roles keep their passwords in the VDB (`--keep-source-logins`).
     #[serde(default)]
     pub keep_source_logins: bool,
+    /// Deleted this long after creation (`--ttl 8h`).
+    #[serde(default)]
+    pub ttl: Option<String>,
+    /// Deleted after no client was connected for this long (`--idle-ttl 2h`).
+    #[serde(default)]
+    pub idle_ttl: Option<String>,
 }
 
 /// A VDB as `vdb list/status` show it.
@@ -374,6 +397,15 @@ pub struct VdbStatus {
     /// The owner's password, in `vdb create`'s reply only when vdbfs generated it (shown once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// When it will be deleted (its TTL, or its idle TTL from the last client seen); None:
+    /// never (no TTL, or protected).
+    #[serde(default)]
+    pub expires: Option<String>,
+    #[serde(default)]
+    pub idle_ttl_secs: Option<u64>,
+    /// `vdb protect`: no TTL applies.
+    #[serde(default)]
+    pub protected: bool,
 }
 
 /// An API token as `vdbfs token list` shows it (never the token itself).
@@ -1383,6 +1415,14 @@ mod tests {
                 at_lsn: None,
             },
             Request::VdbDelete { name: name() },
+            Request::VdbProtect {
+                name: name(),
+                off: false,
+            },
+            Request::VdbExtend {
+                name: name(),
+                by: "1h".into(),
+            },
             Request::Timeflow { dataset: None },
             Request::TokenCreate {
                 name: name(),

@@ -134,7 +134,8 @@ pub fn need(req: &Request) -> Need {
         | R::VdbSnapshot { name, .. }
         | R::VdbRewind { name, .. }
         | R::VdbRefresh { name, .. }
-        | R::VdbDelete { name } => Need::Owner(name.clone()),
+        | R::VdbDelete { name }
+        | R::VdbExtend { name, .. } => Need::Owner(name.clone()),
         _ => Need::Admin,
     }
 }

@@ -112,6 +112,10 @@ pub enum Cmd {
         /// 127.0.0.1:7480); requests need a token from `vdbfs token create`.
         #[arg(long, env = "VDBFS_HTTP", value_name = "ADDR:PORT")]
         http: Option<std::net::SocketAddr>,
+        /// Delete VDBs that had no client for this long unless created with --idle-ttl or
+        /// protected (2h, 1d, ...; "off": never).
+        #[arg(long, env = "VDBFS_DEFAULT_IDLE_TTL", default_value = "off")]
+        default_idle_ttl: String,
     },
     /// Show the daemon's pid, its store and the mounts.
     Status,
@@ -529,6 +533,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             keep_undo,
             scrub_every,
             http,
+            default_idle_ttl,
             ..
         } => {
             if json {
@@ -544,6 +549,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     keep_undo,
                     scrub_every,
                     http,
+                    default_idle_ttl,
                 },
             )?
         }

@@ -51,6 +51,27 @@ pub enum VdbCmd {
         /// Let production's roles log in with their passwords (by default the VDB removes them).
         #[arg(long)]
         keep_source_logins: bool,
+        /// Delete it this long after creation (8h, 7d, ...; `vdb extend` moves it).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Delete it once no client was connected for this long (default: serve
+        /// --default-idle-ttl).
+        #[arg(long)]
+        idle_ttl: Option<String>,
+    },
+    /// Exempt a VDB from its TTL and idle TTL (--off: not any more).
+    Protect {
+        /// The VDB.
+        name: String,
+        #[arg(long)]
+        off: bool,
+    },
+    /// Push a VDB's deletion back: due BY from now (8h, 2d, ...); its idle clock starts again.
+    Extend {
+        /// The VDB.
+        name: String,
+        /// How long from now.
+        by: String,
     },
     /// VDBs with their state, port and parent.
     List,
@@ -140,6 +161,8 @@ pub fn run(store: &Path, cmd: VdbCmd, json: bool) -> anyhow::Result<()> {
             user,
             password_file,
             keep_source_logins,
+            ttl,
+            idle_ttl,
         } => {
             let password = password_file
                 .map(|f| {
@@ -164,6 +187,8 @@ pub fn run(store: &Path, cmd: VdbCmd, json: bool) -> anyhow::Result<()> {
                 user,
                 password,
                 keep_source_logins,
+                ttl,
+                idle_ttl,
                 name,
                 from,
                 port,
@@ -184,21 +209,31 @@ pub fn run(store: &Path, cmd: VdbCmd, json: bool) -> anyhow::Result<()> {
             }
             let list: Vec<api::VdbStatus> = serde_json::from_value(r.data)?;
             println!(
-                "{:<20} {:<9} {:>6} {:>10} {:<40} DATA DIR",
-                "NAME", "STATE", "PORT", "UNIQUE", "PARENT"
+                "{:<20} {:<9} {:>6} {:>10} {:<40} {:<21} DATA DIR",
+                "NAME", "STATE", "PORT", "UNIQUE", "PARENT", "EXPIRES"
             );
             for s in list {
+                let expires = match (&s.expires, s.protected) {
+                    (_, true) => "protected".to_string(),
+                    (Some(e), _) => e.clone(),
+                    (None, _) => "-".to_string(),
+                };
                 println!(
-                    "{:<20} {:<9} {:>6} {:>10} {:<40} {}",
+                    "{:<20} {:<9} {:>6} {:>10} {:<40} {:<21} {}",
                     s.name,
                     s.state,
                     s.port,
                     human(s.unique_bytes),
                     s.parent,
+                    expires,
                     s.data_dir.display()
                 );
             }
         }
+        VdbCmd::Protect { name, off } => {
+            say(json, &run_req(store, Request::VdbProtect { name, off })?)
+        }
+        VdbCmd::Extend { name, by } => say(json, &run_req(store, Request::VdbExtend { name, by })?),
         VdbCmd::Status { name } => {
             let r = run_req(store, Request::VdbStatus { name })?;
             if json {

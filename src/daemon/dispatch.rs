@@ -258,6 +258,8 @@ impl Daemon {
             | R::VdbRewind { .. }
             | R::VdbRefresh { .. }
             | R::VdbDelete { .. }
+            | R::VdbProtect { .. }
+            | R::VdbExtend { .. }
             | R::Timeflow { .. }) => self.vdb_request(r, progress),
             r @ (R::TokenCreate { .. } | R::TokenList | R::TokenRevoke { .. }) => {
                 self.token_request(r)
@@ -497,6 +499,18 @@ impl Daemon {
                     message.push_str(", but can no longer refresh (their parent is gone)");
                 }
                 with(message, VdbDeleted { name, children })
+            }
+            Request::VdbProtect { name, off } => {
+                let message = v
+                    .protect(&name, !off)
+                    .map_err(|e| e.context(ctx("protect", &name)))?;
+                with(message, v.brief_status(&name)?)
+            }
+            Request::VdbExtend { name, by } => {
+                let message = v
+                    .extend(&name, &by)
+                    .map_err(|e| e.context(ctx("extend", &name)))?;
+                with(message, v.brief_status(&name)?)
             }
             Request::Timeflow { dataset } => data(self.timeflow(dataset.as_deref())?),
             _ => refuse!(Internal, "not a VDB request"),

@@ -114,6 +114,7 @@ impl Daemon {
         vdb_ports: (u16, u16),
         keep_undo: u32,
         scrub_every: Option<Duration>,
+        default_idle_ttl: Option<Duration>,
     ) -> anyhow::Result<Daemon> {
         if !crate::store::index_path(store_dir).exists() {
             crate::refuse!(
@@ -146,7 +147,8 @@ impl Daemon {
                 sources.clone(),
                 vdb_ports,
             )
-            .keep_undo(keep_undo),
+            .keep_undo(keep_undo)
+            .default_idle_ttl(default_idle_ttl),
         );
         let d = Daemon {
             store_dir: store_dir.to_path_buf(),
@@ -246,6 +248,8 @@ pub struct ServeOptions {
     pub scrub_every: String,
     /// Where the HTTP API listens (`--http ADDR:PORT`); None: no HTTP API.
     pub http: Option<std::net::SocketAddr>,
+    /// The idle TTL of VDBs created without `--idle-ttl` ("off": none).
+    pub default_idle_ttl: String,
 }
 
 /// Runs the daemon of `store_dir` in the foreground until SIGTERM or SIGINT.
@@ -255,7 +259,12 @@ pub fn serve(store_dir: &Path, opts: ServeOptions) -> anyhow::Result<()> {
         keep_undo,
         scrub_every,
         http,
+        default_idle_ttl,
     } = opts;
+    let default_idle_ttl = match default_idle_ttl.trim() {
+        "off" | "never" | "" => None,
+        s => Some(crate::time::parse_interval(s, "--default-idle-ttl")?),
+    };
     let (vdb_ports, scrub_every) = (vdb_ports.as_str(), scrub_every.as_str());
     let vdb_ports = crate::vdb::parse_port_range(vdb_ports)?;
     let scrub_every = match scrub_every.trim() {
@@ -263,7 +272,13 @@ pub fn serve(store_dir: &Path, opts: ServeOptions) -> anyhow::Result<()> {
         s => Some(crate::time::parse_interval(s, "--scrub-every")?),
     };
     raise_fd_limit();
-    let daemon = Arc::new(Daemon::open(store_dir, vdb_ports, keep_undo, scrub_every)?);
+    let daemon = Arc::new(Daemon::open(
+        store_dir,
+        vdb_ports,
+        keep_undo,
+        scrub_every,
+        default_idle_ttl,
+    )?);
     let _ = std::fs::remove_file(socket_path(store_dir));
     daemon.remount()?;
     {
@@ -279,6 +294,10 @@ pub fn serve(store_dir: &Path, opts: ServeOptions) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("archiver".into())
             .spawn(move || d.archiver())?;
+        let d = daemon.clone();
+        std::thread::Builder::new()
+            .name("expirer".into())
+            .spawn(move || d.expirer())?;
         let d = daemon.clone();
         std::thread::Builder::new()
             .name("preparer".into())

@@ -102,6 +102,17 @@ impl VdbService {
             .filter(|_| spec.user.is_some())
             .map(super::logins::verifier)
             .transpose()?;
+        let ttl = spec
+            .ttl
+            .as_deref()
+            .map(|t| crate::time::parse_interval(t, "--ttl"))
+            .transpose()?;
+        let idle_ttl = spec
+            .idle_ttl
+            .as_deref()
+            .map(|t| crate::time::parse_interval(t, "--idle-ttl"))
+            .transpose()?
+            .or(self.default_idle_ttl);
         let port = super::pick_port(spec.port, self.ports, &self.taken_ports()?)?;
         let mut rec = VdbRecord {
             v: 1,
@@ -129,6 +140,11 @@ impl VdbService {
                 verifier,
                 keep_source_logins: spec.keep_source_logins,
             }),
+            lifetime: super::lifetime::Lifetime {
+                expires: ttl.map(|d| crate::time::now_unix() + d.as_secs() as i64),
+                idle_ttl_secs: idle_ttl.map(|d| d.as_secs()),
+                protected: false,
+            },
         };
         let dir = rec.dir(&self.store_dir);
         if dir.0.exists() {
@@ -202,6 +218,7 @@ impl VdbService {
                     t.elapsed().as_secs_f64()
                 ));
                 tracing::info!(vdb = %name, parent = %parent, port = rec.port, ms = t.elapsed().as_millis() as u64, "VDB created");
+                self.idle.touch(&name, crate::time::now_unix());
                 let mut st = self.status_of(&rec, false)?;
                 st.password = generated;
                 Ok(st)

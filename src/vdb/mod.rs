@@ -30,6 +30,7 @@ pub mod configure;
 mod create;
 mod history;
 pub mod hooks;
+pub mod lifetime;
 pub mod logins;
 mod provision;
 mod service;
@@ -132,6 +133,9 @@ pub struct VdbRecord {
     /// Who logs in over TCP (None for VDBs made before vdbfs managed it: as they were).
     #[serde(default)]
     pub logins: Option<logins::Logins>,
+    /// Its TTL, idle TTL and protection.
+    #[serde(default)]
+    pub lifetime: lifetime::Lifetime,
 }
 
 /// Properties recorded with a VDB's snapshot (`snapshot_props`, JSON).
@@ -455,6 +459,7 @@ mod tests {
             history: None,
             owner: None,
             logins: None,
+            lifetime: Default::default(),
         };
         assert_eq!(
             rec.tcp_conn(),
