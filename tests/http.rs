@@ -391,3 +391,83 @@ fn production_logins_fail_on_a_vdb_and_the_owners_works() {
     fails("produser", "prod-pw", &p1, "v1 after a restart");
     works("alice", "alice-pw-1", &p1, "v1 after a restart");
 }
+
+/// Lifetimes with short durations: a VDB whose `--ttl` ran out and one that had no client for
+/// its `--idle-ttl` are deleted by the daemon (logged, their snapshots with them); a protected
+/// one, an extended one and one with a client connected stay; `vdb list` shows when each is due.
+#[test]
+fn vdbs_expire_by_ttl_and_idle_ttl_unless_protected_or_extended() {
+    let s = setup(5);
+    let d = &s.d;
+    let snap = &s.snap;
+    let t0 = std::time::Instant::now();
+    create(d, "ttl1", snap, &["--ttl", "4s"]);
+    vdb(d, &["snapshot", "ttl1", "--name", "s1"]);
+    create(d, "idle1", snap, &["--idle-ttl", "4s"]);
+    create(d, "prot1", snap, &["--ttl", "4s"]);
+    vdb(d, &["protect", "prot1"]);
+    create(d, "ext1", snap, &["--ttl", "4s"]);
+    vdb(d, &["extend", "ext1", "1h"]);
+    let busy = create(d, "busy1", snap, &["--idle-ttl", "4s"]);
+    // A client that stays connected for a while keeps busy1 alive.
+    let client = clean_pg_env(&pg("psql"))
+        .args(PSQL_FLAGS)
+        .args(["-d", &busy.conn, "-c", "SELECT pg_sleep(12)"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _reap = Reap(client);
+
+    let listed = d.ok(&["vdb", "list"]);
+    let line = |n: &str| {
+        listed
+            .lines()
+            .find(|l| l.starts_with(n))
+            .unwrap_or_else(|| panic!("{n} not listed:\n{listed}"))
+            .to_string()
+    };
+    assert!(line("prot1").contains("protected"), "{listed}");
+    let st = status(d, "ttl1");
+    assert!(st["expires"].is_string(), "{st}");
+    assert!(status(d, "prot1")["expires"].is_null());
+
+    let gone = |n: &str| !list_names(d).iter().any(|x| x == n);
+    assert!(
+        wait_until(Duration::from_secs(30), || gone("ttl1") && gone("idle1")),
+        "ttl1 and idle1 should be deleted within 30 s; left: {:?}\n{}",
+        list_names(d),
+        d.log_tail(30)
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_secs(4),
+        "deleted before their time"
+    );
+    let names = list_names(d);
+    for n in ["prot1", "ext1", "busy1"] {
+        assert!(names.iter().any(|x| x == n), "{n} must stay: {names:?}");
+    }
+    let snaps = d.ok(&["snapshot", "list", "--json"]);
+    assert!(!snaps.contains("\"ttl1@"), "ttl1's snapshots go with it: {snaps}");
+    let log = d.log();
+    assert!(
+        log.contains("VDB ttl1 expired: its TTL ran out")
+            && log.contains("VDB idle1 expired: no client was connected")
+            && log.lines().any(|l| l.contains("op=\"vdb_delete\"") && l.contains("by=ttl")),
+        "expiry should be logged:\n{}",
+        d.log_tail(40)
+    );
+    // Once its client is gone, busy1 goes too.
+    assert!(
+        wait_until(Duration::from_secs(40), || gone("busy1")),
+        "busy1 should be deleted once idle: {:?}",
+        list_names(d)
+    );
+    assert!(list_names(d).iter().any(|x| x == "prot1"));
+}
