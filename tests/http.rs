@@ -471,3 +471,95 @@ fn vdbs_expire_by_ttl_and_idle_ttl_unless_protected_or_extended() {
     );
     assert!(list_names(d).iter().any(|x| x == "prot1"));
 }
+
+/// The web page in a real browser (headless Chromium): a wrong token is refused, a right one
+/// signs in; the source's TimeFlow is drawn with its snapshots and provisionable range; a VDB
+/// created from the page at a moment appears running with its owner, and deleting it from the
+/// page removes it. A failing run leaves a screenshot under target/browser-screenshots/.
+#[test]
+fn web_page_signs_in_shows_the_timeflow_creates_and_deletes_a_vdb() {
+    let mut s = setup(7);
+    let http = s.d.serve_http();
+    let d = &s.d;
+    wait_syncing(d, "prod");
+    let token = d.token("web", "admin", None);
+    let st = crate::util::source::status(d, "prod");
+    let at = st["ranges"][0]["to_time"]
+        .as_str()
+        .unwrap_or_else(|| panic!("source status has no range: {st}"))
+        .to_string();
+
+    let mut b = crate::util::browser::Browser::start("web_page");
+    b.navigate(&format!("{}/", http.base));
+    let set = |b: &mut crate::util::browser::Browser, id: &str, v: &str| {
+        b.eval(&format!(
+            "document.getElementById({}).value = {}",
+            json!(id),
+            json!(v)
+        ));
+    };
+    let t = Duration::from_secs(30);
+    set(&mut b, "token", "vdbfs_wrong");
+    b.eval("document.getElementById('signin-btn').click()");
+    assert!(
+        b.wait(t, "document.getElementById('error').textContent.includes('no valid API token')"),
+        "a wrong token should be refused on the page"
+    );
+    assert!(b.eval("document.getElementById('app').hidden") == json!(true));
+
+    set(&mut b, "token", &token);
+    b.eval("document.getElementById('signin-btn').click()");
+    assert!(
+        b.wait(t, "!document.getElementById('app').hidden"),
+        "signing in with a valid token failed: {}",
+        b.eval("document.getElementById('error').textContent")
+    );
+    // The TimeFlow: prod's two snapshots and its provisionable range.
+    assert!(
+        b.wait(
+            t,
+            "document.querySelectorAll('svg.timeflow[data-source=\"prod\"] circle.snapshot').length >= 2 \
+             && document.querySelector('svg.timeflow[data-source=\"prod\"] rect.range') !== null"
+        ),
+        "the TimeFlow of prod is not drawn: {}",
+        b.eval("document.getElementById('sources').innerHTML")
+    );
+    let drawn = b.eval(
+        "[...document.querySelectorAll('svg.timeflow[data-source=\"prod\"] circle.snapshot')]\
+         .map(c => c.dataset.name)",
+    );
+    assert!(
+        drawn.as_array().unwrap().iter().any(|n| n == s.snap.as_str()),
+        "snapshot {} not drawn: {drawn}",
+        s.snap
+    );
+
+    // Create a VDB at a moment from the page.
+    set(&mut b, "c-name", "web1");
+    set(&mut b, "c-from", "prod");
+    set(&mut b, "c-at", &at);
+    b.eval("document.getElementById('c-submit').click()");
+    let row = "document.querySelector('tr.vdb[data-name=\"web1\"]')";
+    assert!(
+        b.wait(
+            Duration::from_secs(120),
+            &format!("{row} && {row}.querySelector('.state').textContent === 'running'")
+        ),
+        "web1 did not appear running on the page: {}",
+        b.eval("document.getElementById('error').textContent")
+    );
+    assert!(b.eval(&format!("{row}.textContent")).as_str().unwrap().contains("web"));
+    let st = status(d, "web1");
+    assert_eq!(st["owner"], "web");
+    assert_eq!(Vdb::of(&st).sql("SELECT count(*) FROM marker"), "7");
+
+    // Delete it from the page.
+    b.eval(&format!("{row}.querySelector('button.delete').click()"));
+    assert!(
+        b.wait(Duration::from_secs(60), &format!("{row} === null")),
+        "web1 still shown after delete: {}",
+        b.eval("document.getElementById('error').textContent")
+    );
+    assert!(!list_names(d).iter().any(|n| n == "web1"));
+    b.screenshot("web_page-done");
+}

@@ -25,6 +25,7 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod browser;
 pub mod daemon;
 pub mod http;
 pub mod mount;
