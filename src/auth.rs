@@ -150,7 +150,10 @@ pub fn authorize(
     let forbidden = |what: String| {
         Refusal::new(
             ErrorKind::Forbidden,
-            format!("token {} (role {}) may not {what}", caller.name, caller.role),
+            format!(
+                "token {} (role {}) may not {what}",
+                caller.name, caller.role
+            ),
         )
     };
     let op = req.op().replace('_', " ");
@@ -221,9 +224,18 @@ mod tests {
         let c = authenticate(&recs, Some(&t), 99).unwrap();
         assert_eq!((c.name.as_str(), c.role), ("ci", Role::Developer));
         let kind = |r: Result<Caller, Refusal>| r.unwrap_err().kind;
-        assert_eq!(kind(authenticate(&recs, Some(&t), 100)), ErrorKind::Unauthenticated);
-        assert_eq!(kind(authenticate(&recs, Some("vdbfs_x"), 0)), ErrorKind::Unauthenticated);
-        assert_eq!(kind(authenticate(&recs, None, 0)), ErrorKind::Unauthenticated);
+        assert_eq!(
+            kind(authenticate(&recs, Some(&t), 100)),
+            ErrorKind::Unauthenticated
+        );
+        assert_eq!(
+            kind(authenticate(&recs, Some("vdbfs_x"), 0)),
+            ErrorKind::Unauthenticated
+        );
+        assert_eq!(
+            kind(authenticate(&recs, None, 0)),
+            ErrorKind::Unauthenticated
+        );
         assert!(!serde_json::to_string(&recs[0]).unwrap().contains(&t));
     }
 
@@ -262,7 +274,11 @@ mod tests {
         let Request::VdbCreate(spec) = r else {
             unreachable!()
         };
-        assert_eq!(spec.owner.as_deref(), Some("alice"), "a developer's VDB is theirs");
+        assert_eq!(
+            spec.owner.as_deref(),
+            Some("alice"),
+            "a developer's VDB is theirs"
+        );
         assert_eq!(check(create("b1@s", vec![])), Err(ErrorKind::Forbidden));
         assert_eq!(check(create("a1@s", vec![])), Ok(()));
         assert_eq!(

@@ -114,12 +114,24 @@ fn tokens_roles_and_status_codes_over_http() {
     assert_eq!(made.status, 200, "{made:?}");
     assert_eq!(made.json()["data"]["name"], "d1");
     let again = http.post(Some(&admin), "dataset_create", json!({"name": "d1"}));
-    assert_eq!((again.status, again.json()["kind"].clone()), (409, json!("conflict")));
+    assert_eq!(
+        (again.status, again.json()["kind"].clone()),
+        (409, json!("conflict"))
+    );
     let missing = http.post(Some(&admin), "vdb_stop", json!({"name": "nope"}));
-    assert_eq!((missing.status, missing.json()["kind"].clone()), (404, json!("not_found")));
+    assert_eq!(
+        (missing.status, missing.json()["kind"].clone()),
+        (404, json!("not_found"))
+    );
     let bad = http.post(Some(&admin), "dataset_create", json!({"name": "a/b"}));
-    assert_eq!((bad.status, bad.json()["kind"].clone()), (400, json!("invalid")));
-    assert_eq!(http.post_raw(Some(&admin), "dataset_create", "{").status, 400);
+    assert_eq!(
+        (bad.status, bad.json()["kind"].clone()),
+        (400, json!("invalid"))
+    );
+    assert_eq!(
+        http.post_raw(Some(&admin), "dataset_create", "{").status,
+        400
+    );
     assert_eq!(http.post(Some(&admin), "no_such_op", json!({})).status, 400);
     assert_eq!(
         http.get(Some(&admin), "/api/v1/gc").status,
@@ -139,7 +151,11 @@ fn tokens_roles_and_status_codes_over_http() {
         ("token_create", json!({"name": "x", "role": "admin"})),
     ] {
         let r = http.post(Some(&dev), op, body);
-        assert_eq!((r.status, r.json()["kind"].clone()), (403, json!("forbidden")), "{op}: {r:?}");
+        assert_eq!(
+            (r.status, r.json()["kind"].clone()),
+            (403, json!("forbidden")),
+            "{op}: {r:?}"
+        );
     }
     assert!(!d.ok(&["dataset", "list"]).contains("d2"));
 
@@ -182,7 +198,9 @@ fn tokens_roles_and_status_codes_over_http() {
     assert_eq!(http.get(Some(&short), "/api/v1/vdb_list").status, 401);
     let listed = d.ok(&["token", "list"]);
     assert!(
-        listed.lines().any(|l| l.starts_with("short") && l.contains("(expired)")),
+        listed
+            .lines()
+            .any(|l| l.starts_with("short") && l.contains("(expired)")),
         "{listed}"
     );
     let dup = d.vdbfs(&["token", "create", "ops", "--role", "admin"]);
@@ -194,15 +212,28 @@ fn tokens_roles_and_status_codes_over_http() {
     assert_eq!(m.status, 200, "{m:?}");
     let m = parse_metrics(&m.body);
     assert_eq!(
-        sample(&m, "vdbfs_operations_total", "op=\"dataset_create\",outcome=\"ok\""),
+        sample(
+            &m,
+            "vdbfs_operations_total",
+            "op=\"dataset_create\",outcome=\"ok\""
+        ),
         Some(1.0),
         "{m:?}"
     );
     assert_eq!(
-        sample(&m, "vdbfs_operations_total", "op=\"dataset_create\",outcome=\"conflict\""),
+        sample(
+            &m,
+            "vdbfs_operations_total",
+            "op=\"dataset_create\",outcome=\"conflict\""
+        ),
         Some(1.0)
     );
-    assert!(sample(&m, "vdbfs_operations_total", "op=\"gc\",outcome=\"forbidden\"").is_some());
+    assert!(sample(
+        &m,
+        "vdbfs_operations_total",
+        "op=\"gc\",outcome=\"forbidden\""
+    )
+    .is_some());
     assert!(sample(&m, "vdbfs_store_free_bytes", "").is_some_and(|v| v > 0.0));
     assert!(sample(&m, "vdbfs_store_physical_bytes", "").is_some());
 
@@ -211,7 +242,10 @@ fn tokens_roles_and_status_codes_over_http() {
     assert_eq!(page.status, 200);
     assert!(page.body.contains("<title>vdbfs</title>"));
     for outside in ["src=\"http", "href=\"http", "@import", "url(http"] {
-        assert!(!page.body.contains(outside), "the page must load nothing from elsewhere: {outside}");
+        assert!(
+            !page.body.contains(outside),
+            "the page must load nothing from elsewhere: {outside}"
+        );
     }
 }
 
@@ -229,7 +263,13 @@ fn developers_create_vdbs_at_once_and_manage_only_their_own() {
 
     let create = |token: String, name: &'static str| {
         let http = http.clone();
-        std::thread::spawn(move || http.post(Some(&token), "vdb_create", json!({"name": name, "from": "prod"})))
+        std::thread::spawn(move || {
+            http.post(
+                Some(&token),
+                "vdb_create",
+                json!({"name": name, "from": "prod"}),
+            )
+        })
     };
     let (a, b) = (create(alice.clone(), "a1"), create(bob.clone(), "b1"));
     let (a, b) = (a.join().unwrap(), b.join().unwrap());
@@ -246,9 +286,17 @@ fn developers_create_vdbs_at_once_and_manage_only_their_own() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| (v["name"].as_str().unwrap().into(), v["owner"].as_str().unwrap().into()))
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().into(),
+                v["owner"].as_str().unwrap().into(),
+            )
+        })
         .collect();
-    assert_eq!(owners, [("a1".into(), "alice".into()), ("b1".into(), "bob".into())]);
+    assert_eq!(
+        owners,
+        [("a1".into(), "alice".into()), ("b1".into(), "bob".into())]
+    );
 
     for (op, body) in [
         ("vdb_stop", json!({"name": "b1"})),
@@ -256,26 +304,61 @@ fn developers_create_vdbs_at_once_and_manage_only_their_own() {
         ("vdb_status", json!({"name": "b1"})),
         ("vdb_snapshot", json!({"name": "b1"})),
         ("vdb_create", json!({"name": "a2", "from": "b1"})),
-        ("vdb_create", json!({"name": "a3", "from": "prod", "settings": ["work_mem=1MB"]})),
-        ("vdb_create", json!({"name": "a4", "from": "prod", "hooks": "/tmp"})),
+        (
+            "vdb_create",
+            json!({"name": "a3", "from": "prod", "settings": ["work_mem=1MB"]}),
+        ),
+        (
+            "vdb_create",
+            json!({"name": "a4", "from": "prod", "hooks": "/tmp"}),
+        ),
     ] {
         let r = http.post(Some(&alice), op, body.clone());
-        assert_eq!((r.status, r.json()["kind"].clone()), (403, json!("forbidden")), "{op} {body}: {r:?}");
+        assert_eq!(
+            (r.status, r.json()["kind"].clone()),
+            (403, json!("forbidden")),
+            "{op} {body}: {r:?}"
+        );
     }
     let stopped = http.post(Some(&alice), "vdb_stop", json!({"name": "a1"}));
     assert_eq!(stopped.status, 200, "{stopped:?}");
     assert_eq!(stopped.json()["data"]["state"], "stopped");
-    let snap = http.post(Some(&alice), "vdb_snapshot", json!({"name": "a1", "snapshot": "s1"}));
+    let snap = http.post(
+        Some(&alice),
+        "vdb_snapshot",
+        json!({"name": "a1", "snapshot": "s1"}),
+    );
     assert_eq!(snap.status, 200, "{snap:?}");
 
     // The metrics know both VDBs and their states.
     let m = parse_metrics(&http.get(Some(&admin), "/metrics").body);
-    assert_eq!(sample(&m, "vdbfs_vdb_state", "vdb=\"a1\",state=\"stopped\""), Some(1.0));
-    assert_eq!(sample(&m, "vdbfs_vdb_state", "vdb=\"b1\",state=\"running\""), Some(1.0));
-    assert!(sample(&m, "vdbfs_source_lag_bytes", "source=\"prod\"").is_some(), "{m:?}");
-    assert!(sample(&m, "vdbfs_source_last_snapshot_age_seconds", "source=\"prod\"").is_some());
+    assert_eq!(
+        sample(&m, "vdbfs_vdb_state", "vdb=\"a1\",state=\"stopped\""),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&m, "vdbfs_vdb_state", "vdb=\"b1\",state=\"running\""),
+        Some(1.0)
+    );
+    assert!(
+        sample(&m, "vdbfs_source_lag_bytes", "source=\"prod\"").is_some(),
+        "{m:?}"
+    );
+    assert!(sample(
+        &m,
+        "vdbfs_source_last_snapshot_age_seconds",
+        "source=\"prod\""
+    )
+    .is_some());
     assert!(sample(&m, "vdbfs_vdb_age_seconds", "vdb=\"b1\"").is_some());
-    assert_eq!(sample(&m, "vdbfs_operations_total", "op=\"vdb_create\",outcome=\"ok\""), Some(2.0));
+    assert_eq!(
+        sample(
+            &m,
+            "vdbfs_operations_total",
+            "op=\"vdb_create\",outcome=\"ok\""
+        ),
+        Some(2.0)
+    );
 
     // Bob deletes his own with the CLI over HTTP; alice's stays.
     let out = d.vdbfs_http(&http, &bob, &["vdb", "delete", "b1"]);
@@ -336,14 +419,24 @@ fn production_logins_fail_on_a_vdb_and_the_owners_works() {
     let v1: Value = serde_json::from_str(&vdb(
         d,
         &[
-            "create", "v1", "--from", &snap, "--user", "alice", "--password-file",
-            pwfile.to_str().unwrap(), "--json",
+            "create",
+            "v1",
+            "--from",
+            &snap,
+            "--user",
+            "alice",
+            "--password-file",
+            pwfile.to_str().unwrap(),
+            "--json",
         ],
     ))
     .unwrap();
     let p1 = v1["port"].clone();
     assert_eq!(v1["user"], "alice");
-    assert!(v1["password"].is_null(), "a given password is not echoed: {v1}");
+    assert!(
+        v1["password"].is_null(),
+        "a given password is not echoed: {v1}"
+    );
     assert_eq!(
         v1["tcp_conn"],
         format!("postgresql://alice@127.0.0.1:{p1}/postgres")
@@ -362,7 +455,10 @@ fn production_logins_fail_on_a_vdb_and_the_owners_works() {
         &["create", "v2", "--from", &snap, "--user", "bob", "--json"],
     ))
     .unwrap();
-    let pw = v2["password"].as_str().expect("a generated password").to_string();
+    let pw = v2["password"]
+        .as_str()
+        .expect("a generated password")
+        .to_string();
     assert!(pw.len() >= 20, "{pw}");
     works("bob", &pw, &v2["port"], "v2");
     assert!(
@@ -377,10 +473,22 @@ fn production_logins_fail_on_a_vdb_and_the_owners_works() {
     // --keep-source-logins: production's login works there.
     let v3: Value = serde_json::from_str(&vdb(
         d,
-        &["create", "v3", "--from", &snap, "--keep-source-logins", "--json"],
+        &[
+            "create",
+            "v3",
+            "--from",
+            &snap,
+            "--keep-source-logins",
+            "--json",
+        ],
     ))
     .unwrap();
-    works("produser", "prod-pw", &v3["port"], "v3 (--keep-source-logins)");
+    works(
+        "produser",
+        "prod-pw",
+        &v3["port"],
+        "v3 (--keep-source-logins)",
+    );
 
     // A refresh brings production's roles back with the data; they stay locked out.
     vdb(d, &["refresh", "v1"]);
@@ -454,12 +562,17 @@ fn vdbs_expire_by_ttl_and_idle_ttl_unless_protected_or_extended() {
         assert!(names.iter().any(|x| x == n), "{n} must stay: {names:?}");
     }
     let snaps = d.ok(&["snapshot", "list", "--json"]);
-    assert!(!snaps.contains("\"ttl1@"), "ttl1's snapshots go with it: {snaps}");
+    assert!(
+        !snaps.contains("\"ttl1@"),
+        "ttl1's snapshots go with it: {snaps}"
+    );
     let log = d.log();
     assert!(
         log.contains("VDB ttl1 expired: its TTL ran out")
             && log.contains("VDB idle1 expired: no client was connected")
-            && log.lines().any(|l| l.contains("op=\"vdb_delete\"") && l.contains("by=ttl")),
+            && log
+                .lines()
+                .any(|l| l.contains("op=\"vdb_delete\"") && l.contains("by=ttl")),
         "expiry should be logged:\n{}",
         d.log_tail(40)
     );
@@ -502,7 +615,10 @@ fn web_page_signs_in_shows_the_timeflow_creates_and_deletes_a_vdb() {
     set(&mut b, "token", "vdbfs_wrong");
     b.eval("document.getElementById('signin-btn').click()");
     assert!(
-        b.wait(t, "document.getElementById('error').textContent.includes('no valid API token')"),
+        b.wait(
+            t,
+            "document.getElementById('error').textContent.includes('no valid API token')"
+        ),
         "a wrong token should be refused on the page"
     );
     assert!(b.eval("document.getElementById('app').hidden") == json!(true));
@@ -529,7 +645,11 @@ fn web_page_signs_in_shows_the_timeflow_creates_and_deletes_a_vdb() {
          .map(c => c.dataset.name)",
     );
     assert!(
-        drawn.as_array().unwrap().iter().any(|n| n == s.snap.as_str()),
+        drawn
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == s.snap.as_str()),
         "snapshot {} not drawn: {drawn}",
         s.snap
     );
@@ -548,7 +668,11 @@ fn web_page_signs_in_shows_the_timeflow_creates_and_deletes_a_vdb() {
         "web1 did not appear running on the page: {}",
         b.eval("document.getElementById('error').textContent")
     );
-    assert!(b.eval(&format!("{row}.textContent")).as_str().unwrap().contains("web"));
+    assert!(b
+        .eval(&format!("{row}.textContent"))
+        .as_str()
+        .unwrap()
+        .contains("web"));
     let st = status(d, "web1");
     assert_eq!(st["owner"], "web");
     assert_eq!(Vdb::of(&st).sql("SELECT count(*) FROM marker"), "7");

@@ -393,7 +393,10 @@ impl Daemon {
             Request::TokenList => data(self.tokens.list()?.iter().map(info).collect::<Vec<_>>()),
             Request::TokenRevoke { name } => {
                 let Some(t) = self.tokens.get(&name)? else {
-                    refuse!(NotFound, "no API token {name} ('vdbfs token list' shows them)");
+                    refuse!(
+                        NotFound,
+                        "no API token {name} ('vdbfs token list' shows them)"
+                    );
                 };
                 self.tokens.remove(&name)?;
                 with(
@@ -417,8 +420,7 @@ impl Daemon {
                     (Some(u), None, _) => format!("{u}'s password from --password-file"),
                     (None, _, true) => "the source's passwords".into(),
                     (None, _, false) => {
-                        "no login: production's passwords are removed; --user NAME makes one"
-                            .into()
+                        "no login: production's passwords are removed; --user NAME makes one".into()
                     }
                 };
                 Ok((

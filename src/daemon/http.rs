@@ -56,10 +56,7 @@ pub(super) async fn run(
 }
 
 async fn page() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        PAGE,
-    )
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE)
 }
 
 fn bearer(headers: &HeaderMap) -> Option<String> {
@@ -71,11 +68,9 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
 }
 
 fn reply(r: Response) -> axum::response::Response {
-    let status = r
-        .kind
-        .map_or(StatusCode::OK, |k| {
-            StatusCode::from_u16(k.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-        });
+    let status = r.kind.map_or(StatusCode::OK, |k| {
+        StatusCode::from_u16(k.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    });
     let mut resp = (status, axum::Json(r)).into_response();
     if status == StatusCode::UNAUTHORIZED {
         resp.headers_mut().insert(
@@ -92,13 +87,19 @@ async fn metrics(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> axum::resp
         Err(r) => Err(r),
         Ok(_) => d.metrics_text().map_err(|e| {
             tracing::error!("cannot gather the metrics: {e:#}");
-            Response::failed(ErrorKind::Internal, format!("cannot gather the metrics: {e:#}"))
+            Response::failed(
+                ErrorKind::Internal,
+                format!("cannot gather the metrics: {e:#}"),
+            )
         }),
     })
     .await;
     match r {
         Ok(Ok(text)) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             text,
         )
             .into_response(),
@@ -159,9 +160,9 @@ async fn answer(
     let token = bearer(&headers);
     let r = tokio::task::spawn_blocking(move || d.http_request(token.as_deref(), &op, fields, get))
         .await;
-    reply(r.unwrap_or_else(|e| {
-        Response::failed(ErrorKind::Internal, format!("internal error: {e}"))
-    }))
+    reply(
+        r.unwrap_or_else(|e| Response::failed(ErrorKind::Internal, format!("internal error: {e}"))),
+    )
 }
 
 impl Daemon {
@@ -198,10 +199,7 @@ impl Daemon {
             Ok(f) => f,
             Err(m) => return invalid(m),
         };
-        if fields
-            .get("op")
-            .is_some_and(|o| o.as_str() != Some(op))
-        {
+        if fields.get("op").is_some_and(|o| o.as_str() != Some(op)) {
             return invalid(format!("the body's \"op\" is not {op:?}, the path's"));
         }
         fields.insert("op".into(), Value::String(op.to_string()));

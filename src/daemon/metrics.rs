@@ -11,9 +11,12 @@ use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-/// Control operations answered: (op, outcome: "ok" or the error kind) -> (count, seconds).
+/// (op, outcome: "ok" or the error kind).
+type OpKey = (&'static str, &'static str);
+
+/// Control operations answered: (op, outcome) -> (count, seconds).
 #[derive(Default)]
-pub(super) struct Ops(Mutex<BTreeMap<(&'static str, &'static str), (u64, f64)>>);
+pub(super) struct Ops(Mutex<BTreeMap<OpKey, (u64, f64)>>);
 
 impl Ops {
     pub(super) fn count(&self, op: &'static str, outcome: &'static str, secs: f64) {
@@ -95,7 +98,9 @@ impl Daemon {
             "1 when the source's last snapshot has a ready prepared image",
             &per_source(&|s| {
                 s.last_snapshot.as_ref().map(|l| {
-                    f64::from(u8::from(l.marks.prepared == Some(crate::api::PrepState::Ready)))
+                    f64::from(u8::from(
+                        l.marks.prepared == Some(crate::api::PrepState::Ready),
+                    ))
                 })
             }),
         );
@@ -106,7 +111,9 @@ impl Daemon {
             "1 when the source's last snapshot passed pg_amcheck",
             &per_source(&|s| {
                 s.last_snapshot.as_ref().map(|l| {
-                    f64::from(u8::from(l.marks.verified == Some(crate::api::VerifyState::Ok)))
+                    f64::from(u8::from(
+                        l.marks.verified == Some(crate::api::VerifyState::Ok),
+                    ))
                 })
             }),
         );

@@ -93,7 +93,11 @@ fn ident(s: &str) -> String {
 pub fn sql(l: &Logins) -> String {
     let mut sql = String::new();
     if !l.keep_source_logins {
-        let keep = l.user.as_deref().map(literal).unwrap_or_else(|| "''".into());
+        let keep = l
+            .user
+            .as_deref()
+            .map(literal)
+            .unwrap_or_else(|| "''".into());
         sql.push_str(&format!(
             "DO $vdbfs$ DECLARE r record; BEGIN \
              FOR r IN SELECT rolname FROM pg_authid WHERE rolpassword IS NOT NULL AND rolname <> {keep} LOOP \

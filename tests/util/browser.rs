@@ -130,7 +130,10 @@ impl Browser {
     pub fn navigate(&mut self, url: &str) {
         self.call("Page.navigate", json!({"url": url}));
         assert!(
-            self.wait(Duration::from_secs(30), "document.readyState === 'complete'"),
+            self.wait(
+                Duration::from_secs(30),
+                "document.readyState === 'complete'"
+            ),
             "{url} did not load"
         );
     }

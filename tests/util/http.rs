@@ -16,8 +16,9 @@ impl Got {
     /// The body as JSON (the control API's reply).
     #[track_caller]
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("HTTP {} body is not JSON ({e}): {}", self.status, self.body))
+        serde_json::from_str(&self.body).unwrap_or_else(|e| {
+            panic!("HTTP {} body is not JSON ({e}): {}", self.status, self.body)
+        })
     }
 }
 
