@@ -8,8 +8,12 @@
 //! every request is logged with the token's name; the CLI with `VDBFS_URL` works with no store
 //! and no socket, and its exit status and `--json` error follow the daemon's kind; a `/metrics`
 //! scrape parses as Prometheus text and counts the operations; two developers create VDBs at the
-//! same time and each manages only their own.
+//! same time and each manages only their own; production's logins fail on a VDB and its owner's
+//! works; TTLs and idle TTLs delete VDBs unless protected, extended or in use; the web page works
+//! in headless Chromium; `serve --socket-group` members are developers on the socket.
 
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -686,4 +690,56 @@ fn web_page_signs_in_shows_the_timeflow_creates_and_deletes_a_vdb() {
     );
     assert!(!list_names(d).iter().any(|n| n == "web1"));
     b.screenshot("web_page-done");
+}
+
+/// `serve --socket-group`: members of the group use the control socket as developers named
+/// after their user (SO_PEERCRED), so they list but may not run admin operations; a user outside
+/// the group cannot open the socket; root stays admin.
+#[test]
+fn socket_group_members_use_the_socket_as_developers() {
+    let mut d = Daemon::start();
+    // Let other users reach the socket through the test's directories (search permission).
+    chmod(d.root(), 0o711);
+    chmod(d.store(), 0o711);
+    d.restart_with(&["--socket-group", "postgres"], &[]);
+    let sock = d.store().join("vdbfs.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "the socket should be group read-write");
+    let as_user = |user: &str, args: &[&str]| {
+        let mut c = Command::new("runuser");
+        clean_cli_env(&mut c);
+        c.args(["-u", user, "--", bin(), "--store"])
+            .arg(d.store())
+            .args(args);
+        run_timeout(&mut c, COMMAND_TIMEOUT)
+    };
+    let out = as_user("postgres", &["vdb", "list", "--json"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    let out = as_user("postgres", &["gc", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(err["error"]["kind"], "forbidden", "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("postgres"),
+        "the developer is named after the user: {err}"
+    );
+    let out = as_user("nobody", &["vdb", "list"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("permission denied"),
+        "{}",
+        describe(&out)
+    );
+    d.ok(&["gc"]);
+    assert!(
+        d.log_since_start()
+            .lines()
+            .any(|l| l.contains("op=\"gc\"") && l.contains("by=postgres") && l.contains("refused")),
+        "{}",
+        d.log_since_start()
+    );
 }

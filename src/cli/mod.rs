@@ -116,6 +116,11 @@ pub enum Cmd {
         /// protected (2h, 1d, ...; "off": never).
         #[arg(long, env = "VDBFS_DEFAULT_IDLE_TTL", default_value = "off")]
         default_idle_ttl: String,
+        /// Let members of this group use the control socket (mode 0660) as developers, named
+        /// after their user (SO_PEERCRED); root stays admin. The store directory must let them
+        /// through (search permission).
+        #[arg(long, env = "VDBFS_SOCKET_GROUP", value_name = "GROUP")]
+        socket_group: Option<String>,
     },
     /// Show the daemon's pid, its store and the mounts.
     Status,
@@ -534,6 +539,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             scrub_every,
             http,
             default_idle_ttl,
+            socket_group,
             ..
         } => {
             if json {
@@ -550,6 +556,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     scrub_every,
                     http,
                     default_idle_ttl,
+                    socket_group,
                 },
             )?
         }

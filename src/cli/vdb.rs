@@ -63,6 +63,7 @@ pub enum VdbCmd {
     Protect {
         /// The VDB.
         name: String,
+        /// Remove the protection: its TTL and idle TTL apply again.
         #[arg(long)]
         off: bool,
     },

@@ -142,7 +142,7 @@ fn df(u: StoreUsage) -> Df {
 }
 
 impl Daemon {
-    pub(super) fn respond(&self, line: &str, progress: Progress) -> Response {
+    pub(super) fn respond(&self, caller: &Caller, line: &str, progress: Progress) -> Response {
         let req: Request = match serde_json::from_str(line) {
             Ok(r) => r,
             Err(e) => {
@@ -150,7 +150,7 @@ impl Daemon {
                 return Response::failed(ErrorKind::Invalid, format!("malformed request: {e}"));
             }
         };
-        self.respond_to(&Caller::socket(), req, progress)
+        self.respond_to(caller, req, progress)
     }
 
     /// Answers one request from `caller` (the socket, or an API token): its role and the VDBs'

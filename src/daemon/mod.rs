@@ -250,6 +250,8 @@ pub struct ServeOptions {
     pub http: Option<std::net::SocketAddr>,
     /// The idle TTL of VDBs created without `--idle-ttl` ("off": none).
     pub default_idle_ttl: String,
+    /// Members of this group use the control socket as developers (`--socket-group`).
+    pub socket_group: Option<String>,
 }
 
 /// Runs the daemon of `store_dir` in the foreground until SIGTERM or SIGINT.
@@ -260,6 +262,7 @@ pub fn serve(store_dir: &Path, opts: ServeOptions) -> anyhow::Result<()> {
         scrub_every,
         http,
         default_idle_ttl,
+        socket_group,
     } = opts;
     let default_idle_ttl = match default_idle_ttl.trim() {
         "off" | "never" | "" => None,
@@ -317,7 +320,7 @@ pub fn serve(store_dir: &Path, opts: ServeOptions) -> anyhow::Result<()> {
             ))),
             None => None,
         };
-        let r = server::run(daemon.clone()).await;
+        let r = server::run(daemon.clone(), socket_group).await;
         let _ = stop.0.send(true);
         if let Some(web) = web {
             // Requests still running go on in their threads; the listener does not wait long.
