@@ -76,6 +76,7 @@ require_root() {
 #   postgresql-client-15  psql, pg_amcheck, pg_isready, pg_basebackup
 #   jq                    /usr/bin/jq (scripts read `vdbfs ... --json` with it)
 #   e2fsprogs             /sbin/mkfs.ext4 (the full-disk test makes a small loop-mounted ext4)
+#   chromium              /usr/bin/chromium (the web page's test drives it headless)
 _DEP_FILES=(
     "fuse3:/usr/bin/fusermount3"
     "fuse3:/sbin/mount.fuse3"
@@ -90,6 +91,7 @@ _DEP_FILES=(
     "postgresql-client-15:$PGBIN/pg_basebackup"
     "jq:/usr/bin/jq"
     "e2fsprogs:/sbin/mkfs.ext4"
+    "chromium:/usr/bin/chromium"
 )
 _APT_UPDATED=""
 
@@ -129,7 +131,7 @@ ensure_deps() {
         [[ -e "$file" ]] || die "$file still missing after installing ${entry%%:*}"
     done
     id postgres >/dev/null 2>&1 || die "OS user 'postgres' does not exist (postgresql-common should have created it)"
-    ok "packages: fuse3, postgresql-15, postgresql-client-15, jq, e2fsprogs (PGBIN=$PGBIN)"
+    ok "packages: fuse3, postgresql-15, postgresql-client-15, jq, e2fsprogs, chromium (PGBIN=$PGBIN)"
 
     if [[ ! -c /dev/fuse ]]; then
         modprobe fuse 2>/dev/null || true

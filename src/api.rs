@@ -130,8 +130,31 @@ pub enum Request {
     VdbDelete {
         name: String,
     },
+    /// `vdbfs vdb protect NAME [--off]`: no TTL or idle TTL deletes it.
+    VdbProtect {
+        name: String,
+        #[serde(default)]
+        off: bool,
+    },
+    /// `vdbfs vdb extend NAME BY`: due BY from now (e.g. 8h); the idle clock starts again.
+    VdbExtend {
+        name: String,
+        by: String,
+    },
     Timeflow {
         dataset: Option<String>,
+    },
+    /// `vdbfs token create NAME --role ROLE [--expires 30d]`: an API token for the HTTP API,
+    /// shown once (only its hash is kept).
+    TokenCreate {
+        name: String,
+        role: Role,
+        #[serde(default)]
+        expires: Option<String>,
+    },
+    TokenList,
+    TokenRevoke {
+        name: String,
     },
 }
 
@@ -169,9 +192,14 @@ impl Request {
             R::VdbRewind { .. } => "vdb_rewind",
             R::VdbRefresh { .. } => "vdb_refresh",
             R::VdbDelete { .. } => "vdb_delete",
+            R::VdbProtect { .. } => "vdb_protect",
+            R::VdbExtend { .. } => "vdb_extend",
             R::Timeflow { .. } => "timeflow",
             R::Scrub { .. } => "scrub",
             R::DatasetAcceptDamage { .. } => "dataset_accept_damage",
+            R::TokenCreate { .. } => "token_create",
+            R::TokenList => "token_list",
+            R::TokenRevoke { .. } => "token_revoke",
         }
     }
 
@@ -195,7 +223,11 @@ impl Request {
             | R::VdbRewind { name, .. }
             | R::VdbRefresh { name, .. }
             | R::VdbDelete { name }
-            | R::DatasetAcceptDamage { name } => name.clone(),
+            | R::VdbProtect { name, .. }
+            | R::VdbExtend { name, .. }
+            | R::DatasetAcceptDamage { name }
+            | R::TokenCreate { name, .. }
+            | R::TokenRevoke { name } => name.clone(),
             R::SnapshotCreate { dataset, .. } | R::Mount { dataset, .. } => dataset.clone(),
             R::SnapshotList { dataset } | R::Timeflow { dataset } => {
                 dataset.clone().unwrap_or_default()
@@ -210,6 +242,7 @@ impl Request {
             | R::Gc
             | R::SourceList
             | R::VdbList
+            | R::TokenList
             | R::Scrub { .. } => String::new(),
         }
     }
@@ -228,6 +261,7 @@ impl Request {
                 | R::VdbList
                 | R::VdbStatus { .. }
                 | R::Timeflow { .. }
+                | R::TokenList
         )
     }
 
@@ -259,10 +293,13 @@ impl Request {
             | R::VdbSnapshot { name, .. }
             | R::VdbRewind { name, .. }
             | R::VdbRefresh { name, .. }
-            | R::VdbDelete { name } => format!("vdbfs vdb status {name}"),
+            | R::VdbDelete { name }
+            | R::VdbProtect { name, .. }
+            | R::VdbExtend { name, .. } => format!("vdbfs vdb status {name}"),
             R::SnapshotCreate { dataset, .. } => format!("vdbfs snapshot list {dataset}"),
             R::Mount { .. } | R::Umount { .. } => "vdbfs status".into(),
             R::Gc => "vdbfs df".into(),
+            R::TokenCreate { .. } | R::TokenRevoke { .. } => "vdbfs token list".into(),
             _ => "the daemon's log".into(),
         }
     }
@@ -277,6 +314,7 @@ pub struct VdbSpec {
     pub port: Option<u16>,
     pub mount: Option<PathBuf>,
     /// KEY=VALUE
+    #[serde(default)]
     pub settings: Vec<String>,
     pub hooks: Option<PathBuf>,
     /// A moment of the source `from` names: a time (`--at`)...
@@ -288,6 +326,25 @@ pub struct VdbSpec {
     /// The newest snapshot of `from` that passed verification (`--verified`).
     #[serde(default)]
     pub verified: bool,
+    /// Who owns it (the API token's name that created it; a developer may only touch the VDBs
+    /// they own). The HTTP API sets it from the token; over the socket `--owner`.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// `--user`: a login role for the VDB's owner over TCP...
+    #[serde(default)]
+    pub user: Option<String>,
+    /// ...with this password (`--password-file`; else one is generated and shown once).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Production's roles keep their passwords in the VDB (`--keep-source-logins`).
+    #[serde(default)]
+    pub keep_source_logins: bool,
+    /// Deleted this long after creation (`--ttl 8h`).
+    #[serde(default)]
+    pub ttl: Option<String>,
+    /// Deleted after no client was connected for this long (`--idle-ttl 2h`).
+    #[serde(default)]
+    pub idle_ttl: Option<String>,
 }
 
 /// A VDB as `vdb list/status` show it.
@@ -328,6 +385,47 @@ pub struct VdbStatus {
     pub undo_bytes: u64,
     #[serde(default)]
     pub undo_keep: u32,
+    /// The API token's name that owns it (None: made over the socket without `--owner`).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// The owner's login role over TCP (`--user`), if it has one.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Whether production's roles keep their passwords in it (`--keep-source-logins`).
+    #[serde(default)]
+    pub keep_source_logins: bool,
+    /// The owner's password, in `vdb create`'s reply only when vdbfs generated it (shown once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// When it will be deleted (its TTL, or its idle TTL from the last client seen); None:
+    /// never (no TTL, or protected).
+    #[serde(default)]
+    pub expires: Option<String>,
+    #[serde(default)]
+    pub idle_ttl_secs: Option<u64>,
+    /// `vdb protect`: no TTL applies.
+    #[serde(default)]
+    pub protected: bool,
+}
+
+/// An API token as `vdbfs token list` shows it (never the token itself).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub name: String,
+    pub role: Role,
+    pub created: String,
+    /// When it stops working (RFC 3339); None: never.
+    pub expires: Option<String>,
+    pub expired: bool,
+}
+
+/// `vdbfs token create --json`: the token, shown this once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub name: String,
+    pub role: Role,
+    pub token: String,
+    pub expires: Option<String>,
 }
 
 /// A snapshot or bookmark of a VDB.
@@ -1098,6 +1196,15 @@ impl From<VdbState> for NodeState {
 }
 
 words! {
+    /// What an API token may do: an admin everything, a developer list sources, snapshots and
+    /// VDBs and create, start, stop, snapshot, refresh, rewind and delete the VDBs they own.
+    pub enum Role {
+        Admin = "admin",
+        Developer = "developer",
+    }
+}
+
+words! {
     /// What a row of `vdbfs df` is.
     pub enum RootKind {
         Dataset = "dataset",
@@ -1127,6 +1234,10 @@ words! {
         Internal = "internal",
         /// The client cancelled the operation (Ctrl-C) and it was rolled back.
         Cancelled = "cancelled",
+        /// The HTTP API got no token, an unknown, revoked or expired one.
+        Unauthenticated = "unauthenticated",
+        /// The token's role may not do this, or the VDB belongs to another token.
+        Forbidden = "forbidden",
     }
 }
 
@@ -1152,6 +1263,8 @@ impl ErrorKind {
             ErrorKind::Internal => 500,
             // nginx's "client closed request": nothing standard says "cancelled by the client".
             ErrorKind::Cancelled => 499,
+            ErrorKind::Unauthenticated => 401,
+            ErrorKind::Forbidden => 403,
         }
     }
 }
@@ -1302,7 +1415,22 @@ mod tests {
                 at_lsn: None,
             },
             Request::VdbDelete { name: name() },
+            Request::VdbProtect {
+                name: name(),
+                off: false,
+            },
+            Request::VdbExtend {
+                name: name(),
+                by: "1h".into(),
+            },
             Request::Timeflow { dataset: None },
+            Request::TokenCreate {
+                name: name(),
+                role: Role::Developer,
+                expires: None,
+            },
+            Request::TokenList,
+            Request::TokenRevoke { name: name() },
         ];
         for r in &all {
             let wire = serde_json::to_value(r).unwrap();

@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod archive;
+pub mod auth;
 pub mod catalog;
 pub mod cli;
 pub mod daemon;

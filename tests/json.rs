@@ -33,7 +33,9 @@ fn leaves() -> BTreeSet<String> {
     out
 }
 
-const KINDS: [&str; 7] = [
+const KINDS: [&str; 9] = [
+    "unauthenticated",
+    "forbidden",
     "not_found",
     "conflict",
     "invalid",
@@ -370,6 +372,8 @@ fn every_command_prints_json_and_its_errors_as_json() {
                     "dev1".into(),
                     "--from".into(),
                     snap.clone(),
+                    "--ttl".into(),
+                    "7d".into(),
                 ]),
                 err: Some((
                     vec![
@@ -474,6 +478,58 @@ fn every_command_prints_json_and_its_errors_as_json() {
                 ok: Some(args(&["timeflow", "prod"])),
                 err: Some((args(&["timeflow", "nope"]), "not_found")),
                 check: |v| v.as_array().is_some_and(|a| a.len() == 1),
+            },
+        ),
+        (
+            "vdb extend",
+            Row {
+                ok: Some(args(&["vdb", "extend", "dev1", "8d"])),
+                err: Some((args(&["vdb", "extend", "dev1", "8x"]), "invalid")),
+                check: |v| v["name"] == "dev1" && v["expires"].is_string(),
+            },
+        ),
+        (
+            "vdb protect",
+            Row {
+                ok: Some(args(&["vdb", "protect", "dev1"])),
+                err: Some((args(&["vdb", "protect", "nope"]), "not_found")),
+                check: |v| v["protected"] == true && v["expires"].is_null(),
+            },
+        ),
+        (
+            "token create",
+            Row {
+                ok: Some(args(&["token", "create", "ci", "--role", "developer"])),
+                err: Some((
+                    args(&["token", "create", "ci", "--role", "admin"]),
+                    "conflict",
+                )),
+                check: |v| {
+                    v["name"] == "ci"
+                        && v["role"] == "developer"
+                        && v["token"].as_str().is_some_and(|t| t.starts_with("vdbfs_"))
+                },
+            },
+        ),
+        (
+            "token list",
+            Row {
+                ok: Some(args(&["token", "list"])),
+                err: None,
+                check: |v| {
+                    v.as_array().is_some_and(|a| a.len() == 1)
+                        && v[0]["name"] == "ci"
+                        && v[0].get("token").is_none()
+                        && v[0].get("hash").is_none()
+                },
+            },
+        ),
+        (
+            "token revoke",
+            Row {
+                ok: Some(args(&["token", "revoke", "ci"])),
+                err: Some((args(&["token", "revoke", "ci"]), "not_found")),
+                check: |v| v["name"] == "ci",
             },
         ),
         (

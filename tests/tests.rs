@@ -15,6 +15,7 @@ mod cli;
 mod corruption;
 mod crash;
 mod enospc;
+mod http;
 mod interrupt;
 mod json;
 mod leftovers;

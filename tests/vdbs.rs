@@ -115,6 +115,7 @@ fn two_vdbs_from_one_snapshot_are_isolated_and_pass_amcheck() {
             &port2.to_string(),
             "--mount",
             mnt2.to_str().unwrap(),
+            "--keep-source-logins",
         ],
     );
     assert_eq!(dev2.sql("SELECT count(*) FROM marker"), "300");
@@ -208,7 +209,8 @@ fn two_vdbs_from_one_snapshot_are_isolated_and_pass_amcheck() {
         "a refused umount / dataset delete disturbed dev2"
     );
 
-    // The TCP listener: loopback, scram with the source's passwords.
+    // The TCP listener: loopback, scram with the source's passwords (--keep-source-logins;
+    // without it they are removed, see http::production_logins_fail_on_a_vdb_and_the_owners_works).
     let url = |pw: &str| format!("postgresql://replicator:{pw}@127.0.0.1:{}/postgres", port2);
     let out = try_psql(&url(REPL_PW), "SELECT current_user");
     assert!(

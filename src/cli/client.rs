@@ -118,8 +118,12 @@ fn note(shown: &mut progress::Shown, text: String) {
     });
 }
 
-/// Sends one request and returns the daemon's response (progress lines go to stderr).
+/// Sends one request and returns the daemon's response (progress lines go to stderr); to the
+/// HTTP API instead of the socket when `VDBFS_URL` is set (`super::http`).
 pub fn call(store: &Path, req: &Request) -> anyhow::Result<Response> {
+    if let Some((url, token)) = super::http::from_env() {
+        return super::http::call(&url, token.as_deref(), req);
+    }
     let sock = api::socket_path(store);
     let s = UnixStream::connect(&sock).map_err(|e| cannot_connect(store, &sock, &e))?;
     let _catch = CatchInterrupts::new();

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 mod client;
 mod docs;
+mod http;
 mod libpq;
 mod progress;
 mod vdb;
@@ -53,6 +54,29 @@ pub struct Cli {
     pub cmd: Cmd,
 }
 
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Make a token and print it (this once: only its hash is kept).
+    Create {
+        /// The token's name: what logs show and what owns the VDBs it makes.
+        name: String,
+        /// admin (everything) or developer (list sources, snapshots and VDBs; create, start,
+        /// stop, snapshot, refresh, rewind and delete its own VDBs).
+        #[arg(long, value_parser = ["admin", "developer"])]
+        role: String,
+        /// How long it works: 8h, 30d, ... (default: until revoked).
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// Tokens with their role and expiry (never the tokens).
+    List,
+    /// Revoke a token: requests with it get 401 from now on.
+    Revoke {
+        /// The token's name.
+        name: String,
+    },
+}
+
 /// How `vdbfs serve` writes its log lines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -84,6 +108,19 @@ pub enum Cmd {
         /// Scrub (read back and verify every live block) this often: 12h, 7d, ...; "off" never.
         #[arg(long, env = "VDBFS_SCRUB_EVERY", default_value = "7d")]
         scrub_every: String,
+        /// Also serve the HTTP API, the web page and /metrics at ADDR:PORT (e.g.
+        /// 127.0.0.1:7480); requests need a token from `vdbfs token create`.
+        #[arg(long, env = "VDBFS_HTTP", value_name = "ADDR:PORT")]
+        http: Option<std::net::SocketAddr>,
+        /// Delete VDBs that had no client for this long unless created with --idle-ttl or
+        /// protected (2h, 1d, ...; "off": never).
+        #[arg(long, env = "VDBFS_DEFAULT_IDLE_TTL", default_value = "off")]
+        default_idle_ttl: String,
+        /// Let members of this group use the control socket (mode 0660) as developers, named
+        /// after their user (SO_PEERCRED); root stays admin. The store directory must let them
+        /// through (search permission).
+        #[arg(long, env = "VDBFS_SOCKET_GROUP", value_name = "GROUP")]
+        socket_group: Option<String>,
     },
     /// Show the daemon's pid, its store and the mounts.
     Status,
@@ -139,6 +176,12 @@ pub enum Cmd {
     Vdb {
         #[command(subcommand)]
         cmd: vdb::VdbCmd,
+    },
+    /// API tokens for the HTTP API (`serve --http`): admins may do everything, developers
+    /// manage their own VDBs.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
     },
     /// The tree of datasets, snapshots, bookmarks and VDBs (all, or from one dataset).
     Timeflow {
@@ -494,6 +537,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             vdb_ports,
             keep_undo,
             scrub_every,
+            http,
+            default_idle_ttl,
+            socket_group,
             ..
         } => {
             if json {
@@ -502,7 +548,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     "'vdbfs serve --log-format json' writes its log lines as JSON",
                 ));
             }
-            crate::daemon::serve(&store, &vdb_ports, keep_undo, &scrub_every)?
+            crate::daemon::serve(
+                &store,
+                crate::daemon::ServeOptions {
+                    vdb_ports,
+                    keep_undo,
+                    scrub_every,
+                    http,
+                    default_idle_ttl,
+                    socket_group,
+                },
+            )?
         }
         Cmd::Completions { shell } => {
             if json {
@@ -718,10 +774,63 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Source { cmd } => run_source(&store, cmd, json)?,
         Cmd::Vdb { cmd } => vdb::run(&store, cmd, json)?,
         Cmd::Timeflow { dataset } => vdb::timeflow(&store, dataset, json)?,
+        Cmd::Token { cmd } => run_token(&store, cmd, json)?,
         Cmd::Umount { mountpoint } => {
             let mountpoint = absolute(&mountpoint)?;
             say(json, &run_req(&store, Request::Umount { mountpoint })?);
         }
+    }
+    Ok(())
+}
+
+fn run_token(store: &Path, cmd: TokenCmd, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        TokenCmd::Create {
+            name,
+            role,
+            expires,
+        } => {
+            let role = if role == "admin" {
+                api::Role::Admin
+            } else {
+                api::Role::Developer
+            };
+            let r = run_req(
+                store,
+                Request::TokenCreate {
+                    name: name.clone(),
+                    role,
+                    expires,
+                },
+            )?;
+            say(json, &r);
+            if !json {
+                eprintln!(
+                    "vdbfs: API token {name} ({role}) created; it is shown only this once \
+                     (VDBFS_URL=http://HOST:PORT VDBFS_TOKEN=... vdbfs ... uses it)"
+                );
+            }
+        }
+        TokenCmd::List => {
+            let r = run_req(store, Request::TokenList)?;
+            if json {
+                println!("{}", r.data);
+            } else {
+                let list: Vec<api::TokenInfo> = serde_json::from_value(r.data)?;
+                println!("{:<24} {:<10} {:<21} EXPIRES", "NAME", "ROLE", "CREATED");
+                for t in list {
+                    println!(
+                        "{:<24} {:<10} {:<21} {}{}",
+                        t.name,
+                        t.role,
+                        t.created,
+                        t.expires.as_deref().unwrap_or("never"),
+                        if t.expired { " (expired)" } else { "" }
+                    );
+                }
+            }
+        }
+        TokenCmd::Revoke { name } => say(json, &run_req(store, Request::TokenRevoke { name })?),
     }
     Ok(())
 }

@@ -37,6 +37,42 @@ pub enum VdbCmd {
         /// Hooks directory for this VDB (default STORE/hooks when it exists).
         #[arg(long)]
         hooks: Option<PathBuf>,
+        /// The API token name that owns it (a developer's token may then manage it); over
+        /// the HTTP API a developer's VDB is always theirs.
+        #[arg(long)]
+        owner: Option<String>,
+        /// A login role for the VDB's owner over TCP (password from --password-file, else
+        /// generated and printed once).
+        #[arg(long)]
+        user: Option<String>,
+        /// A file whose first line is the --user's password.
+        #[arg(long, requires = "user")]
+        password_file: Option<PathBuf>,
+        /// Let production's roles log in with their passwords (by default the VDB removes them).
+        #[arg(long)]
+        keep_source_logins: bool,
+        /// Delete it this long after creation (8h, 7d, ...; `vdb extend` moves it).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Delete it once no client was connected for this long (default: serve
+        /// --default-idle-ttl).
+        #[arg(long)]
+        idle_ttl: Option<String>,
+    },
+    /// Exempt a VDB from its TTL and idle TTL (--off: not any more).
+    Protect {
+        /// The VDB.
+        name: String,
+        /// Remove the protection: its TTL and idle TTL apply again.
+        #[arg(long)]
+        off: bool,
+    },
+    /// Push a VDB's deletion back: due BY from now (8h, 2d, ...); its idle clock starts again.
+    Extend {
+        /// The VDB.
+        name: String,
+        /// How long from now.
+        by: String,
     },
     /// VDBs with their state, port and parent.
     List,
@@ -122,8 +158,38 @@ pub fn run(store: &Path, cmd: VdbCmd, json: bool) -> anyhow::Result<()> {
             mount,
             settings,
             hooks,
+            owner,
+            user,
+            password_file,
+            keep_source_logins,
+            ttl,
+            idle_ttl,
         } => {
+            let password = password_file
+                .map(|f| {
+                    std::fs::read_to_string(&f)
+                        .map(|s| s.lines().next().unwrap_or_default().to_string())
+                        .map_err(|e| {
+                            crate::api::refusal(
+                                crate::api::ErrorKind::Invalid,
+                                format!("cannot read --password-file {}: {e}", f.display()),
+                            )
+                        })
+                })
+                .transpose()?;
+            if password.as_deref() == Some("") {
+                return Err(crate::api::refusal(
+                    crate::api::ErrorKind::Invalid,
+                    "--password-file: the first line is empty",
+                ));
+            }
             let spec = VdbSpec {
+                owner,
+                user,
+                password,
+                keep_source_logins,
+                ttl,
+                idle_ttl,
                 name,
                 from,
                 port,
@@ -144,21 +210,31 @@ pub fn run(store: &Path, cmd: VdbCmd, json: bool) -> anyhow::Result<()> {
             }
             let list: Vec<api::VdbStatus> = serde_json::from_value(r.data)?;
             println!(
-                "{:<20} {:<9} {:>6} {:>10} {:<40} DATA DIR",
-                "NAME", "STATE", "PORT", "UNIQUE", "PARENT"
+                "{:<20} {:<9} {:>6} {:>10} {:<40} {:<21} DATA DIR",
+                "NAME", "STATE", "PORT", "UNIQUE", "PARENT", "EXPIRES"
             );
             for s in list {
+                let expires = match (&s.expires, s.protected) {
+                    (_, true) => "protected".to_string(),
+                    (Some(e), _) => e.clone(),
+                    (None, _) => "-".to_string(),
+                };
                 println!(
-                    "{:<20} {:<9} {:>6} {:>10} {:<40} {}",
+                    "{:<20} {:<9} {:>6} {:>10} {:<40} {:<21} {}",
                     s.name,
                     s.state,
                     s.port,
                     human(s.unique_bytes),
                     s.parent,
+                    expires,
                     s.data_dir.display()
                 );
             }
         }
+        VdbCmd::Protect { name, off } => {
+            say(json, &run_req(store, Request::VdbProtect { name, off })?)
+        }
+        VdbCmd::Extend { name, by } => say(json, &run_req(store, Request::VdbExtend { name, by })?),
         VdbCmd::Status { name } => {
             let r = run_req(store, Request::VdbStatus { name })?;
             if json {

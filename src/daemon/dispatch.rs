@@ -13,6 +13,7 @@ use crate::api::{
     Request, Response, RootKind, RootUsage, SnapshotDeleted, SourceUnlinked, SpaceStatus, Status,
     VdbDeleted,
 };
+use crate::auth::{Caller, TokenRecord};
 use crate::refuse;
 use crate::tree::{NameError, StoreUsage};
 use serde_json::Value;
@@ -141,7 +142,7 @@ fn df(u: StoreUsage) -> Df {
 }
 
 impl Daemon {
-    pub(super) fn respond(&self, line: &str, progress: Progress) -> Response {
+    pub(super) fn respond(&self, caller: &Caller, line: &str, progress: Progress) -> Response {
         let req: Request = match serde_json::from_str(line) {
             Ok(r) => r,
             Err(e) => {
@@ -149,7 +150,37 @@ impl Daemon {
                 return Response::failed(ErrorKind::Invalid, format!("malformed request: {e}"));
             }
         };
+        self.respond_to(caller, req, progress)
+    }
+
+    /// Answers one request from `caller` (the socket, or an API token): its role and the VDBs'
+    /// owners decide whether it may (`auth::authorize`), then dispatch. Every request is
+    /// logged with the caller's name (`by`) and counted in the metrics.
+    pub(super) fn respond_to(
+        &self,
+        caller: &Caller,
+        mut req: Request,
+        progress: Progress,
+    ) -> Response {
+        let by = caller.name.as_str();
         let (op, target, reads_only) = (req.op(), req.target(), req.reads_only());
+        let owners = self.vdbs.records().map(|rs| {
+            rs.into_iter()
+                .map(|r| (r.name, r.owner))
+                .collect::<std::collections::HashMap<_, _>>()
+        });
+        let allowed = match &owners {
+            Ok(owners) => crate::auth::authorize(caller, &mut req, |v| owners.get(v).cloned()),
+            Err(e) => Err(Refusal::new(
+                ErrorKind::Internal,
+                format!("cannot read the VDB records: {e:#}"),
+            )),
+        };
+        if let Err(r) = allowed {
+            tracing::info!(op, name = %target, by = %by, kind = %r.kind, "request refused: {r}");
+            self.metrics.count(op, r.kind.as_str(), 0.0);
+            return Response::failed(r.kind, r.message);
+        }
         if req.cancellable() {
             progress.cancel().arm();
         } else {
@@ -158,16 +189,18 @@ impl Daemon {
                 op.replace('_', " ")
             ));
         }
-        tracing::debug!(op, name = %target, "request");
+        tracing::debug!(op, name = %target, by = %by, "request");
         let t = std::time::Instant::now();
         let r = self.handle(req, progress);
-        let ms = (t.elapsed().as_secs_f64() * 1e4).round() / 10.0;
+        let secs = t.elapsed().as_secs_f64();
+        let ms = (secs * 1e4).round() / 10.0;
         match r {
             Ok((message, data)) => {
+                self.metrics.count(op, "ok", secs);
                 if reads_only {
-                    tracing::debug!(op, name = %target, ms, "request done");
+                    tracing::debug!(op, name = %target, by = %by, ms, "request done");
                 } else {
-                    tracing::info!(op, name = %target, ms, "request done");
+                    tracing::info!(op, name = %target, by = %by, ms, "request done");
                 }
                 Response::ok(message, data)
             }
@@ -179,7 +212,8 @@ impl Daemon {
                 } else {
                     kind_of(&e)
                 };
-                tracing::info!(op, name = %target, ms, %kind, "request failed: {e:#}");
+                self.metrics.count(op, kind.as_str(), secs);
+                tracing::info!(op, name = %target, by = %by, ms, %kind, "request failed: {e:#}");
                 let mut r = Response::failed(kind, format!("{e:#}"));
                 r.hint = api::hint_of(&e).or_else(|| {
                     (kind == ErrorKind::Internal).then(|| {
@@ -224,7 +258,12 @@ impl Daemon {
             | R::VdbRewind { .. }
             | R::VdbRefresh { .. }
             | R::VdbDelete { .. }
+            | R::VdbProtect { .. }
+            | R::VdbExtend { .. }
             | R::Timeflow { .. }) => self.vdb_request(r, progress),
+            r @ (R::TokenCreate { .. } | R::TokenList | R::TokenRevoke { .. }) => {
+                self.token_request(r)
+            }
             R::Scrub { rate_mib } => {
                 let rate = rate_mib.unwrap_or(super::scrub::DEFAULT_RATE_MIB);
                 let r = self.scrub("command", rate, progress)?;
@@ -306,6 +345,69 @@ impl Daemon {
         }
     }
 
+    /// `vdbfs token ...`: API tokens for the HTTP API.
+    fn token_request(&self, req: Request) -> anyhow::Result<Reply> {
+        let now = crate::time::now_unix();
+        let info = |t: &TokenRecord| api::TokenInfo {
+            name: t.name.clone(),
+            role: t.role,
+            created: crate::time::rfc3339(t.created),
+            expires: t.expires.map(crate::time::rfc3339),
+            expired: t.expired(now),
+        };
+        match req {
+            Request::TokenCreate {
+                name,
+                role,
+                expires,
+            } => {
+                crate::tree::check_dataset_name(&name)?;
+                if self.tokens.contains(&name)? {
+                    refuse!(
+                        Conflict,
+                        "API token {name} exists already ('vdbfs token revoke {name}' first)"
+                    );
+                }
+                let expires = expires
+                    .map(|e| crate::time::parse_interval(&e, "--expires"))
+                    .transpose()?
+                    .map(|d| now + d.as_secs() as i64);
+                let token = crate::auth::new_token()?;
+                let rec = TokenRecord {
+                    v: 1,
+                    name: name.clone(),
+                    role,
+                    hash: crate::auth::hash(&token),
+                    created: now,
+                    expires,
+                };
+                self.tokens.put(&rec)?;
+                let created = api::TokenCreated {
+                    name,
+                    role,
+                    token: token.clone(),
+                    expires: expires.map(crate::time::rfc3339),
+                };
+                with(token, created)
+            }
+            Request::TokenList => data(self.tokens.list()?.iter().map(info).collect::<Vec<_>>()),
+            Request::TokenRevoke { name } => {
+                let Some(t) = self.tokens.get(&name)? else {
+                    refuse!(
+                        NotFound,
+                        "no API token {name} ('vdbfs token list' shows them)"
+                    );
+                };
+                self.tokens.remove(&name)?;
+                with(
+                    format!("revoked API token {name}: requests with it get 401 from now on"),
+                    info(&t),
+                )
+            }
+            _ => refuse!(Internal, "not a token request"),
+        }
+    }
+
     /// `vdbfs vdb ...` and `vdbfs timeflow`. Every VDB error names the operation and the VDB.
     fn vdb_request(&self, req: Request, progress: Progress) -> anyhow::Result<Reply> {
         let v = &self.vdbs;
@@ -313,10 +415,18 @@ impl Daemon {
         match req {
             Request::VdbCreate(spec) => {
                 let st = v.create(*spec, progress)?;
+                let who = match (&st.user, &st.password, st.keep_source_logins) {
+                    (Some(u), Some(p), _) => format!("{u}'s password {p}, shown only this once"),
+                    (Some(u), None, _) => format!("{u}'s password from --password-file"),
+                    (None, _, true) => "the source's passwords".into(),
+                    (None, _, false) => {
+                        "no login: production's passwords are removed; --user NAME makes one".into()
+                    }
+                };
                 Ok((
                     format!(
-                        "{}\nVDB {} is running on port {} (from {})\n  over TCP: {} (the source's \
-                         passwords)\n  data directory: {}",
+                        "{}\nVDB {} is running on port {} (from {})\n  over TCP: {} ({who})\n  data \
+                         directory: {}",
                         st.conn,
                         st.name,
                         st.port,
@@ -391,6 +501,18 @@ impl Daemon {
                     message.push_str(", but can no longer refresh (their parent is gone)");
                 }
                 with(message, VdbDeleted { name, children })
+            }
+            Request::VdbProtect { name, off } => {
+                let message = v
+                    .protect(&name, !off)
+                    .map_err(|e| e.context(ctx("protect", &name)))?;
+                with(message, v.brief_status(&name)?)
+            }
+            Request::VdbExtend { name, by } => {
+                let message = v
+                    .extend(&name, &by)
+                    .map_err(|e| e.context(ctx("extend", &name)))?;
+                with(message, v.brief_status(&name)?)
             }
             Request::Timeflow { dataset } => data(self.timeflow(dataset.as_deref())?),
             _ => refuse!(Internal, "not a VDB request"),

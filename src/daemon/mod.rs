@@ -18,6 +18,8 @@
 //! `store::records`); every postgres is stopped before the mount under it goes away.
 
 mod dispatch;
+mod http;
+mod metrics;
 mod scrub;
 mod server;
 mod supervise;
@@ -63,6 +65,10 @@ pub struct Daemon {
     /// How often the scheduled scrub runs (None: never).
     scrub_every: Option<Duration>,
     scrubs: scrub::Scrubs,
+    /// API tokens of the HTTP API (hashes only).
+    tokens: Records<crate::auth::TokenRecord>,
+    /// Operation counts and durations, for `/metrics`.
+    metrics: metrics::Ops,
     /// The exclusive lock on the store directory (released when the process ends).
     _lock: std::fs::File,
 }
@@ -108,6 +114,7 @@ impl Daemon {
         vdb_ports: (u16, u16),
         keep_undo: u32,
         scrub_every: Option<Duration>,
+        default_idle_ttl: Option<Duration>,
     ) -> anyhow::Result<Daemon> {
         if !crate::store::index_path(store_dir).exists() {
             crate::refuse!(
@@ -136,11 +143,12 @@ impl Daemon {
                 store_dir.to_path_buf(),
                 datasets.clone(),
                 mounts.clone(),
-                Records::new(store),
+                Records::new(store.clone()),
                 sources.clone(),
                 vdb_ports,
             )
-            .keep_undo(keep_undo),
+            .keep_undo(keep_undo)
+            .default_idle_ttl(default_idle_ttl),
         );
         let d = Daemon {
             store_dir: store_dir.to_path_buf(),
@@ -153,6 +161,8 @@ impl Daemon {
             recovered: AtomicBool::new(false),
             scrub_every,
             scrubs: scrub::Scrubs::default(),
+            tokens: Records::new(store),
+            metrics: metrics::Ops::default(),
             _lock: lock,
         };
         d.load_scrub_state();
@@ -228,22 +238,50 @@ impl Daemon {
     }
 }
 
-/// Runs the daemon of `store_dir` in the foreground until SIGTERM or SIGINT; new VDBs take
-/// their ports from `vdb_ports` (`LO-HI`); each VDB keeps its last `keep_undo` undo snapshots;
-/// a scrub runs every `scrub_every` ("off": never).
-pub fn serve(
-    store_dir: &Path,
-    vdb_ports: &str,
-    keep_undo: u32,
-    scrub_every: &str,
-) -> anyhow::Result<()> {
+/// How `vdbfs serve` was asked to run.
+pub struct ServeOptions {
+    /// Ports new VDBs take (`LO-HI`).
+    pub vdb_ports: String,
+    /// Undo snapshots each VDB keeps.
+    pub keep_undo: u32,
+    /// How often a scrub runs ("off": never).
+    pub scrub_every: String,
+    /// Where the HTTP API listens (`--http ADDR:PORT`); None: no HTTP API.
+    pub http: Option<std::net::SocketAddr>,
+    /// The idle TTL of VDBs created without `--idle-ttl` ("off": none).
+    pub default_idle_ttl: String,
+    /// Members of this group use the control socket as developers (`--socket-group`).
+    pub socket_group: Option<String>,
+}
+
+/// Runs the daemon of `store_dir` in the foreground until SIGTERM or SIGINT.
+pub fn serve(store_dir: &Path, opts: ServeOptions) -> anyhow::Result<()> {
+    let ServeOptions {
+        vdb_ports,
+        keep_undo,
+        scrub_every,
+        http,
+        default_idle_ttl,
+        socket_group,
+    } = opts;
+    let default_idle_ttl = match default_idle_ttl.trim() {
+        "off" | "never" | "" => None,
+        s => Some(crate::time::parse_interval(s, "--default-idle-ttl")?),
+    };
+    let (vdb_ports, scrub_every) = (vdb_ports.as_str(), scrub_every.as_str());
     let vdb_ports = crate::vdb::parse_port_range(vdb_ports)?;
     let scrub_every = match scrub_every.trim() {
         "off" | "never" | "0" => None,
         s => Some(crate::time::parse_interval(s, "--scrub-every")?),
     };
     raise_fd_limit();
-    let daemon = Arc::new(Daemon::open(store_dir, vdb_ports, keep_undo, scrub_every)?);
+    let daemon = Arc::new(Daemon::open(
+        store_dir,
+        vdb_ports,
+        keep_undo,
+        scrub_every,
+        default_idle_ttl,
+    )?);
     let _ = std::fs::remove_file(socket_path(store_dir));
     daemon.remount()?;
     {
@@ -261,6 +299,10 @@ pub fn serve(
             .spawn(move || d.archiver())?;
         let d = daemon.clone();
         std::thread::Builder::new()
+            .name("expirer".into())
+            .spawn(move || d.expirer())?;
+        let d = daemon.clone();
+        std::thread::Builder::new()
             .name("preparer".into())
             .spawn(move || d.preparer())?;
     }
@@ -268,7 +310,24 @@ pub fn serve(
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(server::run(daemon.clone()))?;
+    rt.block_on(async {
+        let stop = tokio::sync::watch::channel(false);
+        let web = match http {
+            Some(addr) => Some(tokio::spawn(http::run(
+                daemon.clone(),
+                http::bind(addr).await?,
+                stop.1,
+            ))),
+            None => None,
+        };
+        let r = server::run(daemon.clone(), socket_group).await;
+        let _ = stop.0.send(true);
+        if let Some(web) = web {
+            // Requests still running go on in their threads; the listener does not wait long.
+            let _ = tokio::time::timeout(Duration::from_secs(5), web).await;
+        }
+        r
+    })?;
     let d = daemon.clone();
     std::thread::spawn(move || d.shutdown())
         .join()

@@ -32,6 +32,37 @@ impl Daemon {
         }
     }
 
+    /// Deletes the VDBs whose TTL or idle TTL ran out (`vdb::lifetime`), once a second, each
+    /// as a `vdb delete` by "ttl" (logged and counted like any request).
+    pub(super) fn expirer(self: Arc<Self>) {
+        let caller = crate::auth::Caller {
+            name: "ttl".into(),
+            role: crate::api::Role::Admin,
+        };
+        while !self.stopping.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_secs(1));
+            if !self.recovered.load(Ordering::SeqCst) {
+                continue;
+            }
+            for (name, why) in self.vdbs.due(crate::time::now_unix()) {
+                if self.stopping.load(Ordering::Relaxed) {
+                    break;
+                }
+                tracing::info!(vdb = %name, "VDB {name} expired: {why}; deleting it");
+                let say = |_: crate::api::ProgressLine| {};
+                let cancel = crate::api::Cancel::new("an expiry is not cancelled");
+                let r = self.respond_to(
+                    &caller,
+                    crate::api::Request::VdbDelete { name: name.clone() },
+                    crate::api::Progress::new(&say, &cancel),
+                );
+                if !r.ok {
+                    tracing::warn!(vdb = %name, "cannot delete the expired VDB {name}: {}", r.message);
+                }
+            }
+        }
+    }
+
     /// Copies the WAL files staging standbys and VDBs marked ready into the store's archive,
     /// twice a second, until every postgres stopped.
     pub(super) fn archiver(self: Arc<Self>) {

@@ -29,6 +29,9 @@ pub const SNAPSHOT_PROPS: TableDefinition<(u64, &str), &[u8]> =
 pub const SOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("sources");
 /// VDB name -> JSON VDB record (control path; see FORMAT.md "Control-path tables").
 pub const VDBS: TableDefinition<&str, &[u8]> = TableDefinition::new("vdbs");
+/// API token name -> JSON token record: role, expiry and the token's BLAKE3 hash, never the
+/// token (control path; see FORMAT.md "Control-path tables").
+pub const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 /// (dataset id, pack, offset) -> DamageMark: datasets refused because recovery found
 /// acknowledged log bytes that no longer verify (FORMAT.md, "Recovery"). Cleared when the
 /// dataset is deleted, reset to a snapshot, or its loss accepted.
@@ -46,6 +49,7 @@ fn create_tables(txn: &redb::WriteTransaction) -> std::result::Result<(), redb::
     txn.open_table(SNAPSHOT_PROPS)?;
     txn.open_table(SOURCES)?;
     txn.open_table(VDBS)?;
+    txn.open_table(TOKENS)?;
     txn.open_table(DAMAGED)?;
     Ok(())
 }

@@ -55,7 +55,7 @@ pub use catalog::{CatalogTxn, StoredSnapshot};
 pub use error::{Error, Result};
 pub use index::{
     index_path, BLOCKS, DAMAGED, DATASETS, META, MOUNTS, NAMES, ORIGINS, SNAPSHOTS, SNAPSHOT_PROPS,
-    SOURCES, VDBS,
+    SOURCES, TOKENS, VDBS,
 };
 pub use recovery::{Damage, Damaged};
 pub use space::{ballast_path, SpaceReport};

@@ -1,12 +1,12 @@
-//! Typed tables of control-path records in the index: sources and VDBs (JSON values under their
-//! name) and the mounts to re-establish at start (mount point -> dataset). The control path
+//! Typed tables of control-path records in the index: sources, VDBs and API tokens (JSON values
+//! under their name) and the mounts to re-establish at start (mount point -> dataset). The control path
 //! reads and writes its records only through these handles, so redb stays inside `store`.
 //!
 //! Invariants: every write is its own redb transaction (a record is either as it was or as
 //! written); a record that does not decode is reported as corrupt metadata naming the record,
 //! never skipped.
 
-use super::{Error, Result, Store, MOUNTS, SOURCES, VDBS};
+use super::{Error, Result, Store, MOUNTS, SOURCES, TOKENS, VDBS};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,7 @@ use std::sync::Arc;
 pub enum RecordTable {
     Sources,
     Vdbs,
+    Tokens,
 }
 
 impl RecordTable {
@@ -24,6 +25,7 @@ impl RecordTable {
         match self {
             RecordTable::Sources => SOURCES,
             RecordTable::Vdbs => VDBS,
+            RecordTable::Tokens => TOKENS,
         }
     }
 }

@@ -15,13 +15,7 @@ use std::time::Duration;
 /// Creates `STORE/vdbs/NAME/` (owner postgres, 0700) with its socket dir, pg_hba and pg_ident,
 /// and the directory where the daemon acknowledges its archived WAL.
 pub fn prepare_dir(dir: &VdbDir) -> anyhow::Result<()> {
-    dir.create(
-        "# vdbfs VDB access. The socket directory is 0700 (owner postgres): only root and the\n\
-         # postgres OS user reach it. Over loopback TCP the source's passwords apply.\n\
-         local all all trust\n\
-         host all all 127.0.0.1/32 scram-sha-256\n\
-         host all all ::1/128 scram-sha-256\n",
-    )?;
+    dir.create(&super::logins::hba(true))?;
     crate::archive::make_ack_dir(&dir.wal_acks())
 }
 

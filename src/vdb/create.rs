@@ -87,6 +87,32 @@ impl VdbService {
         let install = self.snapshot_install(&prov.tree.0, &prov.tree.1)?;
         let parent = prov.parent.clone();
 
+        if let Some(u) = &spec.user {
+            crate::tree::check_dataset_name(u)
+                .map_err(|_| refusal(ErrorKind::Invalid, format!("--user {u:?}: use 1-64 characters from A-Z a-z 0-9 . _ - (not starting with . or -)")))?;
+        }
+        let generated = match (&spec.user, &spec.password) {
+            (Some(_), None) => Some(super::logins::new_password()?),
+            _ => None,
+        };
+        let verifier = spec
+            .password
+            .as_deref()
+            .or(generated.as_deref())
+            .filter(|_| spec.user.is_some())
+            .map(super::logins::verifier)
+            .transpose()?;
+        let ttl = spec
+            .ttl
+            .as_deref()
+            .map(|t| crate::time::parse_interval(t, "--ttl"))
+            .transpose()?;
+        let idle_ttl = spec
+            .idle_ttl
+            .as_deref()
+            .map(|t| crate::time::parse_interval(t, "--idle-ttl"))
+            .transpose()?
+            .or(self.default_idle_ttl);
         let port = super::pick_port(spec.port, self.ports, &self.taken_ports()?)?;
         let mut rec = VdbRecord {
             v: 1,
@@ -108,6 +134,17 @@ impl VdbService {
             created: crate::time::rfc3339_now(),
             events: Vec::new(),
             history: None,
+            owner: spec.owner.clone(),
+            logins: Some(super::logins::Logins {
+                user: spec.user.clone(),
+                verifier,
+                keep_source_logins: spec.keep_source_logins,
+            }),
+            lifetime: super::lifetime::Lifetime {
+                expires: ttl.map(|d| crate::time::now_unix() + d.as_secs() as i64),
+                idle_ttl_secs: idle_ttl.map(|d| d.as_secs()),
+                protected: false,
+            },
         };
         let dir = rec.dir(&self.store_dir);
         if dir.0.exists() {
@@ -181,7 +218,10 @@ impl VdbService {
                     t.elapsed().as_secs_f64()
                 ));
                 tracing::info!(vdb = %name, parent = %parent, port = rec.port, ms = t.elapsed().as_millis() as u64, "VDB created");
-                self.status_of(&rec, false)
+                self.idle.touch(&name, crate::time::now_unix());
+                let mut st = self.status_of(&rec, false)?;
+                st.password = generated;
+                Ok(st)
             }
             Err(e) => {
                 progress.say(format!("creating VDB {name} failed; removing what it made"));

@@ -30,6 +30,8 @@ pub mod configure;
 mod create;
 mod history;
 pub mod hooks;
+pub mod lifetime;
+pub mod logins;
 mod provision;
 mod service;
 mod status;
@@ -125,6 +127,15 @@ pub struct VdbRecord {
     /// Its history for `rewind --at` (none for a VDB made before vdbfs kept one).
     #[serde(default)]
     pub history: Option<History>,
+    /// The API token's name that owns it (a developer token touches only its own VDBs).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Who logs in over TCP (None for VDBs made before vdbfs managed it: as they were).
+    #[serde(default)]
+    pub logins: Option<logins::Logins>,
+    /// Its TTL, idle TTL and protection.
+    #[serde(default)]
+    pub lifetime: lifetime::Lifetime,
 }
 
 /// Properties recorded with a VDB's snapshot (`snapshot_props`, JSON).
@@ -216,7 +227,12 @@ impl VdbRecord {
             .map(|(_, v)| v.split(',').next().unwrap_or("").trim().to_string())
             .filter(|h| !h.is_empty() && h != "*" && h != "0.0.0.0")
             .unwrap_or_else(|| "127.0.0.1".into());
-        format!("postgresql://postgres@{host}:{}/postgres", self.port)
+        let user = self
+            .logins
+            .as_ref()
+            .and_then(|l| l.user.as_deref())
+            .unwrap_or("postgres");
+        format!("postgresql://{user}@{host}:{}/postgres", self.port)
     }
 
     pub fn parent_dataset(&self) -> &str {
@@ -441,6 +457,9 @@ mod tests {
             created: String::new(),
             events: vec![],
             history: None,
+            owner: None,
+            logins: None,
+            lifetime: Default::default(),
         };
         assert_eq!(
             rec.tcp_conn(),

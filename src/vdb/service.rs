@@ -47,6 +47,10 @@ pub struct VdbService {
     pub(super) archive_lock: Mutex<()>,
     /// How many undo snapshots (`NAME@auto-before-*`) each VDB keeps.
     pub(super) undo_keep: u32,
+    /// The idle TTL of VDBs created without `--idle-ttl` (`serve --default-idle-ttl`).
+    pub(super) default_idle_ttl: Option<Duration>,
+    /// When each VDB last had a client.
+    pub(super) idle: super::lifetime::IdleClock,
 }
 
 /// How many undo snapshots each VDB keeps unless `vdbfs serve --keep-undo` says otherwise.
@@ -72,7 +76,15 @@ impl VdbService {
             ports,
             archive_lock: Mutex::new(()),
             undo_keep: DEFAULT_UNDO_KEEP,
+            default_idle_ttl: None,
+            idle: Default::default(),
         }
+    }
+
+    /// VDBs created without `--idle-ttl` get this one.
+    pub fn default_idle_ttl(mut self, d: Option<Duration>) -> VdbService {
+        self.default_idle_ttl = d;
+        self
     }
 
     /// Each VDB keeps its last `n` undo snapshots (taken before refresh and rewind).
@@ -134,6 +146,7 @@ impl VdbService {
         let started = Instant::now();
         let log_tail = || postgres.log_tail(15);
         let say = |m: String| progress.say(m);
+        super::logins::close_tcp(rec, &self.store_dir)?;
         let pid = postgres.start(st, START_TIMEOUT, missing, |mut pid| {
             if !provisioning {
                 return Ok(pid);
@@ -168,6 +181,11 @@ impl VdbService {
             configure::clear_recovery(rec)?;
             Ok(pid)
         })?;
+        if let Err(e) = super::logins::apply(rec, &self.store_dir) {
+            // TCP stays closed: stop it rather than leave a VDB nobody can log in to.
+            self.stop_postgres(rec, st);
+            return Err(e);
+        }
         tracing::info!(vdb = %rec.name, pid, port = rec.port, "VDB postgres running");
         Ok(pid)
     }
@@ -315,6 +333,7 @@ impl VdbService {
             .map(|r| r.name)
             .collect();
         self.teardown(&rec, &st);
+        self.idle.forget(name);
         if self.datasets.record(name)?.is_some() || self.is_vdb(name) {
             refuse!(
                 Internal,

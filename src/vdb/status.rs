@@ -110,6 +110,15 @@ impl VdbService {
             undo_snapshots: undo,
             undo_bytes,
             undo_keep: self.undo_keep,
+            owner: rec.owner.clone(),
+            user: rec.logins.as_ref().and_then(|l| l.user.clone()),
+            keep_source_logins: rec.logins.as_ref().is_none_or(|l| l.keep_source_logins),
+            password: None,
+            expires: self
+                .expires_at(rec, crate::time::now_unix())
+                .map(crate::time::rfc3339),
+            idle_ttl_secs: rec.lifetime.idle_ttl_secs,
+            protected: rec.lifetime.protected,
         })
     }
 

@@ -25,7 +25,9 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod browser;
 pub mod daemon;
+pub mod http;
 pub mod mount;
 pub mod postgres;
 pub mod proc;

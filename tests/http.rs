@@ -1,0 +1,745 @@
+//! The HTTP API for a team (issue 15), over real HTTP on loopback: `vdbfs serve --http`, API
+//! tokens (`vdbfs token create/list/revoke`), what each role may do, the CLI talking HTTP
+//! (`VDBFS_URL`, `VDBFS_TOKEN`), `/metrics` and the web page's assets.
+//!
+//! Pinned here: no, a wrong, a revoked or an expired token is 401 (with `WWW-Authenticate`);
+//! error kinds come back with their HTTP status (404, 409, 400); a developer gets 403 for
+//! anything but listing and their own VDBs; a token is printed once and never stored or listed;
+//! every request is logged with the token's name; the CLI with `VDBFS_URL` works with no store
+//! and no socket, and its exit status and `--json` error follow the daemon's kind; a `/metrics`
+//! scrape parses as Prometheus text and counts the operations; two developers create VDBs at the
+//! same time and each manages only their own; production's logins fail on a VDB and its owner's
+//! works; TTLs and idle TTLs delete VDBs unless protected, extended or in use; the web page works
+//! in headless Chromium; `serve --socket-group` members are developers on the socket.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::util::source::{source_snapshot, wait_replayed, wait_syncing};
+use crate::util::vdb::*;
+use crate::util::*;
+
+/// Every sample line of a Prometheus text scrape as (name, labels, value); panics on a line
+/// that is not a comment, blank, or `name{labels} value`.
+fn parse_metrics(text: &str) -> Vec<(String, String, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("metrics line without a value: {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("metrics value is not a number: {line:?}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => {
+                let labels = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("unclosed labels: {line:?}"));
+                for pair in labels.split("\",").filter(|p| !p.is_empty()) {
+                    let (k, v) = pair
+                        .split_once("=\"")
+                        .unwrap_or_else(|| panic!("bad label {pair:?} in {line:?}"));
+                    assert!(
+                        k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !v.is_empty(),
+                        "bad label {pair:?} in {line:?}"
+                    );
+                }
+                (n, labels.to_string())
+            }
+            None => (series, String::new()),
+        };
+        assert!(
+            name.starts_with("vdbfs_")
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "bad metric name in {line:?}"
+        );
+        out.push((name.to_string(), labels, value));
+    }
+    out
+}
+
+fn sample(m: &[(String, String, f64)], name: &str, labels: &str) -> Option<f64> {
+    m.iter()
+        .find(|(n, l, _)| n == name && l == labels)
+        .map(|s| s.2)
+}
+
+#[test]
+fn tokens_roles_and_status_codes_over_http() {
+    let (d, http) = Daemon::start_http();
+    // Nothing without a token.
+    let none = http.get(None, "/api/v1/status");
+    assert_eq!(none.status, 401, "{none:?}");
+    assert_eq!(none.json()["kind"], "unauthenticated");
+    assert!(
+        none.www_authenticate
+            .as_deref()
+            .is_some_and(|h| h.starts_with("Bearer")),
+        "a 401 says how to authenticate: {none:?}"
+    );
+    let admin = d.token("ops", "admin", None);
+    let dev = d.token("alice", "developer", None);
+    assert_eq!(http.get(Some("vdbfs_0000"), "/api/v1/status").status, 401);
+    assert_eq!(
+        http.get(Some(&format!("{admin}x")), "/api/v1/status")
+            .status,
+        401
+    );
+
+    // The token is shown once: not in the list, not in the store's records.
+    let list = d.ok(&["token", "list", "--json"]);
+    assert!(!list.contains(&admin) && !list.contains(&dev), "{list}");
+    let list: Value = serde_json::from_str(&list).unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["alice", "ops"]);
+    assert_eq!(list[0]["role"], "developer");
+    let index = std::fs::read(d.store().join("index.redb")).unwrap();
+    assert!(
+        !index.windows(admin.len()).any(|w| w == admin.as_bytes()),
+        "the token itself must not be stored"
+    );
+
+    // An admin: every kind with its status.
+    let ok = http.get(Some(&admin), "/api/v1/status");
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(ok.json()["data"]["pid"], d.pid().unwrap());
+    let made = http.post(Some(&admin), "dataset_create", json!({"name": "d1"}));
+    assert_eq!(made.status, 200, "{made:?}");
+    assert_eq!(made.json()["data"]["name"], "d1");
+    let again = http.post(Some(&admin), "dataset_create", json!({"name": "d1"}));
+    assert_eq!(
+        (again.status, again.json()["kind"].clone()),
+        (409, json!("conflict"))
+    );
+    let missing = http.post(Some(&admin), "vdb_stop", json!({"name": "nope"}));
+    assert_eq!(
+        (missing.status, missing.json()["kind"].clone()),
+        (404, json!("not_found"))
+    );
+    let bad = http.post(Some(&admin), "dataset_create", json!({"name": "a/b"}));
+    assert_eq!(
+        (bad.status, bad.json()["kind"].clone()),
+        (400, json!("invalid"))
+    );
+    assert_eq!(
+        http.post_raw(Some(&admin), "dataset_create", "{").status,
+        400
+    );
+    assert_eq!(http.post(Some(&admin), "no_such_op", json!({})).status, 400);
+    assert_eq!(
+        http.get(Some(&admin), "/api/v1/gc").status,
+        400,
+        "a request that changes something is not a GET"
+    );
+    let listed = http.get(Some(&admin), "/api/v1/snapshot_list?dataset=d1");
+    assert_eq!(listed.status, 200, "{listed:?}");
+
+    // A developer: lists, but nothing of the store or of the tokens.
+    assert_eq!(http.get(Some(&dev), "/api/v1/source_list").status, 200);
+    assert_eq!(http.get(Some(&dev), "/api/v1/vdb_list").status, 200);
+    for (op, body) in [
+        ("dataset_create", json!({"name": "d2"})),
+        ("gc", json!({})),
+        ("token_list", json!({})),
+        ("token_create", json!({"name": "x", "role": "admin"})),
+    ] {
+        let r = http.post(Some(&dev), op, body);
+        assert_eq!(
+            (r.status, r.json()["kind"].clone()),
+            (403, json!("forbidden")),
+            "{op}: {r:?}"
+        );
+    }
+    assert!(!d.ok(&["dataset", "list"]).contains("d2"));
+
+    // Every request is logged with the token's name.
+    let log = d.log_since_start();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("dataset_create") && l.contains("by=ops") && l.contains("done")),
+        "the admin's request should be logged with by=ops:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("gc") && l.contains("by=alice") && l.contains("refused")),
+        "the developer's refused request should be logged with by=alice:\n{log}"
+    );
+
+    // The CLI over HTTP: no store, no socket.
+    let out = d.vdbfs_http(&http, &admin, &["dataset", "list", "--json"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["name"], "d1");
+    let out = d.vdbfs_http(&http, &dev, &["gc", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(err["error"]["kind"], "forbidden", "{err}");
+    let out = d.vdbfs_http(&http, "vdbfs_wrong", &["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no valid API token"),
+        "{}",
+        describe(&out)
+    );
+
+    // Revoked and expired tokens stop working.
+    d.ok(&["token", "revoke", "alice"]);
+    assert_eq!(http.get(Some(&dev), "/api/v1/vdb_list").status, 401);
+    let short = d.token("short", "admin", Some("2s"));
+    assert_eq!(http.get(Some(&short), "/api/v1/vdb_list").status, 200);
+    std::thread::sleep(Duration::from_millis(3100));
+    assert_eq!(http.get(Some(&short), "/api/v1/vdb_list").status, 401);
+    let listed = d.ok(&["token", "list"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("short") && l.contains("(expired)")),
+        "{listed}"
+    );
+    let dup = d.vdbfs(&["token", "create", "ops", "--role", "admin"]);
+    assert_eq!(dup.status.code(), Some(1), "a name is taken once");
+
+    // The metrics scrape: needs a token, parses, counts what happened.
+    assert_eq!(http.get(None, "/metrics").status, 401);
+    let m = http.get(Some(&admin), "/metrics");
+    assert_eq!(m.status, 200, "{m:?}");
+    let m = parse_metrics(&m.body);
+    assert_eq!(
+        sample(
+            &m,
+            "vdbfs_operations_total",
+            "op=\"dataset_create\",outcome=\"ok\""
+        ),
+        Some(1.0),
+        "{m:?}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "vdbfs_operations_total",
+            "op=\"dataset_create\",outcome=\"conflict\""
+        ),
+        Some(1.0)
+    );
+    assert!(sample(
+        &m,
+        "vdbfs_operations_total",
+        "op=\"gc\",outcome=\"forbidden\""
+    )
+    .is_some());
+    assert!(sample(&m, "vdbfs_store_free_bytes", "").is_some_and(|v| v > 0.0));
+    assert!(sample(&m, "vdbfs_store_physical_bytes", "").is_some());
+
+    // The web page is served from the binary, with nothing from elsewhere.
+    let page = http.get(None, "/");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("<title>vdbfs</title>"));
+    for outside in ["src=\"http", "href=\"http", "@import", "url(http"] {
+        assert!(
+            !page.body.contains(outside),
+            "the page must load nothing from elsewhere: {outside}"
+        );
+    }
+}
+
+/// Two developers create VDBs at once over HTTP; each can stop, snapshot and delete only their
+/// own, may not give a VDB `--set` values or hooks, and the metrics show the VDBs.
+#[test]
+fn developers_create_vdbs_at_once_and_manage_only_their_own() {
+    let mut s = setup(50);
+    let http = s.d.serve_http();
+    let d = &s.d;
+    wait_syncing(d, "prod");
+    let alice = d.token("alice", "developer", None);
+    let bob = d.token("bob", "developer", None);
+    let admin = d.token("ops", "admin", None);
+
+    let create = |token: String, name: &'static str| {
+        let http = http.clone();
+        std::thread::spawn(move || {
+            http.post(
+                Some(&token),
+                "vdb_create",
+                json!({"name": name, "from": "prod"}),
+            )
+        })
+    };
+    let (a, b) = (create(alice.clone(), "a1"), create(bob.clone(), "b1"));
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(b.status, 200, "{b:?}");
+    assert_eq!(a.json()["data"]["owner"], "alice");
+    assert_eq!(b.json()["data"]["owner"], "bob");
+    assert_ne!(a.json()["data"]["port"], b.json()["data"]["port"]);
+    let rows = Vdb::of(&a.json()["data"]).sql("SELECT count(*) FROM marker");
+    assert_eq!(rows.trim(), "50");
+
+    let list = http.get(Some(&alice), "/api/v1/vdb_list").json();
+    let owners: Vec<(String, String)> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().into(),
+                v["owner"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        owners,
+        [("a1".into(), "alice".into()), ("b1".into(), "bob".into())]
+    );
+
+    for (op, body) in [
+        ("vdb_stop", json!({"name": "b1"})),
+        ("vdb_delete", json!({"name": "b1"})),
+        ("vdb_status", json!({"name": "b1"})),
+        ("vdb_snapshot", json!({"name": "b1"})),
+        ("vdb_create", json!({"name": "a2", "from": "b1"})),
+        (
+            "vdb_create",
+            json!({"name": "a3", "from": "prod", "settings": ["work_mem=1MB"]}),
+        ),
+        (
+            "vdb_create",
+            json!({"name": "a4", "from": "prod", "hooks": "/tmp"}),
+        ),
+    ] {
+        let r = http.post(Some(&alice), op, body.clone());
+        assert_eq!(
+            (r.status, r.json()["kind"].clone()),
+            (403, json!("forbidden")),
+            "{op} {body}: {r:?}"
+        );
+    }
+    let stopped = http.post(Some(&alice), "vdb_stop", json!({"name": "a1"}));
+    assert_eq!(stopped.status, 200, "{stopped:?}");
+    assert_eq!(stopped.json()["data"]["state"], "stopped");
+    let snap = http.post(
+        Some(&alice),
+        "vdb_snapshot",
+        json!({"name": "a1", "snapshot": "s1"}),
+    );
+    assert_eq!(snap.status, 200, "{snap:?}");
+
+    // The metrics know both VDBs and their states.
+    let m = parse_metrics(&http.get(Some(&admin), "/metrics").body);
+    assert_eq!(
+        sample(&m, "vdbfs_vdb_state", "vdb=\"a1\",state=\"stopped\""),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&m, "vdbfs_vdb_state", "vdb=\"b1\",state=\"running\""),
+        Some(1.0)
+    );
+    assert!(
+        sample(&m, "vdbfs_source_lag_bytes", "source=\"prod\"").is_some(),
+        "{m:?}"
+    );
+    assert!(sample(
+        &m,
+        "vdbfs_source_last_snapshot_age_seconds",
+        "source=\"prod\""
+    )
+    .is_some());
+    assert!(sample(&m, "vdbfs_vdb_age_seconds", "vdb=\"b1\"").is_some());
+    assert_eq!(
+        sample(
+            &m,
+            "vdbfs_operations_total",
+            "op=\"vdb_create\",outcome=\"ok\""
+        ),
+        Some(2.0)
+    );
+
+    // Bob deletes his own with the CLI over HTTP; alice's stays.
+    let out = d.vdbfs_http(&http, &bob, &["vdb", "delete", "b1"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = d.vdbfs_http(&http, &bob, &["vdb", "delete", "a1", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let names: Vec<String> = serde_json::from_str::<Value>(&d.ok(&["vdb", "list", "--json"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["a1"]);
+}
+
+/// Per-VDB credentials: production's roles cannot log in to a VDB (their passwords are removed
+/// at every start, TCP closed until then), the owner's `--user` login can, with the password
+/// from `--password-file` or the one generated and shown once; `--keep-source-logins` keeps
+/// production's; a refresh (which brings production's roles back with the data) and a restart
+/// keep it so.
+#[test]
+fn production_logins_fail_on_a_vdb_and_the_owners_works() {
+    let s = setup(20);
+    let d = &s.d;
+    s.src
+        .psql("CREATE ROLE produser LOGIN PASSWORD 'prod-pw'; GRANT pg_read_all_data TO produser");
+    wait_replayed(d, "prod", s.src.lsn());
+    let snap = source_snapshot(d, "prod");
+    let pwfile = d.root().join("alice.pw");
+    std::fs::write(&pwfile, "alice-pw-1\n").unwrap();
+    let url = |user: &str, pw: &str, port: &Value| {
+        format!("postgresql://{user}:{pw}@127.0.0.1:{port}/postgres")
+    };
+    let login = |user: &str, pw: &str, port: &Value| {
+        try_psql(&url(user, pw, port), "SELECT count(*) FROM marker")
+    };
+    let works = |user: &str, pw: &str, port: &Value, what: &str| {
+        let out = login(user, pw, port);
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "20",
+            "{what}: {user} should log in and read the data\n{}",
+            describe(&out)
+        );
+    };
+    let fails = |user: &str, pw: &str, port: &Value, what: &str| {
+        let out = login(user, pw, port);
+        assert!(
+            !out.status.success(),
+            "{what}: {user} must not log in\n{}",
+            describe(&out)
+        );
+    };
+    // The source accepts production's login (the premise).
+    let src_port = Value::from(s.src.pg.port());
+    works("produser", "prod-pw", &src_port, "on the source");
+
+    let v1: Value = serde_json::from_str(&vdb(
+        d,
+        &[
+            "create",
+            "v1",
+            "--from",
+            &snap,
+            "--user",
+            "alice",
+            "--password-file",
+            pwfile.to_str().unwrap(),
+            "--json",
+        ],
+    ))
+    .unwrap();
+    let p1 = v1["port"].clone();
+    assert_eq!(v1["user"], "alice");
+    assert!(
+        v1["password"].is_null(),
+        "a given password is not echoed: {v1}"
+    );
+    assert_eq!(
+        v1["tcp_conn"],
+        format!("postgresql://alice@127.0.0.1:{p1}/postgres")
+    );
+    fails("produser", "prod-pw", &p1, "v1");
+    fails("replicator", crate::util::source::REPL_PW, &p1, "v1");
+    fails("alice", "wrong", &p1, "v1");
+    works("alice", "alice-pw-1", &p1, "v1");
+    let roles = Vdb::of(&status(d, "v1"))
+        .sql("SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_authid WHERE rolpassword IS NOT NULL");
+    assert_eq!(roles, "alice", "only the owner keeps a password in v1");
+
+    // A generated password, shown once.
+    let v2: Value = serde_json::from_str(&vdb(
+        d,
+        &["create", "v2", "--from", &snap, "--user", "bob", "--json"],
+    ))
+    .unwrap();
+    let pw = v2["password"]
+        .as_str()
+        .expect("a generated password")
+        .to_string();
+    assert!(pw.len() >= 20, "{pw}");
+    works("bob", &pw, &v2["port"], "v2");
+    assert!(
+        status(d, "v2")["password"].is_null(),
+        "the password is shown only by create"
+    );
+    assert!(
+        !d.log().contains(&pw),
+        "the generated password must not be in the daemon's log"
+    );
+
+    // --keep-source-logins: production's login works there.
+    let v3: Value = serde_json::from_str(&vdb(
+        d,
+        &[
+            "create",
+            "v3",
+            "--from",
+            &snap,
+            "--keep-source-logins",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    works(
+        "produser",
+        "prod-pw",
+        &v3["port"],
+        "v3 (--keep-source-logins)",
+    );
+
+    // A refresh brings production's roles back with the data; they stay locked out.
+    vdb(d, &["refresh", "v1"]);
+    fails("produser", "prod-pw", &p1, "v1 after refresh");
+    works("alice", "alice-pw-1", &p1, "v1 after refresh");
+    vdb(d, &["stop", "v1"]);
+    vdb(d, &["start", "v1"]);
+    fails("produser", "prod-pw", &p1, "v1 after a restart");
+    works("alice", "alice-pw-1", &p1, "v1 after a restart");
+}
+
+/// Lifetimes with short durations: a VDB whose `--ttl` ran out and one that had no client for
+/// its `--idle-ttl` are deleted by the daemon (logged, their snapshots with them); a protected
+/// one, an extended one and one with a client connected stay; `vdb list` shows when each is due.
+#[test]
+fn vdbs_expire_by_ttl_and_idle_ttl_unless_protected_or_extended() {
+    let s = setup(5);
+    let d = &s.d;
+    let snap = &s.snap;
+    let t0 = std::time::Instant::now();
+    create(d, "ttl1", snap, &["--ttl", "4s"]);
+    vdb(d, &["snapshot", "ttl1", "--name", "s1"]);
+    create(d, "idle1", snap, &["--idle-ttl", "4s"]);
+    create(d, "prot1", snap, &["--ttl", "4s"]);
+    vdb(d, &["protect", "prot1"]);
+    create(d, "ext1", snap, &["--ttl", "4s"]);
+    vdb(d, &["extend", "ext1", "1h"]);
+    let busy = create(d, "busy1", snap, &["--idle-ttl", "4s"]);
+    // A client that stays connected for a while keeps busy1 alive.
+    let client = clean_pg_env(&pg("psql"))
+        .args(PSQL_FLAGS)
+        .args(["-d", &busy.conn, "-c", "SELECT pg_sleep(12)"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _reap = Reap(client);
+
+    let listed = d.ok(&["vdb", "list"]);
+    let line = |n: &str| {
+        listed
+            .lines()
+            .find(|l| l.starts_with(n))
+            .unwrap_or_else(|| panic!("{n} not listed:\n{listed}"))
+            .to_string()
+    };
+    assert!(line("prot1").contains("protected"), "{listed}");
+    let st = status(d, "ttl1");
+    assert!(st["expires"].is_string(), "{st}");
+    assert!(status(d, "prot1")["expires"].is_null());
+
+    let gone = |n: &str| !list_names(d).iter().any(|x| x == n);
+    assert!(
+        wait_until(Duration::from_secs(30), || gone("ttl1") && gone("idle1")),
+        "ttl1 and idle1 should be deleted within 30 s; left: {:?}\n{}",
+        list_names(d),
+        d.log_tail(30)
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_secs(4),
+        "deleted before their time"
+    );
+    let names = list_names(d);
+    for n in ["prot1", "ext1", "busy1"] {
+        assert!(names.iter().any(|x| x == n), "{n} must stay: {names:?}");
+    }
+    let snaps = d.ok(&["snapshot", "list", "--json"]);
+    assert!(
+        !snaps.contains("\"ttl1@"),
+        "ttl1's snapshots go with it: {snaps}"
+    );
+    let log = d.log();
+    assert!(
+        log.contains("VDB ttl1 expired: its TTL ran out")
+            && log.contains("VDB idle1 expired: no client was connected")
+            && log
+                .lines()
+                .any(|l| l.contains("op=\"vdb_delete\"") && l.contains("by=ttl")),
+        "expiry should be logged:\n{}",
+        d.log_tail(40)
+    );
+    // Once its client is gone, busy1 goes too.
+    assert!(
+        wait_until(Duration::from_secs(40), || gone("busy1")),
+        "busy1 should be deleted once idle: {:?}",
+        list_names(d)
+    );
+    assert!(list_names(d).iter().any(|x| x == "prot1"));
+}
+
+/// The web page in a real browser (headless Chromium): a wrong token is refused, a right one
+/// signs in; the source's TimeFlow is drawn with its snapshots and provisionable range; a VDB
+/// created from the page at a moment appears running with its owner, and deleting it from the
+/// page removes it. A failing run leaves a screenshot under target/browser-screenshots/.
+#[test]
+fn web_page_signs_in_shows_the_timeflow_creates_and_deletes_a_vdb() {
+    let mut s = setup(7);
+    let http = s.d.serve_http();
+    let d = &s.d;
+    wait_syncing(d, "prod");
+    let token = d.token("web", "admin", None);
+    let st = crate::util::source::status(d, "prod");
+    let at = st["ranges"][0]["to_time"]
+        .as_str()
+        .unwrap_or_else(|| panic!("source status has no range: {st}"))
+        .to_string();
+
+    let mut b = crate::util::browser::Browser::start("web_page");
+    b.navigate(&format!("{}/", http.base));
+    let set = |b: &mut crate::util::browser::Browser, id: &str, v: &str| {
+        b.eval(&format!(
+            "document.getElementById({}).value = {}",
+            json!(id),
+            json!(v)
+        ));
+    };
+    let t = Duration::from_secs(30);
+    set(&mut b, "token", "vdbfs_wrong");
+    b.eval("document.getElementById('signin-btn').click()");
+    assert!(
+        b.wait(
+            t,
+            "document.getElementById('error').textContent.includes('no valid API token')"
+        ),
+        "a wrong token should be refused on the page"
+    );
+    assert!(b.eval("document.getElementById('app').hidden") == json!(true));
+
+    set(&mut b, "token", &token);
+    b.eval("document.getElementById('signin-btn').click()");
+    assert!(
+        b.wait(t, "!document.getElementById('app').hidden"),
+        "signing in with a valid token failed: {}",
+        b.eval("document.getElementById('error').textContent")
+    );
+    // The TimeFlow: prod's two snapshots and its provisionable range.
+    assert!(
+        b.wait(
+            t,
+            "document.querySelectorAll('svg.timeflow[data-source=\"prod\"] circle.snapshot').length >= 2 \
+             && document.querySelector('svg.timeflow[data-source=\"prod\"] rect.range') !== null"
+        ),
+        "the TimeFlow of prod is not drawn: {}",
+        b.eval("document.getElementById('sources').innerHTML")
+    );
+    let drawn = b.eval(
+        "[...document.querySelectorAll('svg.timeflow[data-source=\"prod\"] circle.snapshot')]\
+         .map(c => c.dataset.name)",
+    );
+    assert!(
+        drawn
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == s.snap.as_str()),
+        "snapshot {} not drawn: {drawn}",
+        s.snap
+    );
+
+    // Create a VDB at a moment from the page.
+    set(&mut b, "c-name", "web1");
+    set(&mut b, "c-from", "prod");
+    set(&mut b, "c-at", &at);
+    b.eval("document.getElementById('c-submit').click()");
+    let row = "document.querySelector('tr.vdb[data-name=\"web1\"]')";
+    assert!(
+        b.wait(
+            Duration::from_secs(120),
+            &format!("{row} && {row}.querySelector('.state').textContent === 'running'")
+        ),
+        "web1 did not appear running on the page: {}",
+        b.eval("document.getElementById('error').textContent")
+    );
+    assert!(b
+        .eval(&format!("{row}.textContent"))
+        .as_str()
+        .unwrap()
+        .contains("web"));
+    let st = status(d, "web1");
+    assert_eq!(st["owner"], "web");
+    assert_eq!(Vdb::of(&st).sql("SELECT count(*) FROM marker"), "7");
+
+    // Delete it from the page.
+    b.eval(&format!("{row}.querySelector('button.delete').click()"));
+    assert!(
+        b.wait(Duration::from_secs(60), &format!("{row} === null")),
+        "web1 still shown after delete: {}",
+        b.eval("document.getElementById('error').textContent")
+    );
+    assert!(!list_names(d).iter().any(|n| n == "web1"));
+    b.screenshot("web_page-done");
+}
+
+/// `serve --socket-group`: members of the group use the control socket as developers named
+/// after their user (SO_PEERCRED), so they list but may not run admin operations; a user outside
+/// the group cannot open the socket; root stays admin.
+#[test]
+fn socket_group_members_use_the_socket_as_developers() {
+    let mut d = Daemon::start();
+    // Let other users reach the socket through the test's directories (search permission).
+    chmod(d.root(), 0o711);
+    chmod(d.store(), 0o711);
+    d.restart_with(&["--socket-group", "postgres"], &[]);
+    let sock = d.store().join("vdbfs.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "the socket should be group read-write");
+    let as_user = |user: &str, args: &[&str]| {
+        let mut c = Command::new("runuser");
+        clean_cli_env(&mut c);
+        c.args(["-u", user, "--", bin(), "--store"])
+            .arg(d.store())
+            .args(args);
+        run_timeout(&mut c, COMMAND_TIMEOUT)
+    };
+    let out = as_user("postgres", &["vdb", "list", "--json"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    let out = as_user("postgres", &["gc", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(err["error"]["kind"], "forbidden", "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("postgres"),
+        "the developer is named after the user: {err}"
+    );
+    let out = as_user("nobody", &["vdb", "list"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("permission denied"),
+        "{}",
+        describe(&out)
+    );
+    d.ok(&["gc"]);
+    assert!(
+        d.log_since_start()
+            .lines()
+            .any(|l| l.contains("op=\"gc\"") && l.contains("by=postgres") && l.contains("refused")),
+        "{}",
+        d.log_since_start()
+    );
+}
