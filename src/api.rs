@@ -114,6 +114,12 @@ pub enum Request {
     Timeflow {
         dataset: Option<String>,
     },
+    /// Upload `DATASET@SNAPSHOT`'s packs and manifest to the store's bucket.
+    SnapshotPublish {
+        name: String,
+    },
+    RemoteStatus,
+    RemoteList,
 }
 
 impl Request {
@@ -152,6 +158,9 @@ impl Request {
             R::Timeflow { .. } => "timeflow",
             R::Scrub { .. } => "scrub",
             R::DatasetAcceptDamage { .. } => "dataset_accept_damage",
+            R::SnapshotPublish { .. } => "snapshot_publish",
+            R::RemoteStatus => "remote_status",
+            R::RemoteList => "remote_list",
         }
     }
 
@@ -174,7 +183,8 @@ impl Request {
             | R::VdbRewind { name, .. }
             | R::VdbRefresh { name, .. }
             | R::VdbDelete { name }
-            | R::DatasetAcceptDamage { name } => name.clone(),
+            | R::DatasetAcceptDamage { name }
+            | R::SnapshotPublish { name } => name.clone(),
             R::SnapshotCreate { dataset, .. } | R::Mount { dataset, .. } => dataset.clone(),
             R::SnapshotList { dataset } | R::Timeflow { dataset } => {
                 dataset.clone().unwrap_or_default()
@@ -189,6 +199,8 @@ impl Request {
             | R::Gc
             | R::SourceList
             | R::VdbList
+            | R::RemoteStatus
+            | R::RemoteList
             | R::Scrub { .. } => String::new(),
         }
     }
@@ -207,6 +219,8 @@ impl Request {
                 | R::VdbList
                 | R::VdbStatus { .. }
                 | R::Timeflow { .. }
+                | R::RemoteStatus
+                | R::RemoteList
         )
     }
 
@@ -618,6 +632,9 @@ pub struct Status {
     /// When the scheduled scrub runs next (RFC 3339), if scheduled.
     #[serde(default)]
     pub next_scrub: Option<String>,
+    /// The object store, if the store has one: upload backlog and failures.
+    #[serde(default)]
+    pub remote: Option<crate::remote::RemoteStatus>,
 }
 
 /// The filesystem under the store, and the store's reserve on it.

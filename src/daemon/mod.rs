@@ -55,6 +55,9 @@ pub struct Daemon {
     /// How often the scheduled scrub runs (None: never).
     scrub_every: Option<Duration>,
     scrubs: scrub::Scrubs,
+    /// The store's bucket, if it has one (`crate::remote`).
+    remote: Option<Arc<crate::remote::Remote>>,
+    remote_stop: Arc<AtomicBool>,
     /// The exclusive lock on the store directory (released when the process ends).
     _lock: std::fs::File,
 }
@@ -114,6 +117,14 @@ impl Daemon {
             .with_context(|| format!("cannot open the store {}", store_dir.display()))?;
         let store = Arc::new(store);
         let datasets = Arc::new(Datasets::open(store.clone(), replay).context("recovery failed")?);
+        let remote = match crate::remote::RemoteConfig::load(store_dir)? {
+            Some(cfg) => {
+                let r = crate::remote::Remote::open(cfg, store.clone())?;
+                store.set_remote(r.clone());
+                Some(r)
+            }
+            None => None,
+        };
         let mounts = MountTable::new(datasets.clone(), MountRecords::new(store.clone()));
         let sources = Arc::new(SourceService::new(
             store_dir.to_path_buf(),
@@ -141,6 +152,8 @@ impl Daemon {
             stopping: AtomicBool::new(false),
             scrub_every,
             scrubs: scrub::Scrubs::default(),
+            remote,
+            remote_stop: Arc::new(AtomicBool::new(false)),
             _lock: lock,
         };
         d.load_scrub_state();
@@ -201,6 +214,10 @@ impl Daemon {
 
     fn shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
+        self.remote_stop.store(true, Ordering::Relaxed);
+        if let Some(r) = &self.remote {
+            r.kick();
+        }
         self.vdbs.stop_all();
         self.sources.stop_all();
         if let Err(e) = self.datasets.checkpoint() {
@@ -212,6 +229,7 @@ impl Daemon {
         if let Err(e) = self.datasets.checkpoint() {
             tracing::error!("checkpoint after unmount failed: {e}");
         }
+        self.datasets.store().clear_remote();
     }
 }
 
@@ -242,6 +260,12 @@ pub fn serve(
         std::thread::Builder::new()
             .name("supervisor".into())
             .spawn(move || d.supervisor())?;
+        if let Some(r) = daemon.remote.clone() {
+            let (ds, stop) = (daemon.datasets.clone(), daemon.remote_stop.clone());
+            std::thread::Builder::new()
+                .name("uploader".into())
+                .spawn(move || r.uploader(ds, stop))?;
+        }
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -564,6 +564,40 @@ impl Datasets {
         })
     }
 
+    /// Records a snapshot published by another host (`crate::remote`): dataset `dataset` is
+    /// made (empty) if missing, and `snap` (its `dataset` field is set here) becomes one of
+    /// its snapshots, with `props`, in one commit. Its blocks need not be here: reads fetch them.
+    pub fn import_snapshot(
+        &self,
+        dataset: &str,
+        mut snap: SnapshotRecord,
+        props: Option<Vec<u8>>,
+    ) -> anyhow::Result<()> {
+        check_dataset_name(dataset)?;
+        check_snapshot_name(&snap.name)?;
+        let _g = self.checkpoint_lock.lock();
+        let rec = match self.record(dataset)? {
+            Some(r) => r,
+            None => self.insert_dataset(dataset, None, dataset::ROOT_INO + 1, None)?,
+        };
+        snap.dataset = rec.id;
+        let name = snap.name.clone();
+        let bytes = snap.encode();
+        self.store.commit_roots_with(&[], |txn| {
+            let mut t = txn.open_table(SNAPSHOTS)?;
+            if t.get((rec.id, name.as_str()))?.is_some() {
+                return Ok(());
+            }
+            t.insert((rec.id, name.as_str()), bytes.as_slice())?;
+            if let Some(p) = &props {
+                txn.open_table(SNAPSHOT_PROPS)?
+                    .insert((rec.id, name.as_str()), p.as_slice())?;
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+
     /// Deletes a snapshot; clones made from it keep every block they use.
     pub fn delete_snapshot(&self, dataset: &str, snap: &str) -> anyhow::Result<()> {
         let rec = self.find_snapshot(dataset, snap)?;

@@ -26,6 +26,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub mod daemon;
+pub mod garage;
 pub mod mount;
 pub mod postgres;
 pub mod proc;

@@ -1,0 +1,229 @@
+//! Stores on an S3-compatible object store (a real Garage node on loopback): two daemons with
+//! separate local stores on one machine act as host A and host B. A publishes, B provisions
+//! from what A published; blocks come by ranged GET and are verified like local ones.
+
+use crate::util::garage::{Garage, BUCKET};
+use crate::util::source::{link_small, SourceDb, Staged, WAIT};
+use crate::util::vdb::{self as vdbu, Vdbd};
+use crate::util::*;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+use serde_json::Value;
+use std::fs;
+use std::time::Duration;
+
+fn remote_daemon(g: &Garage, prefix: &str) -> Daemon {
+    Daemon::start_init(&g.init_args(prefix), &g.env())
+}
+
+fn json(d: &Daemon, args: &[&str]) -> Value {
+    let s = d.ok(args);
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {s}"))
+}
+
+fn published_names(d: &Daemon) -> Vec<String> {
+    json(d, &["remote", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The pack objects under `prefix`, largest first.
+fn pack_objects(g: &Garage, prefix: &str) -> Vec<(object_store::path::Path, u64)> {
+    use futures::TryStreamExt;
+    let c = g.client();
+    let p = object_store::path::Path::from(format!("{prefix}/packs"));
+    let mut v: Vec<(object_store::path::Path, u64)> = rt()
+        .block_on(async { c.list(Some(&p)).try_collect::<Vec<_>>().await })
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.location, m.size))
+        .collect();
+    v.sort_by_key(|(_, s)| std::cmp::Reverse(*s));
+    v
+}
+
+/// Host B provisions a VDB from the snapshot host A's source published: the VDB has A's rows
+/// and passes pg_amcheck, though B's store never held a block of it before.
+#[test]
+fn host_b_provisions_a_vdb_from_host_a_s_published_source_snapshot() {
+    let g = Garage::start();
+    let src = SourceDb::start(false, &[]);
+    src.insert_rows(1, 2000, "from host A's source");
+    let a = Vdbd {
+        s: Staged {
+            d: remote_daemon(&g, "team"),
+        },
+    };
+    let st = link_small(&a, &src, "prod");
+    let snap = st["last_snapshot"]["name"].as_str().unwrap().to_string();
+    // Source snapshots are published by the daemon itself once their packs are up.
+    assert!(
+        wait_until(WAIT * 2, || published_names(&a).contains(&snap)),
+        "host A did not publish {snap}; remote status: {}\nlog tail:\n{}",
+        a.ok(&["remote", "status", "--json"]),
+        a.log_tail(40)
+    );
+    let b = Vdbd {
+        s: Staged {
+            d: remote_daemon(&g, "team"),
+        },
+    };
+    assert!(
+        published_names(&b).contains(&snap),
+        "host B's remote list lacks {snap}"
+    );
+    let human = b.ok(&["remote", "list"]);
+    assert!(human.contains(&snap), "remote list: {human}");
+    let dev = vdbu::create(&b, "dev1", &snap, &[]);
+    assert_eq!(
+        dev.sql("SELECT count(*), min(note) FROM marker"),
+        "2000|from host A's source"
+    );
+    dev.amcheck();
+    let rs = json(&b, &["remote", "status", "--json"]);
+    assert!(
+        rs["fetched_blocks"].as_u64().unwrap() > 0,
+        "B fetched nothing from the bucket: {rs}"
+    );
+    // No credential in any log or in the store's remote.json.
+    let cfg = fs::read_to_string(b.store().join("remote.json")).unwrap();
+    for (_, secret) in g.env() {
+        assert!(!cfg.contains(&secret), "remote.json holds a credential");
+        assert!(!a.log().contains(&secret), "A's log holds a credential");
+        assert!(!b.log().contains(&secret), "B's log holds a credential");
+    }
+}
+
+/// Writes `len` random bytes to `DATASET/f`, snapshots it as `s1` and publishes it.
+fn publish_random_file(a: &Daemon, seed: u64, len: usize) -> Vec<u8> {
+    let m = a.create_and_mount("data");
+    let mut data = vec![0u8; len];
+    StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+    fs::write(m.join("f"), &data).unwrap();
+    a.ok(&["snapshot", "create", "data", "--name", "s1"]);
+    let out = a.ok(&["snapshot", "publish", "data@s1"]);
+    assert!(out.contains("published data@s1"), "publish said: {out}");
+    data
+}
+
+/// A block whose object in the bucket was damaged is EIO on host B, with a log line naming
+/// the object, never wrong bytes; blocks that verify still read.
+#[test]
+fn a_corrupted_pack_object_reads_as_eio_naming_the_object() {
+    let g = Garage::start();
+    let a = remote_daemon(&g, "dmg");
+    let data = publish_random_file(&a, 16, 4 << 20);
+    // Damage the biggest pack object (the file's data) in its middle.
+    let (key, size) = pack_objects(&g, "dmg").into_iter().next().unwrap();
+    let c = g.client();
+    let r = rt();
+    let mut bytes = r
+        .block_on(async { c.get(&key).await.unwrap().bytes().await })
+        .unwrap()
+        .to_vec();
+    assert_eq!(bytes.len() as u64, size);
+    for b in &mut bytes[size as usize / 2..size as usize / 2 + 64] {
+        *b ^= 0x5a;
+    }
+    r.block_on(async { c.put(&key, PutPayload::from(bytes)).await })
+        .unwrap();
+
+    let b = remote_daemon(&g, "dmg");
+    b.ok(&["clone", "data@s1", "copy"]);
+    let mp = b.new_mountpoint("copy");
+    let m = b.mount("copy", &mp);
+    let mut f = fs::File::open(m.join("f")).unwrap();
+    let mut got = vec![0u8; data.len()];
+    let mut bad = 0;
+    let mut good = 0;
+    for (i, chunk) in got.chunks_mut(8192).enumerate() {
+        use std::os::unix::fs::FileExt;
+        match f.read_exact_at(chunk, (i * 8192) as u64) {
+            Ok(()) => {
+                assert_eq!(
+                    chunk,
+                    &data[i * 8192..][..chunk.len()],
+                    "block {i}: wrong bytes"
+                );
+                good += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "block {i}: {e}");
+                bad += 1;
+            }
+        }
+    }
+    assert!(bad > 0, "no block read as EIO after the object was damaged");
+    assert!(good > 0, "every block failed, not only the damaged ones");
+    let log = b.log();
+    assert!(
+        log.contains("does not verify") && log.contains(key.as_ref()),
+        "B's log does not name the damaged object {key}:\n{}",
+        b.log_tail(30)
+    );
+    let _ = BUCKET;
+}
+
+/// With the object store down, local work goes on, uploads wait with backoff and `status`
+/// shows the backlog; once it is back, the backlog drains, and a restart of the daemon
+/// (kill -9 in the middle) loses nothing: B reads every byte A published.
+#[test]
+fn uploads_wait_out_an_object_store_outage_and_a_kill_9() {
+    let mut g = Garage::start();
+    let mut a = remote_daemon(&g, "outage");
+    let m = a.create_and_mount("data");
+    g.stop();
+    let mut data = vec![0u8; 3 << 20];
+    StdRng::seed_from_u64(7).fill_bytes(&mut data);
+    fs::write(m.join("f"), &data).unwrap();
+    a.ok(&["snapshot", "create", "data", "--name", "s1"]);
+    let out = a.vdbfs(&["snapshot", "publish", "data@s1"]);
+    assert!(
+        !out.status.success(),
+        "publish succeeded with the bucket down"
+    );
+    // Local work goes on: writes, snapshots.
+    fs::write(m.join("g"), b"still writable").unwrap();
+    a.ok(&["snapshot", "create", "data", "--name", "s2"]);
+    let st = a.status_json();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let st = a.status_json();
+            st["remote"]["backlog_packs"].as_u64().unwrap_or(0) > 0
+                && st["remote"]["last_error"].is_string()
+        }),
+        "status shows no backlog or failure with the bucket down: {st}"
+    );
+    // A crash with the backlog pending, then the bucket comes back.
+    a.kill9();
+    g.restart();
+    a.start_again();
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            a.status_json()["remote"]["backlog_packs"].as_u64() == Some(0)
+        }),
+        "the backlog did not drain: {}",
+        a.ok(&["remote", "status"])
+    );
+    a.ok(&["snapshot", "publish", "data@s1"]);
+    let b = remote_daemon(&g, "outage");
+    b.ok(&["clone", "data@s1", "copy"]);
+    let mp = b.new_mountpoint("copy");
+    let bm = b.mount("copy", &mp);
+    assert!(
+        fs::read(bm.join("f")).unwrap() == data,
+        "B read other bytes than A wrote"
+    );
+    drop(m);
+}
