@@ -211,7 +211,8 @@ fn uploads_wait_out_an_object_store_outage_and_a_kill_9() {
     a.start_again();
     assert!(
         wait_until(Duration::from_secs(120), || {
-            a.status_json()["remote"]["backlog_packs"].as_u64() == Some(0)
+            let r = &a.status_json()["remote"];
+            r["backlog_packs"].as_u64() == Some(0) && r["uploaded_packs"].as_u64() >= Some(1)
         }),
         "the backlog did not drain: {}",
         a.ok(&["remote", "status"])

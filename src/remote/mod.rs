@@ -137,6 +137,9 @@ pub struct RemoteStatus {
     /// Blocks fetched from the bucket since the daemon started.
     pub fetched_blocks: u64,
     pub fetched_bytes: u64,
+    /// Fetches that did not verify (the reader got EIO; the log names the object).
+    #[serde(default)]
+    pub bad_blocks: u64,
 }
 
 /// A published snapshot, as `vdbfs remote list` shows it.
@@ -163,6 +166,9 @@ pub struct Remote {
     wake: Condvar,
     /// One publish at a time (they share pack uploads).
     publish_lock: Mutex<()>,
+    /// One pack upload at a time, so a pack is uploaded once (the uploader and a publish both
+    /// upload).
+    upload_lock: Mutex<()>,
 }
 
 const MANIFESTS: &str = "manifests";
@@ -214,6 +220,7 @@ impl Remote {
             state: Mutex::new(state),
             wake: Condvar::new(),
             publish_lock: Mutex::new(()),
+            upload_lock: Mutex::new(()),
         }))
     }
 
@@ -276,6 +283,10 @@ impl Remote {
     /// Uploads closed pack `no` whole (if it still exists) and records it. Returns false if
     /// the pack is gone (collected meanwhile).
     fn upload_pack(&self, no: u32) -> anyhow::Result<bool> {
+        let _g = self.upload_lock.lock();
+        if self.uploaded()?.contains_key(&no) {
+            return Ok(true);
+        }
         let Some((format, path)) = self.store.pack_file(no) else {
             return Ok(false);
         };
@@ -747,20 +758,22 @@ impl store::RemoteFetch for Remote {
             .map_err(|e| io(e.to_string()))?;
         let mut fetched = 0u64;
         let mut bytes = 0u64;
+        let mut bad = None;
         for ((key, format, start, _, items), r) in runs.into_iter().zip(got) {
             let format = if format == 1 {
                 RecordFormat::V1
             } else {
                 RecordFormat::V2
             };
+            let object = self.key(&key).to_string();
             let buf = match r {
                 Ok(b) => b,
                 Err(e) => {
                     let (i, _, _) = items[0];
-                    tracing::error!(object = %key, "cannot fetch block {} from the bucket: {e}", ids[i].to_hex());
+                    tracing::error!(object = %object, "cannot fetch block {} from the bucket: {e}", ids[i].to_hex());
                     return Err(store::Error::Remote {
                         id: ids[i],
-                        object: key,
+                        object,
                         why: format!("fetch failed: {e}"),
                     });
                 }
@@ -768,15 +781,17 @@ impl store::RemoteFetch for Remote {
             for (i, off, len) in items {
                 let lo = (off - start) as usize;
                 let rec = buf.get(lo..lo + len as usize).unwrap_or(&[]);
-                match store::open_remote_record(&ids[i], &key, format, rec) {
+                match store::open_remote_record(&ids[i], &object, format, rec) {
                     Ok(content) => {
                         fetched += 1;
                         bytes += len as u64;
                         out[i] = Some(content);
                     }
+                    // The others of the run are good and kept; this one stays missing, so its
+                    // reader gets EIO.
                     Err(e) => {
-                        tracing::error!(object = %key, offset = off, "a block fetched from the bucket does not verify: {e}");
-                        return Err(e);
+                        tracing::error!(object = %object, offset = off, "a block fetched from the bucket does not verify: {e}");
+                        bad = Some(e);
                     }
                 }
             }
@@ -784,6 +799,7 @@ impl store::RemoteFetch for Remote {
         let mut st = self.state.lock();
         st.fetched_blocks += fetched;
         st.fetched_bytes += bytes;
+        st.bad_blocks += u64::from(bad.is_some());
         Ok(out)
     }
 }

@@ -54,8 +54,8 @@ pub use index::{
 
 /// Where blocks that are neither in the index nor in the log come from: the object store
 /// (`crate::remote`). `fetch` answers, per id, the verified content of a block it knows a
-/// published copy of, `None` for one it does not know, and an error for one it knows but
-/// cannot fetch or verify (never wrong bytes).
+/// published copy of, `None` for one it does not know or whose copy does not verify (it logs
+/// which object), and an error when it cannot fetch at all; never wrong bytes.
 pub trait RemoteFetch: Send + Sync {
     fn fetch(&self, ids: &[BlockId]) -> Result<Vec<Option<Vec<u8>>>>;
 }
