@@ -59,7 +59,7 @@ fn pack_objects(g: &Garage, prefix: &str) -> Vec<(object_store::path::Path, u64)
 fn host_b_provisions_a_vdb_from_host_a_s_published_source_snapshot() {
     let g = Garage::start();
     let src = SourceDb::start(false, &[]);
-    src.insert_rows(1, 2000, "from host A's source");
+    src.insert_rows(1, 2000, "from host A source");
     let a = Vdbd {
         s: Staged {
             d: remote_daemon(&g, "team"),
@@ -88,7 +88,7 @@ fn host_b_provisions_a_vdb_from_host_a_s_published_source_snapshot() {
     let dev = vdbu::create(&b, "dev1", &snap, &[]);
     assert_eq!(
         dev.sql("SELECT count(*), min(note) FROM marker"),
-        "2000|from host A's source"
+        "2000|from host A source"
     );
     dev.amcheck();
     let rs = json(&b, &["remote", "status", "--json"]);
@@ -143,7 +143,7 @@ fn a_corrupted_pack_object_reads_as_eio_naming_the_object() {
     b.ok(&["clone", "data@s1", "copy"]);
     let mp = b.new_mountpoint("copy");
     let m = b.mount("copy", &mp);
-    let mut f = fs::File::open(m.join("f")).unwrap();
+    let f = fs::File::open(m.join("f")).unwrap();
     let mut got = vec![0u8; data.len()];
     let mut bad = 0;
     let mut good = 0;

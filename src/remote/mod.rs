@@ -185,14 +185,22 @@ impl Remote {
             b = b.with_region(r);
         }
         if let Some(e) = &cfg.endpoint {
-            b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
+            b = b.with_endpoint(e);
         }
         let retry = object_store::RetryConfig {
             max_retries: 2,
             retry_timeout: Duration::from_secs(20),
             ..Default::default()
         };
+        // allow_http is a client option: set here, since with_client_options replaces them all.
+        let plain_http = cfg
+            .endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+            .or_else(|| std::env::var("AWS_ENDPOINT").ok())
+            .is_some_and(|e| e.starts_with("http://"));
         let opts = object_store::ClientOptions::new()
+            .with_allow_http(plain_http)
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(120));
         let os = b

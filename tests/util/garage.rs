@@ -44,7 +44,7 @@ pub struct Garage {
 impl Garage {
     /// Starts a node, lays it out, makes bucket [`BUCKET`] and key [`KEY_ID`] with access to it.
     pub fn start() -> Garage {
-        let bin = garage_bin();
+        garage_bin();
         let dir = tempdir("vdbfs-garage-");
         let s3_port = free_port();
         let rpc_port = free_port();
