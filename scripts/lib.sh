@@ -156,7 +156,7 @@ ensure_garage() {
         ok "garage: $("$GARAGE_BIN" --version 2>/dev/null | head -1) ($GARAGE_BIN)"
         return 0
     fi
-    say "    garage missing: cargo install garage $GARAGE_VERSION into $GARAGE_ROOT (about 25 minutes on 2 cores)"
+    say "    garage missing: cargo install garage $GARAGE_VERSION into $GARAGE_ROOT (41 minutes here on 2 shared cores, niced)"
     local start=$SECONDS
     CARGO_TARGET_DIR="${GARAGE_TARGET_DIR:-/var/tmp/vdbfs-garage-build}" \
         nice -n 19 cargo install garage --version "$GARAGE_VERSION" --locked \

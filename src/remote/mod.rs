@@ -306,6 +306,7 @@ impl Remote {
         let key = self.key(&self.pack_key(no));
         let os = self.os.clone();
         let len = bytes.len();
+        tracing::info!(pack = no, bytes = len, "uploading pack");
         let t = Instant::now();
         self.run(async move { os.put(&key, PutPayload::from(bytes)).await })?
             .with_context(|| format!("cannot upload pack {no} to {}", self.cfg.url))?;
@@ -696,11 +697,17 @@ fn decode_robject(v: &[u8]) -> anyhow::Result<(u8, String)> {
     Ok((*f, String::from_utf8(k.to_vec())?))
 }
 
+/// One block to fetch: its index in the request, offset and length in its object.
+type Want = (usize, u64, u32);
+/// Adjacent records of one object, fetched with one ranged GET: key, record format, start,
+/// end, the blocks.
+type Run = (String, u8, u64, u64, Vec<Want>);
+
 impl store::RemoteFetch for Remote {
     fn fetch(&self, ids: &[BlockId]) -> store::Result<Vec<Option<Vec<u8>>>> {
         let io = |e: String| store::Error::Io(std::io::Error::other(e));
         // (object key, format) -> [(index in ids, offset, len)]
-        let mut by_obj: BTreeMap<(String, u8), Vec<(usize, u64, u32)>> = BTreeMap::new();
+        let mut by_obj: BTreeMap<(String, u8), Vec<Want>> = BTreeMap::new();
         {
             let txn = self
                 .store
@@ -731,10 +738,10 @@ impl store::RemoteFetch for Remote {
         }
         let mut out: Vec<Option<Vec<u8>>> = vec![None; ids.len()];
         // One ranged GET per run of adjacent records, all runs at once.
-        let mut runs: Vec<(String, u8, u64, u64, Vec<(usize, u64, u32)>)> = Vec::new();
+        let mut runs: Vec<Run> = Vec::new();
         for ((key, format), mut v) in by_obj {
             v.sort_by_key(|x| x.1);
-            let mut cur: Option<(u64, u64, Vec<(usize, u64, u32)>)> = None;
+            let mut cur: Option<(u64, u64, Vec<Want>)> = None;
             for x in v {
                 match &mut cur {
                     Some((_, end, items)) if *end == x.1 => {
