@@ -274,6 +274,9 @@ fn kill_9_during_a_publish_leaves_no_half_published_snapshot() {
     b.ok(&["clone", "data@s1", "copy"]);
     let mp = b.new_mountpoint("copy");
     let bm = b.mount("copy", &mp);
-    assert!(fs::read(bm.join("f")).unwrap() == data, "B read other bytes than A wrote");
+    assert!(
+        fs::read(bm.join("f")).unwrap() == data,
+        "B read other bytes than A wrote"
+    );
     drop(m);
 }
