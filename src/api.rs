@@ -156,6 +156,12 @@ pub enum Request {
     TokenRevoke {
         name: String,
     },
+    /// Upload `DATASET@SNAPSHOT`'s packs and manifest to the store's bucket.
+    SnapshotPublish {
+        name: String,
+    },
+    RemoteStatus,
+    RemoteList,
 }
 
 impl Request {
@@ -200,6 +206,9 @@ impl Request {
             R::TokenCreate { .. } => "token_create",
             R::TokenList => "token_list",
             R::TokenRevoke { .. } => "token_revoke",
+            R::SnapshotPublish { .. } => "snapshot_publish",
+            R::RemoteStatus => "remote_status",
+            R::RemoteList => "remote_list",
         }
     }
 
@@ -227,7 +236,8 @@ impl Request {
             | R::VdbExtend { name, .. }
             | R::DatasetAcceptDamage { name }
             | R::TokenCreate { name, .. }
-            | R::TokenRevoke { name } => name.clone(),
+            | R::TokenRevoke { name }
+            | R::SnapshotPublish { name } => name.clone(),
             R::SnapshotCreate { dataset, .. } | R::Mount { dataset, .. } => dataset.clone(),
             R::SnapshotList { dataset } | R::Timeflow { dataset } => {
                 dataset.clone().unwrap_or_default()
@@ -243,6 +253,8 @@ impl Request {
             | R::SourceList
             | R::VdbList
             | R::TokenList
+            | R::RemoteStatus
+            | R::RemoteList
             | R::Scrub { .. } => String::new(),
         }
     }
@@ -262,6 +274,8 @@ impl Request {
                 | R::VdbStatus { .. }
                 | R::Timeflow { .. }
                 | R::TokenList
+                | R::RemoteStatus
+                | R::RemoteList
         )
     }
 
@@ -818,6 +832,9 @@ pub struct Status {
     /// When the scheduled scrub runs next (RFC 3339), if scheduled.
     #[serde(default)]
     pub next_scrub: Option<String>,
+    /// The object store, if the store has one: upload backlog and failures.
+    #[serde(default)]
+    pub remote: Option<crate::remote::RemoteStatus>,
 }
 
 /// The filesystem under the store, and the store's reserve on it.

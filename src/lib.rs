@@ -22,6 +22,7 @@ pub mod fs;
 pub mod logging;
 pub mod mounts;
 pub mod pg;
+pub mod remote;
 pub mod source;
 pub mod store;
 pub mod time;

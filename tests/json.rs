@@ -182,6 +182,32 @@ fn every_command_prints_json_and_its_errors_as_json() {
             },
         ),
         (
+            // This store has no remote: publish and the remote commands are refused as invalid
+            // (tests/remote.rs runs them against a bucket).
+            "snapshot publish",
+            Row {
+                ok: None,
+                err: Some((args(&["snapshot", "publish", "plain@s1"]), "invalid")),
+                check: any,
+            },
+        ),
+        (
+            "remote status",
+            Row {
+                ok: None,
+                err: Some((args(&["remote", "status"]), "invalid")),
+                check: any,
+            },
+        ),
+        (
+            "remote list",
+            Row {
+                ok: None,
+                err: Some((args(&["remote", "list"]), "invalid")),
+                check: any,
+            },
+        ),
+        (
             "snapshot list",
             Row {
                 ok: Some(args(&["snapshot", "list", "prod"])),

@@ -24,6 +24,7 @@ mod model;
 mod mounts;
 mod posix;
 mod postgres;
+mod remote;
 mod scrub;
 mod snapshots;
 mod sources;

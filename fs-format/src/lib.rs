@@ -10,6 +10,7 @@
 pub mod codec;
 pub mod index;
 pub mod journal;
+pub mod manifest;
 pub mod pack;
 pub mod tree;
 mod wire;

@@ -91,8 +91,29 @@ pub enum LogFormat {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum Cmd {
-    /// Create an empty store.
-    Init,
+    /// Create an empty store; with --remote, one whose sealed packs and published snapshots
+    /// live in an S3-compatible bucket (credentials only from AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY in the daemon's environment).
+    Init {
+        /// s3://BUCKET/PREFIX: the bucket shared with the other hosts.
+        #[arg(long)]
+        remote: Option<String>,
+        /// The S3 endpoint (e.g. http://127.0.0.1:3900 for Garage); default AWS_ENDPOINT_URL or AWS.
+        #[arg(long, requires = "remote")]
+        endpoint: Option<String>,
+        /// The bucket's region (Garage: the s3_region of its configuration).
+        #[arg(long, requires = "remote")]
+        region: Option<String>,
+        /// Bytes of fetched blocks to keep locally (accepted and recorded; see the README's
+        /// limitations).
+        #[arg(long, requires = "remote")]
+        cache_size: Option<u64>,
+    },
+    /// The object store: what is uploaded and what the hosts published.
+    Remote {
+        #[command(subcommand)]
+        cmd: RemoteCmd,
+    },
     /// Run the daemon in the foreground: owns the store, serves every mount and the control API.
     Serve {
         /// Ports new VDBs get when `vdb create` has no --port: LO-HI.
@@ -340,6 +361,20 @@ pub enum SnapshotCmd {
         /// DATASET@SNAPSHOT
         name: String,
     },
+    /// Publish DATASET@SNAPSHOT to the store's bucket: its packs are uploaded, then its
+    /// manifest, so that other hosts can provision from it.
+    Publish {
+        /// DATASET@SNAPSHOT
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RemoteCmd {
+    /// The bucket, the upload backlog, failures and fetches.
+    Status,
+    /// Snapshots published to the bucket by any host (dataset@snapshot, publisher, LSN, time).
+    List,
 }
 
 #[derive(Subcommand)]
@@ -532,7 +567,58 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let store = absolute(&cli.store)?;
     let json = cli.json;
     match cli.cmd {
-        Cmd::Init => init(&store, json)?,
+        Cmd::Init {
+            remote,
+            endpoint,
+            region,
+            cache_size,
+        } => {
+            let cfg = remote.map(|url| crate::remote::RemoteConfig {
+                v: 1,
+                url,
+                endpoint,
+                region,
+                cache_size,
+                store_id: crate::remote::new_store_id(),
+            });
+            if let Some(c) = &cfg {
+                c.bucket_prefix()?;
+            }
+            init(&store, json, cfg)?
+        }
+        Cmd::Remote { cmd } => match cmd {
+            RemoteCmd::Status => {
+                let r = run_req(&store, Request::RemoteStatus)?;
+                if json {
+                    println!("{}", r.data);
+                } else {
+                    let s: crate::remote::RemoteStatus = serde_json::from_value(r.data)?;
+                    print_remote_status(&s);
+                }
+            }
+            RemoteCmd::List => {
+                let r = run_req(&store, Request::RemoteList)?;
+                if json {
+                    println!("{}", r.data);
+                } else {
+                    let list: Vec<crate::remote::Published> = serde_json::from_value(r.data)?;
+                    println!(
+                        "{:<40} {:<24} {:<14} {:<22} {:>8}",
+                        "SNAPSHOT", "PUBLISHER", "LSN", "CREATED", "BLOCKS"
+                    );
+                    for p in list {
+                        println!(
+                            "{:<40} {:<24} {:<14} {:<22} {:>8}",
+                            p.name,
+                            p.publisher,
+                            p.lsn.as_deref().unwrap_or("-"),
+                            p.created,
+                            p.blocks
+                        );
+                    }
+                }
+            }
+        },
         Cmd::Serve {
             vdb_ports,
             keep_undo,
@@ -695,6 +781,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 json,
                 &run_req(&store, Request::SnapshotCreate { dataset, name })?,
             ),
+            SnapshotCmd::Publish { name } => {
+                say(json, &run_req(&store, Request::SnapshotPublish { name })?)
+            }
             SnapshotCmd::Delete { name } => {
                 say(json, &run_req(&store, Request::SnapshotDelete { name })?)
             }
@@ -942,7 +1031,11 @@ fn print_source(s: &api::SourceStatus) {
 
 /// `vdbfs init`: a new store in a new or empty directory; anything else is refused before a
 /// byte changes.
-fn init(store: &Path, json: bool) -> anyhow::Result<()> {
+fn init(
+    store: &Path,
+    json: bool,
+    remote: Option<crate::remote::RemoteConfig>,
+) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if crate::store::index_path(store).exists() {
         return Err(Refusal::new(
@@ -991,10 +1084,20 @@ fn init(store: &Path, json: bool) -> anyhow::Result<()> {
     }
     crate::store::Store::create(store)
         .with_context(|| format!("cannot create a store in {}", store.display()))?;
+    if let Some(r) = &remote {
+        r.save(store)?;
+    }
     if json {
-        print_json(&serde_json::json!({ "store": store }))?;
+        print_json(&serde_json::json!({ "store": store, "remote": remote }))?;
     } else {
         println!("initialized an empty vdbfs store in {}", store.display());
+        if let Some(r) = &remote {
+            println!(
+                "  remote {} (store id {}); credentials from AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY where 'vdbfs serve' runs",
+                r.url, r.store_id
+            );
+        }
     }
     if let Some(m) = existing {
         if m.permissions().mode() & 0o001 == 0 {
@@ -1008,6 +1111,36 @@ fn init(store: &Path, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_remote_status(s: &crate::remote::RemoteStatus) {
+    println!(
+        "remote {} (store id {}{})",
+        s.url,
+        s.store_id,
+        s.endpoint
+            .as_deref()
+            .map(|e| format!(", endpoint {e}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "  upload backlog: {} pack(s), {}; {} uploaded since start, {} published",
+        s.backlog_packs,
+        human(s.backlog_bytes),
+        s.uploaded_packs,
+        s.published
+    );
+    println!(
+        "  fetched: {} block(s), {}",
+        s.fetched_blocks,
+        human(s.fetched_bytes)
+    );
+    if let Some(e) = &s.last_error {
+        println!(
+            "  failing ({} time(s) in a row, retrying with backoff): {e}",
+            s.failures
+        );
+    }
 }
 
 fn print_status(s: &Status) {
@@ -1045,6 +1178,18 @@ fn print_status(s: &Status) {
     }
     if let Some(n) = &s.next_scrub {
         println!("  next scheduled scrub {n}");
+    }
+    if let Some(r) = &s.remote {
+        println!(
+            "  remote {}: upload backlog {} pack(s), {}{}",
+            r.url,
+            r.backlog_packs,
+            human(r.backlog_bytes),
+            r.last_error
+                .as_deref()
+                .map(|e| format!("; failing, retrying: {e}"))
+                .unwrap_or_default()
+        );
     }
     for f in &s.faults {
         println!("  FAULT: {f}");

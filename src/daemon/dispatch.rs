@@ -270,8 +270,46 @@ impl Daemon {
                 let msg = scrub_summary(&r);
                 Ok((msg, serde_json::to_value(&r)?))
             }
+            R::SnapshotPublish { name } => {
+                let r = self.remote()?;
+                let (d, s) = crate::tree::parse_snapshot_ref(&name)?;
+                let key = r.publish(&self.datasets, d, s)?;
+                with(
+                    format!("published {name} as {key}"),
+                    serde_json::json!({ "name": name, "manifest": key }),
+                )
+            }
+            R::RemoteStatus => data(self.remote()?.status()),
+            R::RemoteList => data(self.remote()?.list()?),
             r => self.store_request(r),
         }
+    }
+
+    fn remote(&self) -> anyhow::Result<&std::sync::Arc<crate::remote::Remote>> {
+        match &self.remote {
+            Some(r) => Ok(r),
+            None => refuse!(
+                Invalid,
+                "this store has no remote; make one with 'vdbfs init --remote s3://BUCKET/PREFIX'"
+            ),
+        }
+    }
+
+    /// `vdb create --from DATASET@SNAP` of a snapshot that is not here but published in the
+    /// store's bucket: imports it first (its blocks come on read).
+    fn import_if_published(&self, from: &str, progress: Option<&Progress>) -> anyhow::Result<()> {
+        let (Some(r), Some((d, s))) = (&self.remote, from.split_once('@')) else {
+            return Ok(());
+        };
+        let here = self.datasets.record(d)?.is_some()
+            && crate::catalog::has_snapshot(&self.datasets, d, s)?;
+        if here {
+            return Ok(());
+        }
+        if let Some(p) = progress {
+            p.say(format!("{from} is not here: importing it from the bucket"));
+        }
+        r.import(&self.datasets, d, s)
     }
 
     /// `vdbfs source ...`
@@ -414,6 +452,7 @@ impl Daemon {
         let ctx = |what: &str, name: &str| format!("cannot {what} VDB {name}");
         match req {
             Request::VdbCreate(spec) => {
+                self.import_if_published(&spec.from, Some(&progress))?;
                 let st = v.create(*spec, progress)?;
                 let who = match (&st.user, &st.password, st.keep_source_logins) {
                     (Some(u), Some(p), _) => format!("{u}'s password {p}, shown only this once"),
@@ -728,6 +767,7 @@ impl Daemon {
                 refuse_internal(&snapshot)?;
                 let (d, s) = crate::tree::parse_snapshot_ref(&snapshot)?;
                 let t = std::time::Instant::now();
+                self.import_if_published(&snapshot, None)?;
                 ds.clone_snapshot(d, s, &name)?;
                 let message = format!(
                     "created dataset {name} as a clone of {snapshot} in {:.1} ms",
@@ -867,6 +907,7 @@ impl Daemon {
             space,
             scrub,
             next_scrub: self.next_scrub(),
+            remote: self.remote.as_ref().map(|r| r.status()),
         })
     }
 }

@@ -69,6 +69,9 @@ pub struct Daemon {
     tokens: Records<crate::auth::TokenRecord>,
     /// Operation counts and durations, for `/metrics`.
     metrics: metrics::Ops,
+    /// The store's bucket, if it has one (`crate::remote`).
+    remote: Option<Arc<crate::remote::Remote>>,
+    remote_stop: Arc<AtomicBool>,
     /// The exclusive lock on the store directory (released when the process ends).
     _lock: std::fs::File,
 }
@@ -129,6 +132,14 @@ impl Daemon {
             .with_context(|| format!("cannot open the store {}", store_dir.display()))?;
         let store = Arc::new(store);
         let datasets = Arc::new(Datasets::open(store.clone(), replay).context("recovery failed")?);
+        let remote = match crate::remote::RemoteConfig::load(store_dir)? {
+            Some(cfg) => {
+                let r = crate::remote::Remote::open(cfg, store.clone())?;
+                store.set_remote(r.clone());
+                Some(r)
+            }
+            None => None,
+        };
         let mounts = MountTable::new(datasets.clone(), MountRecords::new(store.clone()));
         let archive = Arc::new(crate::archive::WalArchive::new(datasets.clone()));
         let sources = Arc::new(SourceService::new(
@@ -163,6 +174,8 @@ impl Daemon {
             scrubs: scrub::Scrubs::default(),
             tokens: Records::new(store),
             metrics: metrics::Ops::default(),
+            remote,
+            remote_stop: Arc::new(AtomicBool::new(false)),
             _lock: lock,
         };
         d.load_scrub_state();
@@ -223,6 +236,10 @@ impl Daemon {
 
     fn shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
+        self.remote_stop.store(true, Ordering::Relaxed);
+        if let Some(r) = &self.remote {
+            r.kick();
+        }
         self.vdbs.stop_all();
         self.sources.stop_all();
         self.archiving_done.store(true, Ordering::Relaxed);
@@ -235,6 +252,7 @@ impl Daemon {
         if let Err(e) = self.datasets.checkpoint() {
             tracing::error!("checkpoint after unmount failed: {e}");
         }
+        self.datasets.store().clear_remote();
     }
 }
 
@@ -305,6 +323,12 @@ pub fn serve(store_dir: &Path, opts: ServeOptions) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("preparer".into())
             .spawn(move || d.preparer())?;
+        if let Some(r) = daemon.remote.clone() {
+            let (ds, stop) = (daemon.datasets.clone(), daemon.remote_stop.clone());
+            std::thread::Builder::new()
+                .name("uploader".into())
+                .spawn(move || r.uploader(ds, stop))?;
+        }
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

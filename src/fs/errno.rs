@@ -20,6 +20,7 @@ pub fn errno(e: &Error) -> Errno {
         Error::Io(_)
         | Error::Corrupt { .. }
         | Error::MissingBlock(_)
+        | Error::Remote { .. }
         | Error::CorruptMeta(_)
         | Error::Index(_)
         | Error::Poisoned => Errno::EIO,

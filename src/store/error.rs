@@ -19,6 +19,13 @@ pub enum Error {
     },
     #[error("block {0} is referenced but not in the store")]
     MissingBlock(BlockId),
+    /// A block fetched from the object store did not verify, or could not be fetched.
+    #[error("block {id} from object {object}: {why}")]
+    Remote {
+        id: BlockId,
+        object: String,
+        why: String,
+    },
     #[error("corrupt metadata: {0}")]
     CorruptMeta(String),
     #[error("index: {0}")]

@@ -37,6 +37,17 @@ pub const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 /// dataset is deleted, reset to a snapshot, or its loss accepted.
 pub const DAMAGED: TableDefinition<(u64, u32, u64), &[u8]> = TableDefinition::new("damaged");
 
+/// pack number -> record format (1 or 2): closed packs of this store uploaded whole to the
+/// remote (FORMAT.md, "Remote"). Written after the upload succeeded.
+pub const REMOTE_UPLOADED: TableDefinition<u32, u8> = TableDefinition::new("remote_uploaded");
+/// remote object number -> record format byte + object key: pack objects other hosts
+/// published, known from imported manifests.
+pub const REMOTE_OBJECTS: TableDefinition<u32, &[u8]> = TableDefinition::new("remote_objects");
+/// object key -> remote object number.
+pub const REMOTE_KEYS: TableDefinition<&str, u32> = TableDefinition::new("remote_keys");
+/// block id -> where a published copy is: object u32, offset u64, len u32 (16 bytes).
+pub const REMOTE_BLOCKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("remote_blocks");
+
 /// Opens every table once, so that readers never meet a missing one (stores created by an
 /// older build gain the tables added since).
 fn create_tables(txn: &redb::WriteTransaction) -> std::result::Result<(), redb::TableError> {
@@ -51,6 +62,10 @@ fn create_tables(txn: &redb::WriteTransaction) -> std::result::Result<(), redb::
     txn.open_table(VDBS)?;
     txn.open_table(TOKENS)?;
     txn.open_table(DAMAGED)?;
+    txn.open_table(REMOTE_UPLOADED)?;
+    txn.open_table(REMOTE_OBJECTS)?;
+    txn.open_table(REMOTE_KEYS)?;
+    txn.open_table(REMOTE_BLOCKS)?;
     Ok(())
 }
 

@@ -54,9 +54,17 @@ use vdbfs_format::{codec, BlockId};
 pub use catalog::{CatalogTxn, StoredSnapshot};
 pub use error::{Error, Result};
 pub use index::{
-    index_path, BLOCKS, DAMAGED, DATASETS, META, MOUNTS, NAMES, ORIGINS, SNAPSHOTS, SNAPSHOT_PROPS,
-    SOURCES, TOKENS, VDBS,
+    index_path, BLOCKS, DAMAGED, DATASETS, META, MOUNTS, NAMES, ORIGINS, REMOTE_BLOCKS,
+    REMOTE_KEYS, REMOTE_OBJECTS, REMOTE_UPLOADED, SNAPSHOTS, SNAPSHOT_PROPS, SOURCES, TOKENS, VDBS,
 };
+
+/// Where blocks that are neither in the index nor in the log come from: the object store
+/// (`crate::remote`). `fetch` answers, per id, the verified content of a block it knows a
+/// published copy of, `None` for one it does not know or whose copy does not verify (it logs
+/// which object), and an error when it cannot fetch at all; never wrong bytes.
+pub trait RemoteFetch: Send + Sync {
+    fn fetch(&self, ids: &[BlockId]) -> Result<Vec<Option<Vec<u8>>>>;
+}
 pub use recovery::{Damage, Damaged};
 pub use space::{ballast_path, SpaceReport};
 
@@ -86,6 +94,8 @@ pub struct Store {
     /// Held shared by everything that resolves block ids to locations and reads them; held
     /// exclusively by the GC while it removes index entries or pack files.
     gc_guard: RwLock<()>,
+    /// Blocks missing locally are fetched from here and kept in the log as a cache.
+    remote: RwLock<Option<Arc<dyn RemoteFetch>>>,
 }
 
 /// What recovery found in the log after the last checkpoint, for the tree layer to replay.
@@ -216,6 +226,7 @@ impl Store {
                 gc_start: Mutex::new(LogPos::default()),
                 dedup_guard: RwLock::new(()),
                 gc_guard: RwLock::new(()),
+                remote: RwLock::new(None),
             },
             Replay {
                 journal: found.journal,
@@ -228,7 +239,9 @@ impl Store {
         &self.dir
     }
 
-    pub(in crate::store) fn db(&self) -> &redb::Database {
+    /// The redb database, for the store's own modules and `crate::remote`'s `remote_*` tables
+    /// (the catalog's tables go through `catalog`; no other module opens a table).
+    pub(crate) fn db(&self) -> &redb::Database {
         self.index.db()
     }
 
@@ -288,6 +301,73 @@ impl Store {
         }
         self.index.lookup(ids, &missing, &mut out)?;
         Ok(out)
+    }
+
+    /// [`Store::lookup_many`], and for ids found nowhere locally, a fetch from the remote (if
+    /// one is set): fetched blocks are verified there, appended to the log like any block (the
+    /// local cache of remote blocks) and located from then on like local ones.
+    fn lookup_or_fetch(&self, ids: &[BlockId]) -> Result<Vec<Option<BlockLoc>>> {
+        let mut locs = self.lookup_many(ids)?;
+        if locs.iter().all(|l| l.is_some()) {
+            return Ok(locs);
+        }
+        let Some(remote) = self.remote.read().clone() else {
+            return Ok(locs);
+        };
+        let mut missing: Vec<BlockId> = Vec::new();
+        for (id, l) in ids.iter().zip(&locs) {
+            if l.is_none() && !missing.contains(id) {
+                missing.push(*id);
+            }
+        }
+        let fetched = remote.fetch(&missing)?;
+        let got: Vec<&[u8]> = fetched.iter().flatten().map(|b| b.as_slice()).collect();
+        if got.is_empty() {
+            return Ok(locs);
+        }
+        self.put_many(&got)?;
+        let again = self.lookup_many(ids)?;
+        for (l, a) in locs.iter_mut().zip(again) {
+            if l.is_none() {
+                *l = a;
+            }
+        }
+        Ok(locs)
+    }
+
+    /// Sets where blocks missing locally are fetched from.
+    pub fn set_remote(&self, remote: Arc<dyn RemoteFetch>) {
+        *self.remote.write() = Some(remote);
+    }
+
+    /// Forgets the remote (at shutdown: the remote holds the store too).
+    pub fn clear_remote(&self) {
+        *self.remote.write() = None;
+    }
+
+    /// Where blocks are in the local log (None: not stored here).
+    pub fn locate_many(&self, ids: &[BlockId]) -> Result<Vec<Option<BlockLoc>>> {
+        self.lookup_many(ids)
+    }
+
+    /// The pack the log appends to now.
+    pub fn active_pack(&self) -> u32 {
+        self.log.end().pack
+    }
+
+    /// The record format of pack `no` and its file's path, if the pack exists.
+    pub fn pack_file(&self, no: u32) -> Option<(RecordFormat, PathBuf)> {
+        self.packs
+            .read()
+            .get(&no)
+            .map(|p| (p.format, pack_path(&self.dir, no)))
+    }
+
+    /// The numbers of every pack file, lowest first.
+    pub fn pack_numbers(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.packs.read().keys().copied().collect();
+        v.sort_unstable();
+        v
     }
 
     /// Stores many blocks with one index transaction and one append; returns their ids in
@@ -374,7 +454,7 @@ impl Store {
     /// Reads and verifies many blocks: one index transaction, one read per run of adjacent
     /// records, verification spread over two threads for large batches.
     pub fn get_many(&self, ids: &[BlockId]) -> Result<Vec<Vec<u8>>> {
-        let locs = self.lookup_many(ids)?;
+        let locs = self.lookup_or_fetch(ids)?;
         let mut locs2 = Vec::with_capacity(ids.len());
         for (id, l) in ids.iter().zip(locs) {
             locs2.push(l.ok_or(Error::MissingBlock(*id))?);
@@ -450,7 +530,12 @@ impl Store {
             return Ok(());
         };
         // Guess: the blocks follow the first one in the log. Windows grow while the guess holds.
-        let first = self.lookup_many(&ids[..1])?[0].ok_or(Error::MissingBlock(*first_id))?;
+        let first = match self.lookup_many(&ids[..1])?[0] {
+            Some(l) => l,
+            // Not here: fetch every missing block of the read at once (they land one after
+            // another in the log, where the guess below finds them).
+            None => self.lookup_or_fetch(ids)?[0].ok_or(Error::MissingBlock(*first_id))?,
+        };
         let limit = self.readable_end(first.pack)?;
         let mut at = first.offset;
         let mut window = SPECULATE_FIRST;
@@ -480,7 +565,7 @@ impl Store {
         }
         // The rest: located through the index, read in runs of adjacent records.
         let rest = &ids[i..];
-        let locs = self.lookup_many(rest)?;
+        let locs = self.lookup_or_fetch(rest)?;
         let mut order: Vec<usize> = (0..rest.len()).collect();
         for (k, l) in locs.iter().enumerate() {
             l.ok_or(Error::MissingBlock(rest[k]))?;
@@ -785,7 +870,7 @@ impl Store {
     }
 
     /// Starts an index write transaction, after making room on a full filesystem.
-    pub(in crate::store) fn begin_write(&self) -> Result<redb::WriteTransaction> {
+    pub(crate) fn begin_write(&self) -> Result<redb::WriteTransaction> {
         self.space.make_room("an index write")?;
         Ok(self.index.db().begin_write()?)
     }
@@ -876,6 +961,26 @@ fn open_block_record(
         return Err(corrupt(id, loc, "record holds another block".into()));
     }
     pack::open_block(&hdr, payload).map_err(|e| corrupt(id, loc, e.to_string()))
+}
+
+/// Verifies one block record fetched from the object store (`object` names it in errors) and
+/// returns the block's content: the same checks as a local read (crc, kind, id, blake3).
+pub fn open_remote_record(
+    id: &BlockId,
+    object: &str,
+    format: RecordFormat,
+    buf: &[u8],
+) -> Result<Vec<u8>> {
+    let bad = |why: String| Error::Remote {
+        id: *id,
+        object: object.to_string(),
+        why,
+    };
+    let (hdr, payload) = pack::decode_record(buf, format).map_err(|e| bad(e.to_string()))?;
+    if hdr.kind != RecordKind::Block || hdr.id != *id {
+        return Err(bad("record holds another block".into()));
+    }
+    pack::open_block(&hdr, payload).map_err(|e| bad(e.to_string()))
 }
 
 /// The first guess window of a read (bytes after its first block), and the largest: a window

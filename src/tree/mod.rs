@@ -497,6 +497,33 @@ impl Datasets {
         })
     }
 
+    /// Records a snapshot published by another host (`crate::remote`): dataset `dataset` is
+    /// made (empty) if missing, and `snap` (its `dataset` field is set here) becomes one of
+    /// its snapshots, with `props`, in one commit. Its blocks need not be here: reads fetch them.
+    pub fn import_snapshot(
+        &self,
+        dataset: &str,
+        mut snap: SnapshotRecord,
+        props: Option<Vec<u8>>,
+    ) -> anyhow::Result<()> {
+        check_dataset_name(dataset)?;
+        check_snapshot_name(&snap.name)?;
+        let _g = self.checkpoint_lock.lock();
+        let rec = match self.record(dataset)? {
+            Some(r) => r,
+            None => self.insert_dataset(dataset, None, dataset::ROOT_INO + 1, None)?,
+        };
+        snap.dataset = rec.id;
+        let name = snap.name.clone();
+        self.store.commit_roots_with(&[], |c| {
+            if c.snapshot_exists(rec.id, &name)? {
+                return Ok(());
+            }
+            c.put_snapshot(&snap, props.as_deref())
+        })?;
+        Ok(())
+    }
+
     /// Deletes a snapshot; clones made from it keep every block they use.
     pub fn delete_snapshot(&self, dataset: &str, snap: &str) -> anyhow::Result<()> {
         let rec = self.find_snapshot(dataset, snap)?;

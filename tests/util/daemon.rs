@@ -62,7 +62,25 @@ impl Daemon {
         Daemon::start_with(root, store.to_path_buf())
     }
 
+    /// Like [`Daemon::start`], with more `vdbfs init` arguments (e.g. `--remote ...`) and
+    /// environment for `vdbfs serve` (e.g. the AWS credentials).
+    pub fn start_init(init_args: &[String], env: &[(String, String)]) -> Daemon {
+        require_root_fuse();
+        let root = tempdir("vdbfs-test-");
+        let store = root.path().join("store");
+        Daemon::start_full(root, store, init_args, env)
+    }
+
     fn start_with(root: tempfile::TempDir, store: PathBuf) -> Daemon {
+        Daemon::start_full(root, store, &[], &[])
+    }
+
+    fn start_full(
+        root: tempfile::TempDir,
+        store: PathBuf,
+        init_args: &[String],
+        env: &[(String, String)],
+    ) -> Daemon {
         let log_path = root.path().join("daemon.log");
         fs::create_dir_all(root.path().join("mnt")).unwrap();
         chmod(&root.path().join("mnt"), 0o755);
@@ -74,9 +92,11 @@ impl Daemon {
             mounts: Mutex::new(Vec::new()),
             vdb_ports: vdb_port_window(),
             serve_args: Vec::new(),
-            serve_env: Vec::new(),
+            serve_env: env.to_vec(),
         };
-        d.ok(&["init"]);
+        let mut args = vec!["init"];
+        args.extend(init_args.iter().map(|s| s.as_str()));
+        d.ok(&args);
         d.spawn_serve();
         d
     }

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 pub mod browser;
 pub mod daemon;
+pub mod garage;
 pub mod http;
 pub mod mount;
 pub mod postgres;

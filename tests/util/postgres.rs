@@ -91,10 +91,26 @@ fn kill_cluster(postmaster: ProcId, datadir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// A loopback TCP port nobody listens on right now.
+/// A loopback TCP port nobody listens on right now, above the kernel's ephemeral range
+/// (32768-60999 by default), each call a different one.
+///
+/// Regression: ports from `bind(127.0.0.1:0)` are ephemeral ports, which the kernel also hands
+/// out as the source port of any outgoing connection (replication, psql over TCP, S3 requests
+/// to Garage); a staging standby then failed to start with "Address already in use" when one
+/// took its port between the pick and postgres's bind. Ports above the range are never used
+/// as source ports.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 61_000 + (std::process::id() * 131) % 4_000;
+    for _ in 0..4_400 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (61_000 + (base - 61_000 + n) % 4_400) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 61000-65399");
 }
 
 /// psql flags the tests use: no psqlrc, quiet, unaligned tuples only, stop at the first error.
