@@ -958,7 +958,24 @@ fn run_ops(
         return fail(i, format!("at the end of the sequence: {e}"));
     }
     let mp = mountpoint.to_str().expect("utf-8 mount point").to_string();
-    d.ok(&["umount", &mp]);
+    // Every handle of the sequence is closed, but a child that another test of this binary is
+    // starting can hold a copy of one for a moment (between its fork and its exec, before
+    // close-on-exec applies): a busy answer is retried for a bounded time, any other failure is
+    // a failure at once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let out = d.vdbfs(&["--json", "umount", &mp]);
+        if out.status.success() {
+            break;
+        }
+        let busy = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .is_ok_and(|v| v["error"]["kind"] == "busy");
+        if !busy || std::time::Instant::now() > deadline {
+            d.ok(&["umount", &mp]);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     assert!(
         !util::is_mounted(mountpoint),
         "`vdbfs umount {mp}` exited 0 but it is still mounted"
