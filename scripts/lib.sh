@@ -141,7 +141,6 @@ ensure_deps() {
     ok "/dev/fuse present"
 
     ensure_rust
-    ensure_garage
 }
 
 # Garage, the S3-compatible object store the remote tests and bench run on loopback. Upstream
