@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::util::http::Http;
 use crate::util::source::{source_snapshot, wait_replayed, wait_syncing};
 use crate::util::vdb::*;
 use crate::util::*;
@@ -742,4 +743,48 @@ fn socket_group_members_use_the_socket_as_developers() {
         "{}",
         d.log_since_start()
     );
+}
+
+/// `serve --http --tls-cert --tls-key` serves HTTPS: a request over https with the test CA
+/// trusted succeeds, plain http to that port gets no HTTP answer, and the CLI works over https
+/// with `VDBFS_CA_FILE` (and refuses a certificate it cannot verify without it).
+#[test]
+fn https_with_tls_cert_and_key_serves_the_api_and_the_cli() {
+    let mut d = Daemon::start();
+    let admin = d.token("ops", "admin", None);
+    let (https, ca_file) = d.serve_https();
+    assert!(https.base.starts_with("https://"));
+
+    let r = https.get(Some(&admin), "/api/v1/dataset_list");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["ok"], json!(true), "{r:?}");
+    assert_eq!(https.get(None, "/api/v1/dataset_list").status, 401);
+    assert_eq!(https.get(Some(&admin), "/metrics").status, 200);
+
+    let plain = Http {
+        base: https.base.replacen("https://", "http://", 1),
+        ca_pem: None,
+    };
+    let got = plain.try_get(Some(&admin), "/api/v1/dataset_list");
+    assert!(
+        got.is_err(),
+        "plain HTTP to the TLS port must not get an HTTP answer: {got:?}"
+    );
+
+    let ca = ("VDBFS_CA_FILE", ca_file.as_os_str());
+    let out = d.vdbfs_http_env(&https, &admin, &[ca], &["dataset", "create", "over-tls"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = d.vdbfs_http_env(&https, &admin, &[ca], &["--json", "dataset", "list"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("over-tls"),
+        "{out:?}"
+    );
+
+    // Without the CA the CLI does not trust the daemon's certificate: nothing is sent.
+    let out = d.vdbfs_http(&https, &admin, &["dataset", "create", "untrusted"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("VDBFS_URL"), "{err}");
+    assert!(!d.ok(&["dataset", "list"]).contains("untrusted"));
 }
