@@ -242,6 +242,28 @@ fn tokens_roles_and_status_codes_over_http() {
     assert!(sample(&m, "vdbfs_store_free_bytes", "").is_some_and(|v| v > 0.0));
     assert!(sample(&m, "vdbfs_store_physical_bytes", "").is_some());
 
+    // After a gc the scrape has its run and duration; background checkpoints are declared
+    // (their samples appear once the checkpointer has had something to make durable).
+    let gc = http.post(Some(&admin), "gc", json!({}));
+    assert_eq!(gc.status, 200, "{gc:?}");
+    let ok = |trigger: &str| format!("trigger=\"{trigger}\",outcome=\"ok\"");
+    let text = http.get(Some(&admin), "/metrics").body;
+    let m = parse_metrics(&text);
+    assert_eq!(
+        sample(&m, "vdbfs_gc_runs_total", &ok("command")),
+        Some(1.0),
+        "{m:?}"
+    );
+    assert!(sample(&m, "vdbfs_gc_seconds_total", &ok("command")).is_some_and(|s| s > 0.0));
+    assert!(sample(&m, "vdbfs_gc_last_seconds", &ok("command")).is_some_and(|s| s > 0.0));
+    for family in [
+        "vdbfs_checkpoint_runs_total counter",
+        "vdbfs_checkpoint_seconds_total counter",
+        "vdbfs_checkpoint_last_seconds gauge",
+    ] {
+        assert!(text.contains(&format!("# TYPE {family}\n")), "{text}");
+    }
+
     // The web page is served from the binary, with nothing from elsewhere.
     let page = http.get(None, "/");
     assert_eq!(page.status, 200);

@@ -191,7 +191,10 @@ impl Daemon {
             let due = self.datasets.store().recent_blocks() >= CHECKPOINT_BLOCKS
                 || (last.elapsed() >= CHECKPOINT_INTERVAL && self.datasets.checkpoint_due());
             if due {
-                if let Err(e) = self.datasets.checkpoint() {
+                let r = self
+                    .metrics
+                    .time("checkpoint", "background", || self.datasets.checkpoint());
+                if let Err(e) = r {
                     tracing::error!(
                         "checkpoint failed (the journal still holds every fsynced change): {e}"
                     );
@@ -199,7 +202,7 @@ impl Daemon {
                 last = Instant::now();
             }
             if last_gc.elapsed() >= GC_INTERVAL {
-                match self.datasets.gc() {
+                match self.metrics.time("gc", "background", || self.datasets.gc()) {
                     Ok(r) if r.blocks_freed > 0 || r.packs_rewritten > 0 => tracing::info!(
                         blocks = r.blocks_freed,
                         packs = r.packs_rewritten,
