@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::util::http::Http;
 use crate::util::source::{source_snapshot, wait_replayed, wait_syncing};
 use crate::util::vdb::*;
 use crate::util::*;
@@ -240,6 +241,28 @@ fn tokens_roles_and_status_codes_over_http() {
     .is_some());
     assert!(sample(&m, "vdbfs_store_free_bytes", "").is_some_and(|v| v > 0.0));
     assert!(sample(&m, "vdbfs_store_physical_bytes", "").is_some());
+
+    // After a gc the scrape has its run and duration; background checkpoints are declared
+    // (their samples appear once the checkpointer has had something to make durable).
+    let gc = http.post(Some(&admin), "gc", json!({}));
+    assert_eq!(gc.status, 200, "{gc:?}");
+    let ok = |trigger: &str| format!("trigger=\"{trigger}\",outcome=\"ok\"");
+    let text = http.get(Some(&admin), "/metrics").body;
+    let m = parse_metrics(&text);
+    assert_eq!(
+        sample(&m, "vdbfs_gc_runs_total", &ok("command")),
+        Some(1.0),
+        "{m:?}"
+    );
+    assert!(sample(&m, "vdbfs_gc_seconds_total", &ok("command")).is_some_and(|s| s > 0.0));
+    assert!(sample(&m, "vdbfs_gc_last_seconds", &ok("command")).is_some_and(|s| s > 0.0));
+    for family in [
+        "vdbfs_checkpoint_runs_total counter",
+        "vdbfs_checkpoint_seconds_total counter",
+        "vdbfs_checkpoint_last_seconds gauge",
+    ] {
+        assert!(text.contains(&format!("# TYPE {family}\n")), "{text}");
+    }
 
     // The web page is served from the binary, with nothing from elsewhere.
     let page = http.get(None, "/");
@@ -742,4 +765,48 @@ fn socket_group_members_use_the_socket_as_developers() {
         "{}",
         d.log_since_start()
     );
+}
+
+/// `serve --http --tls-cert --tls-key` serves HTTPS: a request over https with the test CA
+/// trusted succeeds, plain http to that port gets no HTTP answer, and the CLI works over https
+/// with `VDBFS_CA_FILE` (and refuses a certificate it cannot verify without it).
+#[test]
+fn https_with_tls_cert_and_key_serves_the_api_and_the_cli() {
+    let mut d = Daemon::start();
+    let admin = d.token("ops", "admin", None);
+    let (https, ca_file) = d.serve_https();
+    assert!(https.base.starts_with("https://"));
+
+    let r = https.get(Some(&admin), "/api/v1/dataset_list");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["ok"], json!(true), "{r:?}");
+    assert_eq!(https.get(None, "/api/v1/dataset_list").status, 401);
+    assert_eq!(https.get(Some(&admin), "/metrics").status, 200);
+
+    let plain = Http {
+        base: https.base.replacen("https://", "http://", 1),
+        ca_pem: None,
+    };
+    let got = plain.try_get(Some(&admin), "/api/v1/dataset_list");
+    assert!(
+        got.is_err(),
+        "plain HTTP to the TLS port must not get an HTTP answer: {got:?}"
+    );
+
+    let ca = ("VDBFS_CA_FILE", ca_file.as_os_str());
+    let out = d.vdbfs_http_env(&https, &admin, &[ca], &["dataset", "create", "over-tls"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = d.vdbfs_http_env(&https, &admin, &[ca], &["--json", "dataset", "list"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("over-tls"),
+        "{out:?}"
+    );
+
+    // Without the CA the CLI does not trust the daemon's certificate: nothing is sent.
+    let out = d.vdbfs_http(&https, &admin, &["dataset", "create", "untrusted"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("VDBFS_URL"), "{err}");
+    assert!(!d.ok(&["dataset", "list"]).contains("untrusted"));
 }

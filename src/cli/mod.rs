@@ -133,6 +133,23 @@ pub enum Cmd {
         /// 127.0.0.1:7480); requests need a token from `vdbfs token create`.
         #[arg(long, env = "VDBFS_HTTP", value_name = "ADDR:PORT")]
         http: Option<std::net::SocketAddr>,
+        /// Serve --http over HTTPS with this certificate chain (PEM; with --tls-key).
+        #[arg(
+            long,
+            env = "VDBFS_TLS_CERT",
+            value_name = "FILE",
+            requires = "tls_key",
+            requires = "http"
+        )]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+        #[arg(
+            long,
+            env = "VDBFS_TLS_KEY",
+            value_name = "FILE",
+            requires = "tls_cert"
+        )]
+        tls_key: Option<PathBuf>,
         /// Delete VDBs that had no client for this long unless created with --idle-ttl or
         /// protected (2h, 1d, ...; "off": never).
         #[arg(long, env = "VDBFS_DEFAULT_IDLE_TTL", default_value = "off")]
@@ -624,6 +641,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             keep_undo,
             scrub_every,
             http,
+            tls_cert,
+            tls_key,
             default_idle_ttl,
             socket_group,
             ..
@@ -641,6 +660,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     keep_undo,
                     scrub_every,
                     http,
+                    tls: tls_cert.zip(tls_key),
                     default_idle_ttl,
                     socket_group,
                 },
@@ -896,7 +916,7 @@ fn run_token(store: &Path, cmd: TokenCmd, json: bool) -> anyhow::Result<()> {
             if !json {
                 eprintln!(
                     "vdbfs: API token {name} ({role}) created; it is shown only this once \
-                     (VDBFS_URL=http://HOST:PORT VDBFS_TOKEN=... vdbfs ... uses it)"
+                     (VDBFS_URL=http[s]://HOST:PORT VDBFS_TOKEN=... vdbfs ... uses it)"
                 );
             }
         }

@@ -777,7 +777,7 @@ impl Daemon {
             }
             Request::Df => data(df(ds.usage()?)),
             Request::Gc => {
-                let r = ds.gc()?;
+                let r = self.metrics.time("gc", "command", || ds.gc())?;
                 with(
                     format!(
                         "freed {} blocks ({} bytes), rewrote {} pack(s), {} bytes returned to the filesystem",

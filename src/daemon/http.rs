@@ -34,10 +34,28 @@ pub(super) async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::ne
         .with_context(|| format!("cannot listen on {addr} (serve --http)"))
 }
 
-/// Serves until `stop` turns true.
+/// The TLS configuration of `--tls-cert/--tls-key` (PEM files), read once at start: a bad
+/// certificate or key stops `serve` before it answers anything.
+pub(super) async fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<axum_server::tls_rustls::RustlsConfig> {
+    axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot use --tls-cert {} --tls-key {} (PEM certificate chain and private key)",
+                cert.display(),
+                key.display()
+            )
+        })
+}
+
+/// Serves until `stop` turns true: plain HTTP, or HTTPS (rustls) when `tls` is given.
 pub(super) async fn run(
     d: Arc<Daemon>,
     listener: tokio::net::TcpListener,
+    tls: Option<axum_server::tls_rustls::RustlsConfig>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
@@ -46,6 +64,20 @@ pub(super) async fn run(
         .route("/metrics", get(metrics))
         .route("/api/v1/{op}", get(op_get).post(op_post))
         .with_state(d);
+    if let Some(tls) = tls {
+        tracing::info!(%addr, "HTTP API ready (HTTPS)");
+        let handle = axum_server::Handle::new();
+        let h = handle.clone();
+        tokio::spawn(async move {
+            let _ = stop.wait_for(|s| *s).await;
+            h.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
+        });
+        axum_server::from_tcp_rustls(listener.into_std()?, tls)?
+            .handle(handle)
+            .serve(app.into_make_service())
+            .await?;
+        return Ok(());
+    }
     tracing::info!(%addr, "HTTP API ready");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

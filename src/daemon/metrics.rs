@@ -1,7 +1,7 @@
 //! `/metrics` of the HTTP API, in Prometheus' text format (version 0.0.4): sources (lag,
 //! last snapshot age, its prepared and verified state), VDBs (state, unique bytes, age), the
-//! store (physical and live bytes, free space) and every control operation's count and
-//! duration by outcome.
+//! store (physical and live bytes, free space), every control operation's count and duration by
+//! outcome, and the runs and durations of gc and of the background checkpoints.
 //!
 //! Invariant: a scrape only reads (the same lists `source list`, `vdb list` and `df` show);
 //! label values are escaped as the format requires.
@@ -14,9 +14,16 @@ use std::fmt::Write;
 /// (op, outcome: "ok" or the error kind).
 type OpKey = (&'static str, &'static str);
 
-/// Control operations answered: (op, outcome) -> (count, seconds).
+/// Control operations answered: (op, outcome) -> (count, seconds); and the store's
+/// maintenance runs (gc, checkpoint): (job, trigger, outcome) -> (count, seconds, last seconds).
 #[derive(Default)]
-pub(super) struct Ops(Mutex<BTreeMap<OpKey, (u64, f64)>>);
+pub(super) struct Ops(
+    Mutex<BTreeMap<OpKey, (u64, f64)>>,
+    Mutex<BTreeMap<JobKey, (u64, f64, f64)>>,
+);
+
+/// (job: "gc" or "checkpoint", trigger: "background" or "command", outcome: "ok" or "error").
+type JobKey = (&'static str, &'static str, &'static str);
 
 impl Ops {
     pub(super) fn count(&self, op: &'static str, outcome: &'static str, secs: f64) {
@@ -24,6 +31,25 @@ impl Ops {
         let e = m.entry((op, outcome)).or_default();
         e.0 += 1;
         e.1 += secs;
+    }
+
+    /// Runs one gc or checkpoint (`job`) and counts it with its duration.
+    pub(super) fn time<T, E>(
+        &self,
+        job: &'static str,
+        trigger: &'static str,
+        run: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let t = std::time::Instant::now();
+        let r = run();
+        let secs = t.elapsed().as_secs_f64();
+        let outcome = if r.is_ok() { "ok" } else { "error" };
+        let mut m = self.1.lock();
+        let e = m.entry((job, trigger, outcome)).or_default();
+        e.0 += 1;
+        e.1 += secs;
+        e.2 = secs;
+        r
     }
 }
 
@@ -229,6 +255,47 @@ impl Daemon {
                 .map(|((op, o), (_, s))| (label(op, o), *s))
                 .collect::<Vec<_>>(),
         );
+        let jobs = self.metrics.1.lock().clone();
+        for (job, what) in [
+            (
+                "gc",
+                "garbage collections (background every 10 min, or the gc command)",
+            ),
+            (
+                "checkpoint",
+                "background checkpoints of the store's indexes",
+            ),
+        ] {
+            let label = |t: &str, o: &str| format!("trigger=\"{t}\",outcome=\"{o}\"");
+            let mine = || jobs.iter().filter(|((j, _, _), _)| *j == job);
+            family(
+                &mut out,
+                &format!("vdbfs_{job}_runs_total"),
+                "counter",
+                &format!("Runs of {what}, by trigger and outcome"),
+                &mine()
+                    .map(|((_, t, o), (n, _, _))| (label(t, o), *n as f64))
+                    .collect::<Vec<_>>(),
+            );
+            family(
+                &mut out,
+                &format!("vdbfs_{job}_seconds_total"),
+                "counter",
+                &format!("Seconds spent in {what}, by trigger and outcome"),
+                &mine()
+                    .map(|((_, t, o), (_, s, _))| (label(t, o), *s))
+                    .collect::<Vec<_>>(),
+            );
+            family(
+                &mut out,
+                &format!("vdbfs_{job}_last_seconds"),
+                "gauge",
+                &format!("Duration of the last of the {what}, by trigger and outcome"),
+                &mine()
+                    .map(|((_, t, o), (_, _, l))| (label(t, o), *l))
+                    .collect::<Vec<_>>(),
+            );
+        }
         Ok(out)
     }
 }

@@ -204,7 +204,10 @@ impl Daemon {
             let due = self.datasets.store().recent_blocks() >= CHECKPOINT_BLOCKS
                 || (last.elapsed() >= CHECKPOINT_INTERVAL && self.datasets.checkpoint_due());
             if due {
-                if let Err(e) = self.datasets.checkpoint() {
+                let r = self
+                    .metrics
+                    .time("checkpoint", "background", || self.datasets.checkpoint());
+                if let Err(e) = r {
                     tracing::error!(
                         "checkpoint failed (the journal still holds every fsynced change): {e}"
                     );
@@ -212,7 +215,7 @@ impl Daemon {
                 last = Instant::now();
             }
             if last_gc.elapsed() >= GC_INTERVAL {
-                match self.datasets.gc() {
+                match self.metrics.time("gc", "background", || self.datasets.gc()) {
                     Ok(r) if r.blocks_freed > 0 || r.packs_rewritten > 0 => tracing::info!(
                         blocks = r.blocks_freed,
                         packs = r.packs_rewritten,
@@ -266,6 +269,8 @@ pub struct ServeOptions {
     pub scrub_every: String,
     /// Where the HTTP API listens (`--http ADDR:PORT`); None: no HTTP API.
     pub http: Option<std::net::SocketAddr>,
+    /// Serve it over HTTPS with this certificate chain and key (PEM files).
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// The idle TTL of VDBs created without `--idle-ttl` ("off": none).
     pub default_idle_ttl: String,
     /// Members of this group use the control socket as developers (`--socket-group`).
@@ -279,6 +284,7 @@ pub fn serve(store_dir: &Path, opts: ServeOptions) -> anyhow::Result<()> {
         keep_undo,
         scrub_every,
         http,
+        tls,
         default_idle_ttl,
         socket_group,
     } = opts;
@@ -337,11 +343,18 @@ pub fn serve(store_dir: &Path, opts: ServeOptions) -> anyhow::Result<()> {
     rt.block_on(async {
         let stop = tokio::sync::watch::channel(false);
         let web = match http {
-            Some(addr) => Some(tokio::spawn(http::run(
-                daemon.clone(),
-                http::bind(addr).await?,
-                stop.1,
-            ))),
+            Some(addr) => {
+                let tls = match &tls {
+                    Some((cert, key)) => Some(http::tls_config(cert, key).await?),
+                    None => None,
+                };
+                Some(tokio::spawn(http::run(
+                    daemon.clone(),
+                    http::bind(addr).await?,
+                    tls,
+                    stop.1,
+                )))
+            }
             None => None,
         };
         let r = server::run(daemon.clone(), socket_group).await;

@@ -26,11 +26,22 @@ impl Got {
 #[derive(Clone)]
 pub struct Http {
     pub base: String,
+    /// The CA (PEM) an `https://` base's certificate chains to; None: the public roots.
+    pub ca_pem: Option<String>,
 }
 
 impl Http {
-    fn agent() -> ureq::Agent {
-        ureq::Agent::config_builder()
+    fn agent(&self) -> ureq::Agent {
+        let mut config = ureq::Agent::config_builder();
+        if let Some(pem) = &self.ca_pem {
+            let ca = ureq::tls::Certificate::from_pem(pem.as_bytes()).expect("CA PEM");
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(&[ca]))
+                    .build(),
+            );
+        }
+        config
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(300)))
             .build()
@@ -38,8 +49,12 @@ impl Http {
     }
 
     fn got(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Got {
-        let mut r = r.unwrap_or_else(|e| panic!("HTTP request failed: {e}"));
-        Got {
+        Self::try_got(r).unwrap_or_else(|e| panic!("HTTP request failed: {e}"))
+    }
+
+    fn try_got(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Got, String> {
+        let mut r = r.map_err(|e| e.to_string())?;
+        Ok(Got {
             status: r.status().as_u16(),
             www_authenticate: r
                 .headers()
@@ -47,12 +62,13 @@ impl Http {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
             body: r.body_mut().read_to_string().unwrap_or_default(),
-        }
+        })
     }
 
     /// `POST /api/v1/OP` with `body` (raw) and the token, if any.
     pub fn post_raw(&self, token: Option<&str>, op: &str, body: &str) -> Got {
-        let mut r = Self::agent()
+        let mut r = self
+            .agent()
             .post(format!("{}/api/v1/{op}", self.base))
             .header("Content-Type", "application/json");
         if let Some(t) = token {
@@ -67,11 +83,24 @@ impl Http {
 
     /// `GET PATH` (e.g. `/api/v1/vdb_list`, `/metrics`).
     pub fn get(&self, token: Option<&str>, path: &str) -> Got {
-        let mut r = Self::agent().get(format!("{}{path}", self.base));
+        Self::got(self.get_request(token, path))
+    }
+
+    /// `GET PATH`, or why no HTTP answer came (connection refused or reset, TLS failed...).
+    pub fn try_get(&self, token: Option<&str>, path: &str) -> Result<Got, String> {
+        Self::try_got(self.get_request(token, path))
+    }
+
+    fn get_request(
+        &self,
+        token: Option<&str>,
+        path: &str,
+    ) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        let mut r = self.agent().get(format!("{}{path}", self.base));
         if let Some(t) = token {
             r = r.header("Authorization", format!("Bearer {t}"));
         }
-        Self::got(r.call())
+        r.call()
     }
 }
 
@@ -89,7 +118,55 @@ impl Daemon {
         self.restart_with(&["--http", &addr], &[]);
         Http {
             base: format!("http://{addr}"),
+            ca_pem: None,
         }
+    }
+
+    /// Restarts the daemon with `--http 127.0.0.1:PORT --tls-cert F --tls-key F`: a certificate
+    /// for 127.0.0.1 and localhost signed by a test CA made here; the API's `ca_pem` is that CA,
+    /// also written to the returned file (for `VDBFS_CA_FILE`).
+    pub fn serve_https(&mut self) -> (Http, PathBuf) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "vdbfs test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+                .unwrap();
+        let cert = params
+            .signed_by(&key, &rcgen::Issuer::from_params(&ca_params, &ca_key))
+            .unwrap();
+        let dir = self.root().join("tls");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ca_file, cert_file, key_file) = (
+            dir.join("ca.pem"),
+            dir.join("cert.pem"),
+            dir.join("key.pem"),
+        );
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        self.restart_with(
+            &[
+                "--http",
+                &addr,
+                "--tls-cert",
+                cert_file.to_str().unwrap(),
+                "--tls-key",
+                key_file.to_str().unwrap(),
+            ],
+            &[],
+        );
+        let http = Http {
+            base: format!("https://{addr}"),
+            ca_pem: Some(ca.pem()),
+        };
+        (http, ca_file)
     }
 
     /// `vdbfs token create NAME --role ROLE [--expires E]` over the socket; the token printed.
@@ -110,8 +187,20 @@ impl Daemon {
     /// The CLI talking HTTP (`VDBFS_URL`, `VDBFS_TOKEN`), with a store path where no store is,
     /// so that nothing can go through the socket.
     pub fn vdbfs_http(&self, http: &Http, token: &str, args: &[&str]) -> Output {
+        self.vdbfs_http_env(http, token, &[], args)
+    }
+
+    /// [`Daemon::vdbfs_http`] with more environment (e.g. `VDBFS_CA_FILE`).
+    pub fn vdbfs_http_env(
+        &self,
+        http: &Http,
+        token: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+        args: &[&str],
+    ) -> Output {
         let mut c = Command::new(bin());
         clean_cli_env(&mut c);
+        c.envs(env.iter().copied());
         c.env("HOME", self.root())
             .env("VDBFS_URL", &http.base)
             .env("VDBFS_TOKEN", token)

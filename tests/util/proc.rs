@@ -3,8 +3,8 @@
 use super::*;
 
 /// The variables a CLI run must not inherit from the user running the tests: the store, libpq's
-/// connection and password settings, the log filter.
-pub const CLI_ENV: [&str; 12] = [
+/// connection and password settings, the log filter, the HTTP API the CLI would talk to.
+pub const CLI_ENV: [&str; 15] = [
     "VDBFS_STORE",
     "VDBFS_LOG",
     "RUST_LOG",
@@ -17,6 +17,9 @@ pub const CLI_ENV: [&str; 12] = [
     "PGPASSFILE",
     "PGSSLMODE",
     "PGSERVICE",
+    "VDBFS_URL",
+    "VDBFS_TOKEN",
+    "VDBFS_CA_FILE",
 ];
 
 /// Removes [`CLI_ENV`] from a command's environment.
