@@ -17,6 +17,19 @@ fn remote_daemon(g: &Garage, prefix: &str) -> Daemon {
     Daemon::start_init(&g.init_args(prefix), &g.env())
 }
 
+/// Host B (a new store on `prefix` of the bucket) clones the published `data@s1` and reads its
+/// file `f`: every byte is `data`.
+fn host_b_reads_data_s1(g: &Garage, prefix: &str, data: &[u8]) {
+    let b = remote_daemon(g, prefix);
+    b.ok(&["clone", "data@s1", "copy"]);
+    let mp = b.new_mountpoint("copy");
+    let bm = b.mount("copy", &mp);
+    assert!(
+        fs::read(bm.join("f")).unwrap() == data,
+        "B read other bytes than A wrote"
+    );
+}
+
 fn json(d: &Daemon, args: &[&str]) -> Value {
     let s = d.ok(args);
     serde_json::from_str(&s).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {s}"))
@@ -218,14 +231,7 @@ fn uploads_wait_out_an_object_store_outage_and_a_kill_9() {
         a.ok(&["remote", "status"])
     );
     a.ok(&["snapshot", "publish", "data@s1"]);
-    let b = remote_daemon(&g, "outage");
-    b.ok(&["clone", "data@s1", "copy"]);
-    let mp = b.new_mountpoint("copy");
-    let bm = b.mount("copy", &mp);
-    assert!(
-        fs::read(bm.join("f")).unwrap() == data,
-        "B read other bytes than A wrote"
-    );
+    host_b_reads_data_s1(&g, "outage", &data);
     drop(m);
 }
 
@@ -270,14 +276,7 @@ fn kill_9_during_a_publish_leaves_no_half_published_snapshot() {
     }
     a.start_again();
     a.ok(&["snapshot", "publish", "data@s1"]);
-    let b = remote_daemon(&g, "kill");
-    b.ok(&["clone", "data@s1", "copy"]);
-    let mp = b.new_mountpoint("copy");
-    let bm = b.mount("copy", &mp);
-    assert!(
-        fs::read(bm.join("f")).unwrap() == data,
-        "B read other bytes than A wrote"
-    );
+    host_b_reads_data_s1(&g, "kill", &data);
     drop(m);
 }
 
