@@ -17,6 +17,19 @@
 //!
 //! `VDBFS_WRITEBACK_CACHE=0` in the daemon's environment turns the cache off (every write is a
 //! round trip), for comparisons.
+//!
+//! **One round trip per commit (write-through).** With the writeback cache, a commit's
+//! `fdatasync` costs the WRITE of its dirty pages and then an FSYNC. Instead, every WRITE (and
+//! every SETATTR that changes size, mode or owner, and every FALLOCATE) is made durable before it
+//! is answered, and FSYNC is answered ENOSYS, after a sync of its own, so the kernel counts that
+//! fsync as done and sends no FSYNC on this mount again (`fc->no_fsync`). The kernel's fsync still
+//! writes back the file's dirty pages and waits for their answers (and reports a failed WRITE),
+//! so when fsync returns every byte it covers is durable: the guarantee is the same, with one
+//! round trip less. What an FSYNC would have added and a WRITE does not carry: timestamps alone
+//! (the kernel's SETATTR of mtime before an fsync) are durable with the next durable change or
+//! checkpoint, as `fdatasync` allows; directory changes stay durable at FSYNCDIR (or any later
+//! durable change), as POSIX asks. `VDBFS_FSYNC=fsync` keeps writes in memory until the FSYNC
+//! round trip, for comparisons.
 
 pub mod errno;
 
@@ -54,6 +67,10 @@ pub struct VdbFs {
     read_only: bool,
     dir_handles: Mutex<HashMap<u64, Vec<DirListing>>>,
     next_fh: AtomicU64,
+    /// Every WRITE, size-changing SETATTR and FALLOCATE is durable when it is answered, and
+    /// FSYNC is answered ENOSYS (after a sync) so the kernel stops sending it: fsync costs the
+    /// kernel's flush of dirty pages and no extra round trip. Only with the writeback cache.
+    write_through: bool,
 }
 
 fn to_system(t: Timestamp) -> SystemTime {
@@ -147,6 +164,12 @@ fn writeback_cache_wanted() -> bool {
     )
 }
 
+/// Whether writes are made durable as they arrive instead of at FSYNC (the default;
+/// `VDBFS_FSYNC=fsync` keeps them in memory until the FSYNC round trip, for comparisons).
+fn write_through_wanted() -> bool {
+    !matches!(std::env::var("VDBFS_FSYNC").as_deref(), Ok("fsync"))
+}
+
 /// Readahead of a mount: large enough that a sequential read keeps several 1 MiB READ requests in
 /// flight (the kernel's default for a FUSE mount is 128 KiB, one small request at a time).
 const READ_AHEAD_KB: u32 = 4096;
@@ -209,6 +232,7 @@ impl VdbFs {
             read_only,
             dir_handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            write_through: false,
         }
     }
 
@@ -235,6 +259,14 @@ impl VdbFs {
             None
         };
         attr(ino, m, stored)
+    }
+
+    /// In write-through mode, makes what was just done durable before it is answered.
+    fn durable<T>(&self, v: T) -> Result<T> {
+        if self.write_through {
+            self.ds.fsync()?;
+        }
+        Ok(v)
     }
 
     fn writable(&self) -> Result<()> {
@@ -289,11 +321,12 @@ impl Filesystem for VdbFs {
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
         if !self.read_only && writeback_cache_wanted() {
-            if let Err(missing) = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE) {
-                tracing::info!(
+            match config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE) {
+                Ok(()) => self.write_through = write_through_wanted(),
+                Err(missing) => tracing::info!(
                     dataset = %self.ds.name,
                     "the kernel does not offer {missing:?}: every write is a round trip"
-                );
+                ),
             }
         }
         let _ = config.set_max_write(1 << 20);
@@ -358,6 +391,13 @@ impl Filesystem for VdbFs {
                 },
             )
         });
+        // Times alone are what the kernel sends before an fsync (it owns mtime under the
+        // writeback cache): durable with the next write or checkpoint, as fdatasync allows.
+        let r = if mode.is_some() || uid.is_some() || gid.is_some() || size.is_some() {
+            r.and_then(|m| self.durable(m))
+        } else {
+            r
+        };
         match r {
             Ok(m) => reply.attr(&TTL, &self.attr_of(ino.0, &m)),
             Err(e) => reply.error(self.fail("setattr", ino.0, e)),
@@ -525,6 +565,7 @@ impl Filesystem for VdbFs {
         match self
             .writable()
             .and_then(|()| self.ds.write(ino.0, offset, data))
+            .and_then(|n| self.durable(n))
         {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(self.fail("write", ino.0, e)),
@@ -564,7 +605,12 @@ impl Filesystem for VdbFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.empty("fsync", ino.0, self.ds.fsync(), reply);
+        match self.ds.fsync() {
+            // Everything is durable already when answered: ENOSYS makes the kernel skip FSYNC
+            // from now on (and report success for this one, which is durable).
+            Ok(()) if self.write_through => reply.error(Errno::ENOSYS),
+            r => self.empty("fsync", ino.0, r, reply),
+        }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -729,7 +775,8 @@ impl Filesystem for VdbFs {
     ) {
         let r = self
             .writable()
-            .and_then(|()| self.ds.fallocate(ino.0, offset, length, mode));
+            .and_then(|()| self.ds.fallocate(ino.0, offset, length, mode))
+            .and_then(|()| self.durable(()));
         self.empty("fallocate", ino.0, r, reply);
     }
 }
