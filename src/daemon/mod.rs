@@ -131,6 +131,17 @@ impl Daemon {
         let (store, replay) = Store::open(store_dir)
             .with_context(|| format!("cannot open the store {}", store_dir.display()))?;
         let store = Arc::new(store);
+        {
+            let store = store.clone();
+            std::thread::Builder::new()
+                .name("seen-fill".into())
+                .spawn(move || {
+                    if let Err(e) = store.fill_seen() {
+                        tracing::warn!("cannot fill the filter of known blocks (writes look every block up): {e}");
+                    }
+                })
+                .context("cannot start a thread")?;
+        }
         let datasets = Arc::new(Datasets::open(store.clone(), replay).context("recovery failed")?);
         let remote = match crate::remote::RemoteConfig::load(store_dir)? {
             Some(cfg) => {

@@ -139,6 +139,7 @@ impl Store {
         if new.len != rec.len() as u32 {
             return Err(corrupt(id, loc, "relocated record length".into()));
         }
+        self.seen.add(id);
         self.recent.write().insert(*id, new);
         Ok(())
     }

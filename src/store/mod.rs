@@ -37,6 +37,7 @@ mod log;
 pub mod records;
 pub mod recovery;
 pub mod scrub;
+mod seen;
 #[cfg(test)]
 pub mod sim;
 mod space;
@@ -96,6 +97,8 @@ pub struct Store {
     gc_guard: RwLock<()>,
     /// Blocks missing locally are fetched from here and kept in the log as a cache.
     remote: RwLock<Option<Arc<dyn RemoteFetch>>>,
+    /// Ids the store may hold: writers skip the index lookup for blocks it knows are new.
+    seen: seen::Seen,
 }
 
 /// What recovery found in the log after the last checkpoint, for the tree layer to replay.
@@ -213,6 +216,10 @@ impl Store {
                 "recovery: replaying the log written after the last checkpoint"
             );
         }
+        let seen = seen::Seen::with_capacity(index.block_count()?);
+        for id in found.recent.keys() {
+            seen.add(id);
+        }
         Ok((
             Store {
                 dir: dir.to_path_buf(),
@@ -227,6 +234,7 @@ impl Store {
                 dedup_guard: RwLock::new(()),
                 gc_guard: RwLock::new(()),
                 remote: RwLock::new(None),
+                seen,
             },
             Replay {
                 journal: found.journal,
@@ -374,11 +382,17 @@ impl Store {
     /// order. Hashing and compression of a large batch are spread over two threads.
     pub fn put_many(&self, blocks: &[&[u8]]) -> Result<Vec<BlockId>> {
         let ids: Vec<BlockId> = par_map(blocks, |b| BlockId::of(b));
-        let exists: Vec<bool> = self
-            .lookup_many(&ids)?
-            .into_iter()
-            .map(|l| self.reusable(l))
+        // Only blocks the filter does not know to be new are looked up.
+        let maybe: Vec<usize> = (0..ids.len())
+            .filter(|&i| !self.seen.certainly_new(&ids[i]))
             .collect();
+        let mut exists = vec![false; ids.len()];
+        if !maybe.is_empty() {
+            let ask: Vec<BlockId> = maybe.iter().map(|&i| ids[i]).collect();
+            for (&i, l) in maybe.iter().zip(self.lookup_many(&ask)?) {
+                exists[i] = self.reusable(l);
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         let todo: Vec<usize> = (0..ids.len())
             .filter(|&i| !exists[i] && seen.insert(ids[i]))
@@ -414,6 +428,9 @@ impl Store {
             lens.push((buf.len() - before) as u32);
         }
         let at = self.append(&buf)?;
+        for &i in &todo {
+            self.seen.add(&ids[i]);
+        }
         let mut recent = self.recent.write();
         let mut offset = at.offset;
         for (len, &i) in lens.into_iter().zip(&todo) {
@@ -811,6 +828,25 @@ impl Store {
     }
 
     /// Number of blocks appended since the last checkpoint (drives checkpoint frequency).
+    /// Fills the writers' filter of known ids from one pass over the index (run in the
+    /// background after open; until it ends every write asks the index, as without it).
+    pub fn fill_seen(&self) -> Result<()> {
+        let t = std::time::Instant::now();
+        let mut n = 0u64;
+        self.index.each_block(|id, _| {
+            self.seen.add(id);
+            n += 1;
+            Ok(())
+        })?;
+        self.seen.set_ready();
+        tracing::debug!(
+            blocks = n,
+            ms = t.elapsed().as_millis() as u64,
+            "the filter of known blocks is ready"
+        );
+        Ok(())
+    }
+
     pub fn recent_blocks(&self) -> usize {
         self.recent.read().len()
     }

@@ -100,6 +100,41 @@ fn failed_fdatasync_poisons_the_store() {
     assert!(matches!(s.put(&block(10)), Err(Error::Poisoned)));
 }
 
+/// The writers' filter of known ids never makes a block that exists look new: after a reopen
+/// (ids in the index and ids recovered from the log) and once the filter is filled, putting
+/// known content writes nothing, and new content is still written.
+#[test]
+fn dedup_holds_with_the_filter_of_known_blocks() {
+    let io = SimIo::new();
+    let (d, s) = new_store(io.clone());
+    let a = s.put(&block(21)).unwrap();
+    s.commit_checkpoint(&[]).unwrap();
+    let b = s.put(&block(22)).unwrap(); // recovered from the log, not indexed
+    s.sync_all().unwrap();
+    drop(s);
+    let (s2, _) = Store::open_with(d.path(), io.crash(100)).unwrap();
+    // Before the fill (filter not ready) and after it: the same answers.
+    for fill in [false, true] {
+        if fill {
+            s2.fill_seen().unwrap();
+        }
+        let end = s2.end();
+        assert_eq!(s2.put_many(&[&block(21), &block(22)]).unwrap(), vec![a, b]);
+        assert_eq!(
+            s2.end(),
+            end,
+            "known blocks are not written again (fill {fill})"
+        );
+    }
+    let end = s2.end();
+    let c = s2.put(&block(23)).unwrap();
+    assert!(s2.end() > end, "a new block is written");
+    let end = s2.end();
+    assert_eq!(s2.put(&block(23)).unwrap(), c);
+    assert_eq!(s2.end(), end, "a block written after the fill is known");
+    assert_eq!(s2.get(&c).unwrap(), block(23));
+}
+
 #[test]
 fn recovery_finds_blocks_appended_after_the_last_checkpoint() {
     let io = SimIo::new();
