@@ -208,6 +208,11 @@ fn load_then_kill9(secs: u64) -> (Daemon, Postgres, PathBuf, tempfile::TempDir) 
     let outside = util::tempdir("vdbfs-damage-acks-");
     let ack_file = outside.path().join("acked.txt");
     let mut d = Daemon::start();
+    // Checkpoints are logged at debug: the kill is timed against them (below).
+    d.restart_with(
+        &[],
+        &[("VDBFS_LOG", "info,fuser=error,vdbfs::daemon=debug")],
+    );
     let (m, mut pg) = postgres_for_acks(&d, "pg");
     let mp = m.path.clone();
     let inserter = Inserter::start(&pg, 1, &ack_file);
@@ -219,6 +224,21 @@ fn load_then_kill9(secs: u64) -> (Daemon, Postgres, PathBuf, tempfile::TempDir) 
         .spawn()
         .expect("spawn pgbench");
     std::thread::sleep(Duration::from_secs(secs));
+    // The kill lands 1.5 s after a background checkpoint (they come every 5 s), so the log
+    // always holds fsynced records written after the last checkpoint: a kill just after one
+    // left nothing to damage.
+    let done = "background checkpoint done";
+    let seen = d.log().matches(done).count();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while d.log().matches(done).count() == seen {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no background checkpoint within 30 s under load\n{}",
+            d.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
     d.kill9();
     pg.kill9();
     if util::wait_child(&mut bench, Duration::from_secs(60)).is_none() {

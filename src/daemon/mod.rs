@@ -218,10 +218,11 @@ impl Daemon {
                 let r = self
                     .metrics
                     .time("checkpoint", "background", || self.datasets.checkpoint());
-                if let Err(e) = r {
-                    tracing::error!(
+                match r {
+                    Ok(()) => tracing::debug!("background checkpoint done"),
+                    Err(e) => tracing::error!(
                         "checkpoint failed (the journal still holds every fsynced change): {e}"
-                    );
+                    ),
                 }
                 last = Instant::now();
             }
