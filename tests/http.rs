@@ -612,6 +612,51 @@ fn vdbs_expire_by_ttl_and_idle_ttl_unless_protected_or_extended() {
     assert!(list_names(d).iter().any(|x| x == "prot1"));
 }
 
+/// The idle clock survives a daemon restart. It lived only in the daemon's memory, so every
+/// restart gave each idle VDB its whole idle TTL again (a daemon restarted more often than the
+/// TTL never deleted anything); now the time a client was last seen is kept in the store and a
+/// restarted daemon goes on from it, its downtime counting as idle time.
+#[test]
+fn an_idle_vdb_is_deleted_on_its_schedule_across_a_daemon_restart() {
+    let mut s = setup(3);
+    let t0 = std::time::Instant::now();
+    create(&s.d, "idle2", &s.snap, &["--idle-ttl", "30s"]);
+    let due = status(&s.d, "idle2")["expires"].clone();
+    assert!(due.is_string(), "idle2 should be due: {due}");
+
+    // Down for 15 s: a clock started again at the restart would make it due 30 s after it.
+    s.d.terminate();
+    while t0.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    s.d.start_again();
+    let d = &s.d;
+    assert_eq!(
+        status(d, "idle2")["expires"],
+        due,
+        "after a restart idle2 should be due when it was before"
+    );
+    let gone = || !list_names(d).iter().any(|x| x == "idle2");
+    assert!(
+        wait_until(Duration::from_secs(40).saturating_sub(t0.elapsed()), gone),
+        "idle2 should be deleted about 30 s after it was created (due {due}), not 30 s after \
+         the restart; {:.0} s passed\n{}",
+        t0.elapsed().as_secs_f64(),
+        d.log_tail(30)
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_secs(29),
+        "idle2 was deleted before its idle TTL ran out ({:?})",
+        t0.elapsed()
+    );
+    assert!(
+        d.log_since_start()
+            .contains("VDB idle2 expired: no client was connected for"),
+        "{}",
+        d.log_tail(30)
+    );
+}
+
 /// The web page in a real browser (headless Chromium): a wrong token is refused, a right one
 /// signs in; the source's TimeFlow is drawn with its snapshots and provisionable range; a VDB
 /// created from the page at a moment appears running with its owner, and deleting it from the
