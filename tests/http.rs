@@ -242,8 +242,7 @@ fn tokens_roles_and_status_codes_over_http() {
     assert!(sample(&m, "vdbfs_store_free_bytes", "").is_some_and(|v| v > 0.0));
     assert!(sample(&m, "vdbfs_store_physical_bytes", "").is_some());
 
-    // After a gc the scrape has its run and duration; background checkpoints are declared
-    // (their samples appear once the checkpointer has had something to make durable).
+    // After a gc the scrape has its run and duration.
     let gc = http.post(Some(&admin), "gc", json!({}));
     assert_eq!(gc.status, 200, "{gc:?}");
     let ok = |trigger: &str| format!("trigger=\"{trigger}\",outcome=\"ok\"");
@@ -263,6 +262,39 @@ fn tokens_roles_and_status_codes_over_http() {
     ] {
         assert!(text.contains(&format!("# TYPE {family}\n")), "{text}");
     }
+    // A background checkpoint, once the checkpointer has something to make durable (a write to
+    // a mounted dataset): its runs and durations have samples.
+    let mp = d.new_mountpoint("d1");
+    let _m = d.mount("d1", &mp);
+    let f = mp.join("for-the-checkpointer");
+    let data: Vec<u8> = (0..256u32 << 10)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&f, data).unwrap();
+    std::fs::File::open(&f).unwrap().sync_all().unwrap();
+    // A scrape makes the trees durable itself (for its space figures), which would leave the
+    // checkpointer nothing to do: no scrape until it had its chance (it runs at most every 5 s,
+    // within 200 ms of a change).
+    std::thread::sleep(Duration::from_secs(6));
+    let bg = ok("background");
+    let mut text = String::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            text = http.get(Some(&admin), "/metrics").body;
+            sample(&parse_metrics(&text), "vdbfs_checkpoint_runs_total", &bg)
+                .is_some_and(|n| n >= 1.0)
+        }),
+        "no background checkpoint counted within 30 s of a write:\n{text}",
+    );
+    let m = parse_metrics(&text);
+    assert!(
+        sample(&m, "vdbfs_checkpoint_seconds_total", &bg).is_some_and(|s| s > 0.0),
+        "{text}"
+    );
+    assert!(
+        sample(&m, "vdbfs_checkpoint_last_seconds", &bg).is_some_and(|s| s > 0.0),
+        "{text}"
+    );
 
     // The web page is served from the binary, with nothing from elsewhere.
     let page = http.get(None, "/");
