@@ -691,8 +691,12 @@ fn an_idle_vdb_is_deleted_on_its_schedule_across_a_daemon_restart() {
 
 /// The web page in a real browser (headless Chromium): a wrong token is refused, a right one
 /// signs in; the source's TimeFlow is drawn with its snapshots and provisionable range; a VDB
-/// created from the page at a moment appears running with its owner, and deleting it from the
-/// page removes it. A failing run leaves a screenshot under target/browser-screenshots/.
+/// created from the page at a moment appears running with its owner, nested under the snapshot
+/// it came from; refresh from the page moves it onto a new snapshot of the source (a row the
+/// source committed after the first snapshot is there); rewind from the page takes it back to
+/// its bookmark; the copy button puts its connection string on the clipboard, or selects it where
+/// the page has no clipboard; deleting it from the page removes it. A failing run leaves a
+/// screenshot under target/browser-screenshots/.
 #[test]
 fn web_page_signs_in_shows_the_timeflow_creates_and_deletes_a_vdb() {
     let mut s = setup(7);
@@ -763,7 +767,7 @@ fn web_page_signs_in_shows_the_timeflow_creates_and_deletes_a_vdb() {
     set(&mut b, "c-from", "prod");
     set(&mut b, "c-at", &at);
     b.eval("document.getElementById('c-submit').click()");
-    let row = "document.querySelector('tr.vdb[data-name=\"web1\"]')";
+    let row = "document.querySelector('.vdb[data-name=\"web1\"]')";
     assert!(
         b.wait(
             Duration::from_secs(120),
@@ -780,6 +784,175 @@ fn web_page_signs_in_shows_the_timeflow_creates_and_deletes_a_vdb() {
     let st = status(d, "web1");
     assert_eq!(st["owner"], "web");
     assert_eq!(Vdb::of(&st).sql("SELECT count(*) FROM marker"), "7");
+
+    // It hangs under the snapshot it came from, with its owner, space and expiry.
+    let parent0 = st["parent"].as_str().unwrap().to_string();
+    assert!(parent0.starts_with("prod@"), "{st}");
+    let under = |snap: &str| {
+        format!(
+            "{row} && {row}.parentElement.closest('.node').classList.contains('snapshot') \
+             && {row}.parentElement.closest('.node').dataset.name === {} \
+             && {row}.closest('.node.source').dataset.name === 'prod'",
+            json!(snap)
+        )
+    };
+    assert!(
+        b.wait(t, &under(&parent0)),
+        "web1 is not drawn under {parent0}: {}",
+        b.eval("document.getElementById('vdbs').innerHTML")
+    );
+    let label = |b: &mut crate::util::browser::Browser, class: &str| {
+        b.eval(&format!(
+            "{row}.querySelector('.label .{class}').textContent"
+        ))
+        .as_str()
+        .unwrap()
+        .to_string()
+    };
+    assert_eq!(label(&mut b, "owner"), "web");
+    assert!(
+        label(&mut b, "space").ends_with('B'),
+        "{}",
+        label(&mut b, "space")
+    );
+    assert_eq!(label(&mut b, "expires"), "no expiry");
+    assert_eq!(label(&mut b, "conn"), st["tcp_conn"].as_str().unwrap());
+    let idle = |b: &mut crate::util::browser::Browser, timeout: Duration| {
+        b.wait(
+            timeout,
+            "document.getElementById('busy').textContent === ''",
+        )
+    };
+
+    // Refresh from the page: onto a new snapshot of prod, with what the source committed since.
+    s.src.insert_rows(8, 8, "after the first snapshot");
+    b.click(".vdb[data-name=\"web1\"] button.refresh");
+    assert!(
+        b.wait(
+            t,
+            "document.getElementById('busy').textContent.includes('refreshing web1')"
+        ),
+        "the page does not say that it refreshes web1"
+    );
+    assert!(
+        idle(&mut b, Duration::from_secs(180)),
+        "the refresh did not end"
+    );
+    let err = b.eval("document.getElementById('error').textContent");
+    assert_eq!(err, json!(""), "refresh from the page failed");
+    let st = status(d, "web1");
+    let parent1 = st["parent"].as_str().unwrap().to_string();
+    assert_ne!(
+        parent1, parent0,
+        "refresh should move web1 onto a new snapshot: {st}"
+    );
+    let newest = crate::util::source::status(d, "prod")["last_snapshot"]["name"].clone();
+    assert_eq!(
+        json!(parent1),
+        newest,
+        "refresh without a moment takes the newest snapshot"
+    );
+    assert_eq!(st["state"], "running");
+    let web1 = Vdb::of(&st);
+    assert_eq!(web1.sql("SELECT count(*) FROM marker"), "8");
+    assert!(
+        b.wait(t, &under(&parent1)),
+        "after refresh web1 should be drawn under {parent1}: {}",
+        b.eval("document.getElementById('vdbs').innerHTML")
+    );
+
+    b.screenshot("web_page-refreshed");
+
+    // Rewind from the page: nothing chosen is refused on the page; a bookmark takes it back.
+    b.click(".vdb[data-name=\"web1\"] button.rewind");
+    assert!(
+        b.wait(
+            t,
+            "document.getElementById('error').textContent.includes('rewind web1: choose one of its snapshots or bookmarks')"
+        ),
+        "rewind with nothing chosen should say what to choose: {}",
+        b.eval("document.getElementById('error').textContent")
+    );
+    vdb(d, &["bookmark", "web1", "bm1"]);
+    web1.sql("INSERT INTO marker VALUES (9, 'after the bookmark')");
+    assert_eq!(web1.sql("SELECT count(*) FROM marker"), "9");
+    b.eval("document.getElementById('reload').click()");
+    let option =
+        format!("{row} && {row}.querySelector('select.rewind-to option[value=\"web1@bm1\"]')");
+    assert!(
+        b.wait(t, &option),
+        "the bookmark web1@bm1 is not offered for rewind: {}",
+        b.eval(&format!(
+            "{row} && {row}.querySelector('select.rewind-to').outerHTML"
+        ))
+    );
+    b.eval(&format!(
+        "{row}.querySelector('select.rewind-to').value = 'web1@bm1'"
+    ));
+    b.click(".vdb[data-name=\"web1\"] button.rewind");
+    assert!(
+        b.wait(
+            t,
+            "document.getElementById('busy').textContent.includes('rewinding web1')"
+        ),
+        "the page does not say that it rewinds web1"
+    );
+    assert!(
+        idle(&mut b, Duration::from_secs(180)),
+        "the rewind did not end"
+    );
+    let err = b.eval("document.getElementById('error').textContent");
+    assert_eq!(err, json!(""), "rewind from the page failed");
+    let st = status(d, "web1");
+    assert_eq!(st["state"], "running");
+    assert_eq!(
+        st["parent"],
+        json!(parent1),
+        "rewind keeps the parent: {st}"
+    );
+    assert_eq!(
+        web1.sql("SELECT count(*) FROM marker"),
+        "8",
+        "rewind to web1@bm1 should drop the row inserted after it"
+    );
+
+    // The copy button. A page with no clipboard selects the connection string for Ctrl+C.
+    let conn = st["tcp_conn"].as_str().unwrap().to_string();
+    assert!(b.wait(t, &under(&parent1)));
+    b.eval("Object.defineProperty(navigator, 'clipboard', {value: undefined, configurable: true})");
+    b.click(".vdb[data-name=\"web1\"] button.copy");
+    assert!(
+        b.wait(
+            t,
+            &format!("{row}.querySelector('.copied').textContent !== ''")
+        ),
+        "the copy button said nothing"
+    );
+    assert_eq!(
+        b.eval("window.getSelection().toString()"),
+        json!(conn),
+        "without a clipboard the connection string should be selected"
+    );
+    // With the clipboard (127.0.0.1 is a secure context; the browser grants the permission).
+    b.eval("delete navigator.clipboard; window.getSelection().removeAllRanges()");
+    b.call(
+        "Browser.grantPermissions",
+        json!({"origin": http.base, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]}),
+    );
+    b.click(".vdb[data-name=\"web1\"] button.copy");
+    assert!(
+        b.wait(
+            t,
+            &format!("{row}.querySelector('.copied').textContent === 'copied'")
+        ),
+        "the copy button did not copy: {}",
+        b.eval(&format!("{row}.querySelector('.copied').textContent"))
+    );
+    assert_eq!(
+        b.eval("navigator.clipboard.readText()"),
+        json!(conn),
+        "the clipboard should hold the connection string"
+    );
 
     // Delete it from the page.
     b.eval(&format!("{row}.querySelector('button.delete').click()"));
