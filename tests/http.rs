@@ -965,6 +965,124 @@ fn web_page_signs_in_shows_the_timeflow_creates_and_deletes_a_vdb() {
     b.screenshot("web_page-done");
 }
 
+/// Long operations over HTTP as over the socket. The CLI with `VDBFS_URL` showed no progress
+/// and a CLI that went away left the operation running in the daemon; now the answer comes in
+/// lines: `vdb create` shows the daemon's progress lines on stderr as they come, and a CLI
+/// interrupted before the answer closes the connection, which the daemon takes as a cancel:
+/// the create rolls back and nothing of the VDB is left.
+#[test]
+fn http_clients_see_progress_lines_and_hanging_up_cancels_a_create() {
+    let mut s = setup(3);
+    let http = s.d.serve_http();
+    let d = &s.d;
+    let admin = d.token("ops", "admin", None);
+    let out = d.vdbfs_http(&http, &admin, &["vdb", "create", "p1", "--from", &s.snap]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("cloning ") && l.ends_with(" into VDB p1"))
+            && err.contains("starting postgres on port"),
+        "vdb create over HTTP should show its progress lines:\n{err}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("postgresql://"),
+        "{}",
+        describe(&out)
+    );
+
+    // A create whose pre-start hook takes a while; the CLI is interrupted meanwhile.
+    let hooks = d.root().join("slow-hooks");
+    std::fs::create_dir_all(&hooks).unwrap();
+    std::fs::write(hooks.join("pre-start"), "#!/bin/sh\nsleep 5\n").unwrap();
+    chmod(&hooks.join("pre-start"), 0o755);
+    let mut c = Command::new(bin());
+    clean_cli_env(&mut c);
+    c.env("HOME", d.root())
+        .env("VDBFS_URL", &http.base)
+        .env("VDBFS_TOKEN", &admin)
+        .arg("--store")
+        .arg(d.root().join("no-store-here"))
+        .args(["vdb", "create", "p2", "--from", &s.snap, "--hooks"])
+        .arg(&hooks)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = child.stderr.take().unwrap();
+    let mut child = Reap(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(l);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("starting postgres on port"))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => panic!(
+                "no progress line 'starting postgres' from vdb create p2 over HTTP:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
+    assert!(
+        list_names(d).iter().any(|n| n == "p2"),
+        "p2 is being created"
+    );
+    assert!(
+        signal(child.0.id() as i32, libc::SIGINT),
+        "cannot SIGINT the CLI"
+    );
+    let st =
+        wait_child(&mut child.0, Duration::from_secs(10)).expect("the CLI should end on Ctrl-C");
+    assert!(!st.success(), "{st}");
+    assert!(
+        wait_until(Duration::from_secs(60), || !list_names(d)
+            .iter()
+            .any(|n| n == "p2")),
+        "the create of p2 should be rolled back once its client hung up:\n{}",
+        d.log_tail(30)
+    );
+    assert!(
+        !crate::util::source::dataset_names(d).contains(&"p2".to_string()),
+        "p2's dataset is left"
+    );
+    let log = d.log_since_start();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("the HTTP client hung up") && l.contains("cancelling")),
+        "the daemon should log the hang-up as a cancel:\n{}",
+        d.log_tail(30)
+    );
+    assert!(
+        log.lines().any(|l| l.contains("op=\"vdb_create\"")
+            && l.contains("name=p2")
+            && l.contains("kind=cancelled")),
+        "the create should end as cancelled:\n{}",
+        d.log_tail(30)
+    );
+    // p1 is untouched.
+    assert_eq!(status(d, "p1")["state"], "running");
+}
+
 /// `serve --socket-group`: members of the group use the control socket as developers named
 /// after their user (SO_PEERCRED), so they list but may not run admin operations; a user outside
 /// the group cannot open the socket; root stays admin.
