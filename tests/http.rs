@@ -242,8 +242,7 @@ fn tokens_roles_and_status_codes_over_http() {
     assert!(sample(&m, "vdbfs_store_free_bytes", "").is_some_and(|v| v > 0.0));
     assert!(sample(&m, "vdbfs_store_physical_bytes", "").is_some());
 
-    // After a gc the scrape has its run and duration; background checkpoints are declared
-    // (their samples appear once the checkpointer has had something to make durable).
+    // After a gc the scrape has its run and duration.
     let gc = http.post(Some(&admin), "gc", json!({}));
     assert_eq!(gc.status, 200, "{gc:?}");
     let ok = |trigger: &str| format!("trigger=\"{trigger}\",outcome=\"ok\"");
@@ -263,6 +262,39 @@ fn tokens_roles_and_status_codes_over_http() {
     ] {
         assert!(text.contains(&format!("# TYPE {family}\n")), "{text}");
     }
+    // A background checkpoint, once the checkpointer has something to make durable (a write to
+    // a mounted dataset): its runs and durations have samples.
+    let mp = d.new_mountpoint("d1");
+    let _m = d.mount("d1", &mp);
+    let f = mp.join("for-the-checkpointer");
+    let data: Vec<u8> = (0..256u32 << 10)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&f, data).unwrap();
+    std::fs::File::open(&f).unwrap().sync_all().unwrap();
+    // A scrape makes the trees durable itself (for its space figures), which would leave the
+    // checkpointer nothing to do: no scrape until it had its chance (it runs at most every 5 s,
+    // within 200 ms of a change).
+    std::thread::sleep(Duration::from_secs(6));
+    let bg = ok("background");
+    let mut text = String::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            text = http.get(Some(&admin), "/metrics").body;
+            sample(&parse_metrics(&text), "vdbfs_checkpoint_runs_total", &bg)
+                .is_some_and(|n| n >= 1.0)
+        }),
+        "no background checkpoint counted within 30 s of a write:\n{text}",
+    );
+    let m = parse_metrics(&text);
+    assert!(
+        sample(&m, "vdbfs_checkpoint_seconds_total", &bg).is_some_and(|s| s > 0.0),
+        "{text}"
+    );
+    assert!(
+        sample(&m, "vdbfs_checkpoint_last_seconds", &bg).is_some_and(|s| s > 0.0),
+        "{text}"
+    );
 
     // The web page is served from the binary, with nothing from elsewhere.
     let page = http.get(None, "/");
@@ -612,10 +644,59 @@ fn vdbs_expire_by_ttl_and_idle_ttl_unless_protected_or_extended() {
     assert!(list_names(d).iter().any(|x| x == "prot1"));
 }
 
+/// The idle clock survives a daemon restart. It lived only in the daemon's memory, so every
+/// restart gave each idle VDB its whole idle TTL again (a daemon restarted more often than the
+/// TTL never deleted anything); now the time a client was last seen is kept in the store and a
+/// restarted daemon goes on from it, its downtime counting as idle time.
+#[test]
+fn an_idle_vdb_is_deleted_on_its_schedule_across_a_daemon_restart() {
+    let mut s = setup(3);
+    let t0 = std::time::Instant::now();
+    create(&s.d, "idle2", &s.snap, &["--idle-ttl", "30s"]);
+    let due = status(&s.d, "idle2")["expires"].clone();
+    assert!(due.is_string(), "idle2 should be due: {due}");
+
+    // Down for 15 s: a clock started again at the restart would make it due 30 s after it.
+    s.d.terminate();
+    while t0.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    s.d.start_again();
+    let d = &s.d;
+    assert_eq!(
+        status(d, "idle2")["expires"],
+        due,
+        "after a restart idle2 should be due when it was before"
+    );
+    let gone = || !list_names(d).iter().any(|x| x == "idle2");
+    assert!(
+        wait_until(Duration::from_secs(40).saturating_sub(t0.elapsed()), gone),
+        "idle2 should be deleted about 30 s after it was created (due {due}), not 30 s after \
+         the restart; {:.0} s passed\n{}",
+        t0.elapsed().as_secs_f64(),
+        d.log_tail(30)
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_secs(29),
+        "idle2 was deleted before its idle TTL ran out ({:?})",
+        t0.elapsed()
+    );
+    assert!(
+        d.log_since_start()
+            .contains("VDB idle2 expired: no client was connected for"),
+        "{}",
+        d.log_tail(30)
+    );
+}
+
 /// The web page in a real browser (headless Chromium): a wrong token is refused, a right one
 /// signs in; the source's TimeFlow is drawn with its snapshots and provisionable range; a VDB
-/// created from the page at a moment appears running with its owner, and deleting it from the
-/// page removes it. A failing run leaves a screenshot under target/browser-screenshots/.
+/// created from the page at a moment appears running with its owner, nested under the snapshot
+/// it came from; refresh from the page moves it onto a new snapshot of the source (a row the
+/// source committed after the first snapshot is there); rewind from the page takes it back to
+/// its bookmark; the copy button puts its connection string on the clipboard, or selects it where
+/// the page has no clipboard; deleting it from the page removes it. A failing run leaves a
+/// screenshot under target/browser-screenshots/.
 #[test]
 fn web_page_signs_in_shows_the_timeflow_creates_and_deletes_a_vdb() {
     let mut s = setup(7);
@@ -686,7 +767,7 @@ fn web_page_signs_in_shows_the_timeflow_creates_and_deletes_a_vdb() {
     set(&mut b, "c-from", "prod");
     set(&mut b, "c-at", &at);
     b.eval("document.getElementById('c-submit').click()");
-    let row = "document.querySelector('tr.vdb[data-name=\"web1\"]')";
+    let row = "document.querySelector('.vdb[data-name=\"web1\"]')";
     assert!(
         b.wait(
             Duration::from_secs(120),
@@ -704,6 +785,175 @@ fn web_page_signs_in_shows_the_timeflow_creates_and_deletes_a_vdb() {
     assert_eq!(st["owner"], "web");
     assert_eq!(Vdb::of(&st).sql("SELECT count(*) FROM marker"), "7");
 
+    // It hangs under the snapshot it came from, with its owner, space and expiry.
+    let parent0 = st["parent"].as_str().unwrap().to_string();
+    assert!(parent0.starts_with("prod@"), "{st}");
+    let under = |snap: &str| {
+        format!(
+            "{row} && {row}.parentElement.closest('.node').classList.contains('snapshot') \
+             && {row}.parentElement.closest('.node').dataset.name === {} \
+             && {row}.closest('.node.source').dataset.name === 'prod'",
+            json!(snap)
+        )
+    };
+    assert!(
+        b.wait(t, &under(&parent0)),
+        "web1 is not drawn under {parent0}: {}",
+        b.eval("document.getElementById('vdbs').innerHTML")
+    );
+    let label = |b: &mut crate::util::browser::Browser, class: &str| {
+        b.eval(&format!(
+            "{row}.querySelector('.label .{class}').textContent"
+        ))
+        .as_str()
+        .unwrap()
+        .to_string()
+    };
+    assert_eq!(label(&mut b, "owner"), "web");
+    assert!(
+        label(&mut b, "space").ends_with('B'),
+        "{}",
+        label(&mut b, "space")
+    );
+    assert_eq!(label(&mut b, "expires"), "no expiry");
+    assert_eq!(label(&mut b, "conn"), st["tcp_conn"].as_str().unwrap());
+    let idle = |b: &mut crate::util::browser::Browser, timeout: Duration| {
+        b.wait(
+            timeout,
+            "document.getElementById('busy').textContent === ''",
+        )
+    };
+
+    // Refresh from the page: onto a new snapshot of prod, with what the source committed since.
+    s.src.insert_rows(8, 8, "after the first snapshot");
+    b.click(".vdb[data-name=\"web1\"] button.refresh");
+    assert!(
+        b.wait(
+            t,
+            "document.getElementById('busy').textContent.includes('refreshing web1')"
+        ),
+        "the page does not say that it refreshes web1"
+    );
+    assert!(
+        idle(&mut b, Duration::from_secs(180)),
+        "the refresh did not end"
+    );
+    let err = b.eval("document.getElementById('error').textContent");
+    assert_eq!(err, json!(""), "refresh from the page failed");
+    let st = status(d, "web1");
+    let parent1 = st["parent"].as_str().unwrap().to_string();
+    assert_ne!(
+        parent1, parent0,
+        "refresh should move web1 onto a new snapshot: {st}"
+    );
+    let newest = crate::util::source::status(d, "prod")["last_snapshot"]["name"].clone();
+    assert_eq!(
+        json!(parent1),
+        newest,
+        "refresh without a moment takes the newest snapshot"
+    );
+    assert_eq!(st["state"], "running");
+    let web1 = Vdb::of(&st);
+    assert_eq!(web1.sql("SELECT count(*) FROM marker"), "8");
+    assert!(
+        b.wait(t, &under(&parent1)),
+        "after refresh web1 should be drawn under {parent1}: {}",
+        b.eval("document.getElementById('vdbs').innerHTML")
+    );
+
+    b.screenshot("web_page-refreshed");
+
+    // Rewind from the page: nothing chosen is refused on the page; a bookmark takes it back.
+    b.click(".vdb[data-name=\"web1\"] button.rewind");
+    assert!(
+        b.wait(
+            t,
+            "document.getElementById('error').textContent.includes('rewind web1: choose one of its snapshots or bookmarks')"
+        ),
+        "rewind with nothing chosen should say what to choose: {}",
+        b.eval("document.getElementById('error').textContent")
+    );
+    vdb(d, &["bookmark", "web1", "bm1"]);
+    web1.sql("INSERT INTO marker VALUES (9, 'after the bookmark')");
+    assert_eq!(web1.sql("SELECT count(*) FROM marker"), "9");
+    b.eval("document.getElementById('reload').click()");
+    let option =
+        format!("{row} && {row}.querySelector('select.rewind-to option[value=\"web1@bm1\"]')");
+    assert!(
+        b.wait(t, &option),
+        "the bookmark web1@bm1 is not offered for rewind: {}",
+        b.eval(&format!(
+            "{row} && {row}.querySelector('select.rewind-to').outerHTML"
+        ))
+    );
+    b.eval(&format!(
+        "{row}.querySelector('select.rewind-to').value = 'web1@bm1'"
+    ));
+    b.click(".vdb[data-name=\"web1\"] button.rewind");
+    assert!(
+        b.wait(
+            t,
+            "document.getElementById('busy').textContent.includes('rewinding web1')"
+        ),
+        "the page does not say that it rewinds web1"
+    );
+    assert!(
+        idle(&mut b, Duration::from_secs(180)),
+        "the rewind did not end"
+    );
+    let err = b.eval("document.getElementById('error').textContent");
+    assert_eq!(err, json!(""), "rewind from the page failed");
+    let st = status(d, "web1");
+    assert_eq!(st["state"], "running");
+    assert_eq!(
+        st["parent"],
+        json!(parent1),
+        "rewind keeps the parent: {st}"
+    );
+    assert_eq!(
+        web1.sql("SELECT count(*) FROM marker"),
+        "8",
+        "rewind to web1@bm1 should drop the row inserted after it"
+    );
+
+    // The copy button. A page with no clipboard selects the connection string for Ctrl+C.
+    let conn = st["tcp_conn"].as_str().unwrap().to_string();
+    assert!(b.wait(t, &under(&parent1)));
+    b.eval("Object.defineProperty(navigator, 'clipboard', {value: undefined, configurable: true})");
+    b.click(".vdb[data-name=\"web1\"] button.copy");
+    assert!(
+        b.wait(
+            t,
+            &format!("{row}.querySelector('.copied').textContent !== ''")
+        ),
+        "the copy button said nothing"
+    );
+    assert_eq!(
+        b.eval("window.getSelection().toString()"),
+        json!(conn),
+        "without a clipboard the connection string should be selected"
+    );
+    // With the clipboard (127.0.0.1 is a secure context; the browser grants the permission).
+    b.eval("delete navigator.clipboard; window.getSelection().removeAllRanges()");
+    b.call(
+        "Browser.grantPermissions",
+        json!({"origin": http.base, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]}),
+    );
+    b.click(".vdb[data-name=\"web1\"] button.copy");
+    assert!(
+        b.wait(
+            t,
+            &format!("{row}.querySelector('.copied').textContent === 'copied'")
+        ),
+        "the copy button did not copy: {}",
+        b.eval(&format!("{row}.querySelector('.copied').textContent"))
+    );
+    assert_eq!(
+        b.eval("navigator.clipboard.readText()"),
+        json!(conn),
+        "the clipboard should hold the connection string"
+    );
+
     // Delete it from the page.
     b.eval(&format!("{row}.querySelector('button.delete').click()"));
     assert!(
@@ -713,6 +963,124 @@ fn web_page_signs_in_shows_the_timeflow_creates_and_deletes_a_vdb() {
     );
     assert!(!list_names(d).iter().any(|n| n == "web1"));
     b.screenshot("web_page-done");
+}
+
+/// Long operations over HTTP as over the socket. The CLI with `VDBFS_URL` showed no progress
+/// and a CLI that went away left the operation running in the daemon; now the answer comes in
+/// lines: `vdb create` shows the daemon's progress lines on stderr as they come, and a CLI
+/// interrupted before the answer closes the connection, which the daemon takes as a cancel:
+/// the create rolls back and nothing of the VDB is left.
+#[test]
+fn http_clients_see_progress_lines_and_hanging_up_cancels_a_create() {
+    let mut s = setup(3);
+    let http = s.d.serve_http();
+    let d = &s.d;
+    let admin = d.token("ops", "admin", None);
+    let out = d.vdbfs_http(&http, &admin, &["vdb", "create", "p1", "--from", &s.snap]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("cloning ") && l.ends_with(" into VDB p1"))
+            && err.contains("starting postgres on port"),
+        "vdb create over HTTP should show its progress lines:\n{err}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("postgresql://"),
+        "{}",
+        describe(&out)
+    );
+
+    // A create whose pre-start hook takes a while; the CLI is interrupted meanwhile.
+    let hooks = d.root().join("slow-hooks");
+    std::fs::create_dir_all(&hooks).unwrap();
+    std::fs::write(hooks.join("pre-start"), "#!/bin/sh\nsleep 5\n").unwrap();
+    chmod(&hooks.join("pre-start"), 0o755);
+    let mut c = Command::new(bin());
+    clean_cli_env(&mut c);
+    c.env("HOME", d.root())
+        .env("VDBFS_URL", &http.base)
+        .env("VDBFS_TOKEN", &admin)
+        .arg("--store")
+        .arg(d.root().join("no-store-here"))
+        .args(["vdb", "create", "p2", "--from", &s.snap, "--hooks"])
+        .arg(&hooks)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = child.stderr.take().unwrap();
+    let mut child = Reap(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(l);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("starting postgres on port"))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => panic!(
+                "no progress line 'starting postgres' from vdb create p2 over HTTP:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
+    assert!(
+        list_names(d).iter().any(|n| n == "p2"),
+        "p2 is being created"
+    );
+    assert!(
+        signal(child.0.id() as i32, libc::SIGINT),
+        "cannot SIGINT the CLI"
+    );
+    let st =
+        wait_child(&mut child.0, Duration::from_secs(10)).expect("the CLI should end on Ctrl-C");
+    assert!(!st.success(), "{st}");
+    assert!(
+        wait_until(Duration::from_secs(60), || !list_names(d)
+            .iter()
+            .any(|n| n == "p2")),
+        "the create of p2 should be rolled back once its client hung up:\n{}",
+        d.log_tail(30)
+    );
+    assert!(
+        !crate::util::source::dataset_names(d).contains(&"p2".to_string()),
+        "p2's dataset is left"
+    );
+    let log = d.log_since_start();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("the HTTP client hung up") && l.contains("cancelling")),
+        "the daemon should log the hang-up as a cancel:\n{}",
+        d.log_tail(30)
+    );
+    assert!(
+        log.lines().any(|l| l.contains("op=\"vdb_create\"")
+            && l.contains("name=p2")
+            && l.contains("kind=cancelled")),
+        "the create should end as cancelled:\n{}",
+        d.log_tail(30)
+    );
+    // p1 is untouched.
+    assert_eq!(status(d, "p1")["state"], "running");
 }
 
 /// `serve --socket-group`: members of the group use the control socket as developers named

@@ -3,10 +3,14 @@
 //! so a laptop or a CI job needs neither root nor the socket. The reply is the same
 //! [`Response`]; its kind (and so the exit status) comes from the daemon.
 //!
-//! Over HTTP there are no progress lines and Ctrl-C does not cancel: the operation finishes in
-//! the daemon (`vdbfs vdb status NAME` follows it).
+//! The answer comes in lines, as over the socket (`Accept: application/x-ndjson`, see
+//! `daemon::http`): progress lines go to stderr as they come, the response is the last line.
+//! Ctrl-C ends the CLI, which closes the connection: the daemon takes that as a cancel, so an
+//! operation that undoes itself (`source link`, `vdb create/refresh/rewind`) rolls back and
+//! any other goes on (`vdbfs vdb status NAME` follows it).
 
-use crate::api::{ErrorKind, Refusal, Request, Response};
+use crate::api::{ErrorKind, ProgressLine, Refusal, Request, Response};
+use std::io::BufRead;
 use std::time::Duration;
 
 /// The base URL and token from the environment, when the CLI should use HTTP.
@@ -62,7 +66,7 @@ pub fn call(base: &str, token: Option<&str>, req: &Request) -> anyhow::Result<Re
         .timeout_connect(Some(Duration::from_secs(10)))
         .build()
         .into();
-    let mut r = agent.post(&url);
+    let mut r = agent.post(&url).header("Accept", LINES);
     if let Some(t) = token {
         r = r.header("Authorization", &format!("Bearer {t}"));
     }
@@ -78,6 +82,14 @@ pub fn call(base: &str, token: Option<&str>, req: &Request) -> anyhow::Result<Re
         }
     };
     let status = resp.status();
+    let lines = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(LINES));
+    if lines {
+        return read_lines(&url, resp.body_mut().as_reader());
+    }
     match resp.body_mut().read_json::<Response>() {
         Ok(r) => Ok(r),
         Err(e) => Err(Refusal::new(
@@ -86,4 +98,44 @@ pub fn call(base: &str, token: Option<&str>, req: &Request) -> anyhow::Result<Re
         )
         .into()),
     }
+}
+
+/// The media type of an answer in lines.
+const LINES: &str = "application/x-ndjson";
+
+/// Shows the progress lines of an answer in lines and returns its last line, the response
+/// (empty lines are the daemon's heartbeat).
+fn read_lines(url: &str, body: impl std::io::Read) -> anyhow::Result<Response> {
+    let mut shown = super::progress::Shown::new();
+    for line in std::io::BufReader::new(body).lines() {
+        let line = line.map_err(|e| {
+            shown.done();
+            Refusal::new(
+                ErrorKind::Unavailable,
+                format!("the connection to {url} broke before the answer: {e}"),
+            )
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Ok(p) = serde_json::from_str::<ProgressLine>(&line) {
+            shown.show(&p);
+            continue;
+        }
+        shown.done();
+        return serde_json::from_str::<Response>(&line).map_err(|e| {
+            Refusal::new(
+                ErrorKind::Internal,
+                format!("{url} answered a line that is no vdbfs reply ({e}): {line}"),
+            )
+            .into()
+        });
+    }
+    shown.done();
+    Err(Refusal::new(
+        ErrorKind::Unavailable,
+        format!("{url} closed the connection without answering"),
+    )
+    .with_hint("the daemon may have stopped; 'vdbfs status' over VDBFS_URL tells")
+    .into())
 }

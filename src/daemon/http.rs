@@ -9,9 +9,16 @@
 //! - Every request but `GET /` carries `Authorization: Bearer TOKEN` (`vdbfs token create`);
 //!   none, or an unknown, revoked or expired one: 401. What a role may do: `crate::auth`.
 //! - `GET /metrics`: Prometheus text format (any valid token). `GET /`: the web page.
+//! - A POST with `Accept: application/x-ndjson` (the CLI sends it) is answered as the control
+//!   socket answers: status 200 once the token is valid, then one JSON line per progress
+//!   report, empty lines as a heartbeat every second, and the [`Response`] as the last line
+//!   (its `ok` and `kind` say how it ended). A client that hangs up before that last line asks
+//!   to cancel, as Ctrl-C on the socket does: an operation that undoes itself (`source link`,
+//!   `vdb create/refresh/rewind`) rolls back, any other goes on.
 //!
 //! Invariants: nothing here decides what a request does or which kind a failure is (dispatch
-//! does); a request runs on a blocking thread and a client that hangs up does not stop it.
+//! does); a request runs on a blocking thread; only a streamed request (above) is cancelled by
+//! a hang-up, and only through its [`Cancel`], like a cancel line on the socket.
 
 use super::Daemon;
 use crate::api::{Cancel, ErrorKind, Progress, ProgressLine, Request, Response};
@@ -23,6 +30,7 @@ use axum::routing::get;
 use axum::Router;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The web page, with everything it needs inline (no CDN: it works with no internet).
@@ -155,7 +163,94 @@ async fn op_post(
             Err(e) => Err(format!("the body is not JSON: {e}")),
         }
     };
+    let lines = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains(LINES));
+    if lines {
+        return answer_lines(d, op, headers, fields).await;
+    }
     answer(d, op, headers, fields, false).await
+}
+
+/// The media type of a streamed answer: JSON lines.
+const LINES: &str = "application/x-ndjson";
+
+/// A POST answered in lines (see the module doc): progress as it comes, the response last; the
+/// client hanging up before the end requests a cancel.
+async fn answer_lines(
+    d: Arc<Daemon>,
+    op: String,
+    headers: HeaderMap,
+    fields: Result<Map<String, Value>, String>,
+) -> axum::response::Response {
+    let token = bearer(&headers);
+    // Who it is first, so that 401 stays a status and not a line.
+    let who = {
+        let (d, token, op) = (d.clone(), token.clone(), op.clone());
+        tokio::task::spawn_blocking(move || d.caller(token.as_deref(), &op).map(|_| ())).await
+    };
+    match who {
+        Ok(Ok(())) => {}
+        Ok(Err(r)) => return reply(r),
+        Err(e) => return reply(Response::failed(ErrorKind::Internal, e.to_string())),
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
+    let cancel = Arc::new(Cancel::new("the request has not started yet"));
+    let answered = Arc::new(AtomicBool::new(false));
+    {
+        // The heartbeat finds out that the client is gone (a write fails, the body is dropped).
+        let (tx, cancel, answered, op) = (tx.clone(), cancel.clone(), answered.clone(), op.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => {
+                        if !answered.load(Ordering::SeqCst) {
+                            let (_, said) = cancel.request();
+                            tracing::info!(op, "the HTTP client hung up: {said}");
+                        }
+                        break;
+                    }
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {
+                        if answered.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let _ = tx.send(bytes::Bytes::from_static(b"\n"));
+                    }
+                }
+            }
+        });
+    }
+    tokio::task::spawn_blocking(move || {
+        let send = |p: ProgressLine| {
+            let _ = tx.send(json_line(&p));
+        };
+        let r = d.http_request(token.as_deref(), &op, fields, false, &send, &cancel);
+        answered.store(true, Ordering::SeqCst);
+        let _ = tx.send(json_line(&r));
+    });
+    let body = futures::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx)
+            .map(|b| b.map(Ok::<_, std::convert::Infallible>))
+    });
+    (
+        [(header::CONTENT_TYPE, LINES)],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// One JSON line of a streamed answer (a progress line or the response).
+fn json_line<T: serde::Serialize>(v: &T) -> bytes::Bytes {
+    let mut l = serde_json::to_vec(v).unwrap_or_else(|e| {
+        let r = Response::failed(
+            ErrorKind::Internal,
+            format!("cannot encode the answer: {e}"),
+        );
+        serde_json::to_vec(&r).unwrap_or_default()
+    });
+    l.push(b'\n');
+    bytes::Bytes::from(l)
 }
 
 /// A read-only request with its fields in the query string (all strings; `true`/`false` and
@@ -190,8 +285,14 @@ async fn answer(
     get: bool,
 ) -> axum::response::Response {
     let token = bearer(&headers);
-    let r = tokio::task::spawn_blocking(move || d.http_request(token.as_deref(), &op, fields, get))
-        .await;
+    let r = tokio::task::spawn_blocking(move || {
+        let send = |p: ProgressLine| tracing::debug!("progress: {}", p.progress);
+        let cancel = Cancel::new(format!(
+            "a request over HTTP without 'Accept: {LINES}' cannot be cancelled"
+        ));
+        d.http_request(token.as_deref(), &op, fields, get, &send, &cancel)
+    })
+    .await;
     reply(
         r.unwrap_or_else(|e| Response::failed(ErrorKind::Internal, format!("internal error: {e}"))),
     )
@@ -218,6 +319,8 @@ impl Daemon {
         op: &str,
         fields: Result<Map<String, Value>, String>,
         get: bool,
+        send: &dyn Fn(ProgressLine),
+        cancel: &Cancel,
     ) -> Response {
         let caller = match self.caller(token, op) {
             Ok(c) => c,
@@ -244,9 +347,6 @@ impl Daemon {
                 "{op} changes something: send it as POST /api/v1/{op} with a JSON body"
             ));
         }
-        let by = caller.name.clone();
-        let send = move |p: ProgressLine| tracing::debug!(by = %by, "progress: {}", p.progress);
-        let cancel = Cancel::new("a request over HTTP cannot be cancelled");
-        self.respond_to(&caller, req, Progress::new(&send, &cancel))
+        self.respond_to(&caller, req, Progress::new(send, cancel))
     }
 }

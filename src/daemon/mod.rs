@@ -29,7 +29,7 @@ pub use scrub::DEFAULT_RATE_MIB as SCRUB_RATE_MIB;
 
 use crate::mounts::MountTable;
 use crate::source::SourceService;
-use crate::store::records::{MountRecords, Records};
+use crate::store::records::{LastClients, MountRecords, Records};
 use crate::store::Store;
 use crate::tree::Datasets;
 use crate::vdb::VdbService;
@@ -170,7 +170,10 @@ impl Daemon {
                 vdb_ports,
             )
             .keep_undo(keep_undo)
-            .default_idle_ttl(default_idle_ttl),
+            .default_idle_ttl(default_idle_ttl)
+            .idle_clock(crate::vdb::lifetime::IdleClock::load(LastClients::new(
+                store.clone(),
+            ))?),
         );
         let d = Daemon {
             store_dir: store_dir.to_path_buf(),
@@ -255,6 +258,7 @@ impl Daemon {
         if let Some(r) = &self.remote {
             r.kick();
         }
+        self.vdbs.save_idle_clock();
         self.vdbs.stop_all();
         self.sources.stop_all();
         self.archiving_done.store(true, Ordering::Relaxed);

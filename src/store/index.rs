@@ -32,6 +32,10 @@ pub const VDBS: TableDefinition<&str, &[u8]> = TableDefinition::new("vdbs");
 /// API token name -> JSON token record: role, expiry and the token's BLAKE3 hash, never the
 /// token (control path; see FORMAT.md "Control-path tables").
 pub const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+/// VDB name -> unix seconds when the daemon last saw a client connected to it (or its idle
+/// clock last started): the idle clock of `--idle-ttl`, kept across restarts (control path; see
+/// FORMAT.md "Control-path tables").
+pub const VDB_LAST_CLIENT: TableDefinition<&str, i64> = TableDefinition::new("vdb_last_client");
 /// (dataset id, pack, offset) -> DamageMark: datasets refused because recovery found
 /// acknowledged log bytes that no longer verify (FORMAT.md, "Recovery"). Cleared when the
 /// dataset is deleted, reset to a snapshot, or its loss accepted.
@@ -61,6 +65,7 @@ fn create_tables(txn: &redb::WriteTransaction) -> std::result::Result<(), redb::
     txn.open_table(SOURCES)?;
     txn.open_table(VDBS)?;
     txn.open_table(TOKENS)?;
+    txn.open_table(VDB_LAST_CLIENT)?;
     txn.open_table(DAMAGED)?;
     txn.open_table(REMOTE_UPLOADED)?;
     txn.open_table(REMOTE_OBJECTS)?;

@@ -57,6 +57,7 @@ pub use error::{Error, Result};
 pub use index::{
     index_path, BLOCKS, DAMAGED, DATASETS, META, MOUNTS, NAMES, ORIGINS, REMOTE_BLOCKS,
     REMOTE_KEYS, REMOTE_OBJECTS, REMOTE_UPLOADED, SNAPSHOTS, SNAPSHOT_PROPS, SOURCES, TOKENS, VDBS,
+    VDB_LAST_CLIENT,
 };
 
 /// Where blocks that are neither in the index nor in the log come from: the object store

@@ -1,12 +1,13 @@
 //! Typed tables of control-path records in the index: sources, VDBs and API tokens (JSON values
-//! under their name) and the mounts to re-establish at start (mount point -> dataset). The control path
+//! under their name), the mounts to re-establish at start (mount point -> dataset) and each VDB's
+//! idle clock (VDB -> when a client was last seen). The control path
 //! reads and writes its records only through these handles, so redb stays inside `store`.
 //!
 //! Invariants: every write is its own redb transaction (a record is either as it was or as
 //! written); a record that does not decode is reported as corrupt metadata naming the record,
 //! never skipped.
 
-use super::{Error, Result, Store, MOUNTS, SOURCES, TOKENS, VDBS};
+use super::{Error, Result, Store, MOUNTS, SOURCES, TOKENS, VDBS, VDB_LAST_CLIENT};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
@@ -148,6 +149,50 @@ impl MountRecords {
                 }
             }
         }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+/// When each VDB last had a client (unix seconds): the idle clock of `--idle-ttl`, kept so
+/// that a daemon restart does not start it again (`vdb::lifetime` decides when to write).
+#[derive(Clone)]
+pub struct LastClients {
+    store: Arc<Store>,
+}
+
+impl LastClients {
+    pub fn new(store: Arc<Store>) -> LastClients {
+        LastClients { store }
+    }
+
+    pub fn list(&self) -> Result<Vec<(String, i64)>> {
+        let txn = self.store.db().begin_read()?;
+        let t = txn.open_table(VDB_LAST_CLIENT)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_string(), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Records these times (one transaction).
+    pub fn set(&self, seen: &[(String, i64)]) -> Result<()> {
+        let txn = self.store.begin_write()?;
+        {
+            let mut t = txn.open_table(VDB_LAST_CLIENT)?;
+            for (name, at) in seen {
+                t.insert(name.as_str(), *at)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn remove(&self, name: &str) -> Result<()> {
+        let txn = self.store.begin_write()?;
+        txn.open_table(VDB_LAST_CLIENT)?.remove(name)?;
         txn.commit()?;
         Ok(())
     }

@@ -218,7 +218,7 @@ impl VdbService {
                     t.elapsed().as_secs_f64()
                 ));
                 tracing::info!(vdb = %name, parent = %parent, port = rec.port, ms = t.elapsed().as_millis() as u64, "VDB created");
-                self.idle.touch(&name, crate::time::now_unix());
+                self.idle.restart(&name, crate::time::now_unix());
                 let mut st = self.status_of(&rec, false)?;
                 st.password = generated;
                 Ok(st)

@@ -6,12 +6,21 @@
 //! The daemon asks [`VdbService::due`] once a second and deletes what it returns, as a `vdb
 //! delete` (logged, with its snapshots).
 //!
-//! Invariants: a protected VDB is never due; the idle clock lives in the daemon's memory (a
-//! restart starts it again: a VDB is never deleted for idleness the daemon did not see); a VDB
-//! with an operation in flight (`pending`) is never due.
+//! The idle clock (when a client was last seen) is kept in the store (`LastClients`, table
+//! `vdb_last_client`) so a daemon restart does not start it again: a VDB left idle is deleted on
+//! the schedule it had, the daemon's downtime counting as idle time. It is written rarely: when
+//! it starts (create, `vdb extend`, `vdb protect`, the first time a daemon sees a VDB with no
+//! stored time), when it moved by [`SAVE_AFTER`] or more, and at shutdown ([`VdbService::save_idle_clock`]).
+//!
+//! Invariants: a protected VDB is never due; a VDB with an operation in flight (`pending`) is
+//! never due; the stored time is never later than the clock in memory, and after a clean
+//! shutdown equal to it (after a crash it can be up to [`SAVE_AFTER`] behind: such a VDB may be
+//! due that much early); a failed write is logged and leaves the clock in memory as it is.
 
 use super::service::VdbService;
 use super::VdbRecord;
+use crate::store::records::LastClients;
+use anyhow::Context;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -26,22 +35,120 @@ pub struct Lifetime {
     pub protected: bool,
 }
 
-/// When each VDB last had a client (unix seconds), as the daemon saw it.
+/// How far the idle clock in memory may run ahead of the stored one before it is written.
+pub const SAVE_AFTER: i64 = 60;
+
+/// When each VDB last had a client (unix seconds), as the daemon saw it, and what is stored.
 #[derive(Default)]
-pub struct IdleClock(parking_lot::Mutex<HashMap<String, i64>>);
+pub struct IdleClock {
+    seen: parking_lot::Mutex<HashMap<String, Seen>>,
+    /// Where the clock is kept across restarts (None: in memory only).
+    stored: Option<LastClients>,
+}
+
+#[derive(Clone, Copy)]
+struct Seen {
+    at: i64,
+    /// What the store holds for this VDB.
+    stored: Option<i64>,
+}
 
 impl IdleClock {
-    /// The VDB had a client (or its clock starts) now.
-    pub fn touch(&self, name: &str, now: i64) {
-        self.0.lock().insert(name.to_string(), now);
+    /// The clock as the store kept it (a restart goes on from there).
+    pub fn load(stored: LastClients) -> anyhow::Result<IdleClock> {
+        let seen = stored
+            .list()
+            .context("cannot read the VDBs' idle clocks")?
+            .into_iter()
+            .map(|(name, at)| {
+                (
+                    name,
+                    Seen {
+                        at,
+                        stored: Some(at),
+                    },
+                )
+            })
+            .collect();
+        Ok(IdleClock {
+            seen: parking_lot::Mutex::new(seen),
+            stored: Some(stored),
+        })
     }
 
+    /// The VDB had a client now; stored when the stored time is [`SAVE_AFTER`] old.
+    pub fn touch(&self, name: &str, now: i64) {
+        self.set(name, now, false);
+    }
+
+    /// The VDB's clock starts again now (create, extend, protect); stored at once.
+    pub fn restart(&self, name: &str, now: i64) {
+        self.set(name, now, true);
+    }
+
+    fn set(&self, name: &str, now: i64, save: bool) {
+        let save = {
+            let mut seen = self.seen.lock();
+            let e = seen.entry(name.to_string()).or_insert(Seen {
+                at: now,
+                stored: None,
+            });
+            e.at = now;
+            save || e.stored.is_none_or(|s| now - s >= SAVE_AFTER)
+        };
+        if save {
+            self.save(&[(name.to_string(), now)]);
+        }
+    }
+
+    /// When the VDB last had a client; a VDB the clock does not know starts it now.
     fn since(&self, name: &str, now: i64) -> i64 {
-        *self.0.lock().entry(name.to_string()).or_insert(now)
+        if let Some(s) = self.seen.lock().get(name) {
+            return s.at;
+        }
+        self.set(name, now, true);
+        now
     }
 
     pub fn forget(&self, name: &str) {
-        self.0.lock().remove(name);
+        self.seen.lock().remove(name);
+        if let Some(t) = &self.stored {
+            if let Err(e) = t.remove(name) {
+                tracing::warn!(vdb = %name, "cannot remove the idle clock of VDB {name}: {e}");
+            }
+        }
+    }
+
+    /// Writes what moved since it was stored (at shutdown).
+    pub fn save_all(&self) {
+        let moved: Vec<(String, i64)> = self
+            .seen
+            .lock()
+            .iter()
+            .filter(|(_, s)| s.stored != Some(s.at))
+            .map(|(n, s)| (n.clone(), s.at))
+            .collect();
+        if !moved.is_empty() {
+            self.save(&moved);
+        }
+    }
+
+    fn save(&self, times: &[(String, i64)]) {
+        let Some(t) = &self.stored else { return };
+        match t.set(times) {
+            Ok(()) => {
+                let mut seen = self.seen.lock();
+                for (name, at) in times {
+                    if let Some(s) = seen.get_mut(name) {
+                        s.stored = Some(s.stored.map_or(*at, |old| old.max(*at)));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(
+                "cannot store the idle clock of {} VDB(s) (a restart may start it again): {e}",
+                times.len()
+            ),
+        }
     }
 }
 
@@ -118,10 +225,15 @@ impl VdbService {
         out
     }
 
+    /// Stores the idle clock as it is (at shutdown), so the next daemon goes on from here.
+    pub fn save_idle_clock(&self) {
+        self.idle.save_all();
+    }
+
     /// `vdb protect NAME` (or `--off`).
     pub fn protect(&self, name: &str, on: bool) -> anyhow::Result<String> {
         self.change_lifetime(name, |l| l.protected = on)?;
-        self.idle.touch(name, crate::time::now_unix());
+        self.idle.restart(name, crate::time::now_unix());
         Ok(if on {
             format!("VDB {name} is protected: no TTL or idle TTL deletes it")
         } else {
@@ -146,7 +258,7 @@ impl VdbService {
                 l.expires = Some(until);
             }
         })?;
-        self.idle.touch(name, now);
+        self.idle.restart(name, now);
         Ok(format!(
             "VDB {name} extended: {}",
             match self.expires_at(&self.record(name)?, now) {

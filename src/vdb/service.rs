@@ -87,6 +87,12 @@ impl VdbService {
         self
     }
 
+    /// The idle clock goes on from what the store kept ([`super::lifetime::IdleClock::load`]).
+    pub fn idle_clock(mut self, clock: super::lifetime::IdleClock) -> VdbService {
+        self.idle = clock;
+        self
+    }
+
     /// Each VDB keeps its last `n` undo snapshots (taken before refresh and rewind).
     pub fn keep_undo(mut self, n: u32) -> VdbService {
         self.undo_keep = n;

@@ -164,6 +164,27 @@ impl Browser {
         }
     }
 
+    /// Clicks the element a CSS selector finds the way a user does: mouse events at its centre
+    /// (DevTools input, so the page gets a user activation, which the clipboard asks for).
+    pub fn click(&mut self, selector: &str) {
+        let at = self.eval(&format!(
+            "(() => {{ const e = document.querySelector({}); if (!e) return null; \
+             e.scrollIntoView({{block: 'center'}}); const r = e.getBoundingClientRect(); \
+             return [r.x + r.width / 2, r.y + r.height / 2]; }})()",
+            json!(selector)
+        ));
+        let (x, y) = match (at[0].as_f64(), at[1].as_f64()) {
+            (Some(x), Some(y)) => (x, y),
+            _ => panic!("nothing on the page matches {selector:?} to click"),
+        };
+        for kind in ["mousePressed", "mouseReleased"] {
+            self.call(
+                "Input.dispatchMouseEvent",
+                json!({"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1}),
+            );
+        }
+    }
+
     /// Saves a PNG of the page as `target/browser-screenshots/NAME.png`; returns its path
     /// (None when the browser does not answer or the file cannot be written). Never panics:
     /// it runs while a failing test unwinds.
