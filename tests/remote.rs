@@ -3,7 +3,7 @@
 //! from what A published; blocks come by ranged GET and are verified like local ones.
 
 use crate::util::garage::{Garage, BUCKET};
-use crate::util::source::{link_small, SourceDb, Staged, WAIT};
+use crate::util::source::{link_small, source_snapshot, wait_replayed, SourceDb, Staged, WAIT};
 use crate::util::vdb::{self as vdbu, Vdbd};
 use crate::util::*;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -336,4 +336,84 @@ fn host_a_s_gc_racing_its_publishes_never_removes_what_host_b_reads() {
         bm.umount();
     }
     drop(m);
+}
+
+/// Host A keeps syncing and publishing while host B runs a VDB from A's first published
+/// snapshot under a read load: A's later snapshots (with rows inserted on the source after S1)
+/// show in B's `remote list`, a second VDB from the newest has the new rows, and the first VDB
+/// still has exactly S1's rows (its reads never failed meanwhile); both pass pg_amcheck.
+#[test]
+fn host_a_keeps_publishing_while_host_b_runs_a_vdb_from_an_older_snapshot() {
+    let g = Garage::start();
+    let src = SourceDb::start(false, &[]);
+    src.insert_rows(1, 2000, "s1");
+    let a = Vdbd {
+        s: Staged {
+            d: remote_daemon(&g, "live"),
+        },
+    };
+    let st = link_small(&a, &src, "prod");
+    let s1 = st["last_snapshot"]["name"].as_str().unwrap().to_string();
+    let wait_published = |d: &Daemon, snap: &str| {
+        assert!(
+            wait_until(WAIT * 2, || published_names(d).contains(&snap.to_string())),
+            "{snap} is not in remote list; A's remote status: {}\nA's log tail:\n{}",
+            a.ok(&["remote", "status", "--json"]),
+            a.log_tail(40)
+        );
+    };
+    wait_published(&a, &s1);
+    let b = Vdbd {
+        s: Staged {
+            d: remote_daemon(&g, "live"),
+        },
+    };
+    let dev1 = vdbu::create(&b, "dev1", &s1, &[]);
+    let s1_rows = "2000|1|2000|s1";
+    let rows_sql = "SELECT count(*), min(id), max(id), max(note) FROM marker";
+    assert_eq!(dev1.sql(rows_sql), s1_rows);
+    let s1_print = dev1.fingerprint();
+    // A read load on dev1 for as long as A works.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let conn = dev1.conn.clone();
+        std::thread::spawn(move || {
+            let mut reads = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = vdbu::try_psql(
+                    &conn,
+                    "SELECT count(*), min(id), max(id), max(note) FROM marker",
+                );
+                let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                if !out.status.success() || got != "2000|1|2000|s1" {
+                    return Err(format!("read {reads} on dev1: {}", describe(&out)));
+                }
+                reads += 1;
+            }
+            Ok(reads)
+        })
+    };
+    // Meanwhile: rows on A's source, then two more snapshots, published by A's daemon.
+    let mut later = Vec::new();
+    for (i, (from, to)) in [(2001, 3000), (3001, 4500)].into_iter().enumerate() {
+        src.insert_rows(from, to, &format!("s{}", i + 2));
+        wait_replayed(&a, "prod", src.lsn());
+        let snap = source_snapshot(&a, "prod");
+        wait_published(&b, &snap);
+        later.push(snap);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = load.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
+    assert!(reads > 0, "the read load on dev1 never ran");
+    let names = published_names(&b);
+    for s in [&s1, &later[0], &later[1]] {
+        assert!(names.contains(s), "B's remote list lacks {s}: {names:?}");
+    }
+    let dev2 = vdbu::create(&b, "dev2", &later[1], &[]);
+    assert_eq!(dev2.sql(rows_sql), "4500|1|4500|s3");
+    assert_eq!(dev1.sql(rows_sql), s1_rows, "dev1 no longer has S1's rows");
+    assert_eq!(dev1.fingerprint(), s1_print, "dev1's tables changed");
+    dev1.amcheck();
+    dev2.amcheck();
 }
