@@ -15,6 +15,8 @@
 //! - Credentials come only from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 //!   `AWS_SESSION_TOKEN`, ...): never from the command line, never in `remote.json`, never logged.
 
+pub mod upload;
+
 use crate::store::{self, Store, REMOTE_BLOCKS, REMOTE_KEYS, REMOTE_OBJECTS, REMOTE_UPLOADED};
 use crate::tree::Datasets;
 use anyhow::{anyhow, bail, Context};
@@ -169,6 +171,8 @@ pub struct Remote {
     /// One pack upload at a time, so a pack is uploaded once (the uploader and a publish both
     /// upload).
     upload_lock: Mutex<()>,
+    /// Test only: see `upload::TEST_PAUSE_ENV`.
+    test_pause: Option<Duration>,
 }
 
 const MANIFESTS: &str = "manifests";
@@ -229,6 +233,7 @@ impl Remote {
             wake: Condvar::new(),
             publish_lock: Mutex::new(()),
             upload_lock: Mutex::new(()),
+            test_pause: upload::test_pause_from_env(),
         }))
     }
 
@@ -298,18 +303,20 @@ impl Remote {
         let Some((format, path)) = self.store.pack_file(no) else {
             return Ok(false);
         };
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        };
         let key = self.key(&self.pack_key(no));
         let os = self.os.clone();
-        let len = bytes.len();
-        tracing::info!(pack = no, bytes = len, "uploading pack");
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let method = upload::Method::for_len(len);
+        tracing::info!(pack = no, bytes = len, %method, "uploading pack");
         let t = Instant::now();
-        self.run(async move { os.put(&key, PutPayload::from(bytes)).await })?
-            .with_context(|| format!("cannot upload pack {no} to {}", self.cfg.url))?;
+        let what = format!("pack {no}");
+        let pause = self.test_pause;
+        let Some(len) = self
+            .run(upload::upload_file(os, key, path, method, pause, what))?
+            .with_context(|| format!("cannot upload pack {no} to {}", self.cfg.url))?
+        else {
+            return Ok(false);
+        };
         let txn = self.store.begin_write()?;
         txn.open_table(REMOTE_UPLOADED)?.insert(
             no,
