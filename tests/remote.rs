@@ -3,7 +3,7 @@
 //! from what A published; blocks come by ranged GET and are verified like local ones.
 
 use crate::util::garage::{Garage, BUCKET};
-use crate::util::source::{link_small, SourceDb, Staged, WAIT};
+use crate::util::source::{link_small, source_snapshot, wait_replayed, SourceDb, Staged, WAIT};
 use crate::util::vdb::{self as vdbu, Vdbd};
 use crate::util::*;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -332,6 +332,385 @@ fn host_a_s_gc_racing_its_publishes_never_removes_what_host_b_reads() {
         assert!(
             fs::read(bm.join("f")).unwrap() == *data,
             "B read other bytes than A published in data@{snap}"
+        );
+        bm.umount();
+    }
+    drop(m);
+}
+
+/// Host A keeps syncing and publishing while host B runs a VDB from A's first published
+/// snapshot under a read load: A's later snapshots (with rows inserted on the source after S1)
+/// show in B's `remote list`, a second VDB from the newest has the new rows, and the first VDB
+/// still has exactly S1's rows (its reads never failed meanwhile); both pass pg_amcheck.
+#[test]
+fn host_a_keeps_publishing_while_host_b_runs_a_vdb_from_an_older_snapshot() {
+    let g = Garage::start();
+    let src = SourceDb::start(false, &[]);
+    src.insert_rows(1, 2000, "s1");
+    let a = Vdbd {
+        s: Staged {
+            d: remote_daemon(&g, "live"),
+        },
+    };
+    let st = link_small(&a, &src, "prod");
+    let s1 = st["last_snapshot"]["name"].as_str().unwrap().to_string();
+    let wait_published = |d: &Daemon, snap: &str| {
+        assert!(
+            wait_until(WAIT * 2, || published_names(d).contains(&snap.to_string())),
+            "{snap} is not in remote list; A's remote status: {}\nA's log tail:\n{}",
+            a.ok(&["remote", "status", "--json"]),
+            a.log_tail(40)
+        );
+    };
+    wait_published(&a, &s1);
+    let b = Vdbd {
+        s: Staged {
+            d: remote_daemon(&g, "live"),
+        },
+    };
+    let dev1 = vdbu::create(&b, "dev1", &s1, &[]);
+    let s1_rows = "2000|1|2000|s1";
+    let rows_sql = "SELECT count(*), min(id), max(id), max(note) FROM marker";
+    assert_eq!(dev1.sql(rows_sql), s1_rows);
+    let s1_print = dev1.fingerprint();
+    // A read load on dev1 for as long as A works.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let conn = dev1.conn.clone();
+        std::thread::spawn(move || {
+            let mut reads = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = vdbu::try_psql(
+                    &conn,
+                    "SELECT count(*), min(id), max(id), max(note) FROM marker",
+                );
+                let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                if !out.status.success() || got != "2000|1|2000|s1" {
+                    return Err(format!("read {reads} on dev1: {}", describe(&out)));
+                }
+                reads += 1;
+            }
+            Ok(reads)
+        })
+    };
+    // Meanwhile: rows on A's source, then two more snapshots, published by A's daemon.
+    let mut later = Vec::new();
+    for (i, (from, to)) in [(2001, 3000), (3001, 4500)].into_iter().enumerate() {
+        src.insert_rows(from, to, &format!("s{}", i + 2));
+        wait_replayed(&a, "prod", src.lsn());
+        let snap = source_snapshot(&a, "prod");
+        wait_published(&b, &snap);
+        later.push(snap);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = load.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
+    assert!(reads > 0, "the read load on dev1 never ran");
+    let names = published_names(&b);
+    for s in [&s1, &later[0], &later[1]] {
+        assert!(names.contains(s), "B's remote list lacks {s}: {names:?}");
+    }
+    let dev2 = vdbu::create(&b, "dev2", &later[1], &[]);
+    assert_eq!(dev2.sql(rows_sql), "4500|1|4500|s3");
+    assert_eq!(dev1.sql(rows_sql), s1_rows, "dev1 no longer has S1's rows");
+    assert_eq!(dev1.fingerprint(), s1_print, "dev1's tables changed");
+    dev1.amcheck();
+    dev2.amcheck();
+}
+
+/// The test-only hook that holds a multipart upload after its first part (see
+/// `src/remote/upload.rs`), so an upload is certainly in flight when a test acts.
+const PAUSE_ENV: &str = "VDBFS_TEST_UPLOAD_PAUSE_MS";
+const PAUSED: &str = "test hook: upload paused";
+
+/// A host with the upload pause hook set to `ms`.
+fn paused_daemon(g: &Garage, prefix: &str, ms: u64) -> Daemon {
+    let mut env = g.env();
+    env.push((PAUSE_ENV.into(), ms.to_string()));
+    Daemon::start_init(&g.init_args(prefix), &env)
+}
+
+fn store_id(d: &Daemon) -> String {
+    let cfg: Value =
+        serde_json::from_slice(&fs::read(d.store().join("remote.json")).unwrap()).unwrap();
+    cfg["store_id"].as_str().unwrap().to_string()
+}
+
+/// Every object under `prefix`, with its size.
+fn bucket_objects(g: &Garage, prefix: &str) -> std::collections::BTreeMap<String, u64> {
+    use futures::TryStreamExt;
+    let c = g.client();
+    let p = object_store::path::Path::from(prefix);
+    rt().block_on(async { c.list(Some(&p)).try_collect::<Vec<_>>().await })
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.location.to_string(), m.size))
+        .collect()
+}
+
+/// What the bucket under `prefix` must always look like, whatever was cut short: every
+/// manifest is whole and names only objects that are in the bucket and long enough for every
+/// record it points into; every pack object of `d`'s store still on its disk has exactly the
+/// local pack file's size (no partial object is ever visible). Returns the pack objects of `d`
+/// (file name -> size) and the manifests' names.
+fn assert_bucket_consistent(
+    g: &Garage,
+    prefix: &str,
+    d: &Daemon,
+) -> (std::collections::BTreeMap<String, u64>, Vec<String>) {
+    let objects = bucket_objects(g, prefix);
+    let c = g.client();
+    let r = rt();
+    let mut manifests = Vec::new();
+    for key in objects.keys().filter(|k| k.ends_with(".manifest")) {
+        let p = object_store::path::Path::from(key.as_str());
+        let bytes = r
+            .block_on(async { c.get(&p).await.unwrap().bytes().await })
+            .unwrap();
+        let (h, entries) = vdbfs_format::manifest::decode(&bytes)
+            .unwrap_or_else(|e| panic!("manifest {key} does not decode: {e}"));
+        for e in &entries {
+            let (_, rel) = &h.objects[e.object as usize];
+            let obj = format!("{prefix}/{rel}");
+            let size = objects.get(&obj).unwrap_or_else(|| {
+                panic!("manifest {key} names {obj}, which is not in the bucket")
+            });
+            assert!(
+                e.offset + e.len as u64 <= *size,
+                "manifest {key} names bytes {}..{} of {obj}, which has {size}",
+                e.offset,
+                e.offset + e.len as u64
+            );
+        }
+        manifests.push(format!("{}@{}", h.dataset, h.snapshot));
+    }
+    let mine = format!("{prefix}/packs/{}/", store_id(d));
+    let mut packs = std::collections::BTreeMap::new();
+    for (key, size) in &objects {
+        let Some(name) = key.strip_prefix(&mine) else {
+            continue;
+        };
+        if let Ok(m) = fs::metadata(d.store().join("packs").join(name)) {
+            assert_eq!(
+                m.len(),
+                *size,
+                "pack object {key} has {size} bytes, the local pack {}",
+                m.len()
+            );
+        }
+        packs.insert(name.to_string(), *size);
+    }
+    (packs, manifests)
+}
+
+/// The closed local packs of `d` larger than `min` bytes (file name -> size).
+fn local_packs_over(d: &Daemon, min: u64) -> std::collections::BTreeMap<String, u64> {
+    fs::read_dir(d.store().join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .filter(|(_, l)| *l > min)
+        .collect()
+}
+
+fn remote_status(d: &Daemon) -> Value {
+    json(d, &["remote", "status", "--json"])
+}
+
+fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+    data
+}
+
+/// Garage stopped while a pack's multipart upload is certainly in flight (first part in, the
+/// rest held by the test hook), then started again: the upload fails, `remote status` shows the
+/// backlog and the last error while Garage is down, the upload is retried with backoff and
+/// redone whole, the half-done upload never shows as an object, and host B reads every byte.
+#[test]
+fn garage_stopped_and_restarted_mid_upload_retries_and_publishes_everything() {
+    let mut g = Garage::start();
+    let a = paused_daemon(&g, "midput", 3000);
+    let m = a.create_and_mount("data");
+    let data = random_bytes(31, 64 << 20);
+    fs::write(m.join("f"), &data).unwrap();
+    a.ok(&["snapshot", "create", "data", "--name", "s1"]);
+    // gc closes the active pack (it holds the file): the uploader takes it up.
+    a.ok(&["gc"]);
+    let big = local_packs_over(&a, 32 << 20);
+    assert_eq!(big.len(), 1, "one closed pack holds the file: {big:?}");
+    a.wait_log_since_start(PAUSED, Duration::from_secs(60));
+    g.stop();
+    let st = wait_json_until(
+        &a,
+        "backlog and last error while Garage is down",
+        Duration::from_secs(60),
+        |r| {
+            r["backlog_packs"].as_u64().unwrap_or(0) >= 1
+                && r["last_error"].as_str().is_some_and(|e| !e.is_empty())
+                && r["failures"].as_u64().unwrap_or(0) >= 1
+        },
+    );
+    let human = a.ok(&["remote", "status"]);
+    assert!(human.contains("backlog"), "remote status: {human}");
+    let status = a.status_json();
+    assert!(
+        status["remote"]["backlog_packs"].as_u64().unwrap_or(0) >= 1,
+        "vdbfs status shows no backlog: {status}"
+    );
+    g.restart();
+    // The retry starts the upload again from its first part; while it is held, the object is
+    // not there (a multipart upload is no object until completed).
+    let pauses = |d: &Daemon| d.log_since_start().matches(PAUSED).count();
+    assert!(
+        wait_until(Duration::from_secs(90), || pauses(&a) >= 2),
+        "the upload was not retried after Garage came back ({st}); log tail:\n{}",
+        a.log_tail(30)
+    );
+    let (packs, _) = assert_bucket_consistent(&g, "midput", &a);
+    for name in big.keys() {
+        assert!(
+            !packs.contains_key(name),
+            "pack {name} is visible in the bucket while its upload is held"
+        );
+    }
+    wait_json_until(&a, "the backlog drained", Duration::from_secs(120), |r| {
+        r["backlog_packs"].as_u64() == Some(0) && r["last_error"].is_null()
+    });
+    a.ok(&["snapshot", "publish", "data@s1"]);
+    let (packs, manifests) = assert_bucket_consistent(&g, "midput", &a);
+    for (name, len) in &big {
+        assert_eq!(packs.get(name), Some(len), "pack {name} in the bucket");
+    }
+    assert_eq!(manifests, vec!["data@s1".to_string()]);
+    assert!(
+        a.log().contains("cannot upload pack"),
+        "A's log does not say the upload failed:\n{}",
+        a.log_tail(30)
+    );
+    host_b_reads_data_s1(&g, "midput", &data);
+    drop(m);
+}
+
+/// Waits (bounded) until `remote status --json` satisfies `ok`; returns it.
+#[track_caller]
+fn wait_json_until(
+    d: &Daemon,
+    what: &str,
+    timeout: Duration,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    let mut last = Value::Null;
+    let done = wait_until(timeout, || {
+        last = remote_status(d);
+        ok(&last)
+    });
+    assert!(
+        done,
+        "remote status never showed {what} within {timeout:?}: {last}\nlog tail:\n{}",
+        d.log_tail(30)
+    );
+    last
+}
+
+/// kill -9 of host A while the uploader is certainly mid-upload (first part of a pack in, the
+/// rest held by the test hook), and again while a publish waits on its pack's upload: neither
+/// leaves a partial pack object or a manifest naming a missing object; after each restart the
+/// pack is uploaded again whole; the publish then completes, and host B reads every byte of
+/// both snapshots.
+#[test]
+fn kill_9_mid_upload_in_the_uploader_and_in_a_publish_loses_nothing() {
+    let g = Garage::start();
+    let mut a = paused_daemon(&g, "kill9", 5000);
+    let m = a.create_and_mount("data");
+    let f = random_bytes(41, 48 << 20);
+    fs::write(m.join("f"), &f).unwrap();
+    a.ok(&["snapshot", "create", "data", "--name", "s1"]);
+    a.ok(&["gc"]);
+    let first = local_packs_over(&a, 32 << 20);
+    assert_eq!(first.len(), 1, "one closed pack holds f: {first:?}");
+    // 1. In the uploader.
+    a.wait_log_since_start(PAUSED, Duration::from_secs(60));
+    a.kill9();
+    let (packs, manifests) = assert_bucket_consistent(&g, "kill9", &a);
+    assert!(
+        manifests.is_empty(),
+        "a manifest before any publish: {manifests:?}"
+    );
+    for name in first.keys() {
+        assert!(
+            !packs.contains_key(name),
+            "pack {name} visible after the kill"
+        );
+    }
+    a.start_again();
+    wait_json_until(&a, "the backlog drained", Duration::from_secs(120), |r| {
+        r["backlog_packs"].as_u64() == Some(0) && r["uploaded_packs"].as_u64() >= Some(1)
+    });
+    let (packs, _) = assert_bucket_consistent(&g, "kill9", &a);
+    for (name, len) in &first {
+        assert_eq!(packs.get(name), Some(len), "pack {name} after the restart");
+    }
+    // 2. In a publish: the new file's blocks are in the active pack; the publish closes it and
+    // waits on its upload.
+    a.wait_mounted(&m.path, Duration::from_secs(30));
+    let g2 = random_bytes(42, 48 << 20);
+    fs::write(m.join("g"), &g2).unwrap();
+    a.ok(&["snapshot", "create", "data", "--name", "s2"]);
+    let before = a.log_since_start().matches(PAUSED).count();
+    let mut publish = a
+        .command()
+        .args(["snapshot", "publish", "data@s2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let held = wait_until(Duration::from_secs(60), || {
+        a.log_since_start().matches(PAUSED).count() > before
+    });
+    assert!(
+        held,
+        "the publish's upload never started:\n{}",
+        a.log_tail(30)
+    );
+    a.kill9();
+    let st = publish.wait().unwrap();
+    assert!(
+        !st.success(),
+        "publish succeeded though the daemon was killed"
+    );
+    let (_, manifests) = assert_bucket_consistent(&g, "kill9", &a);
+    assert!(
+        !manifests.contains(&"data@s2".to_string()),
+        "data@s2 was published though its pack upload was cut short"
+    );
+    a.start_again();
+    a.ok(&["snapshot", "publish", "data@s1"]);
+    a.ok(&["snapshot", "publish", "data@s2"]);
+    let (packs, manifests) = assert_bucket_consistent(&g, "kill9", &a);
+    assert!(
+        manifests.contains(&"data@s1".to_string()) && manifests.contains(&"data@s2".to_string()),
+        "{manifests:?}"
+    );
+    let local = local_packs_over(&a, 32 << 20);
+    assert!(local.len() >= 2, "two big closed packs: {local:?}");
+    for (name, len) in &local {
+        assert_eq!(packs.get(name), Some(len), "pack {name} in the bucket");
+    }
+    let b = remote_daemon(&g, "kill9");
+    for (snap, file, data) in [("s1", "f", &f), ("s2", "g", &g2)] {
+        let name = format!("copy-{snap}");
+        b.ok(&["clone", &format!("data@{snap}"), &name]);
+        let mp = b.new_mountpoint(&name);
+        let bm = b.mount(&name, &mp);
+        assert!(
+            fs::read(bm.join(file)).unwrap() == *data,
+            "B read other bytes than A wrote in data@{snap}/{file}"
         );
         bm.umount();
     }

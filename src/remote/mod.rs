@@ -15,13 +15,15 @@
 //! - Credentials come only from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 //!   `AWS_SESSION_TOKEN`, ...): never from the command line, never in `remote.json`, never logged.
 
-use crate::store::{self, Store, REMOTE_BLOCKS, REMOTE_KEYS, REMOTE_OBJECTS, REMOTE_UPLOADED};
+pub mod upload;
+
+use crate::store::remote_tables::ImportedBlock;
+use crate::store::{self, Store};
 use crate::tree::Datasets;
 use anyhow::{anyhow, bail, Context};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parking_lot::{Condvar, Mutex};
-use redb::{ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -169,6 +171,8 @@ pub struct Remote {
     /// One pack upload at a time, so a pack is uploaded once (the uploader and a publish both
     /// upload).
     upload_lock: Mutex<()>,
+    /// Test only: see `upload::TEST_PAUSE_ENV`.
+    test_pause: Option<Duration>,
 }
 
 const MANIFESTS: &str = "manifests";
@@ -229,6 +233,7 @@ impl Remote {
             wake: Condvar::new(),
             publish_lock: Mutex::new(()),
             upload_lock: Mutex::new(()),
+            test_pause: upload::test_pause_from_env(),
         }))
     }
 
@@ -261,14 +266,7 @@ impl Remote {
     }
 
     fn uploaded(&self) -> anyhow::Result<HashMap<u32, u8>> {
-        let txn = self.store.db().begin_read()?;
-        let t = txn.open_table(REMOTE_UPLOADED)?;
-        let mut out = HashMap::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            out.insert(k.value(), v.value());
-        }
-        Ok(out)
+        Ok(self.store.remote_uploaded()?)
     }
 
     /// Closed packs not uploaded yet, lowest first, with their sizes.
@@ -298,27 +296,27 @@ impl Remote {
         let Some((format, path)) = self.store.pack_file(no) else {
             return Ok(false);
         };
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        };
         let key = self.key(&self.pack_key(no));
         let os = self.os.clone();
-        let len = bytes.len();
-        tracing::info!(pack = no, bytes = len, "uploading pack");
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let method = upload::Method::for_len(len);
+        tracing::info!(pack = no, bytes = len, %method, "uploading pack");
         let t = Instant::now();
-        self.run(async move { os.put(&key, PutPayload::from(bytes)).await })?
-            .with_context(|| format!("cannot upload pack {no} to {}", self.cfg.url))?;
-        let txn = self.store.begin_write()?;
-        txn.open_table(REMOTE_UPLOADED)?.insert(
+        let what = format!("pack {no}");
+        let pause = self.test_pause;
+        let Some(len) = self
+            .run(upload::upload_file(os, key, path, method, pause, what))?
+            .with_context(|| format!("cannot upload pack {no} to {}", self.cfg.url))?
+        else {
+            return Ok(false);
+        };
+        self.store.mark_remote_uploaded(
             no,
             match format {
                 RecordFormat::V1 => 1u8,
                 RecordFormat::V2 => 2u8,
             },
         )?;
-        txn.commit()?;
         tracing::info!(
             pack = no,
             bytes = len,
@@ -460,9 +458,14 @@ impl Remote {
         let mut obj_of_key: HashMap<String, u32> = HashMap::new();
         let mut entries = Vec::with_capacity(ids.len());
         let uploaded = self.uploaded()?;
-        let txn = self.store.db().begin_read()?;
-        let rblocks = txn.open_table(REMOTE_BLOCKS)?;
-        let robjects = txn.open_table(REMOTE_OBJECTS)?;
+        // Blocks this store only knows from other hosts' manifests, in `ids` order.
+        let not_local: Vec<BlockId> = ids
+            .iter()
+            .zip(&locs)
+            .filter(|(_, l)| l.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        let mut remote_locs = self.store.remote_blocks(&not_local)?.into_iter();
         for (id, loc) in ids.iter().zip(&locs) {
             match loc {
                 Some(l) => {
@@ -496,17 +499,17 @@ impl Remote {
                 }
                 None => {
                     // A block this store only knows from another host's manifest.
-                    let v = rblocks.get(id.0.as_slice())?.ok_or_else(|| {
+                    let store::remote_tables::RemoteBlock {
+                        key,
+                        format,
+                        offset,
+                        len,
+                    } = remote_locs.next().flatten().ok_or_else(|| {
                         anyhow!(
                             "block {} of {dataset}@{snap} is not in the store",
                             id.to_hex()
                         )
                     })?;
-                    let (rno, offset, len) = decode_rloc(v.value())?;
-                    let ov = robjects
-                        .get(rno)?
-                        .ok_or_else(|| anyhow!("remote object {rno} is unknown"))?;
-                    let (format, key) = decode_robject(ov.value())?;
                     let obj = match obj_of_key.get(&key) {
                         Some(o) => *o,
                         None => {
@@ -525,7 +528,6 @@ impl Remote {
                 }
             }
         }
-        drop((rblocks, robjects, txn));
         let header = ManifestHeader {
             publisher: self.cfg.store_id.clone(),
             dataset: dataset.to_string(),
@@ -606,38 +608,15 @@ impl Remote {
         if h.dataset != dataset || h.snapshot != snap {
             bail!("the manifest {rel} names {}@{}", h.dataset, h.snapshot);
         }
-        let txn = self.store.begin_write()?;
-        {
-            let mut keys = txn.open_table(REMOTE_KEYS)?;
-            let mut objs = txn.open_table(REMOTE_OBJECTS)?;
-            let mut blocks = txn.open_table(REMOTE_BLOCKS)?;
-            let mut next = objs.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
-            let mut local = Vec::with_capacity(h.objects.len());
-            for (format, k) in &h.objects {
-                let existing = keys.get(k.as_str())?.map(|v| v.value());
-                let no = match existing {
-                    Some(n) => n,
-                    None => {
-                        let n = next;
-                        next += 1;
-                        keys.insert(k.as_str(), n)?;
-                        let mut v = vec![*format];
-                        v.extend_from_slice(k.as_bytes());
-                        objs.insert(n, v.as_slice())?;
-                        n
-                    }
-                };
-                local.push(no);
-            }
-            for e in &entries {
-                let mut v = Vec::with_capacity(16);
-                v.extend_from_slice(&local[e.object as usize].to_le_bytes());
-                v.extend_from_slice(&e.offset.to_le_bytes());
-                v.extend_from_slice(&e.len.to_le_bytes());
-                blocks.insert(e.id.0.as_slice(), v.as_slice())?;
-            }
-        }
-        txn.commit()?;
+        self.store.import_remote_blocks(
+            &h.objects,
+            entries.iter().map(|e| ImportedBlock {
+                id: e.id,
+                object: e.object,
+                offset: e.offset,
+                len: e.len,
+            }),
+        )?;
         datasets.import_snapshot(
             dataset,
             vdbfs_format::index::SnapshotRecord {
@@ -680,23 +659,6 @@ fn published(h: &ManifestHeader, object: String) -> Published {
     }
 }
 
-fn decode_rloc(v: &[u8]) -> anyhow::Result<(u32, u64, u32)> {
-    if v.len() != 16 {
-        bail!("remote block location of {} bytes", v.len());
-    }
-    let no = u32::from_le_bytes(v[0..4].try_into()?);
-    let off = u64::from_le_bytes(v[4..12].try_into()?);
-    let len = u32::from_le_bytes(v[12..16].try_into()?);
-    Ok((no, off, len))
-}
-
-fn decode_robject(v: &[u8]) -> anyhow::Result<(u8, String)> {
-    let (f, k) = v
-        .split_first()
-        .ok_or_else(|| anyhow!("empty remote object record"))?;
-    Ok((*f, String::from_utf8(k.to_vec())?))
-}
-
 /// One block to fetch: its index in the request, offset and length in its object.
 type Want = (usize, u64, u32);
 /// Adjacent records of one object, fetched with one ranged GET: key, record format, start,
@@ -708,32 +670,16 @@ impl store::RemoteFetch for Remote {
         let io = |e: String| store::Error::Io(std::io::Error::other(e));
         // (object key, format) -> [(index in ids, offset, len)]
         let mut by_obj: BTreeMap<(String, u8), Vec<Want>> = BTreeMap::new();
-        {
-            let txn = self
-                .store
-                .db()
-                .begin_read()
-                .map_err(|e| io(e.to_string()))?;
-            let rblocks = txn
-                .open_table(REMOTE_BLOCKS)
-                .map_err(|e| io(e.to_string()))?;
-            let robjects = txn
-                .open_table(REMOTE_OBJECTS)
-                .map_err(|e| io(e.to_string()))?;
-            for (i, id) in ids.iter().enumerate() {
-                let Some(v) = rblocks
-                    .get(id.0.as_slice())
-                    .map_err(|e| io(e.to_string()))?
-                else {
-                    continue;
-                };
-                let (no, off, len) = decode_rloc(v.value()).map_err(|e| io(e.to_string()))?;
-                let ov = robjects
-                    .get(no)
-                    .map_err(|e| io(e.to_string()))?
-                    .ok_or_else(|| io(format!("remote object {no} is unknown")))?;
-                let (format, key) = decode_robject(ov.value()).map_err(|e| io(e.to_string()))?;
-                by_obj.entry((key, format)).or_default().push((i, off, len));
+        let found = self
+            .store
+            .remote_blocks(ids)
+            .map_err(|e| io(e.to_string()))?;
+        for (i, b) in found.into_iter().enumerate() {
+            if let Some(b) = b {
+                by_obj
+                    .entry((b.key, b.format))
+                    .or_default()
+                    .push((i, b.offset, b.len));
             }
         }
         let mut out: Vec<Option<Vec<u8>>> = vec![None; ids.len()];

@@ -36,6 +36,7 @@ pub mod io;
 mod log;
 pub mod records;
 pub mod recovery;
+pub mod remote_tables;
 pub mod scrub;
 mod seen;
 #[cfg(test)]
