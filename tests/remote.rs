@@ -337,3 +337,87 @@ fn host_a_s_gc_racing_its_publishes_never_removes_what_host_b_reads() {
     }
     drop(m);
 }
+
+/// Credentials, region and endpoint from an AWS profile: Garage's key in a credentials file
+/// and its region and endpoint in a config file (`[profile NAME]`), the daemon started with
+/// only `AWS_PROFILE`, `AWS_SHARED_CREDENTIALS_FILE` and `AWS_CONFIG_FILE` set (no key in its
+/// environment, no `--endpoint` given to `init`), publishes and host B reads; a profile that
+/// neither file has stops `vdbfs serve` with an error naming the profile and both files.
+#[test]
+fn a_daemon_with_only_an_aws_profile_publishes_and_a_missing_profile_is_named() {
+    let g = Garage::start();
+    let dir = tempdir("vdbfs-aws-");
+    let creds = dir.path().join("credentials");
+    let config = dir.path().join("config");
+    fs::write(
+        &creds,
+        format!(
+            "[default]\naws_access_key_id = GKnotthisone000000000000\naws_secret_access_key = no\n\n\
+             [vdbtest]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            crate::util::garage::KEY_ID,
+            crate::util::garage::SECRET
+        ),
+    )
+    .unwrap();
+    fs::write(
+        &config,
+        format!(
+            "[profile vdbtest]\nregion = {}\nendpoint_url = {}\n",
+            crate::util::garage::REGION,
+            g.endpoint()
+        ),
+    )
+    .unwrap();
+    let env = |profile: &str| -> Vec<(String, String)> {
+        vec![
+            ("AWS_PROFILE".into(), profile.into()),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE".into(),
+                creds.display().to_string(),
+            ),
+            ("AWS_CONFIG_FILE".into(), config.display().to_string()),
+        ]
+    };
+    let init = vec!["--remote".to_string(), format!("s3://{BUCKET}/profile")];
+    let a = Daemon::start_init(&init, &env("vdbtest"));
+    let data = publish_random_file(&a, 21, 1 << 20);
+    host_b_reads_data_s1(&g, "profile", &data);
+    assert!(
+        !a.log().contains(crate::util::garage::SECRET),
+        "A's log holds the secret"
+    );
+    assert!(
+        a.log().contains(&format!("{} [vdbtest]", creds.display())),
+        "A's log does not say its keys came from the profile:\n{}",
+        a.log_tail(30)
+    );
+
+    // A profile in neither file: serve refuses to start and says what it looked for.
+    let store = dir.path().join("store2");
+    let out = run_timeout(
+        clean_cli_env(&mut std::process::Command::new(bin()))
+            .args(["init", "--store"])
+            .arg(&store)
+            .args(&init),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "init: {}", describe(&out));
+    let mut serve = std::process::Command::new(bin());
+    clean_cli_env(&mut serve)
+        .arg("serve")
+        .arg("--store")
+        .arg(&store)
+        .envs(env("nosuch"));
+    let out = run_timeout(&mut serve, Duration::from_secs(60));
+    let err = describe(&out);
+    assert!(
+        !out.status.success(),
+        "serve started with a missing profile"
+    );
+    assert!(
+        err.contains("'nosuch'")
+            && err.contains(&creds.display().to_string())
+            && err.contains(&config.display().to_string()),
+        "the error does not name the profile and the files: {err}"
+    );
+}

@@ -92,8 +92,9 @@ pub enum LogFormat {
 #[derive(Subcommand)]
 pub enum Cmd {
     /// Create an empty store; with --remote, one whose sealed packs and published snapshots
-    /// live in an S3-compatible bucket (credentials only from AWS_ACCESS_KEY_ID and
-    /// AWS_SECRET_ACCESS_KEY in the daemon's environment).
+    /// live in an S3-compatible bucket (credentials the AWS way, where the daemon runs:
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the profile AWS_PROFILE names in
+    /// ~/.aws/credentials and ~/.aws/config).
     Init {
         /// s3://BUCKET/PREFIX: the bucket shared with the other hosts.
         #[arg(long)]
@@ -1114,7 +1115,8 @@ fn init(
         if let Some(r) = &remote {
             println!(
                 "  remote {} (store id {}); credentials from AWS_ACCESS_KEY_ID and \
-                 AWS_SECRET_ACCESS_KEY where 'vdbfs serve' runs",
+                 AWS_SECRET_ACCESS_KEY, or the AWS profile (AWS_PROFILE, ~/.aws/credentials), \
+                 where 'vdbfs serve' runs",
                 r.url, r.store_id
             );
         }

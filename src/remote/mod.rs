@@ -13,7 +13,8 @@
 //! - A fetched block is verified like a local read (record crc, kind, id, blake3); a mismatch is
 //!   an error naming the object, logged here, never wrong bytes.
 //! - Credentials come only from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-//!   `AWS_SESSION_TOKEN`, ...): never from the command line, never in `remote.json`, never logged.
+//!   `AWS_SESSION_TOKEN`, ...) or the AWS profile files (`profile`): never from the command
+//!   line, never in `remote.json`, never logged.
 
 use crate::store::{self, Store, REMOTE_BLOCKS, REMOTE_KEYS, REMOTE_OBJECTS, REMOTE_UPLOADED};
 use crate::tree::Datasets;
@@ -31,6 +32,8 @@ use std::time::{Duration, Instant};
 use vdbfs_format::manifest::{self, ManifestEntry, ManifestHeader};
 use vdbfs_format::pack::RecordFormat;
 use vdbfs_format::BlockId;
+
+pub mod profile;
 
 /// `STORE/remote.json`: where the store's bucket is. No credentials.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -180,23 +183,39 @@ impl Remote {
     /// the environment.
     pub fn open(cfg: RemoteConfig, store: Arc<Store>) -> anyhow::Result<Arc<Remote>> {
         let (bucket, prefix) = cfg.bucket_prefix()?;
+        // Environment first, then the AWS profile (`profile`); `--endpoint`/`--region` given
+        // to `init` over both.
+        let aws = profile::resolve()?;
         let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&bucket);
-        if let Some(r) = &cfg.region {
+        if let Some((id, secret, token)) = &aws.keys {
+            b = b.with_access_key_id(id).with_secret_access_key(secret);
+            if let Some(t) = token {
+                b = b.with_token(t);
+            }
+        }
+        let region = cfg.region.clone().or_else(|| aws.region.clone());
+        let endpoint = cfg.endpoint.clone().or_else(|| aws.endpoint.clone());
+        if let Some(r) = &region {
             b = b.with_region(r);
         }
-        if let Some(e) = &cfg.endpoint {
+        if let Some(e) = &endpoint {
             b = b.with_endpoint(e);
         }
+        tracing::info!(
+            profile = %aws.profile,
+            keys_from = aws.keys_from.as_deref().unwrap_or("nowhere (anonymous or instance credentials)"),
+            region = region.as_deref().unwrap_or("-"),
+            endpoint = endpoint.as_deref().unwrap_or("-"),
+            "remote credentials"
+        );
         let retry = object_store::RetryConfig {
             max_retries: 2,
             retry_timeout: Duration::from_secs(20),
             ..Default::default()
         };
         // allow_http is a client option: set here, since with_client_options replaces them all.
-        let plain_http = cfg
-            .endpoint
+        let plain_http = endpoint
             .clone()
-            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
             .or_else(|| std::env::var("AWS_ENDPOINT").ok())
             .is_some_and(|e| e.starts_with("http://"));
         let opts = object_store::ClientOptions::new()
@@ -207,7 +226,7 @@ impl Remote {
             .with_retry(retry)
             .with_client_options(opts)
             .build()
-            .context("cannot set up the S3 client (credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")?;
+            .context("cannot set up the S3 client (credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the AWS profile AWS_PROFILE names in ~/.aws/credentials or ~/.aws/config)")?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("remote")
