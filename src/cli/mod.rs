@@ -393,6 +393,16 @@ pub enum RemoteCmd {
     Status,
     /// Snapshots published to the bucket by any host (dataset@snapshot, publisher, LSN, time).
     List,
+    /// Delete this store's pack objects that no manifest or hold of any host needs: mark,
+    /// wait the grace period, recheck, delete (admin). Reports objects and bytes deleted.
+    Gc {
+        /// How long to wait between mark and recheck: longer than any publish (30s, 15m, 1h).
+        #[arg(long, default_value = "1h")]
+        grace: String,
+        /// Only list the pack objects that would be candidates now; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -614,6 +624,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     print_remote_status(&s);
                 }
             }
+            RemoteCmd::Gc { grace, dry_run } => say(
+                json,
+                &run_req(
+                    &store,
+                    Request::RemoteGc {
+                        grace: Some(grace),
+                        dry_run,
+                    },
+                )?,
+            ),
             RemoteCmd::List => {
                 let r = run_req(&store, Request::RemoteList)?;
                 if json {
@@ -1157,6 +1177,17 @@ fn print_remote_status(s: &crate::remote::RemoteStatus) {
         s.fetched_blocks,
         human(s.fetched_bytes)
     );
+    match &s.last_gc {
+        Some(g) => println!(
+            "  last remote gc: {} (grace {}s): {} object(s), {} deleted; {} kept",
+            g.finished.as_deref().unwrap_or(&g.started),
+            g.grace_s,
+            g.deleted_objects,
+            human(g.deleted_bytes),
+            g.kept
+        ),
+        None => println!("  last remote gc: never"),
+    }
     if let Some(e) = &s.last_error {
         println!(
             "  failing ({} time(s) in a row, retrying with backoff): {e}",

@@ -8,8 +8,9 @@
 //!   only after the PUT succeeded, so a crash at any point uploads it again, never half.
 //! - A manifest is PUT only after every pack object it names is uploaded: a manifest never
 //!   names a block that is not in the bucket. A crash before its PUT leaves no manifest.
-//! - Nothing here deletes objects (see FORMAT.md, "Remote: garbage collection"): a host's gc
-//!   removes local packs only, so a published block stays fetchable.
+//! - Objects are deleted only by `gc` (see there and FORMAT.md, "Garbage collection across
+//!   hosts"): a host's local gc removes local packs only; a pack object goes only when no
+//!   manifest and no hold of any host names it.
 //! - A fetched block is verified like a local read (record crc, kind, id, blake3); a mismatch is
 //!   an error naming the object, logged here, never wrong bytes.
 //! - Credentials come only from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
@@ -33,6 +34,7 @@ use vdbfs_format::manifest::{self, ManifestEntry, ManifestHeader};
 use vdbfs_format::pack::RecordFormat;
 use vdbfs_format::BlockId;
 
+pub mod gc;
 pub mod profile;
 
 /// `STORE/remote.json`: where the store's bucket is. No credentials.
@@ -143,6 +145,9 @@ pub struct RemoteStatus {
     /// Fetches that did not verify (the reader got EIO; the log names the object).
     #[serde(default)]
     pub bad_blocks: u64,
+    /// The last remote collection of this store's pack objects (`vdbfs remote gc`).
+    #[serde(default)]
+    pub last_gc: Option<gc::RemoteGcReport>,
 }
 
 /// A published snapshot, as `vdbfs remote list` shows it.
@@ -172,6 +177,15 @@ pub struct Remote {
     /// One pack upload at a time, so a pack is uploaded once (the uploader and a publish both
     /// upload).
     upload_lock: Mutex<()>,
+    /// One remote collection at a time (`gc`).
+    gc_lock: Mutex<()>,
+    /// One unpublish/hold round at a time, and when the last one ran.
+    maintain_lock: Mutex<()>,
+    last_maintain: Mutex<Option<Instant>>,
+    /// When the uploader last started a background collection.
+    last_gc_start: Mutex<Instant>,
+    /// After a failed background round: not before then.
+    bg_retry: Mutex<Option<Instant>>,
 }
 
 const MANIFESTS: &str = "manifests";
@@ -238,7 +252,7 @@ impl Remote {
             store_id: cfg.store_id.clone(),
             ..Default::default()
         };
-        Ok(Arc::new(Remote {
+        let r = Arc::new(Remote {
             cfg,
             prefix,
             os: Arc::new(os),
@@ -248,7 +262,15 @@ impl Remote {
             wake: Condvar::new(),
             publish_lock: Mutex::new(()),
             upload_lock: Mutex::new(()),
-        }))
+            gc_lock: Mutex::new(()),
+            maintain_lock: Mutex::new(()),
+            last_maintain: Mutex::new(None),
+            last_gc_start: Mutex::new(Instant::now()),
+            bg_retry: Mutex::new(None),
+        });
+        let last = r.last_gc();
+        r.state.lock().last_gc = last;
+        Ok(r)
     }
 
     fn key(&self, rel: &str) -> ObjPath {
@@ -361,6 +383,16 @@ impl Remote {
             let r = self
                 .upload_round()
                 .and_then(|()| self.publish_sources(&datasets));
+            // Unpublishing, holds and collections fail on their own (logged, retried a minute
+            // later): they do not hold up uploads or count as upload failures.
+            if r.is_ok() && self.bg_retry.lock().is_none_or(|t| Instant::now() >= t) {
+                if let Err(e) = self.background(&datasets) {
+                    tracing::warn!(
+                        "remote gc, unpublishing or holds failed (retried in 60 s): {e:#}"
+                    );
+                    *self.bg_retry.lock() = Some(Instant::now() + Duration::from_secs(60));
+                }
+            }
             let wait = match r {
                 Ok(()) => {
                     failures = 0;
@@ -562,8 +594,18 @@ impl Remote {
         let key = self.key(&rel);
         let os = self.os.clone();
         let n = bytes.len();
+        let named: Vec<String> = header.objects.iter().map(|(_, k)| k.clone()).collect();
         self.run(async move { os.put(&key, PutPayload::from(bytes)).await })?
             .with_context(|| format!("cannot upload the manifest of {dataset}@{snap}"))?;
+        // Objects of other stores may be collected by them: the manifest stays only if none
+        // is a candidate of a collection or gone (FORMAT.md, "Garbage collection across hosts").
+        if let Err(e) = self.check_reused(&named) {
+            self.delete_rel(&rel)?;
+            tracing::warn!(snapshot = %format!("{dataset}@{snap}"), "publish undone: {e:#}");
+            return Err(e.context(format!(
+                "cannot publish {dataset}@{snap}: its manifest was deleted again"
+            )));
+        }
         tracing::info!(snapshot = %format!("{dataset}@{snap}"), blocks = entries.len(), bytes = n, "snapshot published");
         Ok(Ok(rel))
     }
@@ -625,6 +667,13 @@ impl Remote {
         if h.dataset != dataset || h.snapshot != snap {
             bail!("the manifest {rel} names {}@{}", h.dataset, h.snapshot);
         }
+        // The hold keeps the objects while this store needs them, also once the publisher
+        // unpublished the snapshot.
+        self.take_hold(
+            &format!("{dataset}@{snap}"),
+            &h.publisher,
+            h.objects.iter().map(|(_, k)| k.clone()).collect(),
+        )?;
         let txn = self.store.begin_write()?;
         {
             let mut keys = txn.open_table(REMOTE_KEYS)?;
