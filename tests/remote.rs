@@ -776,3 +776,60 @@ fn a_hold_keeps_a_deleted_snapshot_s_objects_until_host_b_deletes_its_clone() {
     assert!(gone_locally.iter().all(|k| !packs.contains_key(k)));
     drop(m);
 }
+
+/// A remote gc cut short by a crash while it waits out its grace period is resumed by the
+/// restarted daemon (its candidates list is recorded in the store), not begun again: the
+/// objects go once the grace is over, and `remote status` reports the collection.
+#[test]
+fn a_remote_gc_interrupted_by_kill_9_is_resumed_after_the_restart() {
+    let g = Garage::start();
+    let mut a = remote_daemon(&g, "resume");
+    let m = a.create_and_mount("data");
+    write_snapshot_publish(&a, &m, 60, "s1");
+    let mut data = vec![0u8; 2 << 20];
+    StdRng::seed_from_u64(61).fill_bytes(&mut data);
+    fs::write(m.join("f"), &data).unwrap();
+    a.ok(&["snapshot", "delete", "data@s1"]);
+    a.ok(&["gc"]);
+    a.ok(&["gc"]);
+    let expect = collectable(&g, "resume", &a);
+    assert!(!expect.is_empty(), "nothing to collect");
+    let mut gc = a
+        .command()
+        .args(["remote", "gc", "--grace", "20s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    a.wait_log_since_start("candidates written", Duration::from_secs(60));
+    a.kill9();
+    let _ = wait_child(&mut gc, Duration::from_secs(60));
+    assert_eq!(
+        bucket_objects(&g, "resume", "gc").len(),
+        1,
+        "no candidates list in the bucket"
+    );
+    a.start_again();
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            json(&a, &["remote", "status", "--json"])["last_gc"]["deleted_objects"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0
+        }),
+        "the restarted daemon did not finish the collection: {}\n{}",
+        a.ok(&["remote", "status"]),
+        a.log_tail(30)
+    );
+    let packs = bucket_objects(&g, "resume", "packs");
+    assert!(
+        expect.iter().all(|k| !packs.contains_key(k)),
+        "candidates left after the resumed gc: {expect:?} in {packs:?}"
+    );
+    assert!(bucket_objects(&g, "resume", "gc").is_empty());
+    assert!(
+        !a.log_since_start().contains("candidates written"),
+        "the restarted daemon marked anew instead of resuming"
+    );
+    drop(m);
+}

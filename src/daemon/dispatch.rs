@@ -302,7 +302,7 @@ impl Daemon {
                         .map_err(|e| api::Refusal::new(ErrorKind::Invalid, e.to_string()))?,
                     None => crate::remote::gc::DEFAULT_GRACE,
                 };
-                let rep = r.gc(&self.datasets, grace, dry_run)?;
+                let rep = r.gc(&self.datasets, grace, dry_run, Some(&progress))?;
                 let msg = if dry_run {
                     format!(
                         "remote gc (dry run): {} pack object(s) no manifest or hold names",

@@ -594,6 +594,7 @@ impl Remote {
         datasets: &Datasets,
         grace: Duration,
         dry_run: bool,
+        progress: Option<&crate::api::Progress>,
     ) -> anyhow::Result<RemoteGcReport> {
         let _g = self.gc_lock.lock();
         self.maintain(datasets)?;
@@ -605,7 +606,22 @@ impl Remote {
             return Ok(report);
         }
         self.announce(&c)?;
-        std::thread::sleep(grace);
+        // Said every 30 s: the CLI gives up on a daemon silent for 10 minutes.
+        let end = std::time::Instant::now() + grace;
+        loop {
+            let now = std::time::Instant::now();
+            if now >= end {
+                break;
+            }
+            if let Some(p) = progress {
+                p.say(format!(
+                    "{} candidate(s); waiting out the grace period: {} s left",
+                    c.objects.len(),
+                    (end - now).as_secs()
+                ));
+            }
+            std::thread::sleep((end - now).min(Duration::from_secs(30)));
+        }
         self.finish(&c, report)
     }
 
