@@ -162,6 +162,14 @@ pub enum Request {
     },
     RemoteStatus,
     RemoteList,
+    /// Delete this store's pack objects that no manifest or hold of any host needs (mark,
+    /// wait `grace` (default 1h), recheck, delete); `dry_run`: only list the candidates.
+    RemoteGc {
+        #[serde(default)]
+        grace: Option<String>,
+        #[serde(default)]
+        dry_run: bool,
+    },
 }
 
 impl Request {
@@ -209,6 +217,7 @@ impl Request {
             R::SnapshotPublish { .. } => "snapshot_publish",
             R::RemoteStatus => "remote_status",
             R::RemoteList => "remote_list",
+            R::RemoteGc { .. } => "remote_gc",
         }
     }
 
@@ -255,6 +264,7 @@ impl Request {
             | R::TokenList
             | R::RemoteStatus
             | R::RemoteList
+            | R::RemoteGc { .. }
             | R::Scrub { .. } => String::new(),
         }
     }

@@ -10,7 +10,9 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::thread;
 use std::time::Duration;
 
 fn remote_daemon(g: &Garage, prefix: &str) -> Daemon {
@@ -282,12 +284,14 @@ fn kill_9_during_a_publish_leaves_no_half_published_snapshot() {
 
 /// Host A's gc races its publishes (gc in a loop while snapshots are written, published and
 /// deleted, so packs are compacted and deleted under the publishes): every publish that
-/// succeeded names only objects in the bucket, and host B reads every byte of every published
-/// snapshot after A deleted them and collected their blocks locally.
+/// succeeded names only objects in the bucket, and host B, which cloned each snapshot while it
+/// was published, reads every byte of every one after A deleted them (unpublishing them),
+/// collected their blocks locally and ran its remote gc (B's holds keep the objects).
 #[test]
 fn host_a_s_gc_racing_its_publishes_never_removes_what_host_b_reads() {
     let g = Garage::start();
     let a = remote_daemon(&g, "gc");
+    let b = remote_daemon(&g, "gc");
     let m = a.create_and_mount("data");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let gc = {
@@ -312,6 +316,7 @@ fn host_a_s_gc_racing_its_publishes_never_removes_what_host_b_reads() {
         let snap = format!("s{i}");
         a.ok(&["snapshot", "create", "data", "--name", &snap]);
         a.ok(&["snapshot", "publish", &format!("data@{snap}")]);
+        b.ok(&["clone", &format!("data@{snap}"), &format!("copy-{snap}")]);
         published.push((snap, data));
         if i > 0 {
             a.ok(&["snapshot", "delete", &format!("data@s{}", i - 1)]);
@@ -323,10 +328,10 @@ fn host_a_s_gc_racing_its_publishes_never_removes_what_host_b_reads() {
     // The old file contents are garbage on A now: collect them for good.
     a.ok(&["gc"]);
     a.ok(&["gc"]);
-    let b = remote_daemon(&g, "gc");
+    a.ok(&["remote", "gc", "--grace", "1s"]);
+    assert_every_manifest_is_whole(&g, "gc");
     for (snap, data) in &published {
         let name = format!("copy-{snap}");
-        b.ok(&["clone", &format!("data@{snap}"), &name]);
         let mp = b.new_mountpoint(&name);
         let bm = b.mount(&name, &mp);
         assert!(
@@ -437,7 +442,7 @@ fn store_id(d: &Daemon) -> String {
 }
 
 /// Every object under `prefix`, with its size.
-fn bucket_objects(g: &Garage, prefix: &str) -> std::collections::BTreeMap<String, u64> {
+fn all_objects(g: &Garage, prefix: &str) -> std::collections::BTreeMap<String, u64> {
     use futures::TryStreamExt;
     let c = g.client();
     let p = object_store::path::Path::from(prefix);
@@ -458,7 +463,7 @@ fn assert_bucket_consistent(
     prefix: &str,
     d: &Daemon,
 ) -> (std::collections::BTreeMap<String, u64>, Vec<String>) {
-    let objects = bucket_objects(g, prefix);
+    let objects = all_objects(g, prefix);
     let c = g.client();
     let r = rt();
     let mut manifests = Vec::new();
@@ -714,5 +719,489 @@ fn kill_9_mid_upload_in_the_uploader_and_in_a_publish_loses_nothing() {
         );
         bm.umount();
     }
+    drop(m);
+}
+
+/// Credentials, region and endpoint from an AWS profile: Garage's key in a credentials file
+/// and its region and endpoint in a config file (`[profile NAME]`), the daemon started with
+/// only `AWS_PROFILE`, `AWS_SHARED_CREDENTIALS_FILE` and `AWS_CONFIG_FILE` set (no key in its
+/// environment, no `--endpoint` given to `init`), publishes and host B reads; a profile that
+/// neither file has stops `vdbfs serve` with an error naming the profile and both files.
+#[test]
+fn a_daemon_with_only_an_aws_profile_publishes_and_a_missing_profile_is_named() {
+    let g = Garage::start();
+    let dir = tempdir("vdbfs-aws-");
+    let creds = dir.path().join("credentials");
+    let config = dir.path().join("config");
+    fs::write(
+        &creds,
+        format!(
+            "[default]\naws_access_key_id = GKnotthisone000000000000\naws_secret_access_key = no\n\n\
+             [vdbtest]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            crate::util::garage::KEY_ID,
+            crate::util::garage::SECRET
+        ),
+    )
+    .unwrap();
+    fs::write(
+        &config,
+        format!(
+            "[profile vdbtest]\nregion = {}\nendpoint_url = {}\n",
+            crate::util::garage::REGION,
+            g.endpoint()
+        ),
+    )
+    .unwrap();
+    let env = |profile: &str| -> Vec<(String, String)> {
+        vec![
+            ("AWS_PROFILE".into(), profile.into()),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE".into(),
+                creds.display().to_string(),
+            ),
+            ("AWS_CONFIG_FILE".into(), config.display().to_string()),
+        ]
+    };
+    let init = vec!["--remote".to_string(), format!("s3://{BUCKET}/profile")];
+    let a = Daemon::start_init(&init, &env("vdbtest"));
+    let data = publish_random_file(&a, 21, 1 << 20);
+    host_b_reads_data_s1(&g, "profile", &data);
+    assert!(
+        !a.log().contains(crate::util::garage::SECRET),
+        "A's log holds the secret"
+    );
+    assert!(
+        a.log().contains(&format!("{} [vdbtest]", creds.display())),
+        "A's log does not say its keys came from the profile:\n{}",
+        a.log_tail(30)
+    );
+
+    // A profile in neither file: serve refuses to start and says what it looked for.
+    let store = dir.path().join("store2");
+    let out = run_timeout(
+        clean_cli_env(&mut std::process::Command::new(bin()))
+            .args(["init", "--store"])
+            .arg(&store)
+            .args(&init),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "init: {}", describe(&out));
+    let mut serve = std::process::Command::new(bin());
+    clean_cli_env(&mut serve)
+        .arg("serve")
+        .arg("--store")
+        .arg(&store)
+        .envs(env("nosuch"));
+    let out = run_timeout(&mut serve, Duration::from_secs(60));
+    let err = describe(&out);
+    assert!(
+        !out.status.success(),
+        "serve started with a missing profile"
+    );
+    assert!(
+        err.contains("'nosuch'")
+            && err.contains(&creds.display().to_string())
+            && err.contains(&config.display().to_string()),
+        "the error does not name the profile and the files: {err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Garbage collection across hosts (FORMAT.md, "Garbage collection across hosts")
+// ---------------------------------------------------------------------------------------------
+
+/// The objects under `PREFIX/SUB/` (keys relative to PREFIX) and their sizes.
+fn bucket_objects(g: &Garage, prefix: &str, sub: &str) -> BTreeMap<String, u64> {
+    use futures::TryStreamExt;
+    let c = g.client();
+    let p = object_store::path::Path::from(format!("{prefix}/{sub}"));
+    rt().block_on(async { c.list(Some(&p)).try_collect::<Vec<_>>().await })
+        .unwrap()
+        .into_iter()
+        .map(|m| {
+            let k = m.location.as_ref()[prefix.len() + 1..].to_string();
+            (k, m.size)
+        })
+        .collect()
+}
+
+fn get_object(g: &Garage, key: &str) -> Option<Vec<u8>> {
+    let c = g.client();
+    let p = object_store::path::Path::from(key);
+    let r = rt();
+    match r.block_on(async { c.get(&p).await }) {
+        Ok(got) => Some(r.block_on(got.bytes()).unwrap().to_vec()),
+        Err(object_store::Error::NotFound { .. }) => None,
+        Err(e) => panic!("cannot read {key}: {e}"),
+    }
+}
+
+/// Every object a manifest or a hold in the bucket names (holds decoded as JSON).
+fn named_objects(g: &Garage, prefix: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for k in bucket_objects(g, prefix, "manifests").keys() {
+        let b = get_object(g, &format!("{prefix}/{k}")).unwrap();
+        let (h, _) = vdbfs_format::manifest::decode(&b).unwrap();
+        out.extend(h.objects.into_iter().map(|(_, k)| k));
+    }
+    for k in bucket_objects(g, prefix, "holds").keys() {
+        let b = get_object(g, &format!("{prefix}/{k}")).unwrap();
+        let h: Value = serde_json::from_slice(&b).unwrap();
+        for o in h["objects"].as_array().unwrap() {
+            out.insert(o.as_str().unwrap().to_string());
+        }
+    }
+    out
+}
+
+/// No manifest in the bucket names an object that is not there.
+fn assert_every_manifest_is_whole(g: &Garage, prefix: &str) {
+    let packs = bucket_objects(g, prefix, "packs");
+    for k in bucket_objects(g, prefix, "manifests").keys() {
+        let b = get_object(g, &format!("{prefix}/{k}")).unwrap();
+        let (h, _) = vdbfs_format::manifest::decode(&b).unwrap();
+        for (_, o) in h.objects {
+            assert!(packs.contains_key(&o), "{k} names {o}, not in the bucket");
+        }
+    }
+}
+
+/// The local pack numbers of a store.
+fn local_packs(d: &Daemon) -> BTreeSet<u32> {
+    fs::read_dir(d.store().join("packs"))
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().to_string();
+            n.strip_suffix(".pack")?.parse().ok()
+        })
+        .collect()
+}
+
+/// What `remote gc` may delete on store `d` now: its pack objects whose local pack is gone
+/// and that no manifest or hold names.
+fn collectable(g: &Garage, prefix: &str, d: &Daemon) -> BTreeSet<String> {
+    let own = format!("packs/{}/", store_id(d));
+    let local = local_packs(d);
+    let named = named_objects(g, prefix);
+    bucket_objects(g, prefix, "packs")
+        .into_keys()
+        .filter(|k| {
+            let Some(no) = k
+                .strip_prefix(&own)
+                .and_then(|f| f.strip_suffix(".pack"))
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                return false;
+            };
+            !local.contains(&no) && !named.contains(k)
+        })
+        .collect()
+}
+
+/// Writes `len` random bytes (seed) to `f` on mount `m`, snapshots `data@snap` and publishes it.
+fn write_snapshot_publish(a: &Daemon, m: &Mount, seed: u64, snap: &str) -> Vec<u8> {
+    let mut data = vec![0u8; 2 << 20];
+    StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+    fs::write(m.join("f"), &data).unwrap();
+    a.ok(&["snapshot", "create", "data", "--name", snap]);
+    a.ok(&["snapshot", "publish", &format!("data@{snap}")]);
+    data
+}
+
+fn remote_gc(d: &Daemon, args: &[&str]) -> Value {
+    let mut a = vec!["remote", "gc", "--json"];
+    a.extend_from_slice(args);
+    json(d, &a)
+}
+
+fn deleted_objects(rep: &Value) -> BTreeSet<String> {
+    rep["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Host A publishes three snapshots and deletes two: their manifests leave the bucket, and
+/// `remote gc` deletes exactly A's pack objects that A no longer has locally and that no
+/// manifest or hold names (the dry run lists the same), nothing of the snapshot that is still
+/// published: host B's clone of it reads every byte afterwards (every block fetched after the
+/// gc), also after B restarted. `remote status` shows the collection.
+#[test]
+fn remote_gc_deletes_exactly_the_pack_objects_no_manifest_or_hold_names() {
+    let g = Garage::start();
+    let a = remote_daemon(&g, "rgc");
+    let m = a.create_and_mount("data");
+    let _d0 = write_snapshot_publish(&a, &m, 30, "s0");
+    let _d1 = write_snapshot_publish(&a, &m, 31, "s1");
+    let d2 = write_snapshot_publish(&a, &m, 32, "s2");
+    let mut b = remote_daemon(&g, "rgc");
+    b.ok(&["clone", "data@s2", "copy"]);
+    assert!(
+        bucket_objects(&g, "rgc", "holds").len() == 1,
+        "B's clone took no hold"
+    );
+
+    a.ok(&["snapshot", "delete", "data@s0"]);
+    a.ok(&["snapshot", "delete", "data@s1"]);
+    let manifests: Vec<String> = bucket_objects(&g, "rgc", "manifests").into_keys().collect();
+    assert_eq!(manifests, vec!["manifests/data/s2.manifest".to_string()]);
+    // The old contents of f are garbage on A: its local gc removes their packs.
+    a.ok(&["gc"]);
+    a.ok(&["gc"]);
+    let expect = collectable(&g, "rgc", &a);
+    assert!(
+        !expect.is_empty(),
+        "nothing to collect: the test proves nothing (A's packs {:?}, bucket {:?})",
+        local_packs(&a),
+        bucket_objects(&g, "rgc", "packs")
+    );
+    let before = bucket_objects(&g, "rgc", "packs");
+    let dry = remote_gc(&a, &["--dry-run"]);
+    assert_eq!(deleted_objects(&dry), expect, "the dry run's candidates");
+    assert_eq!(
+        bucket_objects(&g, "rgc", "packs"),
+        before,
+        "a dry run deleted"
+    );
+
+    let rep = remote_gc(&a, &["--grace", "2s"]);
+    assert_eq!(
+        deleted_objects(&rep),
+        expect,
+        "remote gc deleted other objects"
+    );
+    let after = bucket_objects(&g, "rgc", "packs");
+    let want: BTreeMap<String, u64> = before
+        .iter()
+        .filter(|(k, _)| !expect.contains(*k))
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    assert_eq!(after, want, "the bucket after the gc");
+    assert_eq!(
+        rep["deleted_bytes"].as_u64().unwrap(),
+        expect.iter().map(|k| before[k]).sum::<u64>()
+    );
+    assert!(
+        bucket_objects(&g, "rgc", "gc").is_empty(),
+        "the candidates list stayed"
+    );
+    assert_every_manifest_is_whole(&g, "rgc");
+    let st = json(&a, &["remote", "status", "--json"]);
+    assert_eq!(st["last_gc"]["deleted_objects"], rep["deleted_objects"]);
+    assert!(a.ok(&["remote", "status"]).contains("last remote gc"));
+
+    // B fetches every block of its clone only now, after the gc.
+    let mp = b.new_mountpoint("copy");
+    let bm = b.mount("copy", &mp);
+    assert!(fs::read(bm.join("f")).unwrap() == d2, "B read other bytes");
+    let fetched = json(&b, &["remote", "status", "--json"])["fetched_blocks"]
+        .as_u64()
+        .unwrap();
+    assert!(fetched > 0, "B fetched nothing");
+    bm.umount();
+    b.restart();
+    let bm = b.mount("copy", &mp);
+    assert!(
+        fs::read(bm.join("f")).unwrap() == d2,
+        "B read other bytes after a restart"
+    );
+    drop(m);
+}
+
+/// The race of a publish against a gc between its mark and its recheck: host B's hold on
+/// A's objects lapsed (a 1 s lease for the test), so A's gc marks them; B's publish of a
+/// snapshot of its clone, which names them, runs while A waits out the grace period. The
+/// publish sees A's candidates list after writing its manifest, deletes the manifest and
+/// fails; after A's gc deleted the objects, a publish fails again (they are gone). No
+/// manifest in the bucket ever names a deleted object.
+#[test]
+fn a_publish_racing_a_remote_gc_never_leaves_a_manifest_naming_a_deleted_object() {
+    let g = Garage::start();
+    let a = remote_daemon(&g, "race");
+    let m = a.create_and_mount("data");
+    write_snapshot_publish(&a, &m, 40, "s1");
+    let mut env = g.env();
+    env.push(("VDBFS_TEST_HOLD_TTL_SECS".into(), "1".into()));
+    let b = Daemon::start_init(&g.init_args("race"), &env);
+    b.ok(&["clone", "data@s1", "copy"]);
+    b.ok(&["snapshot", "create", "copy", "--name", "c1"]);
+    // A deletes s1 and its local copies; B's hold has expired by now.
+    let mut data = vec![0u8; 2 << 20];
+    StdRng::seed_from_u64(41).fill_bytes(&mut data);
+    fs::write(m.join("f"), &data).unwrap();
+    a.ok(&["snapshot", "delete", "data@s1"]);
+    a.ok(&["gc"]);
+    a.ok(&["gc"]);
+    thread::sleep(Duration::from_secs(2));
+
+    let mut gc = a
+        .command()
+        .args(["remote", "gc", "--json", "--grace", "15s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    a.wait_log_since_start("candidates written", Duration::from_secs(60));
+    let out = b.vdbfs(&["snapshot", "publish", "copy@c1"]);
+    assert!(
+        !out.status.success(),
+        "a publish naming objects A's gc marked succeeded"
+    );
+    let err = describe(&out);
+    assert!(err.contains("candidate of the gc"), "publish said: {err}");
+    assert!(
+        get_object(&g, "race/manifests/copy/c1.manifest").is_none(),
+        "the refused publish left its manifest"
+    );
+    let done = wait_child(&mut gc, Duration::from_secs(120)).expect("remote gc did not finish");
+    assert!(done.success(), "remote gc failed");
+    let mut s = String::new();
+    std::io::Read::read_to_string(gc.stdout.as_mut().unwrap(), &mut s).unwrap();
+    let rep: Value = serde_json::from_str(&s).unwrap();
+    assert!(
+        rep["deleted_objects"].as_u64().unwrap() > 0,
+        "A's gc deleted nothing: {rep}"
+    );
+    assert_every_manifest_is_whole(&g, "race");
+    // After the gc: the objects are gone, and the publish says so.
+    let out = b.vdbfs(&["snapshot", "publish", "copy@c1"]);
+    assert!(
+        !out.status.success(),
+        "a publish naming deleted objects succeeded"
+    );
+    assert!(
+        describe(&out).contains("no longer in the bucket"),
+        "publish said: {}",
+        describe(&out)
+    );
+    assert!(get_object(&g, "race/manifests/copy/c1.manifest").is_none());
+    assert_every_manifest_is_whole(&g, "race");
+    drop(m);
+}
+
+/// Host B clones a snapshot that host A then deletes: A unpublishes it, but B's hold keeps its
+/// objects through A's remote gc, and B's clone reads every byte (fetched after the gc). Once
+/// B deletes the clone, its hold goes, and A's next remote gc deletes the objects.
+#[test]
+fn a_hold_keeps_a_deleted_snapshot_s_objects_until_host_b_deletes_its_clone() {
+    let g = Garage::start();
+    let a = remote_daemon(&g, "hold");
+    let m = a.create_and_mount("data");
+    let d1 = write_snapshot_publish(&a, &m, 50, "s1");
+    let b = remote_daemon(&g, "hold");
+    b.ok(&["clone", "data@s1", "copy"]);
+    let mut data = vec![0u8; 2 << 20];
+    StdRng::seed_from_u64(51).fill_bytes(&mut data);
+    fs::write(m.join("f"), &data).unwrap();
+    a.ok(&["snapshot", "delete", "data@s1"]);
+    assert!(
+        bucket_objects(&g, "hold", "manifests").is_empty(),
+        "data@s1 is still published"
+    );
+    a.ok(&["gc"]);
+    a.ok(&["gc"]);
+    let held: BTreeSet<String> = named_objects(&g, "hold");
+    let own = format!("packs/{}/", store_id(&a));
+    let gone_locally: BTreeSet<String> = held
+        .iter()
+        .filter(|k| {
+            k.strip_prefix(&own)
+                .and_then(|f| f.strip_suffix(".pack"))
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|n| !local_packs(&a).contains(&n))
+        })
+        .cloned()
+        .collect();
+    assert!(
+        !gone_locally.is_empty(),
+        "A still has every pack of data@s1: the hold is not what keeps them"
+    );
+    let rep = remote_gc(&a, &["--grace", "1s"]);
+    let deleted = deleted_objects(&rep);
+    assert!(
+        deleted.is_disjoint(&held),
+        "A's gc deleted held objects: {deleted:?}"
+    );
+    let mp = b.new_mountpoint("copy");
+    let bm = b.mount("copy", &mp);
+    assert!(
+        fs::read(bm.join("f")).unwrap() == d1,
+        "B read other bytes after A's gc"
+    );
+    bm.umount();
+
+    b.ok(&["dataset", "delete", "copy"]);
+    assert!(
+        bucket_objects(&g, "hold", "holds").is_empty(),
+        "B's hold stayed after its clone was deleted"
+    );
+    let rep = remote_gc(&a, &["--grace", "1s"]);
+    let deleted = deleted_objects(&rep);
+    assert!(
+        gone_locally.is_subset(&deleted),
+        "A's gc kept {:?} after the hold went",
+        gone_locally.difference(&deleted).collect::<Vec<_>>()
+    );
+    let packs = bucket_objects(&g, "hold", "packs");
+    assert!(gone_locally.iter().all(|k| !packs.contains_key(k)));
+    drop(m);
+}
+
+/// A remote gc cut short by a crash while it waits out its grace period is resumed by the
+/// restarted daemon (its candidates list is recorded in the store), not begun again: the
+/// objects go once the grace is over, and `remote status` reports the collection.
+#[test]
+fn a_remote_gc_interrupted_by_kill_9_is_resumed_after_the_restart() {
+    let g = Garage::start();
+    let mut a = remote_daemon(&g, "resume");
+    let m = a.create_and_mount("data");
+    write_snapshot_publish(&a, &m, 60, "s1");
+    let mut data = vec![0u8; 2 << 20];
+    StdRng::seed_from_u64(61).fill_bytes(&mut data);
+    fs::write(m.join("f"), &data).unwrap();
+    a.ok(&["snapshot", "delete", "data@s1"]);
+    a.ok(&["gc"]);
+    a.ok(&["gc"]);
+    let expect = collectable(&g, "resume", &a);
+    assert!(!expect.is_empty(), "nothing to collect");
+    let mut gc = a
+        .command()
+        .args(["remote", "gc", "--grace", "20s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    a.wait_log_since_start("candidates written", Duration::from_secs(60));
+    a.kill9();
+    let _ = wait_child(&mut gc, Duration::from_secs(60));
+    assert_eq!(
+        bucket_objects(&g, "resume", "gc").len(),
+        1,
+        "no candidates list in the bucket"
+    );
+    a.start_again();
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            json(&a, &["remote", "status", "--json"])["last_gc"]["deleted_objects"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0
+        }),
+        "the restarted daemon did not finish the collection: {}\n{}",
+        a.ok(&["remote", "status"]),
+        a.log_tail(30)
+    );
+    let packs = bucket_objects(&g, "resume", "packs");
+    assert!(
+        expect.iter().all(|k| !packs.contains_key(k)),
+        "candidates left after the resumed gc: {expect:?} in {packs:?}"
+    );
+    assert!(bucket_objects(&g, "resume", "gc").is_empty());
+    assert!(
+        !a.log_since_start().contains("candidates written"),
+        "the restarted daemon marked anew instead of resuming"
+    );
     drop(m);
 }

@@ -92,8 +92,9 @@ pub enum LogFormat {
 #[derive(Subcommand)]
 pub enum Cmd {
     /// Create an empty store; with --remote, one whose sealed packs and published snapshots
-    /// live in an S3-compatible bucket (credentials only from AWS_ACCESS_KEY_ID and
-    /// AWS_SECRET_ACCESS_KEY in the daemon's environment).
+    /// live in an S3-compatible bucket (credentials the AWS way, where the daemon runs:
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the profile AWS_PROFILE names in
+    /// ~/.aws/credentials and ~/.aws/config).
     Init {
         /// s3://BUCKET/PREFIX: the bucket shared with the other hosts.
         #[arg(long)]
@@ -392,6 +393,16 @@ pub enum RemoteCmd {
     Status,
     /// Snapshots published to the bucket by any host (dataset@snapshot, publisher, LSN, time).
     List,
+    /// Delete this store's pack objects that no manifest or hold of any host needs: mark,
+    /// wait the grace period, recheck, delete (admin). Reports objects and bytes deleted.
+    Gc {
+        /// How long to wait between mark and recheck: longer than any publish (30s, 15m, 1h).
+        #[arg(long, default_value = "1h")]
+        grace: String,
+        /// Only list the pack objects that would be candidates now; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -613,6 +624,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     print_remote_status(&s);
                 }
             }
+            RemoteCmd::Gc { grace, dry_run } => say(
+                json,
+                &run_req(
+                    &store,
+                    Request::RemoteGc {
+                        grace: Some(grace),
+                        dry_run,
+                    },
+                )?,
+            ),
             RemoteCmd::List => {
                 let r = run_req(&store, Request::RemoteList)?;
                 if json {
@@ -1114,7 +1135,8 @@ fn init(
         if let Some(r) = &remote {
             println!(
                 "  remote {} (store id {}); credentials from AWS_ACCESS_KEY_ID and \
-                 AWS_SECRET_ACCESS_KEY where 'vdbfs serve' runs",
+                 AWS_SECRET_ACCESS_KEY, or the AWS profile (AWS_PROFILE, ~/.aws/credentials), \
+                 where 'vdbfs serve' runs",
                 r.url, r.store_id
             );
         }
@@ -1155,6 +1177,17 @@ fn print_remote_status(s: &crate::remote::RemoteStatus) {
         s.fetched_blocks,
         human(s.fetched_bytes)
     );
+    match &s.last_gc {
+        Some(g) => println!(
+            "  last remote gc: {} (grace {}s): {} object(s), {} deleted; {} kept",
+            g.finished.as_deref().unwrap_or(&g.started),
+            g.grace_s,
+            g.deleted_objects,
+            human(g.deleted_bytes),
+            g.kept
+        ),
+        None => println!("  last remote gc: never"),
+    }
     if let Some(e) = &s.last_error {
         println!(
             "  failing ({} time(s) in a row, retrying with backoff): {e}",

@@ -192,6 +192,22 @@ impl Daemon {
         tracing::debug!(op, name = %target, by = %by, "request");
         let t = std::time::Instant::now();
         let r = self.handle(req, progress);
+        // A deleted snapshot is unpublished, a hold no dataset needs any more released (and
+        // one a clone now needs marked so), now rather than at the uploader's next round.
+        if r.is_ok()
+            && matches!(
+                op,
+                "snapshot_delete" | "dataset_delete" | "vdb_delete" | "clone" | "vdb_create"
+            )
+        {
+            if let Some(remote) = &self.remote {
+                if let Err(e) = remote.maintain(&self.datasets) {
+                    tracing::warn!(
+                        "remote: cannot unpublish or release holds yet (retried): {e:#}"
+                    );
+                }
+            }
+        }
         let secs = t.elapsed().as_secs_f64();
         let ms = (secs * 1e4).round() / 10.0;
         match r {
@@ -278,6 +294,27 @@ impl Daemon {
                     format!("published {name} as {key}"),
                     serde_json::json!({ "name": name, "manifest": key }),
                 )
+            }
+            R::RemoteGc { grace, dry_run } => {
+                let r = self.remote()?;
+                let grace = match grace {
+                    Some(g) => crate::time::parse_interval(&g, "--grace")
+                        .map_err(|e| api::Refusal::new(ErrorKind::Invalid, e.to_string()))?,
+                    None => crate::remote::gc::DEFAULT_GRACE,
+                };
+                let rep = r.gc(&self.datasets, grace, dry_run, Some(&progress))?;
+                let msg = if dry_run {
+                    format!(
+                        "remote gc (dry run): {} pack object(s) no manifest or hold names",
+                        rep.candidates
+                    )
+                } else {
+                    format!(
+                        "remote gc: deleted {} pack object(s), {} byte(s); {} kept (named again)",
+                        rep.deleted_objects, rep.deleted_bytes, rep.kept
+                    )
+                };
+                with(msg, serde_json::to_value(&rep)?)
             }
             R::RemoteStatus => data(self.remote()?.status()),
             R::RemoteList => data(self.remote()?.list()?),

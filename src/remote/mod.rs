@@ -8,12 +8,14 @@
 //!   only after the PUT succeeded, so a crash at any point uploads it again, never half.
 //! - A manifest is PUT only after every pack object it names is uploaded: a manifest never
 //!   names a block that is not in the bucket. A crash before its PUT leaves no manifest.
-//! - Nothing here deletes objects (see FORMAT.md, "Remote: garbage collection"): a host's gc
-//!   removes local packs only, so a published block stays fetchable.
+//! - Objects are deleted only by `gc` (see there and FORMAT.md, "Garbage collection across
+//!   hosts"): a host's local gc removes local packs only; a pack object goes only when no
+//!   manifest and no hold of any host names it.
 //! - A fetched block is verified like a local read (record crc, kind, id, blake3); a mismatch is
 //!   an error naming the object, logged here, never wrong bytes.
 //! - Credentials come only from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-//!   `AWS_SESSION_TOKEN`, ...): never from the command line, never in `remote.json`, never logged.
+//!   `AWS_SESSION_TOKEN`, ...) or the AWS profile files (`profile`): never from the command
+//!   line, never in `remote.json`, never logged.
 
 pub mod upload;
 
@@ -33,6 +35,9 @@ use std::time::{Duration, Instant};
 use vdbfs_format::manifest::{self, ManifestEntry, ManifestHeader};
 use vdbfs_format::pack::RecordFormat;
 use vdbfs_format::BlockId;
+
+pub mod gc;
+pub mod profile;
 
 /// `STORE/remote.json`: where the store's bucket is. No credentials.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -142,6 +147,9 @@ pub struct RemoteStatus {
     /// Fetches that did not verify (the reader got EIO; the log names the object).
     #[serde(default)]
     pub bad_blocks: u64,
+    /// The last remote collection of this store's pack objects (`vdbfs remote gc`).
+    #[serde(default)]
+    pub last_gc: Option<gc::RemoteGcReport>,
 }
 
 /// A published snapshot, as `vdbfs remote list` shows it.
@@ -173,6 +181,15 @@ pub struct Remote {
     upload_lock: Mutex<()>,
     /// Test only: see `upload::TEST_PAUSE_ENV`.
     test_pause: Option<Duration>,
+    /// One remote collection at a time (`gc`).
+    gc_lock: Mutex<()>,
+    /// One unpublish/hold round at a time, and when the last one ran.
+    maintain_lock: Mutex<()>,
+    last_maintain: Mutex<Option<Instant>>,
+    /// When the uploader last started a background collection.
+    last_gc_start: Mutex<Instant>,
+    /// After a failed background round: not before then.
+    bg_retry: Mutex<Option<Instant>>,
 }
 
 const MANIFESTS: &str = "manifests";
@@ -184,23 +201,39 @@ impl Remote {
     /// the environment.
     pub fn open(cfg: RemoteConfig, store: Arc<Store>) -> anyhow::Result<Arc<Remote>> {
         let (bucket, prefix) = cfg.bucket_prefix()?;
+        // Environment first, then the AWS profile (`profile`); `--endpoint`/`--region` given
+        // to `init` over both.
+        let aws = profile::resolve()?;
         let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&bucket);
-        if let Some(r) = &cfg.region {
+        if let Some((id, secret, token)) = &aws.keys {
+            b = b.with_access_key_id(id).with_secret_access_key(secret);
+            if let Some(t) = token {
+                b = b.with_token(t);
+            }
+        }
+        let region = cfg.region.clone().or_else(|| aws.region.clone());
+        let endpoint = cfg.endpoint.clone().or_else(|| aws.endpoint.clone());
+        if let Some(r) = &region {
             b = b.with_region(r);
         }
-        if let Some(e) = &cfg.endpoint {
+        if let Some(e) = &endpoint {
             b = b.with_endpoint(e);
         }
+        tracing::info!(
+            profile = %aws.profile,
+            keys_from = aws.keys_from.as_deref().unwrap_or("nowhere (anonymous or instance credentials)"),
+            region = region.as_deref().unwrap_or("-"),
+            endpoint = endpoint.as_deref().unwrap_or("-"),
+            "remote credentials"
+        );
         let retry = object_store::RetryConfig {
             max_retries: 2,
             retry_timeout: Duration::from_secs(20),
             ..Default::default()
         };
         // allow_http is a client option: set here, since with_client_options replaces them all.
-        let plain_http = cfg
-            .endpoint
+        let plain_http = endpoint
             .clone()
-            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
             .or_else(|| std::env::var("AWS_ENDPOINT").ok())
             .is_some_and(|e| e.starts_with("http://"));
         let opts = object_store::ClientOptions::new()
@@ -211,7 +244,7 @@ impl Remote {
             .with_retry(retry)
             .with_client_options(opts)
             .build()
-            .context("cannot set up the S3 client (credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")?;
+            .context("cannot set up the S3 client (credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the AWS profile AWS_PROFILE names in ~/.aws/credentials or ~/.aws/config)")?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("remote")
@@ -223,7 +256,7 @@ impl Remote {
             store_id: cfg.store_id.clone(),
             ..Default::default()
         };
-        Ok(Arc::new(Remote {
+        let r = Arc::new(Remote {
             cfg,
             prefix,
             os: Arc::new(os),
@@ -234,7 +267,15 @@ impl Remote {
             publish_lock: Mutex::new(()),
             upload_lock: Mutex::new(()),
             test_pause: upload::test_pause_from_env(),
-        }))
+            gc_lock: Mutex::new(()),
+            maintain_lock: Mutex::new(()),
+            last_maintain: Mutex::new(None),
+            last_gc_start: Mutex::new(Instant::now()),
+            bg_retry: Mutex::new(None),
+        });
+        let last = r.last_gc();
+        r.state.lock().last_gc = last;
+        Ok(r)
     }
 
     fn key(&self, rel: &str) -> ObjPath {
@@ -340,6 +381,16 @@ impl Remote {
             let r = self
                 .upload_round()
                 .and_then(|()| self.publish_sources(&datasets));
+            // Unpublishing, holds and collections fail on their own (logged, retried a minute
+            // later): they do not hold up uploads or count as upload failures.
+            if r.is_ok() && self.bg_retry.lock().is_none_or(|t| Instant::now() >= t) {
+                if let Err(e) = self.background(&datasets) {
+                    tracing::warn!(
+                        "remote gc, unpublishing or holds failed (retried in 60 s): {e:#}"
+                    );
+                    *self.bg_retry.lock() = Some(Instant::now() + Duration::from_secs(60));
+                }
+            }
             let wait = match r {
                 Ok(()) => {
                     failures = 0;
@@ -545,8 +596,18 @@ impl Remote {
         let key = self.key(&rel);
         let os = self.os.clone();
         let n = bytes.len();
+        let named: Vec<String> = header.objects.iter().map(|(_, k)| k.clone()).collect();
         self.run(async move { os.put(&key, PutPayload::from(bytes)).await })?
             .with_context(|| format!("cannot upload the manifest of {dataset}@{snap}"))?;
+        // Objects of other stores may be collected by them: the manifest stays only if none
+        // is a candidate of a collection or gone (FORMAT.md, "Garbage collection across hosts").
+        if let Err(e) = self.check_reused(&named) {
+            self.delete_rel(&rel)?;
+            tracing::warn!(snapshot = %format!("{dataset}@{snap}"), "publish undone: {e:#}");
+            return Err(e.context(format!(
+                "cannot publish {dataset}@{snap}: its manifest was deleted again"
+            )));
+        }
         tracing::info!(snapshot = %format!("{dataset}@{snap}"), blocks = entries.len(), bytes = n, "snapshot published");
         Ok(Ok(rel))
     }
@@ -608,6 +669,13 @@ impl Remote {
         if h.dataset != dataset || h.snapshot != snap {
             bail!("the manifest {rel} names {}@{}", h.dataset, h.snapshot);
         }
+        // The hold keeps the objects while this store needs them, also once the publisher
+        // unpublished the snapshot.
+        self.take_hold(
+            &format!("{dataset}@{snap}"),
+            &h.publisher,
+            h.objects.iter().map(|(_, k)| k.clone()).collect(),
+        )?;
         self.store.import_remote_blocks(
             &h.objects,
             entries.iter().map(|e| ImportedBlock {
