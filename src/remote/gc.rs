@@ -16,12 +16,9 @@
 //!   gone from the publisher's store.
 
 use super::{published_key, Remote, MANIFESTS};
-use crate::store::index::META;
-use crate::store::REMOTE_UPLOADED;
 use crate::tree::Datasets;
 use anyhow::{bail, Context};
 use object_store::{ObjectStoreExt, PutPayload};
-use redb::ReadableDatabase;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -266,30 +263,11 @@ impl Remote {
     }
 
     fn meta_scan(&self, prefix: &str) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-        let txn = self.store.db().begin_read()?;
-        let t = txn.open_table(META)?;
-        let mut out = Vec::new();
-        for row in t.range(prefix..)? {
-            let (k, v) = row?;
-            let k = k.value();
-            if !k.starts_with(prefix) {
-                break;
-            }
-            out.push((k.to_string(), v.value().to_vec()));
-        }
-        Ok(out)
+        Ok(self.store.meta_scan(prefix)?)
     }
 
     fn meta_remove(&self, keys: &[&str]) -> anyhow::Result<()> {
-        let txn = self.store.begin_write()?;
-        {
-            let mut t = txn.open_table(META)?;
-            for k in keys {
-                t.remove(*k)?;
-            }
-        }
-        txn.commit()?;
-        Ok(())
+        Ok(self.store.meta_remove(keys)?)
     }
 
     /// Unpublishes snapshots this store published and has deleted since, and renews or
@@ -555,9 +533,7 @@ impl Remote {
                 .and_then(|f| f.strip_suffix(".pack"))
                 .and_then(|n| n.parse::<u32>().ok());
             if let Some(no) = no {
-                let txn = self.store.begin_write()?;
-                txn.open_table(REMOTE_UPLOADED)?.remove(no)?;
-                txn.commit()?;
+                self.store.unmark_remote_uploaded(no)?;
             }
             self.delete_rel(k)?;
             tracing::info!(object = %k, bytes = size, "remote gc: pack object deleted");

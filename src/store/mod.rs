@@ -935,6 +935,36 @@ impl Store {
         Ok(())
     }
 
+    /// The `meta` entries whose keys start with `prefix`, in key order.
+    pub fn meta_scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        use redb::ReadableDatabase;
+        let txn = self.index.db().begin_read()?;
+        let t = txn.open_table(META)?;
+        let mut out = Vec::new();
+        for row in t.range(prefix..)? {
+            let (k, v) = row?;
+            let k = k.value();
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Removes `meta` entries (one durable transaction).
+    pub fn meta_remove(&self, keys: &[&str]) -> Result<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut t = txn.open_table(META)?;
+            for k in keys {
+                t.remove(*k)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     /// The damage marks of every dataset (table `damaged`).
     pub fn damage_marks(&self) -> Result<Vec<(u64, DamageMark)>> {
         self.index.damage_marks()

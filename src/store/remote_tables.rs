@@ -59,6 +59,14 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets that pack `no` is in the bucket (its object was deleted by the remote gc).
+    pub fn unmark_remote_uploaded(&self, no: u32) -> Result<()> {
+        let txn = self.begin_write()?;
+        txn.open_table(REMOTE_UPLOADED)?.remove(no)?;
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Where each of `ids` has a published copy (None: no manifest this store imported names
     /// it), from one read transaction.
     pub fn remote_blocks(&self, ids: &[BlockId]) -> Result<Vec<Option<RemoteBlock>>> {
