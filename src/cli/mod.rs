@@ -104,9 +104,10 @@ pub enum Cmd {
         /// The bucket's region (Garage: the s3_region of its configuration).
         #[arg(long, requires = "remote")]
         region: Option<String>,
-        /// Bytes of fetched blocks to keep locally (accepted and recorded; see the README's
-        /// limitations).
-        #[arg(long, requires = "remote")]
+        /// Most bytes of blocks fetched from the bucket to keep locally (512M, 50G, 1.5T; K,
+        /// M, G, T are powers of 1024; at least 1M); least recently read ones are evicted and
+        /// fetched again when read. Default: no limit.
+        #[arg(long, requires = "remote", value_parser = crate::remote::cache::parse_size)]
         cache_size: Option<u64>,
     },
     /// The object store: what is uploaded and what the hosts published.
@@ -1155,12 +1156,26 @@ fn print_remote_status(s: &crate::remote::RemoteStatus) {
         s.fetched_blocks,
         human(s.fetched_bytes)
     );
+    println!("  {}", cache_line(&s.cache));
     if let Some(e) = &s.last_error {
         println!(
             "  failing ({} time(s) in a row, retrying with backoff): {e}",
             s.failures
         );
     }
+}
+
+fn cache_line(c: &crate::remote::cache::CacheStatus) -> String {
+    format!(
+        "cache: {} of {} in {} block(s); {} hit(s), {} miss(es), {} eviction(s) ({})",
+        human(c.bytes),
+        c.limit.map_or("no limit".to_string(), human),
+        c.blocks,
+        c.hits,
+        c.misses,
+        c.evictions,
+        human(c.evicted_bytes)
+    )
 }
 
 fn print_status(s: &Status) {
@@ -1210,6 +1225,7 @@ fn print_status(s: &Status) {
                 .map(|e| format!("; failing, retrying: {e}"))
                 .unwrap_or_default()
         );
+        println!("    {}", cache_line(&r.cache));
     }
     for f in &s.faults {
         println!("  FAULT: {f}");
