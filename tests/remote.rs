@@ -12,6 +12,7 @@ use rand::{RngCore, SeedableRng};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
@@ -1204,4 +1205,250 @@ fn a_remote_gc_interrupted_by_kill_9_is_resumed_after_the_restart() {
         "the restarted daemon marked anew instead of resuming"
     );
     drop(m);
+}
+
+/// The source of the cache tests: `big` holds about 24 MiB of rows that lz4 cannot shrink
+/// much (hex digests), frozen (so reading it on a VDB sets no hint bits and writes nothing).
+/// Returns the checksum of its rows, computed on the source.
+fn big_source(src: &SourceDb) -> String {
+    src.psql(
+        "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((-g)::text) || \
+         md5((g * 3)::text) || md5((g * 5)::text) AS pad FROM generate_series(1, 150000) g",
+    );
+    src.psql("VACUUM (FREEZE) big");
+    src.psql("CHECKPOINT");
+    src.psql(BIG_SUM)
+}
+
+const BIG_SUM: &str = "SELECT count(*) || ':' || md5(string_agg(pad, '' ORDER BY id)) FROM big";
+
+/// Bytes of the files in `dir` (not recursive).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+/// Host A with source `prod` linked from `src` and its first snapshot published; returns the
+/// daemon and the snapshot's name.
+fn host_a_publishing(g: &Garage, prefix: &str, src: &SourceDb) -> (Vdbd, String) {
+    let a = Vdbd {
+        s: Staged {
+            d: remote_daemon(g, prefix),
+        },
+    };
+    let st = link_small(&a, src, "prod");
+    let snap = st["last_snapshot"]["name"].as_str().unwrap().to_string();
+    assert!(
+        wait_until(WAIT * 2, || published_names(&a).contains(&snap)),
+        "host A did not publish {snap}; remote status: {}\nlog tail:\n{}",
+        a.ok(&["remote", "status", "--json"]),
+        a.log_tail(40)
+    );
+    (a, snap)
+}
+
+/// Host B on `prefix` with a `--cache-size` of `cache`.
+fn host_b_with_cache(g: &Garage, prefix: &str, cache: &str) -> Vdbd {
+    let mut args = g.init_args(prefix);
+    args.extend(["--cache-size".to_string(), cache.to_string()]);
+    Vdbd {
+        s: Staged {
+            d: Daemon::start_init(&args, &g.env()),
+        },
+    }
+}
+
+/// Host B, whose cache (4 MiB) is a fraction of the data it reads (a VDB of host A's
+/// snapshot, about 24 MiB in one table plus the catalogs), reads all of it right (the table's
+/// checksum equals the source's, pg_amcheck passes), twice, while its cache stays within the
+/// bound: in `status`, and on disk (the cache directory holds at most the limit, no slack: a
+/// segment counts whole from its creation). Fetched blocks are not B's: they do not go into
+/// B's log (the live bytes B's index holds, `df`'s `live_stored_bytes`, grow by less than half
+/// of what the scan fetched: slack for B's own writes; pack file sizes would not tell, the
+/// active pack is zero-filled 16 MiB ahead), so B's uploader, which uploads B's packs only,
+/// never uploads them again.
+#[test]
+fn host_b_reads_a_snapshot_larger_than_its_cache_within_the_bound() {
+    const LIMIT: u64 = 4 << 20;
+    let g = Garage::start();
+    let src = SourceDb::start(false, &[]);
+    src.insert_rows(1, 100, "cache");
+    let want = big_source(&src);
+    let (_a, snap) = host_a_publishing(&g, "cache", &src);
+    let mut b = host_b_with_cache(&g, "cache", "4M");
+    let dev = vdbu::create(&b, "dev1", &snap, &[]);
+    // Provisioning wrote B's own blocks (WAL); from here on the scan only reads.
+    let fetched0 = json(&b, &["remote", "status", "--json"])["fetched_bytes"]
+        .as_u64()
+        .unwrap();
+    let stored = |b: &Daemon| {
+        json(b, &["df", "--json"])["live_stored_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    let stored_before = stored(&b);
+    assert_eq!(
+        dev.sql(BIG_SUM),
+        want,
+        "B's VDB has other rows than the source"
+    );
+    dev.amcheck();
+    let within = |b: &Daemon, what: &str| -> Value {
+        let rs = json(b, &["remote", "status", "--json"]);
+        let c = &rs["cache"];
+        assert_eq!(c["limit"].as_u64(), Some(LIMIT), "{what}: {rs}");
+        assert!(
+            c["bytes"].as_u64().unwrap() <= LIMIT,
+            "{what}: over the limit: {rs}"
+        );
+        let disk = dir_bytes(&b.store().join("cache"));
+        assert!(
+            disk <= LIMIT,
+            "{what}: the cache directory holds {disk} bytes, more than {LIMIT}: {rs}"
+        );
+        rs
+    };
+    let rs = within(&b, "after the first full read");
+    let fetched = rs["fetched_bytes"].as_u64().unwrap();
+    assert!(
+        fetched > 4 * LIMIT,
+        "B fetched only {fetched} bytes: the test reads too little to turn the cache over: {rs}"
+    );
+    let own = stored(&b).saturating_sub(stored_before);
+    let scanned = fetched - fetched0;
+    assert!(
+        own < scanned / 2,
+        "B's indexed live blocks grew by {own} bytes while its scan fetched {scanned}: fetched \
+         blocks went into its log"
+    );
+    let c = &rs["cache"];
+    assert!(
+        c["evictions"].as_u64().unwrap() > 0,
+        "nothing evicted: {rs}"
+    );
+    assert!(c["misses"].as_u64().unwrap() > 0, "no misses: {rs}");
+    // Again, with no copy in postgres's buffers or the kernel's page cache (B's daemon and
+    // with it the VDB restarted; the cache is read back from its segments): what was evicted
+    // is fetched again and verified.
+    let old_pid = vdbu::status(&b, "dev1")["pid"].as_i64().unwrap();
+    b.restart();
+    assert!(
+        wait_until(WAIT * 2, || {
+            let s = vdbu::status(&b, "dev1");
+            s["state"] == "running" && s["pid"].as_i64().is_some_and(|p| p != old_pid)
+        }),
+        "dev1 is not running again after B's restart: {}",
+        vdbu::status(&b, "dev1")
+    );
+    assert_eq!(dev.sql(BIG_SUM), want, "B read other rows after eviction");
+    let rs2 = within(&b, "after reading again");
+    assert!(
+        rs2["fetched_bytes"].as_u64().unwrap() > 2 * LIMIT,
+        "the second read fetched little again: {rs2}"
+    );
+    // `status` shows the cache too, in JSON and for humans.
+    let st = b.status_json();
+    assert_eq!(st["remote"]["cache"]["limit"].as_u64(), Some(LIMIT), "{st}");
+    let human = b.ok(&["remote", "status"]);
+    assert!(
+        human.contains("cache: ") && human.contains("of 4.0 MiB"),
+        "{human}"
+    );
+    eprintln!("B fetched {fetched} B, its scan {scanned} B, its indexed live bytes grew by {own} B; {rs2}");
+}
+
+/// kill -9 of host B's daemon while a full scan turns its small cache over (right after an
+/// eviction was logged): after a restart the VDB runs again and reads every row right; the
+/// cache (read back from its segments) is within the bound.
+#[test]
+fn kill_9_of_host_b_during_evictions_loses_nothing() {
+    let g = Garage::start();
+    let src = SourceDb::start(false, &[]);
+    let want = big_source(&src);
+    let (_a, snap) = host_a_publishing(&g, "cachekill", &src);
+    let mut b = host_b_with_cache(&g, "cachekill", "2M");
+    let dev = vdbu::create(&b, "dev1", &snap, &[]);
+    let old_pid = vdbu::status(&b, "dev1")["pid"].as_i64().unwrap();
+    let evicted = |b: &Daemon| {
+        b.log_since_start()
+            .matches("evicted a cache segment")
+            .count()
+    };
+    let before = evicted(&b);
+    let conn = dev.conn.clone();
+    let scan = std::thread::spawn(move || vdbu::try_psql(&conn, BIG_SUM));
+    assert!(
+        wait_until(WAIT, || evicted(&b) > before + 2),
+        "no eviction during the scan:\n{}",
+        b.log_tail(30)
+    );
+    b.kill9();
+    let _ = scan.join();
+    b.start_again();
+    assert!(
+        wait_until(WAIT * 2, || {
+            let s = vdbu::status(&b, "dev1");
+            s["state"] == "running" && s["pid"].as_i64().is_some_and(|p| p != old_pid)
+        }),
+        "dev1 is not running again after the restart: {}\n{}",
+        vdbu::status(&b, "dev1"),
+        b.log_tail(40)
+    );
+    assert_eq!(dev.sql(BIG_SUM), want, "B read other rows after kill -9");
+    dev.amcheck();
+    let c = &json(&b, &["remote", "status", "--json"])["cache"];
+    assert!(c["bytes"].as_u64().unwrap() <= 2 << 20, "{c}");
+    assert!(dir_bytes(&b.store().join("cache")) <= 2 << 20);
+}
+
+/// `--cache-size` takes sizes with units; anything else is refused with a message saying
+/// what to give, before a store is made.
+#[test]
+fn init_refuses_a_bad_cache_size_and_says_why() {
+    let root = tempdir("vdbfs-cachesize-");
+    for (bad, why) in [
+        ("12X", "not a size"),
+        ("lots", "not a size"),
+        ("100K", "too small"),
+    ] {
+        let store = root.path().join(format!("s-{bad}"));
+        let out = run_timeout(
+            Command::new(bin()).arg("--store").arg(&store).args([
+                "init",
+                "--remote",
+                "s3://b/p",
+                "--cache-size",
+                bad,
+            ]),
+            Duration::from_secs(30),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "--cache-size {bad}: a usage error"
+        );
+        assert!(
+            err.contains(why) && err.contains("--cache-size"),
+            "--cache-size {bad}: {err}"
+        );
+        assert!(!store.exists(), "a store was made with --cache-size {bad}");
+    }
+    let store = root.path().join("ok");
+    let out = run_timeout(
+        Command::new(bin()).arg("--store").arg(&store).args([
+            "--json",
+            "init",
+            "--remote",
+            "s3://b/p",
+            "--cache-size",
+            "1.5G",
+        ]),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["remote"]["cache_size"].as_u64(), Some(3 << 29), "{v}");
 }

@@ -7,6 +7,7 @@
 //! - Decoding never panics on hostile input: truncated or corrupt bytes give a [`FormatError`].
 //! - A block's id is the blake3 hash of its *uncompressed* content; readers verify it.
 
+pub mod cache;
 pub mod codec;
 pub mod index;
 pub mod journal;

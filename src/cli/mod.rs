@@ -105,9 +105,10 @@ pub enum Cmd {
         /// The bucket's region (Garage: the s3_region of its configuration).
         #[arg(long, requires = "remote")]
         region: Option<String>,
-        /// Bytes of fetched blocks to keep locally (accepted and recorded; see the README's
-        /// limitations).
-        #[arg(long, requires = "remote")]
+        /// Most bytes of blocks fetched from the bucket to keep locally (512M, 50G, 1.5T; K,
+        /// M, G, T are powers of 1024; at least 1M); least recently read ones are evicted and
+        /// fetched again when read. Default: no limit.
+        #[arg(long, requires = "remote", value_parser = crate::remote::cache::parse_size)]
         cache_size: Option<u64>,
     },
     /// The object store: what is uploaded and what the hosts published.
@@ -1177,6 +1178,7 @@ fn print_remote_status(s: &crate::remote::RemoteStatus) {
         s.fetched_blocks,
         human(s.fetched_bytes)
     );
+    println!("  {}", cache_line(&s.cache));
     match &s.last_gc {
         Some(g) => println!(
             "  last remote gc: {} (grace {}s): {} object(s), {} deleted; {} kept",
@@ -1194,6 +1196,19 @@ fn print_remote_status(s: &crate::remote::RemoteStatus) {
             s.failures
         );
     }
+}
+
+fn cache_line(c: &crate::remote::cache::CacheStatus) -> String {
+    format!(
+        "cache: {} of {} in {} block(s); {} hit(s), {} miss(es), {} eviction(s) ({})",
+        human(c.bytes),
+        c.limit.map_or("no limit".to_string(), human),
+        c.blocks,
+        c.hits,
+        c.misses,
+        c.evictions,
+        human(c.evicted_bytes)
+    )
 }
 
 fn print_status(s: &Status) {
@@ -1243,6 +1258,7 @@ fn print_status(s: &Status) {
                 .map(|e| format!("; failing, retrying: {e}"))
                 .unwrap_or_default()
         );
+        println!("    {}", cache_line(&r.cache));
     }
     for f in &s.faults {
         println!("  FAULT: {f}");

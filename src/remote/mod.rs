@@ -13,10 +13,14 @@
 //!   manifest and no hold of any host names it.
 //! - A fetched block is verified like a local read (record crc, kind, id, blake3); a mismatch is
 //!   an error naming the object, logged here, never wrong bytes.
+//! - Blocks fetched from the bucket are kept in the bounded cache (`cache`), never in the
+//!   store's log: they are not this store's blocks, so they are never uploaded as its packs,
+//!   never indexed, and may be evicted at any time (a later read fetches them again).
 //! - Credentials come only from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 //!   `AWS_SESSION_TOKEN`, ...) or the AWS profile files (`profile`): never from the command
 //!   line, never in `remote.json`, never logged.
 
+pub mod cache;
 pub mod upload;
 
 use crate::store::remote_tables::ImportedBlock;
@@ -150,6 +154,9 @@ pub struct RemoteStatus {
     /// The last remote collection of this store's pack objects (`vdbfs remote gc`).
     #[serde(default)]
     pub last_gc: Option<gc::RemoteGcReport>,
+    /// The local cache of fetched blocks (`--cache-size`).
+    #[serde(default)]
+    pub cache: cache::CacheStatus,
 }
 
 /// A published snapshot, as `vdbfs remote list` shows it.
@@ -190,6 +197,8 @@ pub struct Remote {
     last_gc_start: Mutex<Instant>,
     /// After a failed background round: not before then.
     bg_retry: Mutex<Option<Instant>>,
+    /// Blocks fetched from the bucket, bounded by `cache_size`.
+    cache: cache::Cache,
 }
 
 const MANIFESTS: &str = "manifests";
@@ -250,6 +259,7 @@ impl Remote {
             .thread_name("remote")
             .enable_all()
             .build()?;
+        let cache = cache::Cache::open(store.dir(), cfg.cache_size)?;
         let state = RemoteStatus {
             url: cfg.url.clone(),
             endpoint: cfg.endpoint.clone(),
@@ -266,6 +276,7 @@ impl Remote {
             wake: Condvar::new(),
             publish_lock: Mutex::new(()),
             upload_lock: Mutex::new(()),
+            cache,
             test_pause: upload::test_pause_from_env(),
             gc_lock: Mutex::new(()),
             maintain_lock: Mutex::new(()),
@@ -303,7 +314,9 @@ impl Remote {
     }
 
     pub fn status(&self) -> RemoteStatus {
-        self.state.lock().clone()
+        let mut s = self.state.lock().clone();
+        s.cache = self.cache.status();
+        s
     }
 
     fn uploaded(&self) -> anyhow::Result<HashMap<u32, u8>> {
@@ -734,7 +747,33 @@ type Want = (usize, u64, u32);
 type Run = (String, u8, u64, u64, Vec<Want>);
 
 impl store::RemoteFetch for Remote {
+    /// From the cache where it holds a block, from the bucket else (and then kept in the
+    /// cache).
     fn fetch(&self, ids: &[BlockId]) -> store::Result<Vec<Option<Vec<u8>>>> {
+        let mut out = self.cache.get(ids);
+        let miss: Vec<usize> = (0..ids.len()).filter(|&i| out[i].is_none()).collect();
+        if miss.is_empty() {
+            return Ok(out);
+        }
+        let want: Vec<BlockId> = miss.iter().map(|&i| ids[i]).collect();
+        let (got, recs) = self.fetch_from_bucket(&want)?;
+        self.cache.put(&recs);
+        for (i, g) in miss.into_iter().zip(got) {
+            out[i] = g;
+        }
+        Ok(out)
+    }
+}
+
+impl Remote {
+    /// Fetches blocks from the bucket and verifies them: their contents (None for a block
+    /// no manifest placed, or whose copy does not verify: logged) and the verified records to
+    /// cache.
+    #[allow(clippy::type_complexity)]
+    fn fetch_from_bucket(
+        &self,
+        ids: &[BlockId],
+    ) -> store::Result<(Vec<Option<Vec<u8>>>, Vec<(BlockId, Vec<u8>)>)> {
         let io = |e: String| store::Error::Io(std::io::Error::other(e));
         // (object key, format) -> [(index in ids, offset, len)]
         let mut by_obj: BTreeMap<(String, u8), Vec<Want>> = BTreeMap::new();
@@ -788,6 +827,7 @@ impl store::RemoteFetch for Remote {
         let mut fetched = 0u64;
         let mut bytes = 0u64;
         let mut bad = None;
+        let mut recs = Vec::new();
         for ((key, format, start, _, items), r) in runs.into_iter().zip(got) {
             let format = if format == 1 {
                 RecordFormat::V1
@@ -815,6 +855,9 @@ impl store::RemoteFetch for Remote {
                         fetched += 1;
                         bytes += len as u64;
                         out[i] = Some(content);
+                        if let Some(r) = cache::cache_record(&ids[i], format, rec) {
+                            recs.push((ids[i], r));
+                        }
                     }
                     // The others of the run are good and kept; this one stays missing, so its
                     // reader gets EIO.
@@ -829,6 +872,6 @@ impl store::RemoteFetch for Remote {
         st.fetched_blocks += fetched;
         st.fetched_bytes += bytes;
         st.bad_blocks += u64::from(bad.is_some());
-        Ok(out)
+        Ok((out, recs))
     }
 }

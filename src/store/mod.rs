@@ -62,9 +62,10 @@ pub use index::{
 };
 
 /// Where blocks that are neither in the index nor in the log come from: the object store
-/// (`crate::remote`). `fetch` answers, per id, the verified content of a block it knows a
-/// published copy of, `None` for one it does not know or whose copy does not verify (it logs
-/// which object), and an error when it cannot fetch at all; never wrong bytes.
+/// (`crate::remote`, through its bounded local cache). `fetch` answers, per id, the verified
+/// content of a block it knows a published copy of, `None` for one it does not know or whose
+/// copy does not verify (it logs which object), and an error when it cannot fetch at all; never
+/// wrong bytes. What it serves never enters this store's log or index.
 pub trait RemoteFetch: Send + Sync {
     fn fetch(&self, ids: &[BlockId]) -> Result<Vec<Option<Vec<u8>>>>;
 }
@@ -97,7 +98,8 @@ pub struct Store {
     /// Held shared by everything that resolves block ids to locations and reads them; held
     /// exclusively by the GC while it removes index entries or pack files.
     gc_guard: RwLock<()>,
-    /// Blocks missing locally are fetched from here and kept in the log as a cache.
+    /// Blocks missing locally are fetched from here (it keeps them in its own bounded cache,
+    /// never in this store's log).
     remote: RwLock<Option<Arc<dyn RemoteFetch>>>,
     /// Ids the store may hold: writers skip the index lookup for blocks it knows are new.
     seen: seen::Seen,
@@ -313,36 +315,32 @@ impl Store {
         Ok(out)
     }
 
-    /// [`Store::lookup_many`], and for ids found nowhere locally, a fetch from the remote (if
-    /// one is set): fetched blocks are verified there, appended to the log like any block (the
-    /// local cache of remote blocks) and located from then on like local ones.
-    fn lookup_or_fetch(&self, ids: &[BlockId]) -> Result<Vec<Option<BlockLoc>>> {
-        let mut locs = self.lookup_many(ids)?;
-        if locs.iter().all(|l| l.is_some()) {
-            return Ok(locs);
-        }
-        let Some(remote) = self.remote.read().clone() else {
-            return Ok(locs);
+    /// The contents of the blocks among `ids` that `locs` (their local locations) does not
+    /// place, from the remote (its cache or the bucket, verified there). A block found nowhere
+    /// is `MissingBlock`. Fetched blocks are not stored here (see `crate::remote::cache`).
+    fn fetch_missing(
+        &self,
+        ids: &[BlockId],
+        locs: &[Option<BlockLoc>],
+    ) -> Result<HashMap<BlockId, Vec<u8>>> {
+        let mut seen = std::collections::HashSet::new();
+        let missing: Vec<BlockId> = ids
+            .iter()
+            .zip(locs)
+            .filter(|(id, l)| l.is_none() && seen.insert(**id))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut out = HashMap::with_capacity(missing.len());
+        let Some(first) = missing.first() else {
+            return Ok(out);
         };
-        let mut missing: Vec<BlockId> = Vec::new();
-        for (id, l) in ids.iter().zip(&locs) {
-            if l.is_none() && !missing.contains(id) {
-                missing.push(*id);
-            }
+        let Some(remote) = self.remote.read().clone() else {
+            return Err(Error::MissingBlock(*first));
+        };
+        for (id, got) in missing.iter().zip(remote.fetch(&missing)?) {
+            out.insert(*id, got.ok_or(Error::MissingBlock(*id))?);
         }
-        let fetched = remote.fetch(&missing)?;
-        let got: Vec<&[u8]> = fetched.iter().flatten().map(|b| b.as_slice()).collect();
-        if got.is_empty() {
-            return Ok(locs);
-        }
-        self.put_many(&got)?;
-        let again = self.lookup_many(ids)?;
-        for (l, a) in locs.iter_mut().zip(again) {
-            if l.is_none() {
-                *l = a;
-            }
-        }
-        Ok(locs)
+        Ok(out)
     }
 
     /// Sets where blocks missing locally are fetched from.
@@ -473,11 +471,25 @@ impl Store {
     /// Reads and verifies many blocks: one index transaction, one read per run of adjacent
     /// records, verification spread over two threads for large batches.
     pub fn get_many(&self, ids: &[BlockId]) -> Result<Vec<Vec<u8>>> {
-        let locs = self.lookup_or_fetch(ids)?;
-        let mut locs2 = Vec::with_capacity(ids.len());
-        for (id, l) in ids.iter().zip(locs) {
-            locs2.push(l.ok_or(Error::MissingBlock(*id))?);
+        let locs = self.lookup_many(ids)?;
+        let fetched = self.fetch_missing(ids, &locs)?;
+        // Blocks not stored here come from the remote; the local ones are read in runs.
+        let local: Vec<usize> = (0..ids.len()).filter(|&i| locs[i].is_some()).collect();
+        let locs2: Vec<BlockLoc> = local.iter().filter_map(|&i| locs[i]).collect();
+        let ids2: Vec<BlockId> = local.iter().map(|&i| ids[i]).collect();
+        let mut out: Vec<Vec<u8>> = Vec::with_capacity(ids.len());
+        let mut read = self.read_located(&ids2, &locs2)?.into_iter();
+        for (id, l) in ids.iter().zip(&locs) {
+            match l {
+                Some(_) => out.push(read.next().ok_or(Error::MissingBlock(*id))?),
+                None => out.push(fetched.get(id).cloned().ok_or(Error::MissingBlock(*id))?),
+            }
         }
+        Ok(out)
+    }
+
+    /// Reads and verifies blocks at known local locations, in order.
+    fn read_located(&self, ids: &[BlockId], locs2: &[BlockLoc]) -> Result<Vec<Vec<u8>>> {
         // Runs of records that follow each other in one pack.
         let mut runs: Vec<(usize, usize)> = Vec::new();
         for i in 0..ids.len() {
@@ -549,46 +561,29 @@ impl Store {
             return Ok(());
         };
         // Guess: the blocks follow the first one in the log. Windows grow while the guess holds.
-        let first = match self.lookup_many(&ids[..1])?[0] {
-            Some(l) => l,
-            // Not here: fetch every missing block of the read at once (they land one after
-            // another in the log, where the guess below finds them).
-            None => self.lookup_or_fetch(ids)?[0].ok_or(Error::MissingBlock(*first_id))?,
-        };
-        let limit = self.readable_end(first.pack)?;
-        let mut at = first.offset;
-        let mut window = SPECULATE_FIRST;
+        // A first block not stored here (a remote one) skips the guess.
         let mut i = 0;
-        while i < ids.len() {
-            let want = ((ids.len() - i) as u64 * max_rec).min(window);
-            let stop = (at + want).min(limit);
-            if stop <= at {
-                break;
-            }
-            let run = BlockLoc {
-                pack: first.pack,
-                offset: at,
-                len: (stop - at) as u32,
-            };
-            let (format, buf) = self.read_window(&ids[i], &run, scratch)?;
-            let (n, used) = open_following(&ids[i..], &mut outs[i..], &run, format, buf)?;
-            i += n;
-            at += used as u64;
-            if n == 0 || (used as u64) + max_rec <= run.len as u64 {
-                break; // the guess failed inside this window
-            }
-            window = (window * 4).min(SPECULATE_MAX);
+        if let Some(first) = self.lookup_many(std::slice::from_ref(first_id))?[0] {
+            i = self.read_guessed(ids, outs, first, scratch, max_rec)?;
         }
         if i == ids.len() {
             return Ok(());
         }
-        // The rest: located through the index, read in runs of adjacent records.
+        // The rest: located through the index, read in runs of adjacent records; blocks not
+        // stored here come from the remote.
         let rest = &ids[i..];
-        let locs = self.lookup_or_fetch(rest)?;
-        let mut order: Vec<usize> = (0..rest.len()).collect();
+        let locs = self.lookup_many(rest)?;
+        let outs = &mut outs[i..];
+        let fetched = self.fetch_missing(rest, &locs)?;
         for (k, l) in locs.iter().enumerate() {
-            l.ok_or(Error::MissingBlock(rest[k]))?;
+            if l.is_none() {
+                let c = fetched.get(&rest[k]).ok_or(Error::MissingBlock(rest[k]))?;
+                let n = c.len().min(outs[k].len());
+                outs[k][..n].copy_from_slice(&c[..n]);
+                outs[k][n..].fill(0);
+            }
         }
+        let mut order: Vec<usize> = (0..rest.len()).filter(|&k| locs[k].is_some()).collect();
         let loc = |k: usize| {
             locs[k].unwrap_or(BlockLoc {
                 pack: 0,
@@ -597,7 +592,6 @@ impl Store {
             })
         };
         order.sort_by_key(|&k| (loc(k).pack, loc(k).offset));
-        let outs = &mut outs[i..];
         let mut g = 0;
         while g < order.len() {
             let mut h = g + 1;
@@ -623,6 +617,43 @@ impl Store {
             g = h;
         }
         Ok(())
+    }
+
+    /// The guessing part of [`Store::read_into`]: reads the blocks that follow `first` (where
+    /// `ids[0]` is) in the log, as far as the guess holds; returns how many it read.
+    fn read_guessed(
+        &self,
+        ids: &[BlockId],
+        outs: &mut [&mut [u8]],
+        first: BlockLoc,
+        scratch: &mut io::AlignedBuf,
+        max_rec: u64,
+    ) -> Result<usize> {
+        let limit = self.readable_end(first.pack)?;
+        let mut at = first.offset;
+        let mut window = SPECULATE_FIRST;
+        let mut i = 0;
+        while i < ids.len() {
+            let want = ((ids.len() - i) as u64 * max_rec).min(window);
+            let stop = (at + want).min(limit);
+            if stop <= at {
+                break;
+            }
+            let run = BlockLoc {
+                pack: first.pack,
+                offset: at,
+                len: (stop - at) as u32,
+            };
+            let (format, buf) = self.read_window(&ids[i], &run, scratch)?;
+            let (n, used) = open_following(&ids[i..], &mut outs[i..], &run, format, buf)?;
+            i += n;
+            at += used as u64;
+            if n == 0 || (used as u64) + max_rec <= run.len as u64 {
+                break; // the guess failed inside this window
+            }
+            window = (window * 4).min(SPECULATE_MAX);
+        }
+        Ok(i)
     }
 
     /// Reads `run` into `scratch` (4 KiB-aligned there, for direct I/O) and returns its bytes.
