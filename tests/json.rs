@@ -208,6 +208,14 @@ fn every_command_prints_json_and_its_errors_as_json() {
             },
         ),
         (
+            "remote gc",
+            Row {
+                ok: None,
+                err: Some((args(&["remote", "gc", "--dry-run"]), "invalid")),
+                check: any,
+            },
+        ),
+        (
             "snapshot list",
             Row {
                 ok: Some(args(&["snapshot", "list", "prod"])),

@@ -15,9 +15,11 @@
 //!   index then points at the newer copy and the collector reclaims the older), so correctness
 //!   does not depend on the filter; only the space does.
 //!
-//! Sizing: 16 bits per block indexed at open (at least 1 MiB), 4 probes taken from the id itself
-//! (ids are blake3 hashes, so their words are uniform): under 0.3 % false "maybe" while the store
-//! is no more than twice its size at open, more after (only lookups, not correctness).
+//! Sizing: 16 bits per block indexed at open (at least 1 MiB, at most 128 MiB: 2 MiB per
+//! million blocks, about 10 GiB of data), 4 probes taken from the id itself (ids are blake3
+//! hashes, so their words are uniform): 0.24 % false "maybe" at the size the store had at open,
+//! 2.4 % at twice that (8 bits per block, which is also what the cap leaves at 1 TiB of data).
+//! A false "maybe" costs a lookup, never correctness.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use vdbfs_format::BlockId;
@@ -32,9 +34,11 @@ pub struct Seen {
 const PROBES: usize = 4;
 
 impl Seen {
-    /// A filter sized for `blocks` ids (16 bits each, at least 1 MiB).
+    /// A filter sized for `blocks` ids (16 bits each, at least 1 MiB, at most 128 MiB).
     pub fn with_capacity(blocks: u64) -> Seen {
-        let bits = (blocks.saturating_mul(16)).max(8 << 20).next_power_of_two();
+        let bits = (blocks.saturating_mul(16))
+            .clamp(8 << 20, 1 << 30)
+            .next_power_of_two();
         Seen {
             words: (0..bits / 64).map(|_| AtomicU64::new(0)).collect(),
             mask: bits - 1,
