@@ -143,8 +143,22 @@ fn check(dir: &Path, d: &Durable) -> Vec<String> {
 
 #[test]
 fn fsynced_writes_survive_kill9_through_the_writeback_cache() {
+    fsynced_writes_survive_kill9(&[]);
+}
+
+/// The same with the write-through commit (`VDBFS_FSYNC=write`: every WRITE durable when
+/// answered, FSYNC answered ENOSYS so the kernel stops sending it).
+#[test]
+fn fsynced_writes_survive_kill9_with_write_through_commits() {
+    fsynced_writes_survive_kill9(&[("VDBFS_FSYNC", "write")]);
+}
+
+fn fsynced_writes_survive_kill9(env: &[(&str, &str)]) {
     require_root_fuse();
     let mut d = Daemon::start();
+    if !env.is_empty() {
+        d.restart_with(&[], env);
+    }
     let m = d.create_and_mount("wb");
     let mp: PathBuf = m.path.clone();
     for cycle in 0..3u64 {
