@@ -70,9 +70,7 @@ pub struct VdbFs {
     read_only: bool,
     dir_handles: Mutex<HashMap<u64, Vec<DirListing>>>,
     next_fh: AtomicU64,
-    /// Every WRITE, size-changing SETATTR and FALLOCATE is durable when it is answered, and
-    /// FSYNC is answered ENOSYS (after a sync) so the kernel stops sending it: fsync costs the
-    /// kernel's flush of dirty pages and no extra round trip. Only with the writeback cache.
+    /// The write-through commit (module doc); only with the writeback cache.
     write_through: bool,
 }
 

@@ -262,14 +262,6 @@ impl Remote {
         Ok(())
     }
 
-    fn meta_scan(&self, prefix: &str) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-        Ok(self.store.meta_scan(prefix)?)
-    }
-
-    fn meta_remove(&self, keys: &[&str]) -> anyhow::Result<()> {
-        Ok(self.store.meta_remove(keys)?)
-    }
-
     /// Unpublishes snapshots this store published and has deleted since, and renews or
     /// releases its holds. Runs every 30 s in the uploader, after deletes, and before a gc.
     pub fn maintain(&self, datasets: &Datasets) -> anyhow::Result<()> {
@@ -280,7 +272,7 @@ impl Remote {
     }
 
     fn unpublish_deleted(&self, datasets: &Datasets) -> anyhow::Result<()> {
-        let published = self.meta_scan("remote_published/")?;
+        let published = self.store.meta_scan("remote_published/")?;
         if published.is_empty() {
             return Ok(());
         }
@@ -291,6 +283,7 @@ impl Remote {
             .map(|s| s.full_name())
             .collect();
         let imported: HashSet<String> = self
+            .store
             .meta_scan(META_IMPORTED)?
             .into_iter()
             .map(|(k, _)| k[META_IMPORTED.len()..].to_string())
@@ -318,7 +311,7 @@ impl Remote {
                     }
                 }
             }
-            self.meta_remove(&[k.as_str()])?;
+            self.store.meta_remove(&[k.as_str()])?;
         }
         Ok(())
     }
@@ -346,7 +339,7 @@ impl Remote {
     }
 
     fn sync_holds(&self, datasets: &Datasets) -> anyhow::Result<()> {
-        for (k, v) in self.meta_scan(META_IMPORTED)? {
+        for (k, v) in self.store.meta_scan(META_IMPORTED)? {
             let name = k[META_IMPORTED.len()..].to_string();
             let Some((d, s)) = name.split_once('@') else {
                 continue;
@@ -384,7 +377,8 @@ impl Remote {
             }
             if !needed && !shadow_left {
                 self.delete_rel(&self.hold_key(&name))?;
-                self.meta_remove(&[k.as_str(), published_key(&name).as_str()])?;
+                self.store
+                    .meta_remove(&[k.as_str(), published_key(&name).as_str()])?;
                 tracing::info!(snapshot = %name, "hold released");
                 continue;
             }
@@ -542,7 +536,7 @@ impl Remote {
             report.objects.push(k.clone());
         }
         self.delete_rel(&self.candidates_key())?;
-        self.meta_remove(&[META_PENDING])?;
+        self.store.meta_remove(&[META_PENDING])?;
         report.finished = Some(crate::time::rfc3339_now());
         self.store
             .meta_put(META_LAST, &serde_json::to_vec(&report)?)?;

@@ -507,7 +507,7 @@ impl Remote {
         crate::tree::walk::walk_root(&self.store, info.rec.root, &mut walk)?;
         let mut ids: Vec<BlockId> = walk.blocks.into_iter().collect();
         ids.sort_unstable();
-        let mut locs = self.store.locate_many(&ids)?;
+        let mut locs = self.store.lookup_many(&ids)?;
         if locs
             .iter()
             .flatten()
@@ -515,7 +515,7 @@ impl Remote {
         {
             // Close the active pack so that it can be uploaded; locations do not change.
             self.store.roll_if_larger(0)?;
-            locs = self.store.locate_many(&ids)?;
+            locs = self.store.lookup_many(&ids)?;
         }
         let mut objects: Vec<(u8, String)> = Vec::new();
         let mut obj_of_pack: BTreeMap<u32, u32> = BTreeMap::new();

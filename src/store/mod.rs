@@ -251,9 +251,9 @@ impl Store {
         &self.dir
     }
 
-    /// The redb database, for the store's own modules and `crate::remote`'s `remote_*` tables
-    /// (the catalog's tables go through `catalog`; no other module opens a table).
-    pub(crate) fn db(&self) -> &redb::Database {
+    /// The redb database, for the store's own modules only: every table is opened here
+    /// (`catalog`, `records`, `remote_tables`), never by another module.
+    pub(in crate::store) fn db(&self) -> &redb::Database {
         self.index.db()
     }
 
@@ -298,8 +298,8 @@ impl Store {
         self.log.sync_all()
     }
 
-    /// Resolves many ids with one index transaction.
-    fn lookup_many(&self, ids: &[BlockId]) -> Result<Vec<Option<BlockLoc>>> {
+    /// Where blocks are in the local log, with one index transaction (None: not stored here).
+    pub fn lookup_many(&self, ids: &[BlockId]) -> Result<Vec<Option<BlockLoc>>> {
         let mut out = vec![None; ids.len()];
         let mut missing = Vec::new();
         {
@@ -351,11 +351,6 @@ impl Store {
     /// Forgets the remote (at shutdown: the remote holds the store too).
     pub fn clear_remote(&self) {
         *self.remote.write() = None;
-    }
-
-    /// Where blocks are in the local log (None: not stored here).
-    pub fn locate_many(&self, ids: &[BlockId]) -> Result<Vec<Option<BlockLoc>>> {
-        self.lookup_many(ids)
     }
 
     /// The pack the log appends to now.
@@ -939,7 +934,7 @@ impl Store {
     }
 
     /// Starts an index write transaction, after making room on a full filesystem.
-    pub(crate) fn begin_write(&self) -> Result<redb::WriteTransaction> {
+    pub(in crate::store) fn begin_write(&self) -> Result<redb::WriteTransaction> {
         self.space.make_room("an index write")?;
         Ok(self.index.db().begin_write()?)
     }
