@@ -33,6 +33,25 @@
 //! us here) but makes the kernel's background writeback of every page durable as it arrives
 //! (device flushes native writeback does not pay), which cost concurrent tpcb-like throughput in
 //! `scripts/bench-commit`: so it is not the default.
+//!
+//! **O_DSYNC handles: one round trip per write, on every mount.** A file opened for writing with
+//! O_DSYNC or O_SYNC (PostgreSQL's WAL with `wal_sync_method = open_datasync`, or
+//! `open_sync`) is answered FOPEN_DIRECT_IO: its writes bypass the page cache, each `write(2)`
+//! is one WRITE request whose flags carry O_DSYNC, and the kernel sends no FSYNC after it
+//! (the direct write path does not call `generic_write_sync`). So the daemon makes such a WRITE
+//! durable before it answers it. Invariants:
+//! - a WRITE whose flags carry O_DSYNC is answered only after [`Dataset::fsync`] succeeded
+//!   (a failed sync answers EIO and poisons like any failed fsync);
+//! - the open answers without FOPEN_KEEP_CACHE, so the kernel writes back and drops what it
+//!   cached of the file first (a dirty page of another handle cannot land later over a direct
+//!   write); after that the kernel invalidates the cached pages a direct write covers, so
+//!   cached handles of the same file read what the O_DSYNC handle wrote
+//!   (`posix::o_dsync_handles_and_cached_handles_see_one_file`);
+//! - other handles keep the cache and the FSYNC round trip (`VDBFS_DSYNC_DIRECT=0` gives O_DSYNC
+//!   handles the same treatment, for comparisons).
+//!
+//! Measured (`scripts/bench`, pg_test_fsync's open_datasync line, and the kernel's
+//! `fuse:fuse_request_send` tracepoint): 2000 O_DSYNC 8 KiB writes send 2000 WRITE and no FSYNC.
 
 pub mod errno;
 
@@ -72,6 +91,8 @@ pub struct VdbFs {
     next_fh: AtomicU64,
     /// The write-through commit (module doc); only with the writeback cache.
     write_through: bool,
+    /// O_DSYNC opens bypass the writeback cache (module doc); only with the writeback cache.
+    dsync_direct: bool,
 }
 
 fn to_system(t: Timestamp) -> SystemTime {
@@ -171,6 +192,15 @@ fn write_through_wanted() -> bool {
     matches!(std::env::var("VDBFS_FSYNC").as_deref(), Ok("write"))
 }
 
+/// Whether O_DSYNC handles bypass the writeback cache (default yes; `VDBFS_DSYNC_DIRECT=0`
+/// sends their writes through the page cache, and so an FSYNC after each).
+fn dsync_direct_wanted() -> bool {
+    !matches!(
+        std::env::var("VDBFS_DSYNC_DIRECT").as_deref(),
+        Ok("0") | Ok("off") | Ok("no")
+    )
+}
+
 /// Readahead of a mount: large enough that a sequential read keeps several 1 MiB READ requests in
 /// flight (the kernel's default for a FUSE mount is 128 KiB, one small request at a time).
 const READ_AHEAD_KB: u32 = 4096;
@@ -234,6 +264,21 @@ impl VdbFs {
             dir_handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             write_through: false,
+            dsync_direct: false,
+        }
+    }
+
+    /// How a file opened with `flags` is cached: an O_DSYNC (or O_SYNC) handle for writing
+    /// bypasses the page cache (FOPEN_DIRECT_IO, and no FOPEN_KEEP_CACHE, so the open writes
+    /// back and drops what the kernel cached of the file); every other handle keeps the cache.
+    fn fopen_flags(&self, flags: i32) -> FopenFlags {
+        if self.dsync_direct
+            && flags & libc::O_DSYNC != 0
+            && flags & libc::O_ACCMODE != libc::O_RDONLY
+        {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
         }
     }
 
@@ -323,7 +368,10 @@ impl Filesystem for VdbFs {
         let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
         if !self.read_only && writeback_cache_wanted() {
             match config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE) {
-                Ok(()) => self.write_through = write_through_wanted(),
+                Ok(()) => {
+                    self.write_through = write_through_wanted();
+                    self.dsync_direct = dsync_direct_wanted();
+                }
                 Err(missing) => tracing::info!(
                     dataset = %self.ds.name,
                     "the kernel does not offer {missing:?}: every write is a round trip"
@@ -526,7 +574,7 @@ impl Filesystem for VdbFs {
             self.ds.open(ino.0)
         };
         match r {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(_) => reply.opened(FileHandle(0), self.fopen_flags(flags.0)),
             Err(e) => reply.error(self.fail("open", ino.0, e)),
         }
     }
@@ -559,15 +607,23 @@ impl Filesystem for VdbFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        // `flags` carries O_DSYNC for a write that must be durable when it returns (an O_DSYNC
+        // or O_SYNC handle, or pwritev2 with RWF_DSYNC): with FOPEN_DIRECT_IO the kernel sends
+        // no FSYNC after it, so this answer is the sync.
+        let dsync = flags.0 & libc::O_DSYNC != 0;
         match self
             .writable()
             .and_then(|()| self.ds.write(ino.0, offset, data))
-            .and_then(|n| self.durable(n))
-        {
+            .and_then(|n| {
+                if dsync && !self.write_through {
+                    self.ds.fsync()?;
+                }
+                self.durable(n)
+            }) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(self.fail("write", ino.0, e)),
         }
@@ -712,7 +768,7 @@ impl Filesystem for VdbFs {
         name: &OsStr,
         mode: u32,
         _umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         let r = self
@@ -724,7 +780,7 @@ impl Filesystem for VdbFs {
                 &self.attr_of(ino, &m),
                 Generation(0),
                 FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE,
+                self.fopen_flags(flags),
             ),
             Err(e) => reply.error(self.fail("create", parent.0, e)),
         }
