@@ -90,6 +90,7 @@ impl SnapshotInfo {
 }
 
 /// Space used by one dataset or snapshot.
+#[derive(Clone)]
 pub struct Usage {
     pub name: String,
     pub is_snapshot: bool,
@@ -100,6 +101,7 @@ pub struct Usage {
     pub shared_bytes: u64,
 }
 
+#[derive(Clone)]
 pub struct StoreUsage {
     pub roots: Vec<Usage>,
     /// Bytes of all pack files.
@@ -142,6 +144,22 @@ pub struct Datasets {
     gc_lock: Mutex<()>,
     /// The damage marks of refused datasets, by id (the `damaged` table; see `damage`).
     damaged: Mutex<HashMap<u64, Vec<vdbfs_format::index::DamageMark>>>,
+    /// The last space accounting, with the roots it was made of (see [`Datasets::accounting`]).
+    accounting: Mutex<Option<Arc<Accounting>>>,
+}
+
+/// One space accounting of the whole store: per root (`vdbfs df`) and per dataset with its
+/// snapshots (a VDB's unique bytes), from a single census and index pass.
+pub struct Accounting {
+    pub store: StoreUsage,
+    /// Per dataset: the logical size of its live tree, and the stored bytes only it and its own
+    /// snapshots reference (what deleting it with its snapshots would free).
+    pub per_dataset: HashMap<String, (u64, u64)>,
+    /// The roots it counted, in order (datasets then snapshots): the same roots give the same
+    /// figures, since trees are immutable.
+    roots: Vec<(String, bool, Option<BlockId>)>,
+    /// When it was made.
+    pub at: std::time::Instant,
 }
 
 /// A sortable name for an unnamed snapshot, from its creation time (UTC, milliseconds).
@@ -167,6 +185,7 @@ impl Datasets {
             loaded: Mutex::new(HashMap::new()),
             checkpoint_lock: Mutex::new(()),
             gc_lock: Mutex::new(()),
+            accounting: Mutex::new(None),
             damaged: Mutex::new(HashMap::new()),
         };
         let records: HashMap<u64, DatasetRecord> =
@@ -648,6 +667,7 @@ impl Datasets {
     /// Mark and sweep: frees blocks no dataset or snapshot references, then rewrites packs that
     /// are mostly garbage. Concurrent writes are safe (see the store's invariants).
     pub fn gc(&self) -> Result<GcReport> {
+        let _trim = walk::TrimOnDrop;
         let _gc = self.gc_lock.lock();
         self.store.set_gc_active(true);
         let result = self.store.with_reserve(|| self.gc_inner());
@@ -776,17 +796,72 @@ impl Datasets {
         })
     }
 
-    /// Space accounting for `vdbfs df`: one census of every root (each tree object read once),
-    /// then one pass over the index for stored sizes.
+    /// Space accounting for `vdbfs df`, per root (see [`Datasets::accounting`]).
     pub fn usage(&self) -> Result<StoreUsage> {
+        let a = self.accounting()?;
+        let mut u = a.store.clone();
+        // Pack files change under gc and appends without any root changing.
+        u.physical_bytes = self.store.physical_bytes()?;
+        Ok(u)
+    }
+
+    /// Per dataset: the logical size of its live tree, and the stored bytes that only it and
+    /// its own snapshots reference (what deleting it with its snapshots would free).
+    pub fn dataset_usage(&self) -> Result<HashMap<String, (u64, u64)>> {
+        Ok(self.accounting()?.per_dataset.clone())
+    }
+
+    /// The space accounting of the store as it is now (after a checkpoint). It is one census of
+    /// every root (each tree object read once) and one pass over the index, so it costs time
+    /// and memory in proportion to the blocks stored; it is made again only when some root
+    /// changed since the last one (the same immutable trees give the same figures), so idle
+    /// datasets cost one checkpoint and one read of the catalog.
+    pub fn accounting(&self) -> Result<Arc<Accounting>> {
         self.checkpoint()?;
         let roots = self.roots()?;
+        if let Some(a) = self.accounting.lock().as_ref() {
+            if a.roots == roots {
+                return Ok(a.clone());
+            }
+        }
+        let a = Arc::new(self.account(roots)?);
+        *self.accounting.lock() = Some(a.clone());
+        Ok(a)
+    }
+
+    /// The last accounting if it is at most `max_age` old, even if roots changed since (for
+    /// callers that poll: metrics scrapes, lists), else [`Datasets::accounting`].
+    pub fn accounting_within(&self, max_age: std::time::Duration) -> Result<Arc<Accounting>> {
+        if let Some(a) = self.accounting.lock().as_ref() {
+            if a.at.elapsed() <= max_age {
+                return Ok(a.clone());
+            }
+        }
+        self.accounting()
+    }
+
+    fn account(&self, roots: Vec<(String, bool, Option<BlockId>)>) -> Result<Accounting> {
+        let _trim = walk::TrimOnDrop;
+        // `group` maps a root to the root of its dataset's live tree (a dataset's own root, or
+        // a snapshot's dataset by name); snapshots of deleted datasets belong to no group.
+        let pos: HashMap<&str, usize> = roots
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, is_snapshot, _))| !is_snapshot)
+            .map(|(r, (name, _, _))| (name.as_str(), r))
+            .collect();
+        let group: Vec<Option<usize>> = roots
+            .iter()
+            .map(|(name, _, _)| pos.get(name.split('@').next().unwrap_or("")).copied())
+            .collect();
         let census = walk::Census::of(&self.store, &roots.iter().map(|r| r.2).collect::<Vec<_>>())?;
         let n = roots.len();
         let (mut unique, mut shared) = (vec![0u64; n], vec![0u64; n]);
+        let mut ds_unique = vec![0u64; n];
         let (mut live_stored, mut live_raw, mut referenced_raw) = (0u64, 0u64, 0u64);
+        let mut census_at = census.cursor();
         self.store.each_indexed_block(|id, loc| {
-            let Some((mask, raw)) = census.get(id) else {
+            let Some((mask, raw)) = census_at.get(id) else {
                 return Ok(());
             };
             let raw = match raw {
@@ -798,80 +873,53 @@ impl Datasets {
             live_stored += stored;
             live_raw += raw;
             referenced_raw += raw * refs as u64;
+            let mut owner = None;
+            let mut owned = true;
             for r in bits(mask) {
                 if refs == 1 {
                     unique[r] += stored;
                 } else {
                     shared[r] += stored;
                 }
+                match (owner, group[r]) {
+                    (_, None) => owned = false,
+                    (None, g) => owner = g,
+                    (Some(o), Some(g)) if o != g => owned = false,
+                    _ => {}
+                }
+            }
+            if let (true, Some(o)) = (owned, owner) {
+                ds_unique[o] += stored;
             }
             Ok(())
         })?;
+        let per_dataset = pos
+            .iter()
+            .map(|(name, &r)| (name.to_string(), (census.logical[r], ds_unique[r])))
+            .collect();
         let out = roots
-            .into_iter()
+            .iter()
             .enumerate()
             .map(|(r, (name, is_snapshot, _))| Usage {
-                name,
-                is_snapshot,
+                name: name.clone(),
+                is_snapshot: *is_snapshot,
                 logical_bytes: census.logical[r],
                 unique_bytes: unique[r],
                 shared_bytes: shared[r],
             })
             .collect();
-        Ok(StoreUsage {
-            roots: out,
-            physical_bytes: self.store.physical_bytes()?,
-            live_stored_bytes: live_stored,
-            live_raw_bytes: live_raw,
-            referenced_raw_bytes: referenced_raw,
+        Ok(Accounting {
+            store: StoreUsage {
+                roots: out,
+                physical_bytes: self.store.physical_bytes()?,
+                live_stored_bytes: live_stored,
+                live_raw_bytes: live_raw,
+                referenced_raw_bytes: referenced_raw,
+            },
+            per_dataset,
+            roots,
+            at: std::time::Instant::now(),
         })
-    }
-
-    /// Per dataset: the logical size of its live tree, and the stored bytes that only it and
-    /// its own snapshots reference (what deleting it with its snapshots would free).
-    pub fn dataset_usage(&self) -> Result<HashMap<String, (u64, u64)>> {
-        self.checkpoint()?;
-        let datasets = self.list()?;
-        // Roots: each dataset's live tree, then every snapshot; `group` maps a root to the
-        // position of its dataset in `datasets`.
-        let mut roots: Vec<Option<BlockId>> = datasets.iter().map(|r| r.root).collect();
-        let mut group: Vec<Option<usize>> = (0..datasets.len()).map(Some).collect();
-        {
-            let pos: HashMap<u64, usize> = datasets
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (r.id, i))
-                .collect();
-            for StoredSnapshot { rec: s, .. } in self.store.snapshot_records(false)? {
-                roots.push(s.root);
-                group.push(pos.get(&s.dataset).copied());
-            }
-        }
-        let census = walk::Census::of(&self.store, &roots)?;
-        let mut unique = vec![0u64; datasets.len()];
-        self.store.each_indexed_block(|id, loc| {
-            let Some((mask, _)) = census.get(id) else {
-                return Ok(());
-            };
-            let mut owner = None;
-            for r in bits(mask) {
-                match (owner, group[r]) {
-                    (_, None) => return Ok(()),
-                    (None, g) => owner = g,
-                    (Some(o), Some(g)) if o != g => return Ok(()),
-                    _ => {}
-                }
-            }
-            if let Some(o) = owner {
-                unique[o] += loc.len as u64;
-            }
-            Ok(())
-        })?;
-        Ok(datasets
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| (r.name, (census.logical[i], unique[i])))
-            .collect())
     }
 
     /// Whether enough has changed since the last checkpoint to take one now.

@@ -176,6 +176,7 @@ impl Datasets {
     /// Reads back and verifies every live block, at most `rate` bytes per second (0: no bound),
     /// telling `progress` how far it is now and then.
     pub fn scrub(&self, rate: u64, progress: &dyn Fn(&Progress)) -> Result<ScrubResult> {
+        let _trim = super::walk::TrimOnDrop;
         let started = Instant::now();
         self.checkpoint()?;
         let roots = self.roots()?;

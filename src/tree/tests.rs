@@ -629,3 +629,58 @@ fn rename_whiteout_leaves_a_whiteout() {
         "a whiteout"
     );
 }
+
+// The space accounting is made again only when a root changed: the same immutable trees give
+// the same figures, so idle datasets cost no census. A poller may take one up to a given age.
+#[test]
+fn space_accounting_is_reused_until_a_root_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = Arc::new(SimIo::new());
+    let ds = new_datasets(dir.path(), &io, &["a", "b"]);
+    let a = ds.get("a").unwrap().unwrap();
+    let f = new_file(&a, "f");
+    a.write(f, 0, &page(1)).unwrap();
+    a.fsync().unwrap();
+    let first = ds.accounting().unwrap();
+    assert_eq!(first.per_dataset["a"], (8192, first.per_dataset["a"].1));
+    assert!(first.per_dataset["a"].1 > 0, "a's page is only a's");
+    let again = ds.accounting().unwrap();
+    assert!(
+        Arc::ptr_eq(&first, &again),
+        "nothing changed: the same accounting"
+    );
+
+    // A change makes a new one (after the checkpoint the accounting takes), with the new page.
+    a.write(f, 8192, &page(2)).unwrap();
+    let polled = ds
+        .accounting_within(std::time::Duration::from_secs(3600))
+        .unwrap();
+    assert!(
+        Arc::ptr_eq(&first, &polled),
+        "a poller takes the recent one"
+    );
+    let fresh = ds.accounting().unwrap();
+    assert!(!Arc::ptr_eq(&first, &fresh));
+    assert_eq!(fresh.per_dataset["a"].0, 2 * 8192);
+    assert!(fresh.per_dataset["a"].1 > first.per_dataset["a"].1);
+    let u = ds.usage().unwrap();
+    let ua = u.roots.iter().find(|r| r.name == "a").unwrap();
+    assert_eq!(
+        (ua.logical_bytes, ua.unique_bytes),
+        (2 * 8192, fresh.per_dataset["a"].1)
+    );
+
+    // A snapshot is a new root: the page it shares with "a" moves from unique to shared.
+    ds.snapshot("a", Some("s1")).unwrap();
+    let snap = ds.accounting().unwrap();
+    assert!(!Arc::ptr_eq(&fresh, &snap));
+    let ua = snap.store.roots.iter().find(|r| r.name == "a").unwrap();
+    let us = snap.store.roots.iter().find(|r| r.name == "a@s1").unwrap();
+    assert_eq!(ua.unique_bytes, 0, "everything of a is in a@s1 too");
+    assert_eq!(ua.shared_bytes, us.shared_bytes);
+    assert_eq!(
+        snap.per_dataset["a"].1, fresh.per_dataset["a"].1,
+        "a with its snapshot still holds the same bytes alone"
+    );
+    assert_eq!(snap.per_dataset["b"], (0, 0));
+}
