@@ -154,25 +154,21 @@ fn check(dir: &Path, d: &Durable) -> Vec<String> {
             Err(e) => bad.push(format!("{}: {e}", dir.join(name).display())),
         }
     }
-    let got = fs::read(dir.join("wal")).unwrap_or_default();
-    if got.len() < d.wal.len() || got[..d.wal.len()] != d.wal[..] {
-        bad.push(format!(
-            "{}/wal (O_DSYNC writes): {} bytes, {} were written; first difference at {:?}",
-            dir.display(),
-            got.len(),
-            d.wal.len(),
-            first_diff(&got, &d.wal)
-        ));
-    }
-    let got = fs::read(dir.join("log")).unwrap_or_default();
-    if got.len() < d.log.len() || got[..d.log.len()] != d.log[..] {
-        bad.push(format!(
-            "{}/log: {} bytes, {} were synced; first difference at {:?}",
-            dir.display(),
-            got.len(),
-            d.log.len(),
-            first_diff(&got, &d.log)
-        ));
+    // Files that may hold more than was durable, but must start with it.
+    for (name, what, want) in [
+        ("wal", "(O_DSYNC writes) were written", &d.wal),
+        ("log", "were synced", &d.log),
+    ] {
+        let got = fs::read(dir.join(name)).unwrap_or_default();
+        if got.len() < want.len() || got[..want.len()] != want[..] {
+            bad.push(format!(
+                "{}/{name}: {} bytes, {} {what}; first difference at {:?}",
+                dir.display(),
+                got.len(),
+                want.len(),
+                first_diff(&got, want)
+            ));
+        }
     }
     bad
 }

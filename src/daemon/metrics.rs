@@ -202,27 +202,20 @@ impl Daemon {
             "Seconds since the VDB was created",
             &per_vdb(&|v| age_secs(&v.created, now)),
         );
-        let acc = self.datasets.accounting_within(ACCOUNTING_MAX_AGE)?;
-        let u = &acc.store;
+        let (u, age) = self.datasets.usage_within(ACCOUNTING_MAX_AGE)?;
         family(
             &mut out,
             "vdbfs_store_accounting_age_seconds",
             "gauge",
             "Age of the space accounting the usage figures come from (made again at most every 5 minutes for scrapes)",
-            &[(String::new(), acc.at.elapsed().as_secs_f64())],
+            &[(String::new(), age.as_secs_f64())],
         );
         family(
             &mut out,
             "vdbfs_store_physical_bytes",
             "gauge",
             "Bytes the store's pack files take",
-            &[(
-                String::new(),
-                self.datasets
-                    .store()
-                    .physical_bytes()
-                    .unwrap_or(u.physical_bytes) as f64,
-            )],
+            &[(String::new(), u.physical_bytes as f64)],
         );
         family(
             &mut out,

@@ -619,10 +619,11 @@ impl Filesystem for VdbFs {
             .writable()
             .and_then(|()| self.ds.write(ino.0, offset, data))
             .and_then(|n| {
-                if dsync && !self.write_through {
-                    self.ds.fsync()?;
+                if dsync {
+                    self.ds.fsync().map(|()| n)
+                } else {
+                    self.durable(n)
                 }
-                self.durable(n)
             }) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(self.fail("write", ino.0, e)),

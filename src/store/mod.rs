@@ -578,34 +578,30 @@ impl Store {
                 outs[k][n..].fill(0);
             }
         }
-        let mut order: Vec<usize> = (0..rest.len()).filter(|&k| locs[k].is_some()).collect();
-        let loc = |k: usize| {
-            locs[k].unwrap_or(BlockLoc {
-                pack: 0,
-                offset: 0,
-                len: 0,
-            })
-        };
-        order.sort_by_key(|&k| (loc(k).pack, loc(k).offset));
+        let mut order: Vec<(usize, BlockLoc)> = locs
+            .iter()
+            .enumerate()
+            .filter_map(|(k, l)| l.map(|l| (k, l)))
+            .collect();
+        order.sort_by_key(|&(_, l)| (l.pack, l.offset));
         let mut g = 0;
         while g < order.len() {
             let mut h = g + 1;
             while h < order.len()
-                && loc(order[h]).pack == loc(order[g]).pack
-                && loc(order[h - 1]).offset + loc(order[h - 1]).len as u64 == loc(order[h]).offset
+                && order[h].1.pack == order[g].1.pack
+                && order[h - 1].1.offset + order[h - 1].1.len as u64 == order[h].1.offset
             {
                 h += 1;
             }
-            let start = loc(order[g]);
-            let end = loc(order[h - 1]);
+            let start = order[g].1;
+            let end = order[h - 1].1;
             let run = BlockLoc {
                 pack: start.pack,
                 offset: start.offset,
                 len: (end.offset + end.len as u64 - start.offset) as u32,
             };
-            let (format, buf) = self.read_window(&rest[order[g]], &run, scratch)?;
-            for &k in &order[g..h] {
-                let l = loc(k);
+            let (format, buf) = self.read_window(&rest[order[g].0], &run, scratch)?;
+            for &(k, l) in &order[g..h] {
                 let rec = &buf[(l.offset - run.offset) as usize..][..l.len as usize];
                 open_block_into(&rest[k], &l, format, rec, outs[k])?;
             }

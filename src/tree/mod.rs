@@ -798,11 +798,20 @@ impl Datasets {
 
     /// Space accounting for `vdbfs df`, per root (see [`Datasets::accounting`]).
     pub fn usage(&self) -> Result<StoreUsage> {
-        let a = self.accounting()?;
+        Ok(self.usage_within(std::time::Duration::ZERO)?.0)
+    }
+
+    /// [`Datasets::usage`] from an accounting at most `max_age` old (see
+    /// [`Datasets::accounting_within`]), with that accounting's age. The pack files' size is
+    /// always read now: gc and appends change it without any root changing.
+    pub fn usage_within(
+        &self,
+        max_age: std::time::Duration,
+    ) -> Result<(StoreUsage, std::time::Duration)> {
+        let a = self.accounting_within(max_age)?;
         let mut u = a.store.clone();
-        // Pack files change under gc and appends without any root changing.
         u.physical_bytes = self.store.physical_bytes()?;
-        Ok(u)
+        Ok((u, a.at.elapsed()))
     }
 
     /// Per dataset: the logical size of its live tree, and the stored bytes that only it and

@@ -384,16 +384,6 @@ impl Census {
             mask: vec![0; self.words],
         }
     }
-
-    /// Number of distinct blocks reached: tree objects plus data blocks (a data block held by
-    /// several leaves counts once).
-    pub fn len(&self) -> usize {
-        self.raw.len() + self.data.len() - self.data.windows(2).filter(|w| w[0].0 == w[1].0).count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.raw.is_empty() && self.data.is_empty()
-    }
 }
 
 /// See [`Census::cursor`].

@@ -143,7 +143,7 @@ impl VdbService {
         self.list_within(std::time::Duration::ZERO)
     }
 
-    /// [`Vdbs::list`] with space figures from an accounting at most `max_age` old (see
+    /// [`VdbService::list`] with space figures from an accounting at most `max_age` old (see
     /// `Datasets::accounting_within`): for pollers such as the metrics scrape.
     pub fn list_within(&self, max_age: std::time::Duration) -> anyhow::Result<Vec<VdbStatus>> {
         let usage = &self.datasets.accounting_within(max_age)?.per_dataset;
