@@ -23,12 +23,17 @@ impl Codec {
 
 /// Compress `raw`; falls back to [`Codec::Raw`] when lz4 saves less than 1/16 of the size.
 pub fn compress(raw: &[u8]) -> (Codec, Vec<u8>) {
-    let c = lz4_flex::block::compress(raw);
-    if c.len() + raw.len() / 16 < raw.len() {
-        (Codec::Lz4, c)
-    } else {
-        (Codec::Raw, raw.to_vec())
+    match compress_if_worth_it(raw) {
+        Some(c) => (Codec::Lz4, c),
+        None => (Codec::Raw, raw.to_vec()),
     }
+}
+
+/// The lz4 payload of `raw` when it saves at least 1/16 of the size, else `None` (store `raw`
+/// itself as [`Codec::Raw`]; the caller keeps it and no copy is made).
+pub fn compress_if_worth_it(raw: &[u8]) -> Option<Vec<u8>> {
+    let c = lz4_flex::block::compress(raw);
+    (c.len() + raw.len() / 16 < raw.len()).then_some(c)
 }
 
 /// Decompress a payload to exactly `raw_len` bytes.

@@ -151,22 +151,46 @@ pub fn encode_record_into(
     payload_crc: &crc32fast::Hasher,
     durable: LogPos,
 ) {
-    let start = out.len();
     out.reserve(RECORD_HEADER_LEN + payload.len());
-    out.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
-    out.push(kind as u8);
-    out.push(codec as u8);
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&raw_len.to_le_bytes());
-    out.extend_from_slice(&id.0);
-    out.extend_from_slice(&durable.pack.to_le_bytes());
-    out.extend_from_slice(&(durable.offset.min(u32::MAX as u64) as u32).to_le_bytes());
-    let mut h = crc32fast::Hasher::new();
-    h.update(&out[start..]);
-    h.combine(payload_crc);
-    out.extend_from_slice(&h.finalize().to_le_bytes());
+    out.extend_from_slice(&encode_record_header(
+        kind,
+        codec,
+        raw_len,
+        id,
+        payload.len() as u32,
+        payload_crc,
+        durable,
+    ));
     out.extend_from_slice(payload);
+}
+
+/// The header of a v2 record whose payload is `payload_len` bytes with crc32 state
+/// `payload_crc`: the record is this header followed by the payload (for writers that place
+/// the payload themselves, without building the record in between).
+pub fn encode_record_header(
+    kind: RecordKind,
+    codec: Codec,
+    raw_len: u32,
+    id: &BlockId,
+    payload_len: u32,
+    payload_crc: &crc32fast::Hasher,
+    durable: LogPos,
+) -> [u8; RECORD_HEADER_LEN] {
+    let mut h = [0u8; RECORD_HEADER_LEN];
+    h[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+    h[4] = kind as u8;
+    h[5] = codec as u8;
+    // h[6..8]: reserved, zero
+    h[8..12].copy_from_slice(&payload_len.to_le_bytes());
+    h[12..16].copy_from_slice(&raw_len.to_le_bytes());
+    h[16..48].copy_from_slice(&id.0);
+    h[48..52].copy_from_slice(&durable.pack.to_le_bytes());
+    h[52..56].copy_from_slice(&(durable.offset.min(u32::MAX as u64) as u32).to_le_bytes());
+    let mut c = crc32fast::Hasher::new();
+    c.update(&h[..56]);
+    c.combine(payload_crc);
+    h[56..60].copy_from_slice(&c.finalize().to_le_bytes());
+    h
 }
 
 /// The crc32 state of a payload, for [`encode_record_into`].

@@ -204,7 +204,7 @@ impl Log {
     /// it is closed and the next one started). `new_pack` is told about a started pack.
     pub fn append(
         &self,
-        recs: &[u8],
+        recs: &[&[u8]],
         new_pack: &mut dyn FnMut(u32, Arc<dyn PackFile>),
     ) -> Result<Appended> {
         self.check_poisoned()?;
@@ -231,7 +231,7 @@ impl Log {
             pack: t.no,
             offset: t.end(),
         };
-        t.buf.extend_from_slice(recs);
+        t.buf.extend_from_slices(recs);
         Ok(at)
     }
 

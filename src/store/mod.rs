@@ -264,14 +264,25 @@ impl Store {
 
     /// Appends encoded records after checking the space they need; returns where they start.
     fn append(&self, recs: &[u8]) -> Result<BlockLoc> {
-        self.space.check(recs.len() as u64)?;
-        self.append_unchecked(recs)
+        self.append_parts(&[recs])
+    }
+
+    /// Appends records given in parts, one after the other, with no copy in between.
+    fn append_parts(&self, parts: &[&[u8]]) -> Result<BlockLoc> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        self.space.check(len as u64)?;
+        self.append_unchecked_parts(parts)
     }
 
     /// Appends without the space check (journal records: see `space`).
     fn append_unchecked(&self, recs: &[u8]) -> Result<BlockLoc> {
+        self.append_unchecked_parts(&[recs])
+    }
+
+    fn append_unchecked_parts(&self, parts: &[&[u8]]) -> Result<BlockLoc> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         self.log.check_poisoned()?;
-        let at = self.log.append(recs, &mut |no, file| {
+        let at = self.log.append(parts, &mut |no, file| {
             self.packs.write().insert(
                 no,
                 Pack {
@@ -283,7 +294,7 @@ impl Store {
         Ok(BlockLoc {
             pack: at.pack,
             offset: at.offset,
-            len: recs.len() as u32,
+            len: len as u32,
         })
     }
 
@@ -395,34 +406,39 @@ impl Store {
         if todo.is_empty() {
             return Ok(ids);
         }
-        let payloads: Vec<(codec::Codec, Vec<u8>, crc32fast::Hasher)> = par_map(&todo, |&i| {
-            let (c, p) = codec::compress(blocks[i]);
-            let crc = pack::payload_crc(&p);
-            (c, p, crc)
+        // An lz4 payload, or None for a block stored as is (its bytes are the caller's: no
+        // copy is made of them before they reach the log's buffer).
+        let payloads: Vec<(Option<Vec<u8>>, crc32fast::Hasher)> = par_map(&todo, |&i| {
+            let c = codec::compress_if_worth_it(blocks[i]);
+            let crc = pack::payload_crc(c.as_deref().unwrap_or(blocks[i]));
+            (c, crc)
         });
         let durable = self.log.durable();
-        let mut buf = Vec::with_capacity(
-            payloads
-                .iter()
-                .map(|(_, p, _)| p.len() + MAX_RECORD_HEADER_LEN)
-                .sum(),
-        );
+        let mut headers = Vec::with_capacity(todo.len());
         let mut lens = Vec::with_capacity(todo.len());
-        for ((codec, payload, crc), &i) in payloads.iter().zip(&todo) {
-            let before = buf.len();
-            pack::encode_record_into(
-                &mut buf,
+        for ((lz4, crc), &i) in payloads.iter().zip(&todo) {
+            let payload = lz4.as_deref().unwrap_or(blocks[i]);
+            let codec = match lz4 {
+                Some(_) => codec::Codec::Lz4,
+                None => codec::Codec::Raw,
+            };
+            headers.push(pack::encode_record_header(
                 RecordKind::Block,
-                *codec,
+                codec,
                 blocks[i].len() as u32,
                 &ids[i],
-                payload,
+                payload.len() as u32,
                 crc,
                 durable,
-            );
-            lens.push((buf.len() - before) as u32);
+            ));
+            lens.push((pack::RECORD_HEADER_LEN + payload.len()) as u32);
         }
-        let at = self.append(&buf)?;
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * todo.len());
+        for ((h, (lz4, _)), &i) in headers.iter().zip(&payloads).zip(&todo) {
+            parts.push(h);
+            parts.push(lz4.as_deref().unwrap_or(blocks[i]));
+        }
+        let at = self.append_parts(&parts)?;
         for &i in &todo {
             self.seen.add(&ids[i]);
         }
