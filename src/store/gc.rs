@@ -135,7 +135,7 @@ impl Store {
             payload,
             self.log.durable(),
         );
-        let new = self.append(&rec)?;
+        let new = self.append(&[&rec])?;
         if new.len != rec.len() as u32 {
             return Err(corrupt(id, loc, "relocated record length".into()));
         }

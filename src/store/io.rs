@@ -71,24 +71,15 @@ impl AlignedBuf {
     /// written: the bytes go straight into them and only the rest of the last page is zeroed
     /// (a bulk write used to fill every page with zeros and then copy over them).
     pub fn extend_from_slices(&mut self, parts: &[&[u8]]) {
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let end = self.len + total;
+        let end = self.len + parts.iter().map(|p| p.len()).sum::<usize>();
         let pages = end.div_ceil(ALIGN);
-        if pages <= self.pages.len() {
-            let bytes = bytemuck::cast_slice_mut::<Page, u8>(&mut self.pages);
-            let mut at = self.len;
-            for p in parts {
-                bytes[at..at + p.len()].copy_from_slice(p);
-                at += p.len();
-            }
-            self.len = end;
-            return;
-        }
-        self.pages.reserve(pages - self.pages.len());
-        // SAFETY: the capacity holds `pages` pages. Bytes [0, old pages) are initialized
-        // already; every byte of the new pages is written before `set_len` makes them part of
-        // the vector: [self.len, end) by the copies (self.len <= the old pages' end, so the
-        // copies cover the new pages up to `end`) and [end, pages * ALIGN) by the zero fill.
+        let have = self.pages.len();
+        self.pages.reserve(pages.saturating_sub(have));
+        // SAFETY: the capacity holds max(pages, have) pages. The copies write [self.len, end):
+        // inside the initialized pages, or, past them, into the capacity reserved above. The
+        // new pages (if any) are initialized before `set_len` makes them part of the vector:
+        // up to `end` by the copies (self.len <= the old pages' end) and [end, pages * ALIGN)
+        // by the zero fill. Bytes past `end` in the old pages are zero already (the invariant).
         // `Page` is plain bytes, so any bytes are a valid value.
         unsafe {
             let base = self.pages.as_mut_ptr() as *mut u8;
@@ -97,8 +88,10 @@ impl AlignedBuf {
                 std::ptr::copy_nonoverlapping(p.as_ptr(), base.add(at), p.len());
                 at += p.len();
             }
-            std::ptr::write_bytes(base.add(end), 0, pages * ALIGN - end);
-            self.pages.set_len(pages);
+            if pages > have {
+                std::ptr::write_bytes(base.add(end), 0, pages * ALIGN - end);
+                self.pages.set_len(pages);
+            }
         }
         self.len = end;
     }

@@ -262,24 +262,16 @@ impl Store {
         self.log.end()
     }
 
-    /// Appends encoded records after checking the space they need; returns where they start.
-    fn append(&self, recs: &[u8]) -> Result<BlockLoc> {
-        self.append_parts(&[recs])
-    }
-
-    /// Appends records given in parts, one after the other, with no copy in between.
-    fn append_parts(&self, parts: &[&[u8]]) -> Result<BlockLoc> {
+    /// Appends encoded records, given as slices laid one after the other (no copy in between),
+    /// after checking the space they need; returns where they start.
+    fn append(&self, parts: &[&[u8]]) -> Result<BlockLoc> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         self.space.check(len as u64)?;
-        self.append_unchecked_parts(parts)
+        self.append_unchecked(parts)
     }
 
     /// Appends without the space check (journal records: see `space`).
-    fn append_unchecked(&self, recs: &[u8]) -> Result<BlockLoc> {
-        self.append_unchecked_parts(&[recs])
-    }
-
-    fn append_unchecked_parts(&self, parts: &[&[u8]]) -> Result<BlockLoc> {
+    fn append_unchecked(&self, parts: &[&[u8]]) -> Result<BlockLoc> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         self.log.check_poisoned()?;
         let at = self.log.append(parts, &mut |no, file| {
@@ -414,37 +406,36 @@ impl Store {
             (c, crc)
         });
         let durable = self.log.durable();
-        let mut headers = Vec::with_capacity(todo.len());
-        let mut lens = Vec::with_capacity(todo.len());
-        for ((lz4, crc), &i) in payloads.iter().zip(&todo) {
-            let payload = lz4.as_deref().unwrap_or(blocks[i]);
-            let codec = match lz4 {
-                Some(_) => codec::Codec::Lz4,
-                None => codec::Codec::Raw,
-            };
-            headers.push(pack::encode_record_header(
-                RecordKind::Block,
-                codec,
-                blocks[i].len() as u32,
-                &ids[i],
-                payload.len() as u32,
-                crc,
-                durable,
-            ));
-            lens.push((pack::RECORD_HEADER_LEN + payload.len()) as u32);
-        }
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * todo.len());
-        for ((h, (lz4, _)), &i) in headers.iter().zip(&payloads).zip(&todo) {
-            parts.push(h);
-            parts.push(lz4.as_deref().unwrap_or(blocks[i]));
-        }
-        let at = self.append_parts(&parts)?;
+        let payload = |k: usize| payloads[k].0.as_deref().unwrap_or(blocks[todo[k]]);
+        let headers: Vec<[u8; pack::RECORD_HEADER_LEN]> = (0..todo.len())
+            .map(|k| {
+                let codec = match payloads[k].0 {
+                    Some(_) => codec::Codec::Lz4,
+                    None => codec::Codec::Raw,
+                };
+                let i = todo[k];
+                pack::encode_record_header(
+                    RecordKind::Block,
+                    codec,
+                    blocks[i].len() as u32,
+                    &ids[i],
+                    payload(k).len() as u32,
+                    &payloads[k].1,
+                    durable,
+                )
+            })
+            .collect();
+        let parts: Vec<&[u8]> = (0..todo.len())
+            .flat_map(|k| [&headers[k][..], payload(k)])
+            .collect();
+        let at = self.append(&parts)?;
         for &i in &todo {
             self.seen.add(&ids[i]);
         }
         let mut recent = self.recent.write();
         let mut offset = at.offset;
-        for (len, &i) in lens.into_iter().zip(&todo) {
+        for (k, &i) in todo.iter().enumerate() {
+            let len = (pack::RECORD_HEADER_LEN + payload(k).len()) as u32;
             recent.insert(
                 ids[i],
                 BlockLoc {
@@ -807,7 +798,7 @@ impl Store {
             &payload,
             self.log.durable(),
         );
-        let loc = self.append_unchecked(&bytes)?;
+        let loc = self.append_unchecked(&[&bytes])?;
         Ok(LogPos {
             pack: loc.pack,
             offset: loc.offset + loc.len as u64,
